@@ -1,0 +1,234 @@
+"""Command line: `run` (default), `check-config`, `methods`, `describe`, `call`, `--version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from bridge import __version__
+from bridge.config import BridgeConfig, load_config
+from bridge.errors import EX_CONFIG, ConfigError
+from bridge.jsoncodec import dumps, loads
+
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+
+
+def _parser() -> argparse.ArgumentParser:
+    config_help = "TOML config file (default: $OMB_CONFIG; none means built-in defaults)"
+    parser = argparse.ArgumentParser(
+        prog="openai-mqtt-bridge", description="Every OpenAI REST operation over MQTT."
+    )
+    parser.add_argument("--config", "-c", default=os.environ.get("OMB_CONFIG"), help=config_help)
+    # Sub-commands accept --config too; SUPPRESS keeps them from resetting a global --config.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", parents=[common], help="run the bridge (the default)")
+    sub.add_parser("check-config", parents=[common], help="validate the config and print it")
+    methods = sub.add_parser("methods", parents=[common], help="list the methods")
+    methods.add_argument("--group", help="only this group (e.g. chat, audio, assistants)")
+    describe = sub.add_parser("describe", parents=[common], help="describe one method")
+    describe.add_argument("method")
+    call = sub.add_parser("call", parents=[common], help="call a method over MQTT and print the reply")
+    call.add_argument("method")
+    call.add_argument("payload", nargs="?", default="{}", help="JSON object, or - for stdin")
+    call.add_argument("--timeout", type=float, default=60.0)
+    call.add_argument("--suffix", default="", help="topic suffix (default: a fresh id)")
+    return parser
+
+
+def _load(path: str | None, *, quiet: bool = False) -> tuple[BridgeConfig, list[str]]:
+    warnings: list[str] = []
+    config = load_config(path, warnings=warnings)
+    return config, warnings
+
+
+def _print_problems(exc: ConfigError, path: str | None) -> None:
+    print(f"invalid configuration ({path or 'defaults'}):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def cmd_run(path: str | None) -> int:
+    """Run the daemon until SIGTERM/SIGINT."""
+    from bridge import logs
+    from bridge.daemon import Bridge, EmbeddedPortBusy
+
+    try:
+        config, warnings = _load(path)
+    except ConfigError as exc:
+        _print_problems(exc, path)
+        return EX_CONFIG
+    logs.configure(config.logging.level, config.logging.format, config.secrets())
+    log = logs.get_logger()
+    for warning in warnings:
+        log.warning(warning)
+    try:
+        return asyncio.run(Bridge(config).run())
+    except EmbeddedPortBusy as exc:
+        log.error(str(exc))
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_check_config(path: str | None) -> int:
+    """Validate the config; print the effective (redacted) config or every problem."""
+    try:
+        config, warnings = _load(path)
+    except ConfigError as exc:
+        _print_problems(exc, path)
+        return EX_CONFIG
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(dumps(config.redacted()).decode())
+    return 0
+
+
+def cmd_methods(group: str | None) -> int:
+    """Print one line per method: name, verb, path."""
+    from bridge.operations import default_table
+
+    table = default_table()
+    rows = [op for op in table.operations if group is None or op.group == group.lower()]
+    if not rows:
+        groups = sorted({op.group for op in table.operations})
+        print(f"no methods in group {group!r}; groups: {', '.join(groups)}", file=sys.stderr)
+        return EX_USAGE
+    width = max(len(op.name) for op in rows)
+    for op in rows:
+        flags = " (retired)" if op.retired else (" (deprecated)" if op.deprecated else "")
+        print(f"{op.name:<{width}}  {op.group:<16} {op.verb:<6} {op.path}{flags}")
+    return 0
+
+
+def cmd_describe(name: str, path: str | None) -> int:
+    """Print what to put in the payload of one method."""
+    from bridge.describe import describe
+    from bridge.operations import default_table
+
+    op = default_table().find(name)
+    if op is None:
+        print(f"unknown method {name!r}; see `openai-mqtt-bridge methods`", file=sys.stderr)
+        return EX_USAGE
+    prefix = "openai"
+    if path:
+        try:
+            prefix = _load(path)[0].mqtt.topic_prefix
+        except ConfigError:
+            pass
+    print(describe(op, topic_prefix=prefix))
+    return 0
+
+
+def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: str | None) -> int:
+    """Publish one request, wait for its reply, print it; exit 0 on `ok`, 1 on an error reply."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    try:
+        config, _ = _load(path)
+    except ConfigError as exc:
+        _print_problems(exc, path)
+        return EX_CONFIG
+    text = sys.stdin.read() if payload_text == "-" else payload_text
+    try:
+        payload = loads(text.encode("utf-8"))
+    except ValueError as exc:
+        print(f"payload is not JSON: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if not isinstance(payload, dict):
+        print("payload must be a JSON object", file=sys.stderr)
+        return EX_USAGE
+    transaction = payload.setdefault("transaction", uuid.uuid4().hex)
+    tag = suffix or f"cli-{uuid.uuid4().hex[:12]}"
+    prefix = config.mqtt.topic_prefix
+    request_topic = f"{prefix}/request/{method}/{tag}"
+    reply_topic = f"{prefix}/response/{method}/{tag}"
+    done = threading.Event()
+    subscribed = threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            result["error"] = f"broker refused the connection: {reason}"
+            done.set()
+            return
+        client.subscribe(reply_topic, qos=1)
+
+    def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
+        subscribed.set()
+        client.publish(request_topic, dumps(payload), qos=1)
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            reply = loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(reply, dict) and reply.get("transaction") == transaction:
+            result["reply"] = reply
+            done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv311)
+    if config.mqtt.username:
+        client.username_pw_set(config.mqtt.username, config.mqtt.password.get_secret_value() or None)
+    if config.mqtt.tls.active:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=config.mqtt.tls.ca_file or None)
+        if config.mqtt.tls.cert_file:
+            ctx.load_cert_chain(config.mqtt.tls.cert_file, config.mqtt.tls.key_file or None)
+        client.tls_set_context(ctx)
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    host = config.mqtt.host or "127.0.0.1"
+    try:
+        client.connect(host, config.mqtt.port, keepalive=30)
+    except OSError as exc:
+        print(f"cannot connect to the broker at {host}:{config.mqtt.port}: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            print(f"no reply on {reply_topic} within {timeout:g} s", file=sys.stderr)
+            return EX_TEMPFAIL
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if "error" in result:
+        print(result["error"], file=sys.stderr)
+        return EX_UNAVAILABLE
+    reply = result["reply"]
+    print(dumps(reply).decode())
+    return 0 if reply.get("status") == "ok" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `openai-mqtt-bridge` console script."""
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    if command == "run":
+        return cmd_run(args.config)
+    if command == "check-config":
+        return cmd_check_config(args.config)
+    if command == "methods":
+        return cmd_methods(args.group)
+    if command == "describe":
+        return cmd_describe(args.method, args.config)
+    if command == "call":
+        return cmd_call(args.method, args.payload, args.timeout, args.suffix, args.config)
+    return EX_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

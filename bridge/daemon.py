@@ -1,0 +1,182 @@
+"""The daemon: wires config, broker transport, service client and dispatcher, and runs until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import platform
+import signal
+from typing import Any
+
+from bridge import __version__
+from bridge.config import BridgeConfig
+from bridge.dispatch import Dispatcher
+from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
+from bridge.jsoncodec import dumps
+from bridge.logs import get_logger
+from bridge.mqtt import MqttTransport
+from bridge.operations import MethodTable, default_table
+from bridge.service import ServiceClient
+from bridge.systemd import notify, watchdog_interval
+from bridge.topics import Topics
+
+ONLINE = b'{"state":"online"}'
+OFFLINE = b'{"state":"offline"}'
+
+
+class EmbeddedPortBusy(Exception):
+    """The embedded broker's port is taken (usually by a real broker already running)."""
+
+
+class Bridge:
+    """One running bridge instance; `run()` returns the process exit code."""
+
+    def __init__(self, config: BridgeConfig, table: MethodTable | None = None) -> None:
+        self.config = config
+        self.table = table or default_table()
+        self.log = get_logger()
+        self.stop_event = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.topics = Topics(
+            config.mqtt.topic_prefix, config.mqtt.instance_name, config.mqtt.shared_group
+        )
+        self.transport: MqttTransport | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._background: list[asyncio.Task[Any]] = []
+
+    def stop(self) -> None:
+        """Ask the bridge to shut down gracefully (thread-unsafe; call on the loop)."""
+        self.stop_event.set()
+
+    def info_payload(self, protocol: str) -> bytes:
+        """The retained info document: version, methods, service base URL, broker protocol, limits."""
+        cfg = self.config
+        return dumps(
+            {
+                "version": __version__,
+                "instance": cfg.mqtt.instance_name,
+                "methods": len(self.table),
+                "service": cfg.service.api_base,
+                "protocol": protocol,
+                "topic_prefix": cfg.mqtt.topic_prefix,
+                "shared_group": cfg.mqtt.shared_group or None,
+                "limits": cfg.limits.model_dump(mode="json"),
+            }
+        )
+
+    def _on_connected(self) -> None:
+        assert self.transport is not None
+        transport = self.transport
+        protocol = "5" if transport.protocol == 5 else "3.1.1"
+        self.log.info(
+            "connected to broker",
+            broker=f"{transport.config.host}:{transport.config.port}",
+            protocol=protocol,
+            subscription=self.topics.subscription,
+        )
+        transport.publish(self.topics.state, ONLINE, retain=True)
+        transport.publish(self.topics.info, self.info_payload(protocol), retain=True)
+
+    async def run(self) -> int:
+        """Start everything, serve until `stop()` or a signal, shut down gracefully; exit code."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.log.info("starting", version=__version__, python=platform.python_version(), config=cfg.redacted())
+        embedded: EmbeddedBroker | None = None
+        mqtt_cfg = cfg.mqtt
+        protocol: str | None = None
+        if cfg.mqtt.embedded:
+            embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
+            try:
+                await embedded.start()
+            except OSError as exc:
+                raise EmbeddedPortBusy(
+                    f"cannot start the embedded broker on 127.0.0.1:{cfg.mqtt.port} "
+                    f"({exc.strerror or exc}); if a broker already runs there, set "
+                    '[mqtt] host = "127.0.0.1" to use it'
+                ) from None
+            self.log.warning(EMBEDDED_NOTICE.format(host="127.0.0.1", port=cfg.mqtt.port))
+            mqtt_cfg = cfg.mqtt.model_copy(update={"host": "127.0.0.1"})
+            protocol = "3.1.1"
+
+        service = ServiceClient(cfg.service)
+        await service.start()
+        self.transport = transport = MqttTransport(
+            mqtt_cfg,
+            subscription=self.topics.subscription,
+            receive_maximum=cfg.limits.max_concurrency,
+            will=(self.topics.state, OFFLINE),
+            on_message=self._submit,
+            on_connected=self._on_connected,
+            log=self.log,
+            protocol=protocol,
+        )
+        self.dispatcher = Dispatcher(
+            config=cfg,
+            table=self.table,
+            service=service,
+            publisher=transport,
+            topics=self.topics,
+            log=self.log,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            started = asyncio.create_task(transport.start())
+            stopper = asyncio.create_task(self.stop_event.wait())
+            await asyncio.wait({started, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not started.done():
+                started.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await started
+            else:
+                started.result()
+                self.ready.set()
+                notify("READY=1\nSTATUS=connected, serving requests")
+                self.log.info("ready", methods=len(self.table), instance=cfg.mqtt.instance_name)
+                interval = watchdog_interval()
+                if interval:
+                    self._background.append(asyncio.create_task(self._watchdog(interval)))
+                await stopper
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+            await self._shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            for task in self._background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await transport.close()
+            await service.close()
+            if embedded is not None:
+                await embedded.stop()
+        self.log.info("stopped")
+        return 0
+
+    def _submit(self, message: Any) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.submit(message)
+
+    async def _shutdown(self) -> None:
+        assert self.dispatcher is not None and self.transport is not None
+        grace = self.config.limits.shutdown_grace
+        notify("STOPPING=1\nSTATUS=finishing in-flight requests")
+        self.log.info("stopping", in_flight=len(self.dispatcher._tasks), grace_s=grace)
+        finished = await self.dispatcher.drain(grace)
+        if not finished:
+            self.log.warning(
+                "shutdown grace expired; unfinished requests stay unacknowledged for redelivery",
+                unfinished=len(self.dispatcher._tasks),
+            )
+            await self.dispatcher.cancel_all()
+        await self.transport.close(final=(self.topics.state, OFFLINE))
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

@@ -1,0 +1,69 @@
+"""A bounded, time-limited cache of recent replies, for answering redelivered requests."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+def request_key(topic: str, payload: bytes) -> bytes:
+    """The identity of a request: its topic and exact payload bytes (hashed)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(topic.encode("utf-8", "replace"))
+    h.update(b"\0")
+    h.update(payload)
+    return h.digest()
+
+
+class ReplyCache:
+    """Remembers at most `entries` replies (and `max_bytes` of them) for `seconds` each."""
+
+    def __init__(
+        self,
+        entries: int,
+        seconds: float,
+        max_bytes: int = 16 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.entries = entries
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._size = 0
+        self._items: OrderedDict[bytes, tuple[float, str, bytes]] = OrderedDict()
+
+    def get(self, key: bytes) -> tuple[str, bytes] | None:
+        """The (reply topic, reply payload) stored for `key`, if still fresh."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, topic, payload = item
+        if expires < self._clock():
+            self._drop(key)
+            return None
+        return topic, payload
+
+    def put(self, key: bytes, topic: str, payload: bytes) -> None:
+        """Store a reply (unless larger than a quarter of the budget), evicting the oldest."""
+        if self.entries <= 0 or self.seconds <= 0 or len(payload) > self.max_bytes // 4:
+            return
+        now = self._clock()
+        if key in self._items:
+            self._drop(key)
+        self._items[key] = (now + self.seconds, topic, payload)
+        self._size += len(payload)
+        while self._items:
+            oldest_key, (expires, _, _) = next(iter(self._items.items()))
+            if len(self._items) > self.entries or self._size > self.max_bytes or expires < now:
+                self._drop(oldest_key)
+            else:
+                break
+
+    def _drop(self, key: bytes) -> None:
+        _, _, payload = self._items.pop(key)
+        self._size -= len(payload)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,228 @@
+"""One typed error tree: every failure a request can meet, each with a stable wire code.
+
+Every exception here carries the snake_case `code` that appears in the reply envelope, whether the
+caller may retry, and optionally the upstream HTTP status and the API's own error object. The table
+in docs/protocol.md lists the same codes; `ERROR_CODES` is that table in code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BridgeError(Exception):
+    """Base of every error that becomes an error reply; `code` is the wire code."""
+
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        upstream: Any = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.upstream = upstream
+        self._retryable = retryable
+
+    @property
+    def is_retryable(self) -> bool:
+        """Whether the same request may succeed if sent again later."""
+        return self.retryable if self._retryable is None else self._retryable
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `error` object of the reply envelope."""
+        out: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "retryable": self.is_retryable,
+        }
+        if self.http_status is not None:
+            out["http_status"] = self.http_status
+        if self.upstream is not None:
+            out["upstream"] = self.upstream
+        return out
+
+
+class InternalError(BridgeError):
+    """A bug in the bridge; the request may succeed if retried."""
+
+    code = "internal_error"
+    retryable = True
+
+
+# --- the request itself is unusable (never retryable) -------------------------------------------
+
+
+class RequestError(BridgeError):
+    """The request as published cannot be turned into an API call."""
+
+
+class BadJson(RequestError):
+    """The payload is not UTF-8 JSON."""
+
+    code = "bad_json"
+
+
+class NotAnObject(RequestError):
+    """The payload is JSON but not an object."""
+
+    code = "not_an_object"
+
+
+class UnknownMethod(RequestError):
+    """The topic names no operation in the method table."""
+
+    code = "unknown_method"
+
+
+class MethodNotAllowed(RequestError):
+    """The operation exists but the bridge's access rules forbid it."""
+
+    code = "method_not_allowed"
+
+
+class MissingParameter(RequestError):
+    """A path parameter, required query parameter or required body field is absent."""
+
+    code = "missing_parameter"
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"missing required parameter {name!r}")
+        self.parameter = name
+
+
+class InvalidParameter(RequestError):
+    """A parameter is present but of a type or value the operation cannot take."""
+
+    code = "invalid_parameter"
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = name
+
+
+class UnknownParameter(RequestError):
+    """An operation without a body got keys that are neither path nor query parameters."""
+
+    code = "unknown_parameter"
+
+
+class InvalidBase64(RequestError):
+    """A file field's base64 text does not decode."""
+
+    code = "invalid_base64"
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = name
+
+
+class InvalidFile(RequestError):
+    """A file field is not one of the accepted forms (object, data URL, base64 string)."""
+
+    code = "invalid_file"
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = name
+
+
+class PayloadTooLarge(RequestError):
+    """The request payload exceeds `[limits] max_request_bytes`."""
+
+    code = "payload_too_large"
+
+
+class ReplyTooLarge(BridgeError):
+    """The reply would exceed the largest packet the broker accepts."""
+
+    code = "reply_too_large"
+
+
+# --- the service host ----------------------------------------------------------------------------
+
+
+class UpstreamError(BridgeError):
+    """The service host answered with an HTTP error status."""
+
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int,
+        upstream: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, http_status=http_status, upstream=upstream)
+        self.retry_after = retry_after
+        """Seconds the service host asked us to wait before retrying, when it said."""
+
+    @property
+    def is_retryable(self) -> bool:
+        if self._retryable is not None:
+            return self._retryable
+        return self.http_status in RETRYABLE_STATUSES
+
+
+class UpstreamUnavailable(BridgeError):
+    """The service host could not be reached (refused, DNS, TLS, connection reset)."""
+
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamTimeout(BridgeError):
+    """The service host did not answer within the configured timeouts."""
+
+    code = "upstream_timeout"
+    retryable = True
+
+
+class UpstreamBadResponse(BridgeError):
+    """The service host answered 2xx with a body the bridge cannot read (e.g. broken JSON)."""
+
+    code = "upstream_bad_response"
+    retryable = True
+
+
+class StreamInterrupted(BridgeError):
+    """A server-sent event stream ended before its end marker or carried an error event."""
+
+    code = "stream_interrupted"
+    retryable = True
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the process exits with EX_CONFIG (78)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+EX_CONFIG = 78
+
+# HTTP statuses worth retrying: rate limits and transient server errors; other 4xx never are.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _all_codes() -> dict[str, type[BridgeError]]:
+    seen: dict[str, type[BridgeError]] = {}
+    stack: list[type[BridgeError]] = [BridgeError]
+    while stack:
+        cls = stack.pop()
+        seen.setdefault(cls.code, cls)
+        stack.extend(cls.__subclasses__())
+    return seen
+
+
+#: wire code -> exception class, the documented table of error codes.
+ERROR_CODES: dict[str, type[BridgeError]] = _all_codes()

@@ -1,0 +1,126 @@
+"""Logging: structlog with one canonical line per request, JSON off a TTY, secrets redacted.
+
+Every line, ours and the libraries' (aiohttp, paho, amqtt via the stdlib `logging` module), passes
+through `Redactor`, which replaces each configured secret with `**********`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "**********"
+
+
+class Redactor:
+    """Replaces every occurrence of the configured secrets in strings, bytes and nested values."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
+        self.secrets: list[str] = []
+        self.set(secrets or [])
+
+    def set(self, secrets: list[str]) -> None:
+        """Replace the secrets to hide (longest first, so a secret containing another is whole)."""
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._bytes = [s.encode("utf-8") for s in self.secrets]
+
+    def text(self, value: str) -> str:
+        """`value` with every secret replaced."""
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    def data(self, value: bytes) -> bytes:
+        """`value` (e.g. a reply payload) with every secret replaced."""
+        for secret in self._bytes:
+            if secret in value:
+                value = value.replace(secret, REDACTED.encode())
+        return value
+
+    def any(self, value: Any) -> Any:
+        """Redact strings inside dicts, lists and tuples; other values unchanged."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.any(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.any(v) for v in value]
+        return value
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """structlog processor: redact every value of the event."""
+        if self.secrets:
+            for key, val in list(event_dict.items()):
+                event_dict[key] = self.any(val)
+        return event_dict
+
+
+class _StdlibRedactFilter(logging.Filter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.redactor.secrets:
+            record.msg = self.redactor.text(record.getMessage())
+            record.args = None
+        return True
+
+
+REDACTOR = Redactor()
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "auto",
+    secrets: list[str] | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Set up structlog and stdlib logging for the process (idempotent)."""
+    out = stream or sys.stderr
+    REDACTOR.set(secrets or [])
+    json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_out
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        REDACTOR,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.addFilter(_StdlibRedactFilter(REDACTOR))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_omb", False):
+            root.removeHandler(old)
+    handler._omb = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    # Library chatter only at WARNING unless we debug; their DEBUG lines may carry URLs.
+    root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def get_logger(**context: Any) -> Any:
+    """A structlog logger bound to `context`."""
+    return structlog.get_logger("openai-mqtt-bridge").bind(**context)

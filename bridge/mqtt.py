@@ -1,0 +1,504 @@
+"""The MQTT transport: paho-mqtt driven from the asyncio loop, with our own reconnect loop.
+
+paho's reconnect only works with its own thread loops, so this module owns the connection:
+connect (MQTT 5, falling back to 3.1.1), keep a persistent session, subscribe on every CONNACK,
+publish with an awaitable PUBACK, and acknowledge requests manually once their reply is out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from bridge.backoff import Backoff
+from bridge.config import MqttConfig
+
+
+@dataclass(slots=True)
+class InboundMessage:
+    """One message received on the request subscription."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    mid: int
+    generation: int
+    """Connection generation it arrived on; an ack is only valid while the session lives."""
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+class PublishFailed(Exception):
+    """A publish could not be queued or was refused by the broker."""
+
+
+# Bytes beyond topic and payload in a PUBLISH packet: fixed header, lengths, packet id, properties.
+PUBLISH_OVERHEAD = 64
+
+_UNSUPPORTED_PROTOCOL = 132  # MQTT 5 CONNACK "Unsupported Protocol Version"
+_BAD_AUTH_CODES = frozenset({134, 135, 133, 138, 4, 5})  # bad credentials / not authorised / bad id
+
+
+class MqttTransport:
+    """One broker connection with a persistent session and manual acknowledgement."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        subscription: str,
+        receive_maximum: int,
+        will: tuple[str, bytes],
+        on_message: Callable[[InboundMessage], None],
+        on_connected: Callable[[], None],
+        log: Any,
+        protocol: str | None = None,
+    ) -> None:
+        self.config = config
+        self.subscription = subscription
+        self.receive_maximum = max(1, min(receive_maximum, 65535))
+        self.will = will
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self.log = log
+        self._loop = asyncio.get_running_loop()
+        mode = protocol or config.protocol
+        self._protocol_mode = mode
+        self.protocol: MQTTProtocolVersion = (
+            MQTTProtocolVersion.MQTTv311 if mode == "3.1.1" else MQTTProtocolVersion.MQTTv5
+        )
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self.max_packet_size = config.max_packet_size
+        self._pending_pubs: dict[int, asyncio.Future[None]] = {}
+        self._connack: asyncio.Future[None] | None = None
+        self._suback: asyncio.Future[None] | None = None
+        self._sub_mid: int | None = None
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._misc_task: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
+        self._ever_connected = False
+        self._client = self._make_client()
+
+    # --- paho client and its socket callbacks ---------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        v5 = self.protocol == MQTTProtocolVersion.MQTTv5
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.effective_client_id,
+            clean_session=None if v5 else False,
+            protocol=self.protocol,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = 10.0
+        client.max_queued_messages_set(10_000)
+        client.max_inflight_messages_set(20)  # MQTT 5 brokers announce their own in CONNACK
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password.get_secret_value() or None)
+        if cfg.tls.active:
+            context = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
+            if cfg.tls.cert_file:
+                context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file or None)
+            client.tls_set_context(context)
+        topic, payload = self.will
+        client.will_set(topic, payload, qos=1, retain=True)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn` on the loop thread: paho calls socket hooks from the connect executor too."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._in_loop(self._loop.add_reader, sock, self._read, client)
+
+    def _read(self, client: paho.Client) -> None:
+        try:
+            client.loop_read()
+        except Exception as exc:  # a broken socket surfaces here; treat it as a lost connection
+            self.log.debug("mqtt read failed", error=repr(exc), exc_info=True)
+            self._connection_lost()
+
+    def _write(self, client: paho.Client) -> None:
+        try:
+            client.loop_write()
+        except Exception as exc:
+            self.log.debug("mqtt write failed", error=type(exc).__name__)
+            self._connection_lost()
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._remove_fd, sock)
+
+    def _remove_fd(self, sock: Any) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._loop.add_writer, sock, self._write, client)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._remove_writer, sock)
+
+    def _remove_writer(self, sock: Any) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(sock)
+
+    # --- paho protocol callbacks (all on the loop thread) ----------------------------------------
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        fut = self._connack
+        if reason.is_failure:
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectRefused(int(reason.value), str(reason)))
+            return
+        session_present = bool(getattr(flags, "session_present", False))
+        if not session_present:
+            # The broker forgot our unacked requests; their packet ids now mean nothing.
+            self.generation += 1
+        if properties is not None:
+            size = getattr(properties, "MaximumPacketSize", None)
+            if isinstance(size, int) and size > 0:
+                self.max_packet_size = min(size, self.config.max_packet_size)
+            recv = getattr(properties, "ReceiveMaximum", None)
+            if isinstance(recv, int) and recv > 0:
+                # The broker's Receive Maximum bounds our unacked publishes; paho's public setter
+                # refuses changes once connected, so set the field its send path reads.
+                client._max_inflight_messages = min(recv, 65535)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connection_lost(reason)
+
+    def _connection_lost(self, reason: Any = None) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        for fut in (self._connack, self._suback):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionLost(str(reason) if reason is not None else "closed"))
+        if was_connected and not self._closing:
+            self.log.warning("broker connection lost", reason=str(reason) if reason else None)
+        self._lost.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            try:
+                topic = message.topic
+            except UnicodeDecodeError:
+                topic = bytes(message._topic).decode("utf-8", "replace")
+            props = message.properties
+            response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            inbound = InboundMessage(
+                topic=topic,
+                payload=message.payload,
+                qos=message.qos,
+                retain=bool(message.retain),
+                dup=bool(message.dup),
+                mid=message.mid,
+                generation=self.generation,
+                response_topic=response_topic,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+            )
+            self._on_message_cb(inbound)
+        except Exception:
+            self.log.exception("inbound message handler failed", topic=str(message.mid))
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        fut = self._pending_pubs.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        # 16 = "No matching subscribers": the broker took the message, nobody listens yet.
+        if reason.is_failure and int(reason.value) != 16:
+            fut.set_exception(PublishFailed(f"broker refused the publish: {reason}"))
+        else:
+            fut.set_result(None)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        fut = self._suback
+        if mid != self._sub_mid or fut is None or fut.done():
+            return
+        if any(r.is_failure for r in reasons):
+            fut.set_exception(ConnectRefused(int(reasons[0].value), f"subscribe refused: {reasons}"))
+        else:
+            fut.set_result(None)
+
+    # --- public API -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and subscribe once (raising on failure), then keep reconnecting in background."""
+        await self._connect_until_up(first=True)
+        self._runner = asyncio.create_task(self._supervise(), name="mqtt-supervisor")
+        self._misc_task = asyncio.create_task(self._misc_loop(), name="mqtt-misc")
+
+    async def wait_connected(self) -> None:
+        """Return once connected and subscribed."""
+        await self.connected.wait()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue a publish; the future completes when the broker acknowledged it (QoS 1)."""
+        props = None
+        if correlation_data is not None and self.protocol == MQTTProtocolVersion.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation_data
+        fut: asyncio.Future[None] = self._loop.create_future()
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except ValueError as exc:
+            fut.set_exception(PublishFailed(str(exc)))
+            return fut
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            fut.set_exception(PublishFailed(f"publish not queued: {paho.error_string(info.rc)}"))
+            return fut
+        if qos == 0:
+            fut.set_result(None)
+        else:
+            self._pending_pubs[info.mid] = fut
+        return fut
+
+    def fits(self, topic: str, payload_size: int) -> bool:
+        """Whether a PUBLISH of this size is within the broker's maximum packet size."""
+        return len(topic.encode("utf-8")) + payload_size + PUBLISH_OVERHEAD <= self.max_packet_size
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a QoS 1 request, unless its session is gone (then its id is meaningless)."""
+        if message.qos == 1 and message.generation == self.generation and self.connected.is_set():
+            self._client.ack(message.mid, 1)
+
+    async def close(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish `final` (e.g. the retained offline state), disconnect and stop reconnecting."""
+        self._closing = True
+        if final is not None and self.connected.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.publish(final[0], final[1], retain=True), timeout)
+        for task in (self._runner, self._misc_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        for fut in self._pending_pubs.values():
+            if not fut.done():
+                fut.cancel()
+        self._pending_pubs.clear()
+        sock = self._client.socket()
+        if sock is not None:
+            self._remove_fd(sock)
+            with contextlib.suppress(Exception):
+                self._client._sock_close()
+        self.connected.clear()
+
+    # --- connection management --------------------------------------------------------------------
+
+    def _connect_properties(self) -> Properties | None:
+        if self.protocol != MQTTProtocolVersion.MQTTv5:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry
+        props.ReceiveMaximum = self.receive_maximum
+        return props
+
+    async def _connect_once(self) -> None:
+        self._connack = self._loop.create_future()
+        self._lost.clear()
+        client = self._client
+        if not self._ever_connected:
+            v5 = self.protocol == MQTTProtocolVersion.MQTTv5
+            extra: dict[str, Any] = (
+                {"clean_start": False, "properties": self._connect_properties()} if v5 else {}
+            )
+
+            def call() -> Any:
+                return client.connect(
+                    self.config.host, self.config.port, self.config.keepalive, **extra
+                )
+        else:
+            call = client.reconnect
+        rc = await self._loop.run_in_executor(None, call)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectionLost(f"connect failed: {paho.error_string(rc)}")
+        self._ever_connected = True
+        await asyncio.wait_for(self._connack, timeout=15)
+        # Subscribe on every connect: the session may be new, and re-subscribing is harmless.
+        self._suback = self._loop.create_future()
+        if self.protocol == MQTTProtocolVersion.MQTTv5:
+            rc, mid = client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+        else:
+            rc, mid = client.subscribe(self.subscription, qos=1)
+        self._sub_mid = mid
+        await asyncio.wait_for(self._suback, timeout=15)
+        self.connected.set()
+        self._on_connected_cb()
+
+    def _switch_protocol(self) -> None:
+        """In `auto` mode flip between MQTT 5 and 3.1.1 after a failure before CONNACK."""
+        self.protocol = (
+            MQTTProtocolVersion.MQTTv311
+            if self.protocol == MQTTProtocolVersion.MQTTv5
+            else MQTTProtocolVersion.MQTTv5
+        )
+        old = self._client
+        sock = old.socket()
+        if sock is not None:
+            self._remove_fd(sock)
+            with contextlib.suppress(Exception):
+                old._sock_close()
+        self._client = self._make_client()
+        self._ever_connected = False
+
+    async def _connect_until_up(self, first: bool) -> None:
+        settled = False
+        while not self._closing:
+            try:
+                await self._connect_once()
+                self._backoff.reset()
+                settled = True
+                return
+            except asyncio.CancelledError:
+                raise
+            except ConnectRefused as exc:
+                if exc.code == _UNSUPPORTED_PROTOCOL and self._protocol_mode == "auto":
+                    self._switch_protocol()
+                    continue
+                delay = (
+                    self._backoff.give_up_delay()
+                    if exc.code in _BAD_AUTH_CODES
+                    else self._backoff.next_delay()
+                )
+                self.log.warning("broker refused the connection", reason=exc.text, retry_in=round(delay, 2))
+            except (OSError, ConnectionLost, TimeoutError) as exc:
+                if (
+                    self._protocol_mode == "auto"
+                    and not settled
+                    and isinstance(exc, ConnectionLost)
+                    and self._connack is not None
+                    and not self._connack_ok()
+                ):
+                    self._switch_protocol()
+                delay = self._backoff.next_delay()
+                log = self.log.warning if first and self._backoff.attempt == 1 else self.log.debug
+                log(
+                    "cannot connect to broker",
+                    broker=f"{self.config.host}:{self.config.port}",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in=round(delay, 2),
+                )
+            self._drop_socket()
+            await asyncio.sleep(delay)
+
+    def _connack_ok(self) -> bool:
+        fut = self._connack
+        return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+
+    def _drop_socket(self) -> None:
+        sock = self._client.socket()
+        if sock is not None:
+            self._remove_fd(sock)
+            with contextlib.suppress(Exception):
+                self._client._sock_close()
+
+    async def _supervise(self) -> None:
+        while not self._closing:
+            await self._lost.wait()
+            if self._closing:
+                return
+            self.connected.clear()
+            self._drop_socket()
+            await asyncio.sleep(self._backoff.next_delay())
+            await self._connect_until_up(first=False)
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._client.loop_misc()
+            except Exception as exc:
+                self.log.debug("mqtt keepalive check failed", error=type(exc).__name__)
+                self._connection_lost()
+
+
+class ConnectRefused(Exception):
+    """The broker answered CONNECT or SUBSCRIBE with a failure reason code."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class ConnectionLost(Exception):
+    """The connection closed or failed before it was usable."""

@@ -1,0 +1,161 @@
+"""Pure request building: (operation, payload parameters, service config) -> one `HttpRequest`.
+
+Nothing here touches a socket; `bridge/service.py` turns the value into an aiohttp call. Ids go
+into the path as exactly one percent-encoded segment each, so no payload value can change the
+host, the path, the query or the headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from bridge import __version__
+from bridge.config import ServiceConfig
+from bridge.errors import InvalidParameter, MissingParameter, UnknownParameter
+from bridge.formdata import FormPart, encode_form
+from bridge.jsoncodec import dumps
+from bridge.operations import Operation, QueryParam
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One HTTP request to the service host, ready to send."""
+
+    method: str
+    url: str
+    """Absolute URL, already percent-encoded (send it without re-quoting)."""
+    headers: dict[str, str]
+    json_body: bytes | None = None
+    form: tuple[FormPart, ...] | None = None
+    stream: bool = False
+    """The payload asked for server-sent events."""
+
+
+# RFC 3986 pchar minus the sub-delims: ':' and '@' stay readable (fine-tuned ids are `ft:...`).
+_SEGMENT_SAFE = ":@"
+_MAX_SEGMENT = 1024
+
+
+def path_segment(name: str, value: Any) -> str:
+    """`value` as one percent-encoded path segment; raise for absent, empty or non-scalar ids."""
+    if value is None:
+        raise MissingParameter(name)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidParameter(name, f"path parameter {name!r} must be a string or an integer")
+    text = str(value)
+    if not text:
+        raise InvalidParameter(name, f"path parameter {name!r} must not be empty")
+    if len(text) > _MAX_SEGMENT:
+        raise InvalidParameter(name, f"path parameter {name!r} is longer than {_MAX_SEGMENT}")
+    if text in (".", ".."):
+        return text.replace(".", "%2E")
+    return quote(text, safe=_SEGMENT_SAFE)
+
+
+def _scalar_text(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return value
+    return dumps(value).decode("utf-8")
+
+
+def _query_pairs(param: QueryParam, value: Any) -> list[tuple[str, str]]:
+    """The (name, text) pairs one query parameter contributes (arrays repeat, objects go deep)."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [(param.name, _scalar_text(v)) for v in value if v is not None]
+    if isinstance(value, dict):
+        return [(f"{param.name}[{k}]", _scalar_text(v)) for k, v in value.items() if v is not None]
+    return [(param.name, _scalar_text(value))]
+
+
+def _encode_query(pairs: list[tuple[str, str]]) -> str:
+    return "&".join(f"{quote(k, safe='[]')}={quote(v, safe='')}" for k, v in pairs)
+
+
+class RequestBuilder:
+    """Builds requests for one service host; the static headers are computed once."""
+
+    def __init__(self, service: ServiceConfig) -> None:
+        self.base = service.api_base.rstrip("/")
+        key = service.api_key.get_secret_value()
+        headers: dict[str, str] = {"User-Agent": f"openai-mqtt-bridge/{__version__}"}
+        self._key_query: tuple[str, str] | None = None
+        if key:
+            if service.api_key_in_query:
+                self._key_query = (service.api_key_name, key)
+            elif service.api_key_name.lower() == "authorization":
+                headers["Authorization"] = f"Bearer {key}"
+            else:
+                headers[service.api_key_name] = key
+        if service.organization:
+            headers["OpenAI-Organization"] = service.organization
+        if service.project:
+            headers["OpenAI-Project"] = service.project
+        headers.update(service.extra_headers)
+        self._headers = headers
+        self._assistants_beta = f"assistants={service.assistants_version}"
+
+    def headers_for(self, op: Operation) -> dict[str, str]:
+        """The headers every request of `op` carries (auth, organization, beta, extras)."""
+        headers = dict(self._headers)
+        if op.beta == "assistants":
+            headers["OpenAI-Beta"] = self._assistants_beta
+        elif op.beta:
+            headers["OpenAI-Beta"] = op.beta
+        return headers
+
+    def build(self, op: Operation, params: dict[str, Any]) -> HttpRequest:
+        """The HTTP request for `op` called with `params` (the payload without `transaction`)."""
+        rest = dict(params)
+        path_template, _, fixed_query = op.path.partition("?")
+        path = path_template
+        for name in op.path_params:
+            path = path.replace("{" + name + "}", path_segment(name, rest.pop(name, None)))
+
+        pairs: list[tuple[str, str]] = []
+        if fixed_query:
+            for item in fixed_query.split("&"):
+                k, _, v = item.partition("=")
+                pairs.append((k, v))
+        for qp in op.query_params:
+            if qp.name in rest:
+                pairs.extend(_query_pairs(qp, rest.pop(qp.name)))
+            elif qp.required:
+                raise MissingParameter(qp.name)
+        if self._key_query is not None:
+            pairs.append(self._key_query)
+
+        url = self.base + path
+        if pairs:
+            url += "?" + _encode_query(pairs)
+        headers = self.headers_for(op)
+        stream = rest.get("stream") is True or rest.get("stream_format") == "sse"
+
+        if op.request_kind == "none":
+            if rest:
+                names = ", ".join(repr(k) for k in sorted(rest))
+                raise UnknownParameter(
+                    f"{op.name} takes no body; unknown parameter(s) {names} "
+                    "(neither path nor query parameters of this method)"
+                )
+            return HttpRequest(op.verb, url, headers, stream=stream)
+
+        use_form = op.request_kind == "multipart" and not (
+            op.json_alternative and not any(f in rest for f in op.file_fields)
+        )
+        if use_form:
+            return HttpRequest(op.verb, url, headers, form=encode_form(op, rest), stream=stream)
+
+        required = op.json_required_fields if op.json_alternative else op.required_fields
+        for name in required:
+            if rest.get(name) is None:
+                raise MissingParameter(name)
+        headers["Content-Type"] = "application/json"
+        return HttpRequest(op.verb, url, headers, json_body=dumps(rest), stream=stream)

@@ -1,0 +1,272 @@
+"""The service-host client: sends an `HttpRequest` with aiohttp and reads the answer into reply data.
+
+The only HTTP I/O of the bridge. One pooled `aiohttp.ClientSession` per process; retries with
+backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never for other 4xx
+and never once a stream has started to be forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import yarl
+
+from bridge.backoff import Backoff, retry_after_seconds
+from bridge.config import ServiceConfig
+from bridge.errors import (
+    RETRYABLE_STATUSES,
+    BridgeError,
+    StreamInterrupted,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from bridge.jsoncodec import dumps, loads
+from bridge.operations import Operation
+from bridge.request import HttpRequest
+from bridge.sse import SseEvent, SseParser, is_done
+
+
+class StreamSink(Protocol):
+    """Receives a stream's events in order and produces the one final reply's data."""
+
+    async def on_event(self, event: SseEvent) -> None:
+        """Forward one event (already parsed; `[DONE]` is never passed)."""
+
+    def finish(self, saw_done: bool) -> Any:
+        """The final reply data; raise StreamInterrupted when the stream is incomplete."""
+
+
+@dataclass(slots=True)
+class ServiceResult:
+    """A successful answer, its `data` already encoded as JSON bytes for the envelope."""
+
+    data_json: bytes
+    http_status: int
+    request_id: str | None
+    attempts: int = 1
+
+
+_TEXT_TYPES = ("text/", "application/sdp")
+_JSON_TYPES = ("application/json", "application/problem+json")
+_UPSTREAM_TEXT_LIMIT = 2000
+
+
+def binary_data(body: bytes, content_type: str) -> bytes:
+    """The `{"base64", "content_type", "size"}` reply data for raw bytes, as JSON bytes."""
+    b64 = binascii.b2a_base64(body, newline=False)
+    return b"".join(
+        (
+            b'{"base64":"',
+            b64,
+            b'","content_type":',
+            dumps(content_type),
+            b',"size":',
+            str(len(body)).encode(),
+            b"}",
+        )
+    )
+
+
+def _upstream_error_object(body: bytes, content_type: str) -> Any:
+    if content_type.startswith(_JSON_TYPES) or body[:1] in (b"{", b"["):
+        try:
+            parsed = loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and "error" in parsed:
+            return parsed["error"]
+        if parsed is not None:
+            return parsed
+    text = body[:_UPSTREAM_TEXT_LIMIT].decode("utf-8", "replace").strip()
+    return {"message": text} if text else None
+
+
+def _error_message(status: int, reason: str | None, upstream: Any) -> str:
+    detail = ""
+    if isinstance(upstream, dict):
+        msg = upstream.get("message")
+        if isinstance(msg, str) and msg:
+            detail = f": {msg}"
+    return f"service host answered HTTP {status} {reason or ''}".rstrip() + detail
+
+
+class ServiceClient:
+    """Sends requests to the configured service host over one pooled aiohttp session."""
+
+    def __init__(self, config: ServiceConfig, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+        self._sleep = sleep
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.total_timeout,
+            connect=config.connect_timeout,
+            sock_read=config.read_timeout,
+        )
+        host = yarl.URL(config.api_base)
+        self.host_label = f"{host.host}:{host.port}" if host.host else config.api_base
+
+    async def start(self) -> None:
+        """Open the pooled session (idempotent)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=False
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=True,
+                skip_auto_headers=("Content-Type",),
+            )
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self, op: Operation, request: HttpRequest, sink: StreamSink | None = None
+    ) -> ServiceResult:
+        """Send `request` (retrying transient failures) and return the reply data."""
+        await self.start()
+        backoff = Backoff(0.5, 8.0)
+        deadline = time.monotonic() + self.config.total_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            forwarded = [False]
+            try:
+                result = await self._send_once(op, request, sink, forwarded)
+                result.attempts = attempt
+                return result
+            except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
+                if forwarded[0] or attempt > self.config.max_retries:
+                    raise
+                if isinstance(exc, UpstreamError) and exc.http_status not in RETRYABLE_STATUSES:
+                    raise
+                hinted = exc.retry_after if isinstance(exc, UpstreamError) else None
+                delay = hinted if hinted is not None else backoff.next_delay()
+                if delay > self.config.retry_max_delay or time.monotonic() + delay > deadline:
+                    raise
+                await self._sleep(delay)
+
+    async def _send_once(
+        self,
+        op: Operation,
+        request: HttpRequest,
+        sink: StreamSink | None,
+        forwarded: list[bool],
+    ) -> ServiceResult:
+        assert self._session is not None
+        data: Any = None
+        if request.form is not None:
+            form = aiohttp.FormData(quote_fields=False)
+            for part in request.form:
+                if part.filename is None:
+                    form.add_field(part.name, part.value.decode("utf-8"))
+                else:
+                    form.add_field(
+                        part.name,
+                        part.value,
+                        filename=part.filename,
+                        content_type=part.content_type or "application/octet-stream",
+                    )
+            data = form
+        elif request.json_body is not None:
+            data = request.json_body
+        try:
+            async with self._session.request(
+                request.method,
+                yarl.URL(request.url, encoded=True),
+                headers=request.headers,
+                data=data,
+            ) as resp:
+                status = resp.status
+                request_id = resp.headers.get("x-request-id")
+                content_type = resp.headers.get("Content-Type", "").lower()
+                if status >= 400:
+                    body = await resp.read()
+                    upstream = _upstream_error_object(body, content_type)
+                    raise UpstreamError(
+                        _error_message(status, resp.reason, upstream),
+                        http_status=status,
+                        upstream=upstream,
+                        retry_after=retry_after_seconds(
+                            {k.lower(): v for k, v in resp.headers.items()}
+                        ),
+                    )
+                if content_type.startswith("text/event-stream"):
+                    data_json = await self._read_stream(resp, sink, forwarded)
+                    return ServiceResult(data_json, status, request_id)
+                body = await resp.read()
+                return ServiceResult(
+                    self._reply_data(op, body, content_type), status, request_id
+                )
+        except BridgeError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(
+                f"service host {self.host_label} did not answer in time"
+            ) from None
+        except aiohttp.ClientPayloadError as exc:
+            if forwarded[0] or sink is not None:
+                raise StreamInterrupted(
+                    f"service host {self.host_label} cut the response short"
+                ) from None
+            raise UpstreamUnavailable(
+                f"service host {self.host_label} broke the response: {type(exc).__name__}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(
+                f"cannot reach service host {self.host_label}: {type(exc).__name__}"
+            ) from None
+
+    def _reply_data(self, op: Operation, body: bytes, content_type: str) -> bytes:
+        """Reply data for a complete 2xx body, chosen by the operation and the Content-Type."""
+        media = content_type.split(";", 1)[0].strip()
+        if op.response_kind == "binary":
+            return binary_data(body, media or "application/octet-stream")
+        if not body:
+            return b"null"
+        if media.startswith(_JSON_TYPES) or media.endswith("+json") or (not media and op.response_kind == "json"):
+            try:
+                loads(body)
+            except ValueError:
+                raise UpstreamBadResponse(
+                    "service host sent a body that is not valid JSON", http_status=200
+                ) from None
+            return body
+        if media.startswith(_TEXT_TYPES):
+            text = body.decode("utf-8", "replace")
+            return dumps({"text": text, "content_type": media})
+        return binary_data(body, media or "application/octet-stream")
+
+    async def _read_stream(
+        self, resp: aiohttp.ClientResponse, sink: StreamSink | None, forwarded: list[bool]
+    ) -> bytes:
+        if sink is None:
+            raise UpstreamBadResponse("service host streamed an answer that was not asked for")
+        parser = SseParser()
+        saw_done = False
+        async for chunk in resp.content.iter_any():
+            for event in parser.feed(chunk):
+                if is_done(event):
+                    saw_done = True
+                    continue
+                forwarded[0] = True
+                await sink.on_event(event)
+        for event in parser.close():
+            if is_done(event):
+                saw_done = True
+                continue
+            forwarded[0] = True
+            await sink.on_event(event)
+        return dumps(sink.finish(saw_done))

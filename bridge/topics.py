@@ -1,0 +1,54 @@
+"""Topic names: parse a request topic, derive its reply, stream and bridge-state topics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTopic:
+    """A parsed `<prefix>/request/<method>[/<suffix>]` topic."""
+
+    method: str
+    """The method level as published (any case); empty when the topic has none."""
+    suffix: str
+    """Everything after the method level, without the leading '/'; empty when absent."""
+    reply: str
+    """`<prefix>/response/<method>[/<suffix>]`: the request topic with `request` swapped."""
+    stream: str
+    """`<prefix>/stream/<method>[/<suffix>]`: where streamed events go."""
+
+
+class Topics:
+    """All topic names of one bridge instance, built once from the prefix and instance name."""
+
+    def __init__(self, prefix: str, instance: str, shared_group: str = "") -> None:
+        self.prefix = prefix
+        self.instance = instance
+        self._request_root = f"{prefix}/request"
+        self._request_head = f"{prefix}/request/"
+        self.request_filter = f"{prefix}/request/#"
+        self.subscription = (
+            f"$share/{shared_group}/{self.request_filter}" if shared_group else self.request_filter
+        )
+        base = f"{prefix}/bridge/{instance}"
+        self.state = f"{base}/state"
+        self.info = f"{base}/info"
+        self.stats = f"{base}/stats"
+
+    def parse(self, topic: str) -> RequestTopic | None:
+        """The parts of a request topic, or None when `topic` is not under `<prefix>/request`."""
+        if topic == self._request_root:
+            rest = ""
+        elif topic.startswith(self._request_head):
+            rest = topic[len(self._request_head) :]
+        else:
+            return None
+        method, _, suffix = rest.partition("/")
+        tail = f"/{rest}" if topic != self._request_root else ""
+        return RequestTopic(
+            method=method,
+            suffix=suffix,
+            reply=f"{self.prefix}/response{tail}",
+            stream=f"{self.prefix}/stream{tail}",
+        )

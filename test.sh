@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs (a venv with the test extras, Debian's mosquitto when
+# missing) and runs the checks: generated-table drift, ruff, mypy --strict, pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "installing mosquitto (Debian package) for the integration tests" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  # The package starts a system broker on 1883; the tests start their own on free ports.
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/python -m bridge.tablegen --check
+.venv/bin/ruff check bridge tests bench
+.venv/bin/ruff format --check bridge tests bench
+.venv/bin/mypy
+exec .venv/bin/python -m pytest "$@"
