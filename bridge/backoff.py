@@ -9,7 +9,7 @@ from email.utils import parsedate_to_datetime
 
 
 class Backoff:
-    """Delays for successive attempts: min * 2**n, capped at max, with jitter in [delay/2, delay]."""
+    """Delays for attempts: min * 2**n capped at max, with jitter in [delay/2, delay]."""
 
     def __init__(
         self,
@@ -24,7 +24,7 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The un-jittered delay before attempt `attempt` (0-based) after a failure."""
-        return min(self.maximum, self.minimum * (2 ** min(attempt, 62)))
+        return float(min(self.maximum, self.minimum * (2.0 ** min(attempt, 62))))
 
     def next_delay(self) -> float:
         """The delay to wait now; each call moves one step up the ladder."""
@@ -43,7 +43,7 @@ class Backoff:
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds the server asked us to wait (`retry-after-ms`, `Retry-After` secs or date), or None."""
+    """Seconds the server asked us to wait (`retry-after-ms`, `Retry-After`), or None."""
     ms = headers.get("retry-after-ms")
     if ms is not None:
         try:

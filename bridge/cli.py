@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -38,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     methods.add_argument("--group", help="only this group (e.g. chat, audio, assistants)")
     describe = sub.add_parser("describe", parents=[common], help="describe one method")
     describe.add_argument("method")
-    call = sub.add_parser("call", parents=[common], help="call a method over MQTT and print the reply")
+    call = sub.add_parser(
+        "call", parents=[common], help="call a method over MQTT and print the reply"
+    )
     call.add_argument("method")
     call.add_argument("payload", nargs="?", default="{}", help="JSON object, or - for stdin")
     call.add_argument("--timeout", type=float, default=60.0)
@@ -122,10 +125,8 @@ def cmd_describe(name: str, path: str | None) -> int:
         return EX_USAGE
     prefix = "openai"
     if path:
-        try:
+        with contextlib.suppress(ConfigError):
             prefix = _load(path)[0].mqtt.topic_prefix
-        except ConfigError:
-            pass
     print(describe(op, topic_prefix=prefix))
     return 0
 
@@ -180,7 +181,9 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv311)
     if config.mqtt.username:
-        client.username_pw_set(config.mqtt.username, config.mqtt.password.get_secret_value() or None)
+        client.username_pw_set(
+            config.mqtt.username, config.mqtt.password.get_secret_value() or None
+        )
     if config.mqtt.tls.active:
         import ssl
 

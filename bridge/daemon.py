@@ -1,4 +1,4 @@
-"""The daemon: wires config, broker transport, service client and dispatcher, and runs until told to stop."""
+"""The daemon: wires config, broker transport, service client and dispatcher; runs until stopped."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Bridge:
         self.stop_event.set()
 
     def info_payload(self, protocol: str) -> bytes:
-        """The retained info document: version, methods, service base URL, broker protocol, limits."""
+        """The retained info document: version, methods, service URL, broker protocol, limits."""
         cfg = self.config
         return dumps(
             {
@@ -81,7 +81,9 @@ class Bridge:
         """Start everything, serve until `stop()` or a signal, shut down gracefully; exit code."""
         cfg = self.config
         loop = asyncio.get_running_loop()
-        self.log.info("starting", version=__version__, python=platform.python_version(), config=cfg.redacted())
+        self.log.info(
+            "starting", version=__version__, python=platform.python_version(), config=cfg.redacted()
+        )
         embedded: EmbeddedBroker | None = None
         mqtt_cfg = cfg.mqtt
         protocol: str | None = None
@@ -89,10 +91,10 @@ class Bridge:
             embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
             try:
                 await embedded.start()
-            except OSError as exc:
+            except Exception as exc:  # amqtt wraps the bind error in its own BrokerError
                 raise EmbeddedPortBusy(
                     f"cannot start the embedded broker on 127.0.0.1:{cfg.mqtt.port} "
-                    f"({exc.strerror or exc}); if a broker already runs there, set "
+                    f"({exc}); if a broker already runs there, set "
                     '[mqtt] host = "127.0.0.1" to use it'
                 ) from None
             self.log.warning(EMBEDDED_NOTICE.format(host="127.0.0.1", port=cfg.mqtt.port))

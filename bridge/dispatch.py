@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,22 +151,22 @@ class Dispatcher:
         if message.qos > 0:
             self._in_flight[key] = task
         self.idle.clear()
-        task.add_done_callback(lambda t, k=key: self._done(t, k))
+        task.add_done_callback(functools.partial(self._done, key=key))
 
-    def _done(self, task: asyncio.Task[None], key: tuple[int, int]) -> None:
+    def _done(self, task: asyncio.Task[None], *, key: tuple[int, int]) -> None:
         self._tasks.discard(task)
         if self._in_flight.get(key) is task:
             del self._in_flight[key]
         if not self._tasks:
             self.idle.set()
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop accepting and wait up to `timeout` s for in-flight requests; True when all done."""
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting and wait up to `grace` s for in-flight requests; True when all done."""
         self.accepting = False
         if not self._tasks:
             return True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.idle.wait(), timeout)
+            await asyncio.wait_for(self.idle.wait(), grace)
         return not self._tasks
 
     async def cancel_all(self) -> None:
@@ -219,7 +220,9 @@ class Dispatcher:
             cached = self.cache.get(key)
             if cached is not None and (message.dup or b'"transaction"' in message.payload):
                 await self._send(message, reply_topic, cached[1], correlation)
-                self.log.info("request", method=parsed.method, suffix=parsed.suffix, status="cached")
+                self.log.info(
+                    "request", method=parsed.method, suffix=parsed.suffix, status="cached"
+                )
                 return
             use_cache = True
 

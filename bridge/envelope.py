@@ -1,12 +1,11 @@
-"""The one reply envelope: `{"status", "method", "transaction"?, "data" | "error"}` as JSON bytes."""
+"""The one reply envelope, `{"status", "method", "transaction"?, "data" | "error"}`, as bytes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bridge.jsoncodec import dumps
-
 from bridge.errors import BridgeError
+from bridge.jsoncodec import dumps
 
 _MISSING: Any = object()
 """Marks a request without a `transaction` key (null is a valid transaction)."""

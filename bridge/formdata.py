@@ -68,11 +68,7 @@ _DATA_AFTER_PAD = re.compile(r"=[ \t\n\r\f\v=]*[^ \t\n\r\f\v=]")
 
 
 def decode_base64(field: str, text: str, *, offset: int = 0) -> bytes:
-    """Decode standard or URL-safe base64, padded or not, ignoring whitespace.
-
-    Raises InvalidBase64 naming `field` and the index (plus `offset`) of the first bad character.
-    An empty result is returned as b"" (callers decide whether that is acceptable).
-    """
+    """Standard or URL-safe base64, padding optional, whitespace ignored; InvalidBase64 if bad."""
     try:
         raw = text.encode("ascii")
     except UnicodeEncodeError as exc:
@@ -273,15 +269,11 @@ class _FileSpec:
 
 
 def encode_form(op: Operation, fields: dict[str, Any]) -> tuple[FormPart, ...]:
-    """The multipart parts for `fields` (payload order), files decoded from base64.
-
-    Raises MissingParameter for an absent required file field, InvalidFile for a file field of
-    the wrong form, InvalidBase64 for undecodable base64 and InvalidParameter for values a form
-    cannot carry (non-finite numbers, unsupported types).
-    """
+    """The multipart parts for `fields`, in payload order, with files decoded from base64."""
     file_fields = set(op.file_fields)
     for name in op.file_fields:
-        if name in op.required_fields and fields.get(name) is None:
+        absent = fields.get(name) is None and fields.get(f"{name}[]") is None
+        if name in op.required_fields and absent:
             raise MissingParameter(name)
     seed_name_target = _seed_filename_target(op, fields)
     typed = PART_CONTENT_TYPES.get(op.name, {})
@@ -292,6 +284,10 @@ def encode_form(op: Operation, fields: dict[str, Any]) -> tuple[FormPart, ...]:
             continue
         if name in file_fields:
             parts.extend(_file_parts(name, value, fields, seed_name_target == name, video))
+        elif name.endswith("[]") and name[:-2] in file_fields:
+            # The curl spelling `image[]` of an array file field.
+            items = value if isinstance(value, list) else [value]
+            parts.extend(_file_parts(name[:-2], items, fields, False, video))
         elif name == _SEED_FILENAME_KEY and seed_name_target is not None:
             continue
         elif name in typed:
@@ -423,17 +419,22 @@ def _read_data_url(field: str, label: str, text: str) -> tuple[bytes, str | None
     if comma < 0:
         raise InvalidFile(field, f"field {label!r}: a data URL needs a ',' before its data")
     params = [p.strip() for p in text[5:comma].split(";")]
-    media_type = params[0] or None
-    if media_type is not None and not _MEDIA_TYPE.fullmatch(media_type):
-        raise InvalidFile(
-            field, f"field {label!r}: data URL media type {media_type!r} is not a media type"
-        )
     is_b64 = len(params) > 1 and params[-1].lower() == "base64"
+    if is_b64:
+        params.pop()
     filename: str | None = None
+    type_params: list[str] = []
     for param in params[1:]:
         key, eq, val = param.partition("=")
         if eq and key.strip().lower() in ("name", "filename"):
             filename = urllib.parse.unquote(val.strip().strip('"')) or None
+        elif param:
+            type_params.append(param)
+    media_type = "; ".join([params[0], *type_params]) if params[0] else None
+    if media_type is not None and not _MEDIA_TYPE.fullmatch(media_type):
+        raise InvalidFile(
+            field, f"field {label!r}: data URL media type {media_type!r} is not a media type"
+        )
     if filename is not None and _FILENAME_BAD.search(filename):
         raise InvalidFile(field, f"field {label!r}: data URL filename contains control characters")
     if is_b64:

@@ -242,7 +242,7 @@ class MqttTransport:
             correlation = getattr(props, "CorrelationData", None) if props is not None else None
             inbound = InboundMessage(
                 topic=topic,
-                payload=message.payload,
+                payload=bytes(message.payload),
                 qos=message.qos,
                 retain=bool(message.retain),
                 dup=bool(message.dup),
@@ -284,7 +284,9 @@ class MqttTransport:
         if mid != self._sub_mid or fut is None or fut.done():
             return
         if any(r.is_failure for r in reasons):
-            fut.set_exception(ConnectRefused(int(reasons[0].value), f"subscribe refused: {reasons}"))
+            fut.set_exception(
+                ConnectRefused(int(reasons[0].value), f"subscribe refused: {reasons}")
+            )
         else:
             fut.set_result(None)
 
@@ -312,7 +314,7 @@ class MqttTransport:
         """Queue a publish; the future completes when the broker acknowledged it (QoS 1)."""
         props = None
         if correlation_data is not None and self.protocol == MQTTProtocolVersion.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = correlation_data
         fut: asyncio.Future[None] = self._loop.create_future()
         try:
@@ -338,12 +340,12 @@ class MqttTransport:
         if message.qos == 1 and message.generation == self.generation and self.connected.is_set():
             self._client.ack(message.mid, 1)
 
-    async def close(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+    async def close(self, final: tuple[str, bytes] | None = None, wait: float = 5.0) -> None:
         """Publish `final` (e.g. the retained offline state), disconnect and stop reconnecting."""
         self._closing = True
         if final is not None and self.connected.is_set():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.publish(final[0], final[1], retain=True), timeout)
+                await asyncio.wait_for(self.publish(final[0], final[1], retain=True), wait)
         for task in (self._runner, self._misc_task):
             if task is not None:
                 task.cancel()
@@ -367,7 +369,7 @@ class MqttTransport:
     def _connect_properties(self) -> Properties | None:
         if self.protocol != MQTTProtocolVersion.MQTTv5:
             return None
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.config.session_expiry
         props.ReceiveMaximum = self.receive_maximum
         return props
@@ -439,7 +441,9 @@ class MqttTransport:
                     if exc.code in _BAD_AUTH_CODES
                     else self._backoff.next_delay()
                 )
-                self.log.warning("broker refused the connection", reason=exc.text, retry_in=round(delay, 2))
+                self.log.warning(
+                    "broker refused the connection", reason=exc.text, retry_in=round(delay, 2)
+                )
             except (OSError, ConnectionLost, TimeoutError) as exc:
                 if (
                     self._protocol_mode == "auto"

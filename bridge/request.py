@@ -151,6 +151,9 @@ class RequestBuilder:
             op.json_alternative and not any(f in rest for f in op.file_fields)
         )
         if use_form:
+            for name in op.required_fields:
+                if name not in op.file_fields and rest.get(name) is None:
+                    raise MissingParameter(name)
             return HttpRequest(op.verb, url, headers, form=encode_form(op, rest), stream=stream)
 
         required = op.json_required_fields if op.json_alternative else op.required_fields

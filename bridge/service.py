@@ -1,4 +1,4 @@
-"""The service-host client: sends an `HttpRequest` with aiohttp and reads the answer into reply data.
+"""The service-host client: sends an `HttpRequest` with aiohttp, reads the answer into reply data.
 
 The only HTTP I/O of the bridge. One pooled `aiohttp.ClientSession` per process; retries with
 backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never for other 4xx
@@ -38,9 +38,9 @@ class StreamSink(Protocol):
     """Receives a stream's events in order and produces the one final reply's data."""
 
     async def on_event(self, event: SseEvent) -> None:
-        """Forward one event (already parsed; `[DONE]` is never passed)."""
+        """Take one event in order (including the `[DONE]` marker, which is not forwarded)."""
 
-    def finish(self, saw_done: bool) -> Any:
+    def finish(self) -> Any:
         """The final reply data; raise StreamInterrupted when the stream is incomplete."""
 
 
@@ -101,7 +101,9 @@ def _error_message(status: int, reason: str | None, upstream: Any) -> str:
 class ServiceClient:
     """Sends requests to the configured service host over one pooled aiohttp session."""
 
-    def __init__(self, config: ServiceConfig, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self, config: ServiceConfig, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
         self._sleep = sleep
@@ -171,7 +173,9 @@ class ServiceClient:
             form = aiohttp.FormData(quote_fields=False)
             for part in request.form:
                 if part.filename is None:
-                    form.add_field(part.name, part.value.decode("utf-8"))
+                    form.add_field(
+                        part.name, part.value.decode("utf-8"), content_type=part.content_type
+                    )
                 else:
                     form.add_field(
                         part.name,
@@ -207,9 +211,7 @@ class ServiceClient:
                     data_json = await self._read_stream(resp, sink, forwarded)
                     return ServiceResult(data_json, status, request_id)
                 body = await resp.read()
-                return ServiceResult(
-                    self._reply_data(op, body, content_type), status, request_id
-                )
+                return ServiceResult(self._reply_data(op, body, content_type), status, request_id)
         except BridgeError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -236,7 +238,11 @@ class ServiceClient:
             return binary_data(body, media or "application/octet-stream")
         if not body:
             return b"null"
-        if media.startswith(_JSON_TYPES) or media.endswith("+json") or (not media and op.response_kind == "json"):
+        if (
+            media.startswith(_JSON_TYPES)
+            or media.endswith("+json")
+            or (not media and op.response_kind == "json")
+        ):
             try:
                 loads(body)
             except ValueError:
@@ -255,18 +261,11 @@ class ServiceClient:
         if sink is None:
             raise UpstreamBadResponse("service host streamed an answer that was not asked for")
         parser = SseParser()
-        saw_done = False
         async for chunk in resp.content.iter_any():
             for event in parser.feed(chunk):
-                if is_done(event):
-                    saw_done = True
-                    continue
-                forwarded[0] = True
+                forwarded[0] = forwarded[0] or not is_done(event)
                 await sink.on_event(event)
-        for event in parser.close():
-            if is_done(event):
-                saw_done = True
-                continue
-            forwarded[0] = True
+        # A final event without its blank line still counts (some servers end on `[DONE]`).
+        for event in parser.close(flush=True):
             await sink.on_event(event)
-        return dumps(sink.finish(saw_done))
+        return dumps(sink.finish())

@@ -11,7 +11,7 @@ import codecs
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from bridge.errors import StreamInterrupted, UpstreamBadResponse
 
@@ -73,11 +73,7 @@ class SseParser:
         return self._consume(self._decoder.decode(chunk))
 
     def close(self, *, flush: bool = False) -> list[SseEvent]:
-        """End of stream: drops an unterminated event (per spec) unless `flush`; sets `truncated`.
-
-        With `flush=True` an event cut off before its blank line is dispatched anyway, for servers
-        that end with `data: [DONE]` and no blank line; `truncated` still reports the cut.
-        """
+        """End of stream: drop an unterminated event (per spec) or dispatch it if `flush`."""
         if self._closed:
             return []
         events = self._consume(self._decoder.decode(b"", final=True))
@@ -172,7 +168,7 @@ class StreamAssembler(Protocol):
         ...
 
 
-def _raise_stream_error(upstream: Any) -> None:
+def _raise_stream_error(upstream: Any) -> NoReturn:
     message = upstream.get("message") if isinstance(upstream, dict) else upstream
     if not isinstance(message, str) or not message:
         message = json.dumps(upstream, ensure_ascii=False, default=str)[:500]
@@ -223,8 +219,9 @@ def _merge_delta(acc: dict[str, Any], delta: dict[str, Any]) -> None:
             acc[key] = calls
             for position, call in enumerate(value):
                 if isinstance(call, dict):
-                    index = call.get("index", position)
-                    _merge_delta(calls.setdefault(index, {}), call)
+                    index = call.get("index")
+                    key_index = index if isinstance(index, int) else position
+                    _merge_delta(calls.setdefault(key_index, {}), call)
         elif isinstance(value, str):
             if key in _REPLACE_KEYS:
                 if not current:
@@ -329,9 +326,8 @@ class _ChoicesAssembler:
                 else "the stream ended before any chunk"
             )
         out: dict[str, Any] = {}
-        for key in ("id",):
-            if key in self._top:
-                out[key] = self._top[key]
+        if "id" in self._top:
+            out["id"] = self._top["id"]
         out["object"] = self._object_name
         for key in ("created", "model"):
             if key in self._top:

@@ -54,6 +54,17 @@ def test_broker_stop_start_restart_keeps_retained_with_persistence(
     assert broker.port == port
 
 
+def test_broker_stops_cleanly_right_after_start(tmp_path: Path) -> None:
+    """Mosquitto 2.0 loses a SIGTERM that arrives just after it logged "running"."""
+    broker = MosquittoBroker(tmp_path, persistence=True)
+    try:
+        for _ in range(10):
+            broker.start()
+            assert broker.stop(timeout=5) == 0
+    finally:
+        broker.close()
+
+
 def test_broker_kill_loses_unsaved_state(own_mosquitto: MosquittoBroker) -> None:
     broker = own_mosquitto
     with TestClient.for_broker(broker) as publisher:
@@ -166,13 +177,7 @@ def test_client_reconnects_and_resubscribes(own_mosquitto: MosquittoBroker) -> N
         own_mosquitto.restart()
         subscriber.wait_connected(connects=2)
         with TestClient.for_broker(own_mosquitto) as publisher:
-            # The resubscription may still be in flight: publish until one arrives.
-            for _ in range(50):
-                publisher.publish("again/x", "hello")
-                if subscriber.messages("again/#"):
-                    break
-                with pytest.raises(TimeoutError):
-                    subscriber.wait_for("again/#", timeout=0.1)
+            publisher.publish("again/x", "hello")
             assert subscriber.wait_for("again/#")[0].text() == "hello"
 
 

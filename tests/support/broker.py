@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,7 @@ _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mos
 _READY_MARK = " running"
 _IN_USE_MARK = "Address already in use"
 _PORT_ATTEMPTS = 5
+_RESIGNAL_INTERVAL = 0.1
 
 
 class MosquittoError(RuntimeError):
@@ -234,20 +236,41 @@ class MosquittoBroker:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(timeout)
-            raise MosquittoError(f"mosquitto ignored SIGTERM for {timeout:.1f}s") from None
+            code = self._signal_until_exit(
+                proc, signal.SIGKILL if kill else signal.SIGTERM, timeout
+            )
+            if code is None:
+                proc.kill()
+                code = proc.wait(timeout)
+                raise MosquittoError(f"mosquitto ignored SIGTERM for {timeout:.1f}s")
         finally:
             if self._reader is not None:
                 self._reader.join(timeout)
                 self._reader = None
             self._proc = None
         return code
+
+    @staticmethod
+    def _signal_until_exit(
+        proc: subprocess.Popen[bytes], signum: int, timeout: float
+    ) -> int | None:
+        """Send `signum` until the process exits; its exit code, or None on timeout.
+
+        Mosquitto 2.0 installs its handlers, logs "running" and only then sets its run
+        flag, so a SIGTERM in that window is lost: hence the repeats.
+        """
+        deadline = time.monotonic() + timeout
+        for _ in range(max(1, int(timeout / _RESIGNAL_INTERVAL)) + 1):
+            if proc.poll() is None:
+                proc.send_signal(signum)
+            remaining = deadline - time.monotonic()
+            try:
+                return proc.wait(max(0.0, min(_RESIGNAL_INTERVAL, remaining)))
+            except subprocess.TimeoutExpired:
+                if remaining <= _RESIGNAL_INTERVAL:
+                    return None
+        return None
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (Mosquitto saves its persistence database) and wait; returns the exit code."""

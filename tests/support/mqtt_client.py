@@ -219,6 +219,7 @@ class TestClient:
         with self._cond:
             self._connected = False
             self._disconnects += 1
+            self._ignored_mids.clear()  # those SUBACKs will never come
             self._cond.notify_all()
 
     def _on_ack(
@@ -232,6 +233,7 @@ class TestClient:
         with self._cond:
             if mid in self._ignored_mids:
                 self._ignored_mids.discard(mid)
+                self._cond.notify_all()
                 return
             self._acks[mid] = reason_codes
             self._cond.notify_all()
@@ -302,12 +304,14 @@ class TestClient:
         return self
 
     def wait_connected(self, timeout: float | None = None, *, connects: int | None = None) -> None:
-        """Wait until connected (after at least `connects` successful CONNACKs in all)."""
+        """Wait until connected (after at least `connects` successful CONNACKs in all)
+        and the subscriptions renewed after a reconnect are acknowledged."""
         timeout = self.timeout if timeout is None else timeout
         needed = connects or 1
         with self._cond:
             if not self._cond.wait_for(
-                lambda: self._connected and self._connects >= needed, timeout
+                lambda: self._connected and self._connects >= needed and not self._ignored_mids,
+                timeout,
             ):
                 raise TimeoutError(f"{self.client_id}: not (re)connected within {timeout}s")
 
