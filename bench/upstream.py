@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.web_server import Server
 
 from common import CHAT_COMPLETION
@@ -47,7 +47,7 @@ def make_handler(delay_s: float, speech: bytes) -> Handler:
             received = 0
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
-                if isinstance(part, web.BodyPartReader) and part.name == "file":
+                if isinstance(part, BodyPartReader) and part.name == "file":
                     while chunk := await part.read_chunk(1 << 20):
                         received += len(chunk)
                 else:

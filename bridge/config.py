@@ -203,8 +203,8 @@ def _read_secret_file(path: str, what: str, warnings: list[str]) -> str:
     return text
 
 
-def _credential(name: str) -> str | None:
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+def _credential(name: str, env: dict[str, str]) -> str | None:
+    directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return None
     path = Path(directory) / name
@@ -276,7 +276,7 @@ def load_config(
 
     service_update: dict[str, Any] = {}
     if not config.service.api_key.get_secret_value():
-        key_file = config.service.api_key_file or _credential("openai_api_key")
+        key_file = config.service.api_key_file or _credential("openai_api_key", env)
         if key_file:
             key = _read_secret_file(key_file, "service.api_key_file", warns)
         else:
@@ -284,7 +284,7 @@ def load_config(
         service_update["api_key"] = SecretStr(key.strip())
     mqtt_update: dict[str, Any] = {}
     if not config.mqtt.password.get_secret_value():
-        pw_file = config.mqtt.password_file or _credential("mqtt_password")
+        pw_file = config.mqtt.password_file or _credential("mqtt_password", env)
         if pw_file:
             mqtt_update["password"] = SecretStr(
                 _read_secret_file(pw_file, "mqtt.password_file", warns)

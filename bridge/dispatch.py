@@ -182,6 +182,8 @@ class Dispatcher:
 
     async def _handle(self, message: InboundMessage) -> None:
         async with self._sem:
+            if not self.accepting:
+                return  # queued behind the limit when shutdown began: left for redelivery
             self.stats.in_flight += 1
             try:
                 await self._handle_one(message)

@@ -169,8 +169,9 @@ class ServiceClient:
     ) -> ServiceResult:
         assert self._session is not None
         data: Any = None
+        headers = request.headers
         if request.form is not None:
-            form = aiohttp.FormData(quote_fields=False)
+            form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
             for part in request.form:
                 if part.filename is None:
                     form.add_field(
@@ -183,14 +184,17 @@ class ServiceClient:
                         filename=part.filename,
                         content_type=part.content_type or "application/octet-stream",
                     )
-            data = form
+            # The session skips automatic Content-Type headers (bodyless requests must not get
+            # one), so the multipart type with its boundary is set here explicitly.
+            data = form()
+            headers = {**headers, "Content-Type": data.content_type}
         elif request.json_body is not None:
             data = request.json_body
         try:
             async with self._session.request(
                 request.method,
                 yarl.URL(request.url, encoded=True),
-                headers=request.headers,
+                headers=headers,
                 data=data,
             ) as resp:
                 status = resp.status

@@ -106,6 +106,9 @@ def test_paho_publish_reaches_test_client(mosquitto: MosquittoBroker, client: Te
     finally:
         raw.disconnect()
         raw.loop_stop()
+    sock = client.paho.socket()
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assert message.topic == f"{client.prefix}/a/x"
     assert message.payload == b"\x00\xffbinary"
     assert message.qos == 1
@@ -271,6 +274,18 @@ async def test_standin_parses_multipart_byte_exact(standin: Standin) -> None:
         ("timestamp_granularities[]", "word"),
         ("timestamp_granularities[]", "ségment"),
     ]
+
+
+async def test_standin_records_malformed_multipart(standin: Standin) -> None:
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(standin.url + "/files", data=b"garbage", headers=headers) as response,
+    ):
+        assert response.status == 200
+    assert standin.last.body == b"garbage"
+    assert standin.last.parts is None
+    assert standin.last.multipart_error
 
 
 async def test_standin_parses_aiohttp_formdata(standin: Standin) -> None:

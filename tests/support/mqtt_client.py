@@ -276,6 +276,8 @@ class TestClient:
     def connect(self, timeout: float | None = None) -> Self:
         """Connect and wait for a successful CONNACK (ConnectionError if refused)."""
         timeout = self.timeout if timeout is None else timeout
+        with self._cond:
+            self._connack = None
         if self.v5:
             properties = None
             if self.session_expiry is not None or self.receive_maximum is not None:

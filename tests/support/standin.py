@@ -66,6 +66,7 @@ class RecordedRequest:
     body: bytes
     parts: list[Part] | None  #: multipart bodies only
     received_at: float  #: time.monotonic() when the headers arrived
+    multipart_error: str | None = None  #: why a multipart body did not parse
     client_gone: threading.Event = field(default_factory=threading.Event, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -382,8 +383,12 @@ class Standin:
         body = await request.content.read()
         path, query_string, in_base = self._split_target(request.raw_path)
         parts = None
+        multipart_error = None
         if request.content_type.startswith("multipart/"):
-            parts = await _parse_multipart(request.headers, body)
+            try:
+                parts = await _parse_multipart(request.headers, body)
+            except Exception as exc:  # recorded, so a test can assert on it
+                multipart_error = f"{type(exc).__name__}: {exc}"
         with self._cond:
             self._counter += 1
             record = RecordedRequest(
@@ -397,6 +402,7 @@ class Standin:
                 body=body,
                 parts=parts,
                 received_at=received_at,
+                multipart_error=multipart_error,
             )
             self._requests.append(record)
             self._cond.notify_all()
