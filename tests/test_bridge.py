@@ -61,7 +61,7 @@ def assert_no_secret(client: TestClient) -> None:
         assert TEST_API_KEY.encode() not in message.payload
 
 
-# --- round trips --------------------------------------------------------------------------------
+# --- round trips ----------
 
 SEED_JSON_CALLS: list[tuple[str, dict[str, Any], str, str]] = [
     # (method, payload, HTTP verb, raw path after /v1)
@@ -248,7 +248,7 @@ def client_broker(client: TestClient) -> Any:
     return _B()
 
 
-# --- errors ---------------------------------------------------------------------------------------
+# --- errors ----------
 
 
 def test_every_request_error_code(
@@ -385,7 +385,7 @@ def test_path_injection_stays_one_segment(
         assert seen.query == [] and "X-Evil" not in seen.headers
 
 
-# --- concurrency --------------------------------------------------------------------------------
+# --- concurrency ----------
 
 
 def test_fifty_concurrent_requests_take_about_one_upstream_latency(
@@ -418,7 +418,7 @@ def test_one_slow_call_does_not_block_others(
     client.wait_for_one(f"{client.prefix}/response/listModels/slow", timeout=10)
 
 
-# --- embedded broker ----------------------------------------------------------------------------
+# --- embedded broker ----------
 
 
 def test_embedded_amqtt_round_trip(tmp_path: Path, standin: Standin) -> None:

@@ -26,7 +26,7 @@ from bridge.logs import Redactor
 from bridge.systemd import notify, watchdog_interval
 from bridge.topics import Topics
 
-# --- config ---------------------------------------------------------------------------------------
+# --- config ----------
 
 
 def test_defaults_match_the_documented_example(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_secrets_from_file_and_systemd_credentials(tmp_path: Path) -> None:
 def test_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(f'[service]\napi_key_file = "{tmp_path / "nope"}"\n')
-    with pytest.raises(ConfigError, match="service.api_key_file"):
+    with pytest.raises(ConfigError, match=r"service\.api_key_file"):
         load_config(path, environ={})
 
 
@@ -117,11 +117,11 @@ def test_key_in_config_file_is_accepted_with_a_warning(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("prefix", ["", "a/+/b", "a/#", "$SYS"])
 def test_bad_topic_prefix(prefix: str) -> None:
-    with pytest.raises(ConfigError, match="mqtt.topic_prefix"):
+    with pytest.raises(ConfigError, match=r"mqtt\.topic_prefix"):
         load_config(None, environ={"OMB_MQTT__TOPIC_PREFIX": f'"{prefix}"'})
 
 
-# --- topics ---------------------------------------------------------------------------------------
+# --- topics ----------
 
 
 def test_topic_parsing_and_mirroring() -> None:
@@ -140,7 +140,7 @@ def test_topic_parsing_and_mirroring() -> None:
     assert Topics("o", "pi", "grp").subscription == "$share/grp/o/request/#"
 
 
-# --- envelope and errors ---------------------------------------------------------------------------
+# --- envelope and errors ----------
 
 
 def test_envelopes() -> None:
@@ -194,7 +194,7 @@ def test_big_integers_survive_exactly() -> None:
     )
 
 
-# --- backoff -------------------------------------------------------------------------------------
+# --- backoff ----------
 
 
 def test_backoff_is_capped_exponential_with_jitter() -> None:
@@ -220,7 +220,7 @@ def test_retry_after_parsing() -> None:
     assert retry_after_seconds({"retry-after-ms": "x", "retry-after": "2"}) == 2.0
 
 
-# --- dedup ---------------------------------------------------------------------------------------
+# --- dedup ----------
 
 
 def test_reply_cache_bounds() -> None:
@@ -238,7 +238,7 @@ def test_reply_cache_bounds() -> None:
     assert request_key("a", b"b") != request_key("ab", b"")
 
 
-# --- access --------------------------------------------------------------------------------------
+# --- access ----------
 
 
 def test_access_rules() -> None:
@@ -249,7 +249,7 @@ def test_access_rules() -> None:
     assert not rules.allows("deleteFile") and not rules.allows("createAssistant")
 
 
-# --- logs and systemd ----------------------------------------------------------------------------
+# --- logs and systemd ----------
 
 
 def test_redactor() -> None:

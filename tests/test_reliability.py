@@ -49,7 +49,7 @@ def spawn(
 
 
 def durable_client(broker: MosquittoBroker, prefix: str) -> TestClient:
-    """A client whose session (and reply subscription) survives its own and the broker's restarts."""
+    """A client whose session and reply subscription survive its and the broker's restarts."""
     client = TestClient.for_broker(
         broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
     )
@@ -73,7 +73,7 @@ def replies_by_transaction(client: TestClient, prefix: str) -> Counter[Any]:
     return Counter(m.json()["transaction"] for m in client.messages(f"{prefix}/response/#"))
 
 
-# --- crash and restart ----------------------------------------------------------------------------
+# --- crash and restart ----------
 
 
 def test_kill_9_with_requests_in_flight_loses_nothing(
@@ -221,7 +221,7 @@ def test_systemd_notify_ready_watchdog_stopping(
     assert received.index(ready[0]) < next(i for i, m in enumerate(received) if "STOPPING=1" in m)
 
 
-# --- upstream faults -------------------------------------------------------------------------------
+# --- upstream faults ----------
 
 
 @pytest.fixture
@@ -327,7 +327,7 @@ def test_refused_connection_is_retried_then_reported(
     assert running.log_text().count('"attempts"') >= 1
 
 
-# --- secrets ---------------------------------------------------------------------------------------
+# --- secrets ----------
 
 
 def test_mqtt_password_and_api_key_never_logged(
