@@ -37,6 +37,7 @@ from common import (
     PREFIX,
     ProcSample,
     latency_summary,
+    machine_busy_s,
     make_client,
     proc_sample,
     reset_peak_rss,
@@ -98,6 +99,7 @@ class Load:
         self.before: dict[str, ProcSample | None] = {}
         self.after: dict[str, ProcSample | None] = {}
         self.hwm_reset: dict[str, bool] = {}
+        self.busy = [0.0, 0.0]
         self.client = make_client(f"bench-load-{args.tag}")
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -157,6 +159,7 @@ class Load:
         for name, pid in self.watch.items():
             self.hwm_reset[name] = reset_peak_rss(pid)
             self.before[name] = proc_sample(pid)
+        self.busy[0] = machine_busy_s()
         self.t_start = self.t_last = time.perf_counter_ns()
 
     def _finish(self) -> None:
@@ -165,6 +168,7 @@ class Load:
         self.stopped = True
         for name, pid in self.watch.items():
             self.after[name] = proc_sample(pid)
+        self.busy[1] = machine_busy_s()
         self.done.set()
 
     def _refill(self) -> None:
@@ -252,11 +256,13 @@ class Load:
             **latency_summary(self.latencies),
             "processes": {},
         }
+        watched_cpu = 0.0
         for name in self.watch:
             before, after = self.before.get(name), self.after.get(name)
             if before is None or after is None:
                 continue
             cpu = after.cpu_s - before.cpu_s
+            watched_cpu += cpu
             result["processes"][name] = {
                 "cpu_s": round(cpu, 3),
                 "cpu_ms_per_request": round(1000 * cpu / answered, 4) if answered else None,
@@ -266,6 +272,10 @@ class Load:
                 "peak_rss_mib": round(after.hwm_mib, 1),
                 "peak_is_run_only": self.hwm_reset.get(name, False),
             }
+        machine = self.busy[1] - self.busy[0]
+        result["machine_cpu_share"] = round(machine / elapsed, 3)
+        # Busy CPU outside the watched processes: kernel threads, other work on the machine.
+        result["other_cpu_share"] = round(max(0.0, machine - watched_cpu) / elapsed, 3)
         return result
 
 

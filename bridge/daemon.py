@@ -34,7 +34,7 @@ class Bridge:
     def __init__(self, config: BridgeConfig, table: MethodTable | None = None) -> None:
         self.config = config
         self.table = table or default_table()
-        self.log = get_logger()
+        self.log = get_logger(instance=config.mqtt.instance_name)
         self.stop_event = asyncio.Event()
         self.ready = asyncio.Event()
         self.topics = Topics(
