@@ -83,11 +83,17 @@ def proc_sample(pid: int) -> ProcSample | None:
     return ProcSample(cpu, rss, hwm)
 
 
-def machine_busy_s() -> float:
-    """CPU seconds all CPUs spent busy since boot (/proc/stat: everything but idle and iowait)."""
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of all CPUs since boot, from the first line of /proc/stat.
+
+    Busy is user + nice + system + irq + softirq; steal (a VM's CPU taken by its host's other
+    guests) is apart: it is time this machine did not get, not time it spent.
+    """
     with open("/proc/stat", "rb") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / TICKS
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in fh.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq) / TICKS, steal / TICKS
 
 
 def reset_peak_rss(pid: int) -> bool:

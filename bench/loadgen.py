@@ -37,7 +37,7 @@ from common import (
     PREFIX,
     ProcSample,
     latency_summary,
-    machine_busy_s,
+    machine_cpu_s,
     make_client,
     proc_sample,
     reset_peak_rss,
@@ -99,7 +99,7 @@ class Load:
         self.before: dict[str, ProcSample | None] = {}
         self.after: dict[str, ProcSample | None] = {}
         self.hwm_reset: dict[str, bool] = {}
-        self.busy = [0.0, 0.0]
+        self.machine: list[tuple[float, float]] = [(0.0, 0.0), (0.0, 0.0)]
         self.client = make_client(f"bench-load-{args.tag}")
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -159,7 +159,7 @@ class Load:
         for name, pid in self.watch.items():
             self.hwm_reset[name] = reset_peak_rss(pid)
             self.before[name] = proc_sample(pid)
-        self.busy[0] = machine_busy_s()
+        self.machine[0] = machine_cpu_s()
         self.t_start = self.t_last = time.perf_counter_ns()
 
     def _finish(self) -> None:
@@ -168,7 +168,7 @@ class Load:
         self.stopped = True
         for name, pid in self.watch.items():
             self.after[name] = proc_sample(pid)
-        self.busy[1] = machine_busy_s()
+        self.machine[1] = machine_cpu_s()
         self.done.set()
 
     def _refill(self) -> None:
@@ -272,8 +272,9 @@ class Load:
                 "peak_rss_mib": round(after.hwm_mib, 1),
                 "peak_is_run_only": self.hwm_reset.get(name, False),
             }
-        machine = self.busy[1] - self.busy[0]
+        machine = self.machine[1][0] - self.machine[0][0]
         result["machine_cpu_share"] = round(machine / elapsed, 3)
+        result["steal_share"] = round((self.machine[1][1] - self.machine[0][1]) / elapsed, 3)
         # Busy CPU outside the watched processes: kernel threads, other work on the machine.
         result["other_cpu_share"] = round(max(0.0, machine - watched_cpu) / elapsed, 3)
         return result

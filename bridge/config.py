@@ -22,7 +22,8 @@ ENV_PREFIX = "OMB_"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers become strings where a string is expected (env overrides like OMB_MQTT__INSTANCE=2).
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class TlsConfig(_Section):
