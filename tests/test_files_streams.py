@@ -321,7 +321,13 @@ BINARY_CALLS: list[tuple[str, dict[str, Any], str, str, str]] = [
         "/audio/speech",
         "audio/mpeg",
     ),
-    ("downloadFile", {"file_id": "file-abc"}, "GET", "/files/file-abc/content", "application/jsonl"),
+    (
+        "downloadFile",
+        {"file_id": "file-abc"},
+        "GET",
+        "/files/file-abc/content",
+        "application/jsonl",
+    ),
     (
         "RetrieveContainerFileContent",
         {"container_id": "cntr_1", "file_id": "cfile_2"},
@@ -329,8 +335,20 @@ BINARY_CALLS: list[tuple[str, dict[str, Any], str, str, str]] = [
         "/containers/cntr_1/files/cfile_2/content",
         "image/png",
     ),
-    ("RetrieveVideoContent", {"video_id": "video_9"}, "GET", "/videos/video_9/content", "video/mp4"),
-    ("GetSkillContent", {"skill_id": "skill_4"}, "GET", "/skills/skill_4/content", "application/zip"),
+    (
+        "RetrieveVideoContent",
+        {"video_id": "video_9"},
+        "GET",
+        "/videos/video_9/content",
+        "video/mp4",
+    ),
+    (
+        "GetSkillContent",
+        {"skill_id": "skill_4"},
+        "GET",
+        "/skills/skill_4/content",
+        "application/zip",
+    ),
 ]
 
 
@@ -626,7 +644,10 @@ RESPONSE_EVENTS: list[tuple[str | None, Any]] = [
             ("response.in_progress", {"response": RESPONSE_IN_PROGRESS}),
             (
                 "response.output_item.added",
-                {"output_index": 0, "item": {**MESSAGE_ITEM, "status": "in_progress", "content": []}},
+                {
+                    "output_index": 0,
+                    "item": {**MESSAGE_ITEM, "status": "in_progress", "content": []},
+                },
             ),
             (
                 "response.content_part.added",
@@ -884,14 +905,21 @@ BAD_UPLOADS: list[tuple[str, dict[str, Any], str, str]] = [
         "not fetched",
     ),
     ("createTranscription", {"file": "data:audio/wav;base64", "model": "m"}, "invalid_file", "','"),
-    ("createTranscription", {"file": "data:audio/wav;base64,", "model": "m"}, "invalid_file", "empty"),
+    (
+        "createTranscription",
+        {"file": "data:audio/wav;base64,", "model": "m"},
+        "invalid_file",
+        "empty",
+    ),
     ("createImageEdit", {"image": [], "prompt": "p"}, "invalid_file", "no files"),
     ("createImageEdit", {"image": [b64(PNG), 5], "prompt": "p"}, "invalid_file", "'image[1]'"),
     ("createTranscription", {"model": "m"}, "missing_parameter", "'file'"),
     ("createTranscription", {"file": None, "model": "m"}, "missing_parameter", "'file'"),
     ("createTranscription", {"file": b64(WAV)}, "missing_parameter", "'model'"),
     ("createFile", {"file": b64(JSONL)}, "missing_parameter", "'purpose'"),
-    ("createImageEdit", {"prompt": "p"}, "missing_parameter", "'image'"),
+    ("createImageVariation", {"n": 1}, "missing_parameter", "'image'"),
+    # Without any file, createImageEdit takes its JSON form, whose image field is `images`.
+    ("createImageEdit", {"prompt": "p"}, "missing_parameter", "'images'"),
     ("CreateSkill", {}, "missing_parameter", "'files'"),
     (
         "createTranscription",
@@ -913,3 +941,77 @@ def test_bad_uploads_get_their_error_code_and_send_nothing(
         assert error["retryable"] is False
         assert reply["transaction"] == number
     assert standin.requests == []
+
+
+# --- limits -------------------------------------------------------------------------------------
+
+
+def test_payload_too_large_is_refused_before_decoding(
+    start_bridge: StartBridge, client: TestClient, standin: Standin
+) -> None:
+    start_bridge(limits={"max_request_bytes": 4096})
+    upload = {"file": b64(os.urandom(4000)), "filename": "a.wav", "model": "whisper-1"}
+    error = error_of(client.request("createTranscription", upload))
+    assert error["code"] == "payload_too_large" and error["retryable"] is False
+    # Too large and not even JSON: the size is checked first, the JSON is never parsed.
+    error = error_of(client.request("createTranscription", b"{" * 5000, suffix="junk"))
+    assert error["code"] == "payload_too_large"
+    # At the limit, the same kind of upload goes through.
+    small = {"file": b64(WAV), "model": "whisper-1"}
+    assert client.request("createTranscription", small, suffix="ok")["status"] == "ok"
+    assert len(standin.requests) == 1
+
+
+@pytest.fixture
+def small_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A Mosquitto announcing a Maximum Packet Size of 64 KiB in its CONNACK (and enforcing it)."""
+    broker = MosquittoBroker(tmp_path / "small-broker", extra_config=["max_packet_size 65536"])
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("limit", ["configured", "broker"])
+def test_reply_too_large_is_an_error_reply_not_a_dropped_connection(
+    start_bridge: StartBridge,
+    small_broker: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    limit: str,
+) -> None:
+    if limit == "configured":
+        bridge: BridgeThread = start_bridge(
+            broker_port=small_broker.port, mqtt={"max_packet_size": 32768}
+        )
+        size = 30_000  # base64 makes the reply ~40 KB: over 32 KiB, under the broker's 64 KiB
+    else:
+        bridge = start_bridge(broker_port=small_broker.port)
+        size = 60_000  # ~80 KB reply, over the 64 KiB the broker announced
+    standin.script("POST", "/audio/speech", Reply(body=random_binary(size), content_type="audio/mpeg"))
+    with TestClient.for_broker(small_broker, prefix=topic_prefix) as client:
+        reply = client.request("createSpeech", {"transaction": "big", "model": "m", "input": "x", "voice": "v"})
+        error = error_of(reply)
+        assert error["code"] == "reply_too_large" and reply["transaction"] == "big"
+        assert "maximum packet size" in error["message"]
+        # The bridge is still connected and serving; the broker never dropped it.
+        assert client.request("listModels", {"transaction": "after"})["status"] == "ok"
+    assert "broker connection lost" not in bridge.log_text()
+
+
+def test_stream_event_too_large_is_an_error_reply_not_a_dropped_connection(
+    start_bridge: StartBridge, small_broker: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    bridge: BridgeThread = start_bridge(broker_port=small_broker.port)
+    huge = chunk([delta(0, {"content": "x" * 70_000})])
+    chunks = [CHAT_CHUNKS[0], huge, *CHAT_CHUNKS[2:]]
+    standin.script("POST", "/chat/completions", Reply(sse=sse([(None, c) for c in chunks])))
+    with TestClient.for_broker(small_broker, prefix=topic_prefix) as client:
+        payload = {"transaction": "s", **CHAT_PAYLOAD, "stream": True}
+        events, reply = stream_request(client, "createChatCompletion", payload, "big")
+        error = error_of(reply.json())
+        assert error["code"] == "reply_too_large"
+        assert_stream(events, "s", [(None, CHAT_CHUNKS[0])])
+        assert client.request("listModels", {"transaction": "after"})["status"] == "ok"
+    assert "broker connection lost" not in bridge.log_text()

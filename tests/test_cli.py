@@ -1,0 +1,106 @@
+"""The command line, run as a user would: `python -m bridge ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.broker import MosquittoBroker
+from support.standin import Reply, Standin
+
+from bridge import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **(env or {})},
+        check=False,
+    )
+
+
+def test_version() -> None:
+    out = cli("--version")
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_check_config_ok_prints_the_redacted_config() -> None:
+    out = cli(
+        "check-config", "--config", "config/bridge.toml", env={"OPENAI_API_KEY": TEST_API_KEY}
+    )
+    assert out.returncode == 0, out.stderr
+    effective = json.loads(out.stdout)
+    assert effective["service"]["api_key"] == "**********"
+    assert TEST_API_KEY not in out.stdout + out.stderr
+
+
+def test_check_config_reports_every_problem_and_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nport = "x"\ncolour = 1\n[service]\napi_key_name = "a b"\n')
+    out = cli("--config", str(bad), "check-config")
+    assert out.returncode == 78
+    for where in ("mqtt.port", "mqtt.colour", "service.api_key_name"):
+        assert where in out.stderr
+    assert cli("run", "--config", str(bad)).returncode == 78
+
+
+def test_methods_and_groups() -> None:
+    out = cli("methods")
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 294
+    audio = cli("methods", "--group", "audio").stdout.splitlines()
+    assert any(line.startswith("createSpeech ") for line in audio)
+    assert all(" audio " in line for line in audio)
+    assert cli("methods", "--group", "nope").returncode == 64
+
+
+def test_describe_answers_what_goes_in_the_payload() -> None:
+    out = cli("describe", "createtranscription")
+    assert out.returncode == 0
+    text = out.stdout
+    for needle in (
+        "POST",
+        "/audio/transcriptions",
+        "file",
+        "model",
+        "openai/request/createTranscription",
+    ):
+        assert needle in text
+    assert cli("describe", "nope").returncode == 64
+
+
+def test_call_round_trip(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    standin.script("POST", "/moderations", Reply(json={"flagged": False}))
+    with BridgeThread.from_file(path, env):
+        out = cli("call", "createModeration", '{"input": "hi"}', "--config", str(path))
+        piped = cli("call", "getThread", "-", "--config", str(path), stdin="{}")
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["status"] == "ok" and reply["data"] == {"flagged": False}
+    assert isinstance(reply["transaction"], str) and reply["transaction"]
+    assert piped.returncode == 1
+    assert json.loads(piped.stdout)["error"]["code"] == "missing_parameter"
+
+
+def test_call_times_out_without_a_bridge(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    path, _ = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base="http://127.0.0.1:9/v1", prefix="nobody"
+    )
+    out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
+    assert out.returncode == 75 and "no reply" in out.stderr
