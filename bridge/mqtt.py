@@ -94,6 +94,7 @@ class MqttTransport:
         self._runner: asyncio.Task[None] | None = None
         self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self._ever_connected = False
+        self._tls_context: _TrackingContext | None = None
         self._client = self._make_client()
 
     # --- paho client and its socket callbacks ---------------------------------------------------
@@ -115,7 +116,12 @@ class MqttTransport:
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password.get_secret_value() or None)
         if cfg.tls.active:
-            context = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
+            context = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
+            if cfg.tls.ca_file:
+                context.load_verify_locations(cafile=cfg.tls.ca_file)
+            else:
+                context.load_default_certs()
+            self._tls_context = context
             if cfg.tls.cert_file:
                 context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file or None)
             client.tls_set_context(context)
@@ -462,11 +468,22 @@ class MqttTransport:
                     retry_in=round(delay, 2),
                 )
             self._drop_socket()
+            self._close_failed_tls_socket()
             await asyncio.sleep(delay)
 
     def _connack_ok(self) -> bool:
         fut = self._connack
         return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+
+    def _close_failed_tls_socket(self) -> None:
+        """Close the TLS socket of a failed handshake: paho drops it without closing it."""
+        context = self._tls_context
+        if context is None or context.last_socket is None:
+            return
+        sock, context.last_socket = context.last_socket, None
+        if sock is not self._client.socket():
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _drop_socket(self) -> None:
         sock = self._client.socket()
@@ -506,3 +523,15 @@ class ConnectRefused(Exception):
 
 class ConnectionLost(Exception):
     """The connection closed or failed before it was usable."""
+
+
+class _TrackingContext(ssl.SSLContext):
+    """An SSLContext that remembers the last socket it wrapped, so a failed handshake's socket
+    can be closed (paho leaves it to the garbage collector)."""
+
+    last_socket: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        self.last_socket = sock
+        return sock

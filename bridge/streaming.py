@@ -6,6 +6,7 @@ import asyncio
 from typing import Any, Protocol
 
 from bridge import envelope
+from bridge.errors import ReplyTooLarge
 from bridge.jsoncodec import dumps, loads
 from bridge.operations import Operation
 from bridge.sse import SseEvent, assembler_for, is_done
@@ -27,6 +28,9 @@ class StreamPublisher(Protocol):
         correlation_data: bytes | None = None,
     ) -> asyncio.Future[None]:
         """Queue a QoS 1 publish."""
+
+    def fits(self, topic: str, payload_size: int) -> bool:
+        """Whether the broker accepts a packet this large."""
 
 
 def _event_data(event: SseEvent) -> Any:
@@ -73,6 +77,12 @@ class TopicStreamSink:
                     b"}",
                 )
             )
+            if not self.publisher.fits(self.topic, len(payload)):
+                # A packet over the broker's maximum would get the connection closed.
+                raise ReplyTooLarge(
+                    f"stream event {self.seq} ({len(payload)} bytes) exceeds the broker's "
+                    "maximum packet size"
+                )
             self.seq += 1
             self._pending.append(
                 self.publisher.publish(self.topic, payload, correlation_data=self.correlation_data)
