@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from bridge import __version__
 from bridge.config import BridgeConfig, load_config
 from bridge.errors import EX_CONFIG, ConfigError
@@ -93,7 +95,7 @@ def cmd_check_config(path: str | None) -> int:
         return EX_CONFIG
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(dumps(config.redacted()).decode())
+    print(orjson.dumps(config.redacted(), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

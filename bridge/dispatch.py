@@ -169,6 +169,11 @@ class Dispatcher:
             await asyncio.wait_for(self.idle.wait(), grace)
         return not self._tasks
 
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered (including those queued behind the limit)."""
+        return len(self._tasks)
+
     async def cancel_all(self) -> None:
         """Cancel unfinished requests (left unacked, so the broker redelivers them)."""
         tasks = list(self._tasks)
@@ -260,6 +265,7 @@ class Dispatcher:
         except BridgeError as exc:
             payload = envelope.error(op.name if op else parsed.method, transaction, exc)
             error: BridgeError | None = exc
+            attempts = exc.attempts
         except Exception as exc:
             self.log.exception("unexpected failure", topic=message.topic)
             error = InternalError(f"internal error: {type(exc).__name__}")
@@ -280,19 +286,19 @@ class Dispatcher:
 
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self._account(error, elapsed_ms)
-        self.log.info(
-            "request",
-            method=op.name if op else parsed.method[:100],
-            suffix=parsed.suffix[:100],
-            transaction=_log_transaction(transaction),
-            status="error" if error else "ok",
-            code=error.code if error else None,
-            http_status=error.http_status if error else (result.http_status if result else None),
-            request_id=result.request_id if result else None,
-            attempts=attempts or None,
-            duration_ms=elapsed_ms,
-            dup=message.dup or None,
-        )
+        fields: dict[str, Any] = {
+            "method": op.name if op else parsed.method[:100],
+            "suffix": parsed.suffix[:100],
+            "transaction": _log_transaction(transaction),
+            "status": "error" if error else "ok",
+            "code": error.code if error else None,
+            "http_status": error.http_status if error else (result.http_status if result else None),
+            "request_id": result.request_id if result else None,
+            "attempts": attempts or None,
+            "duration_ms": elapsed_ms,
+            "dup": message.dup or None,
+        }
+        self.log.info("request", **{k: v for k, v in fields.items() if v is not None})
 
     def _decode(self, payload: bytes) -> dict[str, Any]:
         limit = self.config.limits.max_request_bytes
@@ -320,7 +326,9 @@ class Dispatcher:
             await self.publisher.publish(topic, payload, correlation_data=correlation)
         except PublishFailed as exc:
             self.log.error("reply not published", topic=topic[:200], error=str(exc)[:300])
-            self.publisher.ack(message)
+            if not exc.retry_later:
+                # The broker refused this reply (e.g. an ACL): redelivery would fail the same way.
+                self.publisher.ack(message)
             return False
         self.publisher.ack(message)
         return True

@@ -29,6 +29,8 @@ class BridgeError(Exception):
         self.http_status = http_status
         self.upstream = upstream
         self._retryable = retryable
+        self.attempts = 0
+        """How many HTTP attempts were made before giving up (0: none was sent)."""
 
     @property
     def is_retryable(self) -> bool:

@@ -45,6 +45,11 @@ class InboundMessage:
 class PublishFailed(Exception):
     """A publish could not be queued or was refused by the broker."""
 
+    def __init__(self, message: str, *, retry_later: bool = False) -> None:
+        super().__init__(message)
+        self.retry_later = retry_later
+        """True when the failure is local and passing (e.g. the offline queue is full)."""
+
 
 # Bytes beyond topic and payload in a PUBLISH packet: fixed header, lengths, packet id, properties.
 PUBLISH_OVERHEAD = 64
@@ -329,7 +334,9 @@ class MqttTransport:
             fut.set_exception(PublishFailed(str(exc)))
             return fut
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            fut.set_exception(PublishFailed(f"publish not queued: {paho.error_string(info.rc)}"))
+            fut.set_exception(
+                PublishFailed(f"publish not queued: {paho.error_string(info.rc)}", retry_later=True)
+            )
             return fut
         if qos == 0:
             fut.set_result(None)

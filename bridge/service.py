@@ -149,7 +149,10 @@ class ServiceClient:
                 result = await self._send_once(op, request, sink, forwarded)
                 result.attempts = attempt
                 return result
-            except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
+            except BridgeError as exc:
+                exc.attempts = attempt
+                if not isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamError):
+                    raise
                 if forwarded[0] or attempt > self.config.max_retries:
                     raise
                 if isinstance(exc, UpstreamError) and exc.http_status not in RETRYABLE_STATUSES:
