@@ -264,7 +264,7 @@ class MqttTransport:
             )
             self._on_message_cb(inbound)
         except Exception:
-            self.log.exception("inbound message handler failed", topic=str(message.mid))
+            self.log.exception("inbound message handler failed", mid=message.mid)
 
     def _on_publish(
         self,
