@@ -259,16 +259,16 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
 
+    if "api_key" in data.get("service", {}):
+        warns.append("service.api_key is set in the config file; prefer OPENAI_API_KEY or a file")
+    if "password" in data.get("mqtt", {}):
+        warns.append("mqtt.password is set in the config file; prefer a file or credential")
+
     for key, raw in sorted(env.items()):
         if key.startswith(ENV_PREFIX) and "__" in key:
             dotted = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
             if len(dotted) >= 2:
                 _set_dotted(data, dotted, _env_value(raw))
-
-    if "api_key" in data.get("service", {}):
-        warns.append("service.api_key is set in the config file; prefer OPENAI_API_KEY or a file")
-    if "password" in data.get("mqtt", {}):
-        warns.append("mqtt.password is set in the config file; prefer a file or credential")
 
     try:
         config = BridgeConfig.model_validate(data)
@@ -301,6 +301,10 @@ def load_config(
         problems.append("mqtt.reconnect_min: must not exceed mqtt.reconnect_max")
     if config.mqtt.tls.key_file and not config.mqtt.tls.cert_file:
         problems.append("mqtt.tls.key_file: needs mqtt.tls.cert_file")
+    for name in ("ca_file", "cert_file", "key_file"):
+        tls_path = getattr(config.mqtt.tls, name)
+        if tls_path and not os.access(tls_path, os.R_OK):
+            problems.append(f"mqtt.tls.{name}: cannot read {tls_path!r}")
     if problems:
         raise ConfigError(problems)
 

@@ -220,18 +220,13 @@ class Dispatcher:
                 self.publisher.ack(message)
                 return
 
-        use_cache = False
-        key = b""
-        if self.cache.entries > 0:
-            key = request_key(message.topic, message.payload)
-            cached = self.cache.get(key)
-            if cached is not None and (message.dup or b'"transaction"' in message.payload):
-                await self._send(message, reply_topic, cached[1], correlation)
-                self.log.info(
-                    "request", method=parsed.method, suffix=parsed.suffix, status="cached"
-                )
-                return
-            use_cache = True
+        # Redelivered (DUP) or repeated-with-the-same-transaction requests are answered from the
+        # cache of recent replies instead of calling the API twice.
+        key = request_key(message.topic, message.payload) if self.cache.entries > 0 else b""
+        cached = self.cache.get(key) if key else None
+        if cached is not None and message.dup:
+            await self._answer_cached(message, parsed.method, reply_topic, cached[1], correlation)
+            return
 
         op: Operation | None = None
         transaction: Any = envelope.MISSING
@@ -241,6 +236,11 @@ class Dispatcher:
             params = self._decode(message.payload)
             message.payload = b""  # the parsed copy is all we need; halves peak memory
             transaction = params.pop("transaction", envelope.MISSING)
+            if cached is not None and transaction is not envelope.MISSING:
+                await self._answer_cached(
+                    message, parsed.method, reply_topic, cached[1], correlation
+                )
+                return
             op = self.table.find(parsed.method)
             if op is None:
                 raise UnknownMethod(
@@ -281,7 +281,7 @@ class Dispatcher:
             payload = envelope.error(op.name if op else parsed.method, transaction, error)
 
         sent = await self._send(message, reply_topic, payload, correlation)
-        if sent and use_cache and (error is None or not error.is_retryable):
+        if sent and key and (error is None or not error.is_retryable):
             self.cache.put(key, reply_topic, payload)
 
         elapsed_ms = round((self._clock() - started) * 1000, 2)
@@ -299,6 +299,17 @@ class Dispatcher:
             "dup": message.dup or None,
         }
         self.log.info("request", **{k: v for k, v in fields.items() if v is not None})
+
+    async def _answer_cached(
+        self,
+        message: InboundMessage,
+        method: str,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+    ) -> None:
+        await self._send(message, topic, payload, correlation)
+        self.log.info("request", method=method[:100], status="cached", dup=message.dup)
 
     def _decode(self, payload: bytes) -> dict[str, Any]:
         limit = self.config.limits.max_request_bytes

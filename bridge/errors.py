@@ -217,11 +217,13 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def _all_codes() -> dict[str, type[BridgeError]]:
+    """Every concrete error class by its code (abstract bases define no code of their own)."""
     seen: dict[str, type[BridgeError]] = {}
-    stack: list[type[BridgeError]] = [BridgeError]
+    stack: list[type[BridgeError]] = list(BridgeError.__subclasses__())
     while stack:
         cls = stack.pop()
-        seen.setdefault(cls.code, cls)
+        if "code" in cls.__dict__:
+            seen[cls.code] = cls
         stack.extend(cls.__subclasses__())
     return seen
 

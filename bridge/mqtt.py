@@ -411,7 +411,9 @@ class MqttTransport:
         # Subscribe on every connect: the session may be new, and re-subscribing is harmless.
         self._suback = self._loop.create_future()
         if self.protocol == MQTTProtocolVersion.MQTTv5:
-            rc, mid = client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+            # Retain As Published: a live retained request keeps its flag, so it is never executed.
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            rc, mid = client.subscribe(self.subscription, options=options)
         else:
             rc, mid = client.subscribe(self.subscription, qos=1)
         self._sub_mid = mid

@@ -114,6 +114,7 @@ class RequestBuilder:
     def build(self, op: Operation, params: dict[str, Any]) -> HttpRequest:
         """The HTTP request for `op` called with `params` (the payload without `transaction`)."""
         rest = dict(params)
+        stream = rest.get("stream") is True or rest.get("stream_format") == "sse"
         path_template, _, fixed_query = op.path.partition("?")
         path = path_template
         for name in op.path_params:
@@ -136,7 +137,6 @@ class RequestBuilder:
         if pairs:
             url += "?" + _encode_query(pairs)
         headers = self.headers_for(op)
-        stream = rest.get("stream") is True or rest.get("stream_format") == "sse"
 
         if op.request_kind == "none":
             if rest:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from bridge import envelope
 from bridge.errors import ReplyTooLarge
 from bridge.jsoncodec import dumps, loads
+from bridge.logs import REDACTOR
 from bridge.operations import Operation
 from bridge.sse import SseEvent, assembler_for, is_done
 
@@ -83,6 +84,7 @@ class TopicStreamSink:
                     f"stream event {self.seq} ({len(payload)} bytes) exceeds the broker's "
                     "maximum packet size"
                 )
+            payload = REDACTOR.data(payload)
             self.seq += 1
             self._pending.append(
                 self.publisher.publish(self.topic, payload, correlation_data=self.correlation_data)

@@ -220,6 +220,32 @@ def test_retained_request_is_never_executed(
         client.publish(topic, b"", retain=True)
 
 
+def test_live_retained_request_is_not_executed_either(
+    bridge: BridgeThread, client: TestClient, standin: Standin
+) -> None:
+    topic = client.topic("request", "listModels", "live-retained")
+    client.publish(topic, {"transaction": "r"}, retain=True)
+    try:
+        assert client.request("listModels", {"transaction": "after"})["status"] == "ok"
+        assert len(standin.requests) == 1
+        assert client.messages(client.topic("response", "listModels", "live-retained")) == []
+    finally:
+        client.publish(topic, b"", retain=True)
+
+
+def test_repeated_request_with_transaction_is_answered_from_the_cache(
+    bridge: BridgeThread, client: TestClient, standin: Standin
+) -> None:
+    payload = {"transaction": "once", "input": "same"}
+    first = client.request("createModeration", payload, suffix="d")
+    second = client.request("createModeration", payload, suffix="d")
+    assert first == second and len(standin.requests) == 1
+    # Without a transaction the same payload is a new question: the API is called again.
+    client.request("createModeration", {"input": "same"}, suffix="d")
+    client.request("createModeration", {"input": "same"}, suffix="d")
+    assert len(standin.requests) == 3
+
+
 def test_availability_state_and_info(
     start_bridge: StartBridge, client: TestClient, topic_prefix: str
 ) -> None:

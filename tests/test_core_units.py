@@ -17,6 +17,7 @@ from bridge.errors import (
     EX_CONFIG,
     BadJson,
     ConfigError,
+    InternalError,
     MissingParameter,
     UpstreamError,
     UpstreamTimeout,
@@ -106,6 +107,13 @@ def test_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
+def test_unreadable_tls_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[mqtt.tls]\nca_file = "{tmp_path / "nope.pem"}"\n')
+    with pytest.raises(ConfigError, match=r"mqtt\.tls\.ca_file"):
+        load_config(path, environ={})
+
+
 def test_key_in_config_file_is_accepted_with_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[service]\napi_key = "sk-inline"\n')
@@ -172,6 +180,8 @@ def test_error_codes_are_unique_snake_case() -> None:
     for code in ERROR_CODES:
         assert code == code.lower() and " " not in code
     assert ERROR_CODES["bad_json"] is BadJson
+    assert ERROR_CODES["internal_error"] is InternalError
+    assert ERROR_CODES["internal_error"]("x").to_dict()["retryable"] is True
 
 
 # --- JSON ----------------------------------------------------------------------------------------
