@@ -366,6 +366,9 @@ class MqttTransport:
                     await task
         with contextlib.suppress(Exception):
             self._client.disconnect()
+            # With socket hooks paho only queues the DISCONNECT; write it now, or the broker sees
+            # a dropped connection and publishes our last will on top of the `offline` above.
+            self._client.loop_write()
         for fut in self._pending_pubs.values():
             if not fut.done():
                 fut.cancel()

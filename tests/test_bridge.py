@@ -260,6 +260,12 @@ def test_availability_state_and_info(
     mark = client.mark()
     bridge.stop()
     client.wait_for_one(state, after=mark, where=lambda m: m.json() == {"state": "offline"})
+    # A clean DISCONNECT: the last will is not published on top of the explicit `offline`.
+    probe = f"{topic_prefix}/probe"
+    client.subscribe(probe)
+    client.publish(probe, b"after")
+    client.wait_for_one(probe, after=mark)
+    assert len(client.messages(state, after=mark)) == 1
     with TestClient.for_broker(client_broker(client), prefix=topic_prefix) as fresh:
         fresh.subscribe(state)
         retained = fresh.wait_for_one(state)
