@@ -78,13 +78,13 @@ class TopicStreamSink:
                     b"}",
                 )
             )
+            payload = REDACTOR.data(payload)
             if not self.publisher.fits(self.topic, len(payload)):
                 # A packet over the broker's maximum would get the connection closed.
                 raise ReplyTooLarge(
                     f"stream event {self.seq} ({len(payload)} bytes) exceeds the broker's "
                     "maximum packet size"
                 )
-            payload = REDACTOR.data(payload)
             self.seq += 1
             self._pending.append(
                 self.publisher.publish(self.topic, payload, correlation_data=self.correlation_data)

@@ -393,7 +393,7 @@ def test_binary_content_type_parameters_are_dropped_and_absent_type_is_octet_str
     assert base64.b64decode(download["base64"]) == body and download["size"] == 1000
 
 
-TRANSCRIPT = "Grüße – 你好, world"
+TRANSCRIPT = "Grüße — 你好, world"
 FORMAT_REPLIES: dict[str, Reply] = {
     "json": Reply(json={"text": TRANSCRIPT, "usage": {"type": "duration", "seconds": 2}}),
     "verbose_json": Reply(
@@ -496,7 +496,7 @@ CHAT_CHUNKS: list[dict[str, Any]] = [
     ),
     chunk([delta(0, {"content": "Hallo"})]),
     chunk([delta(1, {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]})]),
-    chunk([delta(0, {"content": " Welt – 你好"})]),
+    chunk([delta(0, {"content": " Welt — 你好"})]),
     chunk([delta(1, {"tool_calls": [{"index": 0, "function": {"arguments": ' "Paris"}'}}]})]),
     chunk(
         [
@@ -529,7 +529,7 @@ CHAT_COMPLETION = {
     "choices": [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "Hallo Welt – 你好", "refusal": None},
+            "message": {"role": "assistant", "content": "Hallo Welt — 你好", "refusal": None},
             "logprobs": None,
             "finish_reason": "stop",
         },
@@ -777,6 +777,30 @@ def test_cut_stream_is_an_error_after_the_events_it_sent(
     assert len(standin.requests) == 1  # never retried once events were forwarded
 
 
+def test_stream_refused_before_any_event_is_retried(
+    bridge: BridgeThread, client: TestClient, standin: Standin
+) -> None:
+    overloaded = Reply.error(503, "overloaded", type="server_error", headers={"Retry-After": "0"})
+    stream = Reply(sse=sse([(None, c) for c in CHAT_CHUNKS]))
+    standin.script("POST", "/chat/completions", overloaded, stream)
+    payload = {"transaction": "again", **CHAT_PAYLOAD, "stream": True}
+    events, reply = stream_request(client, "createChatCompletion", payload, "retry")
+    assert reply.json()["data"] == CHAT_COMPLETION
+    assert_stream(events, "again", [(None, c) for c in CHAT_CHUNKS])  # each event once
+    assert len(standin.requests) == 2
+
+
+def test_stream_asked_for_but_answered_as_json(
+    bridge: BridgeThread, client: TestClient, standin: Standin
+) -> None:
+    # Some OpenAI-compatible servers ignore "stream": the JSON answer is the reply, no events.
+    standin.script("POST", "/chat/completions", Reply(json=CHAT_COMPLETION))
+    payload = {"transaction": 1, **CHAT_PAYLOAD, "stream": True}
+    events, reply = stream_request(client, "createChatCompletion", payload, "json")
+    assert reply.json()["data"] == CHAT_COMPLETION
+    assert events == []
+
+
 def test_stream_ending_without_end_marker_is_an_error(
     bridge: BridgeThread, client: TestClient, standin: Standin
 ) -> None:
@@ -956,7 +980,7 @@ def test_payload_too_large_is_refused_before_decoding(
     # Too large and not even JSON: the size is checked first, the JSON is never parsed.
     error = error_of(client.request("createTranscription", b"{" * 5000, suffix="junk"))
     assert error["code"] == "payload_too_large"
-    # At the limit, the same kind of upload goes through.
+    # Under the limit, the same kind of upload goes through.
     small = {"file": b64(WAV), "model": "whisper-1"}
     assert client.request("createTranscription", small, suffix="ok")["status"] == "ok"
     assert len(standin.requests) == 1
@@ -971,6 +995,11 @@ def small_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.close()
+
+
+def bridge_connections(broker: MosquittoBroker, topic_prefix: str) -> int:
+    """How often the test bridge (client id `bridge-<prefix>`) connected, per the broker's log."""
+    return broker.log_text().count(f" as bridge-{topic_prefix} (")
 
 
 @pytest.mark.parametrize("limit", ["configured", "broker"])
@@ -989,15 +1018,20 @@ def test_reply_too_large_is_an_error_reply_not_a_dropped_connection(
     else:
         bridge = start_bridge(broker_port=small_broker.port)
         size = 60_000  # ~80 KB reply, over the 64 KiB the broker announced
-    standin.script("POST", "/audio/speech", Reply(body=random_binary(size), content_type="audio/mpeg"))
+    standin.script(
+        "POST", "/audio/speech", Reply(body=random_binary(size), content_type="audio/mpeg")
+    )
     with TestClient.for_broker(small_broker, prefix=topic_prefix) as client:
-        reply = client.request("createSpeech", {"transaction": "big", "model": "m", "input": "x", "voice": "v"})
+        reply = client.request(
+            "createSpeech", {"transaction": "big", "model": "m", "input": "x", "voice": "v"}
+        )
         error = error_of(reply)
         assert error["code"] == "reply_too_large" and reply["transaction"] == "big"
         assert "maximum packet size" in error["message"]
         # The bridge is still connected and serving; the broker never dropped it.
         assert client.request("listModels", {"transaction": "after"})["status"] == "ok"
     assert "broker connection lost" not in bridge.log_text()
+    assert bridge_connections(small_broker, topic_prefix) == 1
 
 
 def test_stream_event_too_large_is_an_error_reply_not_a_dropped_connection(
@@ -1015,3 +1049,109 @@ def test_stream_event_too_large_is_an_error_reply_not_a_dropped_connection(
         assert_stream(events, "s", [(None, CHAT_CHUNKS[0])])
         assert client.request("listModels", {"transaction": "after"})["status"] == "ok"
     assert "broker connection lost" not in bridge.log_text()
+    assert bridge_connections(small_broker, topic_prefix) == 1
+
+
+# --- 25 MiB each way, and what it costs the bridge ----------------------------------------------
+
+MIB = 1024 * 1024
+BIG = 25 * MIB
+# 25 MiB of file is 33.3 MiB of base64, over the default 32 MiB `max_request_bytes`.
+BIG_REQUEST_LIMIT = 48 * MIB
+# Peak resident memory the bridge may add for one 25 MiB file, as multiples of the file size.
+# Measured (paho-mqtt 2.2, Python 3.11): upload +101 MiB, download +134 MiB. Most of it is copies
+# of the 33 MiB base64 PUBLISH packet inside paho: decoding an inbound PUBLISH keeps the packet
+# and two struct.unpack copies of it alive at once; sending one keeps the payload, the packet
+# bytearray and a `packet[pos:]` slice per socket write. The download also keeps the service's
+# reply data alive next to the envelope while it is published. One more copy of either size
+# anywhere in the bridge fails these bounds.
+UPLOAD_PEAK_FACTOR = 5
+DOWNLOAD_PEAK_FACTOR = 6
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A `kB` line of /proc/<pid>/status, e.g. VmHWM (peak resident set) or VmRSS."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.fixture
+def bridge_process(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> Iterator[BridgeProcess]:
+    """The bridge as its own process, so its memory is its own (not the test's buffers)."""
+    path, env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        limits={"max_request_bytes": BIG_REQUEST_LIMIT},
+        extra={"logging": {"level": "info"}},
+    )
+    process = BridgeProcess(path, env, tmp_path / "bridge.log").start()
+    try:
+        yield process
+    finally:
+        assert process.terminate() == 0
+        assert TEST_API_KEY not in process.log_text()
+
+
+def peak_delta_mib(process: BridgeProcess, baseline_kib: int) -> float:
+    assert process.proc is not None
+    return (proc_status_kib(process.proc.pid, "VmHWM") - baseline_kib) / 1024
+
+
+def test_25_mib_upload(
+    bridge_process: BridgeProcess,
+    client: TestClient,
+    standin: Standin,
+    record_property: Any,
+) -> None:
+    assert bridge_process.proc is not None
+    pid = bridge_process.proc.pid
+    small = {"file": {"base64": b64(WAV), "filename": "a.wav"}, "model": "whisper-1"}
+    assert client.request("createTranscription", small, suffix="warm")["status"] == "ok"
+    baseline = proc_status_kib(pid, "VmHWM")
+
+    audio = WAV[:44] + os.urandom(BIG - 44)
+    payload = {"file": {"base64": b64(audio), "filename": "long.wav"}, "model": "whisper-1"}
+    standin.set_default(Reply(json={"text": "long"}))
+    reply = client.request("createTranscription", payload, suffix="big", timeout=120)
+    assert reply["status"] == "ok" and reply["data"] == {"text": "long"}, reply
+    part = standin.last.part("file")
+    assert part == Part("file", "long.wav", "audio/wav", audio)
+
+    delta = peak_delta_mib(bridge_process, baseline)
+    record_property("bridge_baseline_hwm_mib", round(baseline / 1024, 1))
+    record_property("bridge_upload_peak_delta_mib", round(delta, 1))
+    print(f"\nupload 25 MiB: bridge VmHWM baseline {baseline / 1024:.1f} MiB, +{delta:.1f} MiB")
+    assert delta < UPLOAD_PEAK_FACTOR * BIG / MIB
+
+
+def test_25_mib_download(
+    bridge_process: BridgeProcess,
+    client: TestClient,
+    standin: Standin,
+    record_property: Any,
+) -> None:
+    assert bridge_process.proc is not None
+    pid = bridge_process.proc.pid
+    standin.script("GET", "/files/small/content", Reply(body=random_binary(1000)))
+    assert client.request("downloadFile", {"file_id": "small"})["status"] == "ok"
+    baseline = proc_status_kib(pid, "VmHWM")
+
+    body = random_binary(BIG)
+    standin.script("GET", "/files/big/content", Reply(body=body, content_type="audio/wav"))
+    reply = client.request("downloadFile", {"file_id": "big"}, timeout=120)
+    assert reply["status"] == "ok", reply.get("error")
+    data = reply["data"]
+    assert data["content_type"] == "audio/wav" and data["size"] == BIG
+    assert base64.b64decode(data["base64"], validate=True) == body
+
+    delta = peak_delta_mib(bridge_process, baseline)
+    record_property("bridge_baseline_hwm_mib", round(baseline / 1024, 1))
+    record_property("bridge_download_peak_delta_mib", round(delta, 1))
+    print(f"\ndownload 25 MiB: bridge VmHWM baseline {baseline / 1024:.1f} MiB, +{delta:.1f} MiB")
+    assert delta < DOWNLOAD_PEAK_FACTOR * BIG / MIB
