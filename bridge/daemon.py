@@ -8,13 +8,13 @@ import platform
 import signal
 from typing import Any
 
-from bridge import __version__
+from bridge import __version__, homeassistant
 from bridge.config import BridgeConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
 from bridge.jsoncodec import dumps
 from bridge.logs import get_logger
-from bridge.mqtt import MqttTransport
+from bridge.mqtt import InboundMessage, MqttTransport
 from bridge.operations import MethodTable, default_table
 from bridge.service import ServiceClient
 from bridge.systemd import notify, watchdog_interval
@@ -43,6 +43,7 @@ class Bridge:
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
         self._background: list[asyncio.Task[Any]] = []
+        self._ha_status = homeassistant.status_topic(config)
 
     def stop(self) -> None:
         """Ask the bridge to shut down gracefully (thread-unsafe; call on the loop)."""
@@ -74,8 +75,32 @@ class Bridge:
             protocol=protocol,
             subscription=self.topics.subscription,
         )
+        if self.config.homeassistant.discovery:
+            # Before the discovery publish: once that is seen, the broker has this subscription.
+            _subscribe_extra(transport, self._ha_status)
         transport.publish(self.topics.state, ONLINE, retain=True)
         transport.publish(self.topics.info, self.info_payload(protocol), retain=True)
+        self._publish_discovery()
+
+    def _publish_discovery(self) -> None:
+        """Publish the retained HA discovery config, or the empty one that removes the device."""
+        assert self.transport is not None
+        if self.config.homeassistant.discovery:
+            topic, payload = homeassistant.discovery_message(self.config, self.topics, __version__)
+        else:
+            topic, payload = homeassistant.removal_message(self.config)
+        self.transport.publish(topic, payload, retain=True).add_done_callback(_settled)
+
+    def _on_ha_status(self, message: InboundMessage) -> None:
+        """Re-publish discovery when Home Assistant announces `online` (it restarted)."""
+        assert self.transport is not None
+        self.transport.ack(message)
+        # A retained birth comes with every (re)subscribe, just after the on-connect discovery.
+        if message.retain or message.payload.strip() != b"online":
+            return
+        if self.config.homeassistant.discovery:
+            self.log.info("home assistant is online; discovery re-published")
+            self._publish_discovery()
 
     async def run(self) -> int:
         """Start everything, serve until `stop()` or a signal, shut down gracefully; exit code."""
@@ -140,6 +165,9 @@ class Bridge:
                 interval = watchdog_interval()
                 if interval:
                     self._background.append(asyncio.create_task(self._watchdog(interval)))
+                if cfg.homeassistant.stats_interval > 0:
+                    stats = self._stats_loop(cfg.homeassistant.stats_interval)
+                    self._background.append(asyncio.create_task(stats))
                 await stopper
             stopper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -160,7 +188,10 @@ class Bridge:
         self.log.info("stopped")
         return 0
 
-    def _submit(self, message: Any) -> None:
+    def _submit(self, message: InboundMessage) -> None:
+        if message.topic == self._ha_status:
+            self._on_ha_status(message)
+            return
         assert self.dispatcher is not None
         self.dispatcher.submit(message)
 
@@ -168,12 +199,12 @@ class Bridge:
         assert self.dispatcher is not None and self.transport is not None
         grace = self.config.limits.shutdown_grace
         notify("STOPPING=1\nSTATUS=finishing in-flight requests")
-        self.log.info("stopping", in_flight=len(self.dispatcher._tasks), grace_s=grace)
+        self.log.info("stopping", in_flight=self.dispatcher.in_flight, grace_s=grace)
         finished = await self.dispatcher.drain(grace)
         if not finished:
             self.log.warning(
                 "shutdown grace expired; unfinished requests stay unacknowledged for redelivery",
-                unfinished=len(self.dispatcher._tasks),
+                unfinished=self.dispatcher.in_flight,
             )
             await self.dispatcher.cancel_all()
         await self.transport.close(final=(self.topics.state, OFFLINE))
@@ -182,3 +213,28 @@ class Bridge:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _stats_loop(self, interval: float) -> None:
+        """Publish the (not retained) stats document every `interval` s while connected."""
+        assert self.transport is not None and self.dispatcher is not None
+        secrets = self.config.secrets()
+        while True:
+            await asyncio.sleep(interval)
+            if self.transport.connected.is_set():
+                payload = homeassistant.stats_payload(self.dispatcher.stats, secrets)
+                self.transport.publish(self.topics.stats, payload, qos=0).add_done_callback(
+                    _settled
+                )
+
+
+def _settled(future: asyncio.Future[None]) -> None:
+    """Done callback for publishes nobody awaits: retrieve the outcome so none is reported."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _subscribe_extra(transport: MqttTransport, topic_filter: str) -> None:
+    """Subscribe this connection to one more filter (QoS 0); `_submit` routes by topic."""
+    # Stop-gap until MqttTransport takes `extra_subscriptions` (subscribed with the request
+    # filter on every connect, SUBACK awaited); paho hands every message to on_message anyway.
+    transport._client.subscribe(topic_filter, qos=0)

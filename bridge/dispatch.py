@@ -258,8 +258,10 @@ class Dispatcher:
                 else None
             )
             result = await self.service.send(op, request, sink)
+            del request
             attempts = result.attempts
             payload = envelope.ok_raw(op.name, transaction, result.data_json)
+            result.data_json = b""  # the envelope holds the only copy we still need
             if sink is not None:
                 await sink.flushed()
         except BridgeError as exc:

@@ -18,9 +18,15 @@ def _head(status: bytes, method: str, transaction: Any) -> bytes:
     return head
 
 
-def ok_raw(method: str, transaction: Any, data_json: bytes) -> bytes:
-    """A success envelope around `data_json`, already-valid JSON bytes (spliced, not re-encoded)."""
-    return _head(b'"ok"', method, transaction) + b',"data":' + data_json + b"}"
+def ok_raw(method: str, transaction: Any, data_json: bytes | list[bytes]) -> bytes:
+    """A success envelope around already-valid JSON (bytes or fragments), spliced in one copy."""
+    parts = [_head(b'"ok"', method, transaction), b',"data":']
+    if isinstance(data_json, bytes):
+        parts.append(data_json)
+    else:
+        parts.extend(data_json)
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 def ok(method: str, transaction: Any, data: Any) -> bytes:

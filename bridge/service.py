@@ -48,7 +48,8 @@ class StreamSink(Protocol):
 class ServiceResult:
     """A successful answer, its `data` already encoded as JSON bytes for the envelope."""
 
-    data_json: bytes
+    data_json: bytes | list[bytes]
+    """Valid JSON, whole or in fragments to be concatenated."""
     http_status: int
     request_id: str | None
     attempts: int = 1
@@ -59,20 +60,21 @@ _JSON_TYPES = ("application/json", "application/problem+json")
 _UPSTREAM_TEXT_LIMIT = 2000
 
 
-def binary_data(body: bytes, content_type: str) -> bytes:
-    """The `{"base64", "content_type", "size"}` reply data for raw bytes, as JSON bytes."""
-    b64 = binascii.b2a_base64(body, newline=False)
-    return b"".join(
-        (
-            b'{"base64":"',
-            b64,
-            b'","content_type":',
-            dumps(content_type),
-            b',"size":',
-            str(len(body)).encode(),
-            b"}",
-        )
-    )
+def binary_data(body: bytes, content_type: str) -> list[bytes]:
+    """The `{"base64", "content_type", "size"}` reply data for raw bytes, as JSON fragments.
+
+    Fragments, not one bytes object: the envelope joins them once, so a large download is
+    copied once less on its way out.
+    """
+    return [
+        b'{"base64":"',
+        binascii.b2a_base64(body, newline=False),
+        b'","content_type":',
+        dumps(content_type),
+        b',"size":',
+        str(len(body)).encode(),
+        b"}",
+    ]
 
 
 def _upstream_error_object(body: bytes, content_type: str) -> Any:
@@ -217,7 +219,8 @@ class ServiceClient:
                 if content_type.startswith("text/event-stream"):
                     data_json = await self._read_stream(resp, sink, forwarded)
                     return ServiceResult(data_json, status, request_id)
-                body = await resp.read()
+                # content.read() rather than resp.read(): the response would keep its own reference.
+                body = await resp.content.read()
                 return ServiceResult(self._reply_data(op, body, content_type), status, request_id)
         except BridgeError:
             raise
@@ -238,7 +241,7 @@ class ServiceClient:
                 f"cannot reach service host {self.host_label}: {type(exc).__name__}"
             ) from None
 
-    def _reply_data(self, op: Operation, body: bytes, content_type: str) -> bytes:
+    def _reply_data(self, op: Operation, body: bytes, content_type: str) -> bytes | list[bytes]:
         """Reply data for a complete 2xx body, chosen by the operation and the Content-Type."""
         media = content_type.split(";", 1)[0].strip()
         if op.response_kind == "binary":

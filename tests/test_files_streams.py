@@ -1059,14 +1059,12 @@ BIG = 25 * MIB
 # 25 MiB of file is 33.3 MiB of base64, over the default 32 MiB `max_request_bytes`.
 BIG_REQUEST_LIMIT = 48 * MIB
 # Peak resident memory the bridge may add for one 25 MiB file, as multiples of the file size.
-# Measured (paho-mqtt 2.2, Python 3.11): upload +101 MiB, download +134 MiB. Most of it is copies
-# of the 33 MiB base64 PUBLISH packet inside paho: decoding an inbound PUBLISH keeps the packet
-# and two struct.unpack copies of it alive at once; sending one keeps the payload, the packet
-# bytearray and a `packet[pos:]` slice per socket write. The download also keeps the service's
-# reply data alive next to the envelope while it is published. One more copy of either size
-# anywhere in the bridge fails these bounds.
-UPLOAD_PEAK_FACTOR = 5
-DOWNLOAD_PEAK_FACTOR = 6
+# Measured (paho-mqtt 2.2, Python 3.11): upload +102 MiB, download +67 MiB. The upload's extra is
+# inside paho: decoding an inbound PUBLISH keeps the 33 MiB packet and two struct.unpack copies
+# of it alive at once. The download is sent through a memoryview and its envelope is joined once
+# (bridge/mqtt.py, bridge/service.py). One more copy of either size anywhere fails these bounds.
+UPLOAD_PEAK_FACTOR = 4.5
+DOWNLOAD_PEAK_FACTOR = 3.5
 
 
 def proc_status_kib(pid: int, field: str) -> int:
