@@ -8,6 +8,8 @@ import platform
 import signal
 from typing import Any
 
+import yarl
+
 from bridge import __version__, homeassistant
 from bridge.config import BridgeConfig
 from bridge.dispatch import Dispatcher
@@ -57,7 +59,8 @@ class Bridge:
                 "version": __version__,
                 "instance": cfg.mqtt.instance_name,
                 "methods": len(self.table),
-                "service": cfg.service.api_base,
+                # Credentials in the URL (http://user:pass@host) stay out of a retained topic.
+                "service": str(yarl.URL(cfg.service.api_base).with_user(None)),
                 "protocol": protocol,
                 "topic_prefix": cfg.mqtt.topic_prefix,
                 "shared_group": cfg.mqtt.shared_group or None,
@@ -75,11 +78,10 @@ class Bridge:
             protocol=protocol,
             subscription=self.topics.subscription,
         )
-        if self.config.homeassistant.discovery:
-            # Before the discovery publish: once that is seen, the broker has this subscription.
-            _subscribe_extra(transport, self._ha_status)
-        transport.publish(self.topics.state, ONLINE, retain=True)
-        transport.publish(self.topics.info, self.info_payload(protocol), retain=True)
+        transport.publish(self.topics.state, ONLINE, retain=True).add_done_callback(self._settled)
+        transport.publish(
+            self.topics.info, self.info_payload(protocol), retain=True
+        ).add_done_callback(self._settled)
         self._publish_discovery()
 
     def _publish_discovery(self) -> None:
@@ -89,7 +91,7 @@ class Bridge:
             topic, payload = homeassistant.discovery_message(self.config, self.topics, __version__)
         else:
             topic, payload = homeassistant.removal_message(self.config)
-        self.transport.publish(topic, payload, retain=True).add_done_callback(_settled)
+        self.transport.publish(topic, payload, retain=True).add_done_callback(self._settled)
 
     def _on_ha_status(self, message: InboundMessage) -> None:
         """Re-publish discovery when Home Assistant announces `online` (it restarted)."""
@@ -137,6 +139,8 @@ class Bridge:
             on_connected=self._on_connected,
             log=self.log,
             protocol=protocol,
+            # Home Assistant announces restarts there; discovery is then published again.
+            extra_subscriptions=[(self._ha_status, 0)] if cfg.homeassistant.discovery else [],
         )
         self.dispatcher = Dispatcher(
             config=cfg,
@@ -209,6 +213,11 @@ class Bridge:
             await self.dispatcher.cancel_all()
         await self.transport.close(final=(self.topics.state, OFFLINE))
 
+    def _settled(self, future: asyncio.Future[None]) -> None:
+        """Done callback for publishes nobody awaits: log a failure instead of losing it."""
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            self.log.warning("status publish failed", error=str(exc)[:200])
+
     async def _watchdog(self, interval: float) -> None:
         while True:
             notify("WATCHDOG=1")
@@ -223,18 +232,5 @@ class Bridge:
             if self.transport.connected.is_set():
                 payload = homeassistant.stats_payload(self.dispatcher.stats, secrets)
                 self.transport.publish(self.topics.stats, payload, qos=0).add_done_callback(
-                    _settled
+                    self._settled
                 )
-
-
-def _settled(future: asyncio.Future[None]) -> None:
-    """Done callback for publishes nobody awaits: retrieve the outcome so none is reported."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _subscribe_extra(transport: MqttTransport, topic_filter: str) -> None:
-    """Subscribe this connection to one more filter (QoS 0); `_submit` routes by topic."""
-    # Stop-gap until MqttTransport takes `extra_subscriptions` (subscribed with the request
-    # filter on every connect, SUBACK awaited); paho hands every message to on_message anyway.
-    transport._client.subscribe(topic_filter, qos=0)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,9 +75,12 @@ class MqttTransport:
         on_connected: Callable[[], None],
         log: Any,
         protocol: str | None = None,
+        extra_subscriptions: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.config = config
         self.subscription = subscription
+        self.extra_subscriptions = tuple(extra_subscriptions)
+        """More (filter, QoS) pairs; their messages reach `on_message` too, routed by topic."""
         self.receive_maximum = max(1, min(receive_maximum, 65535))
         self.will = will
         self._on_message_cb = on_message
@@ -297,12 +300,15 @@ class MqttTransport:
         fut = self._suback
         if mid != self._sub_mid or fut is None or fut.done():
             return
-        if any(r.is_failure for r in reasons):
+        if reasons and reasons[0].is_failure:
             fut.set_exception(
                 ConnectRefused(int(reasons[0].value), f"subscribe refused: {reasons}")
             )
-        else:
-            fut.set_result(None)
+            return
+        for (topic_filter, _), reason in zip(self.extra_subscriptions, reasons[1:], strict=False):
+            if reason.is_failure:
+                self.log.warning("subscription refused", filter=topic_filter, reason=str(reason))
+        fut.set_result(None)
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -431,10 +437,13 @@ class MqttTransport:
         self._suback = self._loop.create_future()
         if self.protocol == MQTTProtocolVersion.MQTTv5:
             # Retain As Published: a live retained request keeps its flag, so it is never executed.
-            options = SubscribeOptions(qos=1, retainAsPublished=True)
-            rc, mid = client.subscribe(self.subscription, options=options)
+            v5_topics: list[tuple[str, SubscribeOptions]] = [
+                (self.subscription, SubscribeOptions(qos=1, retainAsPublished=True))
+            ]
+            v5_topics += [(f, SubscribeOptions(qos=q)) for f, q in self.extra_subscriptions]
+            rc, mid = client.subscribe(v5_topics)
         else:
-            rc, mid = client.subscribe(self.subscription, qos=1)
+            rc, mid = client.subscribe([(self.subscription, 1), *self.extra_subscriptions])
         self._sub_mid = mid
         await asyncio.wait_for(self._suback, timeout=15)
         self.connected.set()
