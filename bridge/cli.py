@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -77,13 +77,30 @@ def cmd_run(path: str | None) -> int:
     log = logs.get_logger()
     for warning in warnings:
         log.warning(warning)
+    loop_factory, loop_name = _loop_factory(config.runtime.event_loop)
+    if loop_factory is None and config.runtime.event_loop == "uvloop":
+        log.error('[runtime] event_loop = "uvloop" but uvloop is not installed')
+        return EX_CONFIG
+    log.debug("event loop", loop=loop_name)
     try:
-        return asyncio.run(Bridge(config).run())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(Bridge(config).run())
     except EmbeddedPortBusy as exc:
         log.error(str(exc))
         return EX_CONFIG
     except KeyboardInterrupt:
         return 0
+
+
+def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The event loop factory for `[runtime] event_loop` and its name (None: asyncio's own)."""
+    if choice == "asyncio":
+        return None, "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return None, "asyncio"
+    return uvloop.new_event_loop, "uvloop"
 
 
 def cmd_check_config(path: str | None) -> int:

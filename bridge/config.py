@@ -162,6 +162,13 @@ class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class RuntimeConfig(_Section):
+    """Process-level choices."""
+
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """`auto`: uvloop when installed (about a third less CPU per request), else asyncio."""
+
+
 class HomeAssistantConfig(_Section):
     """Home Assistant MQTT discovery and the periodic stats topic."""
 
@@ -179,6 +186,7 @@ class BridgeConfig(_Section):
     access: AccessConfig = AccessConfig()
     logging: LoggingConfig = LoggingConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""

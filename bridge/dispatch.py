@@ -222,8 +222,8 @@ class Dispatcher:
 
         # Redelivered (DUP) or repeated-with-the-same-transaction requests are answered from the
         # cache of recent replies instead of calling the API twice.
-        key = request_key(message.topic, message.payload) if self.cache.entries > 0 else b""
-        cached = self.cache.get(key) if key else None
+        key = request_key(message.topic, message.payload) if self.cache.entries > 0 else None
+        cached = self.cache.get(key) if key is not None else None
         if cached is not None and message.dup:
             await self._answer_cached(message, parsed.method, reply_topic, cached[1], correlation)
             return
@@ -283,7 +283,7 @@ class Dispatcher:
             payload = envelope.error(op.name if op else parsed.method, transaction, error)
 
         sent = await self._send(message, reply_topic, payload, correlation)
-        if sent and key and (error is None or not error.is_retryable):
+        if sent and key is not None and (error is None or not error.is_retryable):
             self.cache.put(key, reply_topic, payload)
 
         elapsed_ms = round((self._clock() - started) * 1000, 2)

@@ -11,7 +11,28 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
-import structlog
+
+def _import_structlog_without_rich() -> Any:
+    """Import structlog while hiding `rich`, which structlog.dev loads whenever it is installed.
+
+    amqtt's CLI dependencies install rich; we render tracebacks plainly, and rich with pygments
+    would add some 60 modules, ~45 ms and several MiB to every start. Other importers still
+    get rich: only structlog's one-time import sees it missing.
+    """
+    absent = object()
+    saved = sys.modules.get("rich", absent)
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog as module
+    finally:
+        if saved is absent:
+            del sys.modules["rich"]
+        else:
+            sys.modules["rich"] = saved  # type: ignore[assignment]
+    return module
+
+
+structlog = _import_structlog_without_rich()
 
 REDACTED = "**********"
 
