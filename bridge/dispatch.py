@@ -35,26 +35,12 @@ from bridge.mqtt import InboundMessage, PublishFailed
 from bridge.operations import MethodTable, Operation
 from bridge.request import RequestBuilder
 from bridge.service import ServiceClient, ServiceResult
-from bridge.streaming import make_sink
+from bridge.streaming import StreamPublisher, make_sink
 from bridge.topics import Topics
 
 
-class Publisher(Protocol):
-    """What the dispatcher needs from the MQTT transport."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        retain: bool = False,
-        qos: int = 1,
-        correlation_data: bytes | None = None,
-    ) -> asyncio.Future[None]:
-        """Queue a QoS 1 publish; the future completes on PUBACK."""
-
-    def fits(self, topic: str, payload_size: int) -> bool:
-        """Whether the broker accepts a packet this large."""
+class Publisher(StreamPublisher, Protocol):
+    """What the dispatcher needs from the MQTT transport: publishing, plus acknowledging."""
 
     def ack(self, message: InboundMessage) -> None:
         """Acknowledge a request message."""

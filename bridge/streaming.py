@@ -17,7 +17,7 @@ _MAX_UNACKED_EVENTS = 256
 
 
 class StreamPublisher(Protocol):
-    """The publish half of the MQTT transport."""
+    """The publish half of the MQTT transport (MqttTransport implements it)."""
 
     def publish(
         self,
@@ -28,7 +28,7 @@ class StreamPublisher(Protocol):
         qos: int = 1,
         correlation_data: bytes | None = None,
     ) -> asyncio.Future[None]:
-        """Queue a QoS 1 publish."""
+        """Queue a publish; the future completes on the broker's PUBACK."""
 
     def fits(self, topic: str, payload_size: int) -> bool:
         """Whether the broker accepts a packet this large."""

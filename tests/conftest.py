@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
 from support.broker import MosquittoBroker, MosquittoNotInstalled
 from support.mqtt_client import TestClient
 from support.standin import Standin
@@ -71,6 +72,44 @@ def client(mosquitto: MosquittoBroker, topic_prefix: str) -> Iterator[TestClient
     """A connected MQTT 5 client on the session broker, `request()`s under `topic_prefix`."""
     with TestClient.for_broker(mosquitto, prefix=topic_prefix) as test_client:
         yield test_client
+
+
+StartBridge = Callable[..., BridgeThread]
+"""`start_bridge(**overrides)`: overrides go to `make_config` (mqtt=..., service=..., ...)."""
+
+
+@pytest.fixture
+def start_bridge(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> Iterator[StartBridge]:
+    """Start real bridges (in threads) on the session broker against the stand-in.
+
+    They are stopped after the test, and every log line is checked for the API key.
+    """
+    started: list[BridgeThread] = []
+
+    def start(**overrides: object) -> BridgeThread:
+        path, env = make_config(
+            tmp_path,
+            broker_port=overrides.pop("broker_port", mosquitto.port),  # type: ignore[arg-type]
+            api_base=overrides.pop("api_base", standin.url),  # type: ignore[arg-type]
+            prefix=overrides.pop("prefix", topic_prefix),  # type: ignore[arg-type]
+            **overrides,  # type: ignore[arg-type]
+        )
+        bridge = BridgeThread.from_file(path, env).start()
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        bridge.stop()
+        assert TEST_API_KEY not in bridge.log_text()
+
+
+@pytest.fixture
+def bridge(start_bridge: StartBridge) -> BridgeThread:
+    """A bridge with the default test config."""
+    return start_bridge()
 
 
 # ----------------------------------------------------------- leaked asyncio tasks

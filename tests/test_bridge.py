@@ -5,55 +5,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from conftest import StartBridge
 from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
 from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
 from bridge.errors import ERROR_CODES
-
-StartBridge = Callable[..., BridgeThread]
-
-
-@pytest.fixture
-def start_bridge(
-    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
-) -> Iterator[StartBridge]:
-    """Start a bridge on the session broker against the stand-in; stopped after the test.
-
-    After the test every log line and every message seen by the `client` fixture is
-    checked for the API key.
-    """
-    started: list[BridgeThread] = []
-
-    def start(**overrides: Any) -> BridgeThread:
-        path, env = make_config(
-            tmp_path,
-            broker_port=overrides.pop("broker_port", mosquitto.port),
-            api_base=overrides.pop("api_base", standin.url),
-            prefix=overrides.pop("prefix", topic_prefix),
-            **overrides,
-        )
-        bridge = BridgeThread.from_file(path, env).start()
-        started.append(bridge)
-        return bridge
-
-    yield start
-    for bridge in started:
-        bridge.stop()
-        assert TEST_API_KEY not in bridge.log_text()
-
-
-@pytest.fixture
-def bridge(start_bridge: StartBridge) -> BridgeThread:
-    """A bridge with the default test config."""
-    return start_bridge()
 
 
 def assert_no_secret(client: TestClient) -> None:

@@ -14,48 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import StartBridge
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
 from support.broker import MosquittoBroker
 from support.mqtt_client import Received, TestClient
 from support.standin import Part, RecordedRequest, Reply, Standin
-
-StartBridge = Any  # Callable[..., BridgeThread]; kwargs go to make_config
-
-
-@pytest.fixture
-def start_bridge(
-    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
-) -> Iterator[StartBridge]:
-    """Start a bridge (default: session broker, the stand-in); stopped after the test.
-
-    After the test every log line is checked for the API key.
-    """
-    started: list[BridgeThread] = []
-
-    def start(**overrides: Any) -> BridgeThread:
-        path, env = make_config(
-            tmp_path,
-            broker_port=overrides.pop("broker_port", mosquitto.port),
-            api_base=overrides.pop("api_base", standin.url),
-            prefix=overrides.pop("prefix", topic_prefix),
-            **overrides,
-        )
-        bridge = BridgeThread.from_file(path, env).start()
-        started.append(bridge)
-        return bridge
-
-    yield start
-    for bridge in started:
-        bridge.stop()
-        assert TEST_API_KEY not in bridge.log_text()
-
-
-@pytest.fixture
-def bridge(start_bridge: StartBridge) -> BridgeThread:
-    """A bridge with the default test config."""
-    bridge: BridgeThread = start_bridge()
-    return bridge
-
 
 # --- helpers ------------------------------------------------------------------------------------
 

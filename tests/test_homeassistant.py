@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import StartBridge
 from pydantic import SecretStr
-from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.bridge_runner import TEST_API_KEY, BridgeThread
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
@@ -249,32 +248,15 @@ def test_entity_templates_render_the_stats_and_state_documents() -> None:
 
 # --------------------------------------------------------------------- the running bridge
 
-StartBridge = Callable[..., BridgeThread]
-
 
 @pytest.fixture
-def start_bridge(
-    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
-) -> Iterator[StartBridge]:
-    """Start bridges on the session broker against the stand-in; stopped after the test."""
-    started: list[BridgeThread] = []
+def start_bridge(start_bridge: StartBridge) -> StartBridge:
+    """Like conftest's, but keyword arguments are `[homeassistant]` options."""
 
     def start(**homeassistant_options: Any) -> BridgeThread:
-        path, env = make_config(
-            tmp_path,
-            broker_port=mosquitto.port,
-            api_base=standin.url,
-            prefix=topic_prefix,
-            extra={"homeassistant": homeassistant_options},
-        )
-        bridge = BridgeThread.from_file(path, env).start()
-        started.append(bridge)
-        return bridge
+        return start_bridge(extra={"homeassistant": homeassistant_options})
 
-    yield start
-    for bridge in started:
-        bridge.stop()
-        assert TEST_API_KEY not in bridge.log_text()
+    return start
 
 
 @pytest.fixture
