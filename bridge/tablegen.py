@@ -609,6 +609,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec-dir", type=Path, default=DEFAULT_SPEC_DIR)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
     args = parser.parse_args(argv)
+    if not (args.spec_dir / LATEST_OPS_FILE).is_file():
+        print(
+            f"no OpenAPI facts in {args.spec_dir} (expected {LATEST_OPS_FILE}); "
+            "pass --spec-dir pointing at shared/openai-openapi",
+            file=sys.stderr,
+        )
+        return 2
     generated = generate(args.spec_dir)
     if args.check:
         stale = stale_files(generated)
