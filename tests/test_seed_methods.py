@@ -1,0 +1,111 @@
+"""All 50 methods of node-red-openai-api 0.3.9 over MQTT: the HTTP request each one produces."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.broker import MosquittoBroker
+from support.mqtt_client import TestClient
+from support.standin import Reply, Standin
+
+SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi"
+SEED: dict[str, dict[str, Any]] = json.loads((SPEC_DIR / "seed-methods.json").read_text())[
+    "methods"
+]
+PREFIX = "seed"
+WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256))
+
+
+@pytest.fixture(scope="module")
+def seed_env(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
+) -> Iterator[tuple[TestClient, Standin]]:
+    standin = Standin().start()
+    path, env = make_config(
+        tmp_path_factory.mktemp("seed"),
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=PREFIX,
+    )
+    bridge = BridgeThread.from_file(path, env).start()
+    client = TestClient.for_broker(mosquitto, prefix=PREFIX).connect()
+    try:
+        yield client, standin
+    finally:
+        client.disconnect()
+        bridge.stop()
+        standin.stop()
+    assert TEST_API_KEY not in bridge.log_text()
+
+
+def payload_for(name: str, seed: dict[str, Any]) -> dict[str, Any]:
+    """The seed's own example payload, with ids for path parameters and files as base64."""
+    example = seed.get("example") or {}
+    payload: dict[str, Any] = {}
+    payload.update(example.get("json") or {})
+    payload.update(example.get("query") or {})
+    payload.update(example.get("form") or {})
+    for param in seed["path_params"]:
+        payload[param] = f"{param}-1"
+    for field in example.get("files") or []:
+        payload[field] = {"base64": base64.b64encode(WAV).decode(), "filename": f"{field}.wav"}
+    if name == "createFile":
+        payload[(example.get("files") or ["file"])[0]]["filename"] = "data.jsonl"
+    return payload
+
+
+@pytest.mark.parametrize("name", sorted(SEED), ids=str)
+def test_seed_method_sends_what_the_spec_describes(
+    seed_env: tuple[TestClient, Standin], name: str
+) -> None:
+    client, standin = seed_env
+    seed = SEED[name]
+    target = seed["latest"] if seed["latest"]["exists"] else seed
+    standin.clear()
+    standin.set_default(Reply(json={"object": "standin", "ok": True}))
+    payload = payload_for(name, seed)
+    reply = client.request(name, {"transaction": name, **payload}, suffix=name)
+    assert reply["status"] == "ok", reply
+    assert reply["method"] == name and reply["transaction"] == name
+
+    [seen] = standin.requests
+    expected_path = target["path"]
+    for param in seed["path_params"]:
+        expected_path = expected_path.replace("{" + param + "}", f"{param}-1")
+    assert (seen.method, seen.path) == (target["method"], expected_path)
+    assert seen.headers["Authorization"] == f"Bearer {TEST_API_KEY}"
+    if seed["beta_header"]:
+        assert seen.headers["OpenAI-Beta"] == "assistants=v2"
+    else:
+        assert "OpenAI-Beta" not in seen.headers
+
+    query = dict(seen.query)
+    for key, value in ((seed.get("example") or {}).get("query") or {}).items():
+        assert query[key] == str(value)
+    body_expected = {
+        k: v
+        for k, v in payload.items()
+        if k not in seed["path_params"] and k not in {q for q in query}
+    }
+    if seed["multipart"]:
+        assert seen.content_type is not None
+        assert seen.content_type.startswith("multipart/form-data")
+        for field in seed["file_fields"]:
+            if field in payload:
+                part = seen.part(field)
+                assert part.data == WAV and part.filename == payload[field]["filename"]
+        form = dict(seen.form())
+        for key, value in ((seed.get("example") or {}).get("form") or {}).items():
+            assert form[key] == str(value)
+    elif target["method"] == "POST" and seed["request_content_type"] == "application/json":
+        assert seen.headers["Content-Type"] == "application/json"
+        assert seen.json() == body_expected
+    else:
+        assert seen.body == b""
+        assert body_expected == {}
