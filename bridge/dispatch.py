@@ -308,7 +308,7 @@ class Dispatcher:
         limit = self.config.limits.max_request_bytes
         if len(payload) > limit:
             raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
-        if not payload.strip():
+        if not payload or payload.isspace():  # no strip(): that copies a large payload
             raise BadJson("empty payload: publish one JSON object")
         try:
             params = loads(payload)
