@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -13,7 +14,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 MIB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 PREFIX = "openai"
 MODEL = "gpt-4o-mini"
@@ -21,7 +21,7 @@ BROKER_INFLIGHT = 1000
 """Mosquitto's max_inflight_messages (also the Receive Maximum it announces to MQTT 5 clients)."""
 
 CHAT_COMPLETION: dict[str, Any] = {
-    "id": "chatcmpl-bench0000000000000000000000000",
+    "id": "chatcmpl-AXkq9Lz3bT0mWcE2RjYf8hUoNpQs1",
     "object": "chat.completion",
     "created": 1732579200,
     "model": "gpt-4o-mini-2024-07-18",
@@ -137,17 +137,13 @@ def free_port() -> int:
 
 def nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
     """paho on_socket_open hook: turn Nagle off so small packets leave at once."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
 
 
 def make_client(client_id: str) -> paho.Client:
     """A paho MQTT 5 client with TCP_NODELAY and no client-side in-flight window."""
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-    )
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     # 0 = no client-side window: paho then skips a scan of every unacknowledged message on each
     # PUBACK (O(in-flight) per ack). The harness never has more than C <= BROKER_INFLIGHT out.
     client.max_inflight_messages_set(0)

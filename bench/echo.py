@@ -17,9 +17,8 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from common import CHAT_COMPLETION, PREFIX, make_client
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 DATA = orjson.dumps(CHAT_COMPLETION)
 

@@ -2,13 +2,18 @@
 
 Every request goes to `<prefix>/request/<method>/<tag>/<n>` with `"transaction": n`; the reply is
 matched on `<prefix>/response/<method>/<tag>/<n>` and checked (status ok, same transaction, and
-for the audio runs the expected size). A warm-up phase (not counted) runs first and is drained;
-then the measured phase sends exactly `--count` requests, at most `--concurrency` in flight, and
-stops when all are answered, after `--time-limit` seconds, or when no reply came for `--stall`
-seconds (whatever is unanswered then counts as lost).
+for the audio runs the expected size). At most `--concurrency` (C) requests are in flight; with
+`--ramp`, the window opens from 1 to C over that many seconds (independent clients rather than one
+synchronized burst, which a closed loop would keep phase-locked). `--warmup` requests go first
+and are not counted; the measured window runs from the first of the `--count` measured requests
+being sent, with no pause, to the last reply. The run stops when all are answered, after
+`--time-limit` seconds, or when no reply came for `--stall` seconds (whatever is unanswered then
+counts as lost).
 
-The CPU time and peak RSS of the watched processes (`--watch name=pid`) are read from /proc at
-the start and end of the measured phase; the peak RSS is reset (clear_refs) at its start.
+Throughput is the replies received in the window (including the last warm-up ones) over its
+length; latency percentiles are over the measured requests. The CPU time and peak RSS of the
+watched processes (`--watch name=pid`) are read from /proc at both ends of the window; the peak
+RSS is reset (clear_refs) at its start.
 
 With `--direct-url`, the service host's own latency is first measured here, with aiohttp,
 sequentially and over one keep-alive connection, with the same body the bridge sends.
@@ -30,8 +35,6 @@ from typing import Any
 import aiohttp
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from common import (
     MODEL,
     PREFIX,
@@ -42,6 +45,7 @@ from common import (
     proc_sample,
     reset_peak_rss,
 )
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 CHAT_BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
 KINDS = {
@@ -85,7 +89,12 @@ class Load:
         self.done = threading.Event()
         self.sent_at: dict[int, int] = {}
         self.next_n = 0
-        self.phase_end = self.warmup  # last n (exclusive) of the current phase
+        self.total = self.warmup + self.count
+        self.ramp: float = args.ramp
+        self.allowed = 1 if self.ramp > 0 else self.concurrency
+        """Requests allowed in flight now: grows from 1 to C over `ramp` s, then stays."""
+        self.window_replies = 0
+        """Replies (warm-up ones too) between the first measured send and the last reply."""
         self.measuring = False
         self.stopped = False
         self.sent = 0
@@ -119,6 +128,8 @@ class Load:
             if self.warmup == 0:
                 self._begin_measuring()
             self._refill()
+        if self.ramp > 0:
+            threading.Thread(target=self._ramp, name="ramp", daemon=True).start()
 
     def _on_message(self, c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
         now = time.perf_counter_ns()
@@ -132,8 +143,10 @@ class Load:
             if sent is None:
                 self.duplicates += 1
                 return
-            problem = self._check(n, msg.payload)
+            if self.measuring and not self.stopped:
+                self.window_replies += 1
             if n >= self.warmup:
+                problem = self._check(n, msg.payload)
                 self.t_last = now
                 if problem is None:
                     self.ok += 1
@@ -144,18 +157,26 @@ class Load:
                         self.error_samples.append(problem)
             if self.stopped:
                 return
-            if not self.sent_at and self.next_n >= self.phase_end:
-                if self.measuring:
-                    self._finish()
-                    return
-                self._begin_measuring()
-            self._refill()
+            if not self.sent_at and self.next_n >= self.total:
+                self._finish()
+            else:
+                self._refill()
 
     # --- state (under self.lock) -----------------------------------------------------------------
 
+    def _ramp(self) -> None:
+        """Open the window one request at a time over `ramp` s: independent clients, no burst."""
+        step = self.ramp / self.concurrency
+        while True:
+            time.sleep(step)
+            with self.lock:
+                if self.stopped or self.allowed >= self.concurrency:
+                    return
+                self.allowed += 1
+                self._refill()
+
     def _begin_measuring(self) -> None:
         self.measuring = True
-        self.phase_end = self.warmup + self.count
         for name, pid in self.watch.items():
             self.hwm_reset[name] = reset_peak_rss(pid)
             self.before[name] = proc_sample(pid)
@@ -173,8 +194,10 @@ class Load:
 
     def _refill(self) -> None:
         publish = self.client.publish
-        while len(self.sent_at) < self.concurrency and self.next_n < self.phase_end:
+        while len(self.sent_at) < self.allowed and self.next_n < self.total:
             n = self.next_n
+            if n == self.warmup and not self.measuring:
+                self._begin_measuring()
             self.next_n += 1
             payload = b"%s%d%s" % (self.head, n, self.tail)
             self.sent_at[n] = time.perf_counter_ns()
@@ -252,7 +275,8 @@ class Load:
             "duplicates": self.duplicates,
             "error_samples": self.error_samples,
             "elapsed_s": round(elapsed, 3),
-            "throughput_rps": round(self.ok / elapsed, 1),
+            "window_replies": self.window_replies,
+            "throughput_rps": round(self.window_replies / elapsed, 1),
             **latency_summary(self.latencies),
             "processes": {},
         }
@@ -265,7 +289,9 @@ class Load:
             watched_cpu += cpu
             result["processes"][name] = {
                 "cpu_s": round(cpu, 3),
-                "cpu_ms_per_request": round(1000 * cpu / answered, 4) if answered else None,
+                "cpu_ms_per_request": (
+                    round(1000 * cpu / self.window_replies, 4) if self.window_replies else None
+                ),
                 "cpu_share": round(cpu / elapsed, 3),
                 "rss_before_mib": round(before.rss_mib, 1),
                 "rss_after_mib": round(after.rss_mib, 1),
@@ -317,11 +343,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--time-limit", type=float, default=120.0)
     parser.add_argument("--stall", type=float, default=10.0)
+    parser.add_argument("--ramp", type=float, default=0.0, help="s to open the window to C")
     parser.add_argument("--watch", type=parse_watch, action="append", default=[])
     parser.add_argument("--direct-url", default="")
     parser.add_argument("--direct-count", type=int, default=500)
     args = parser.parse_args()
-    direct = asyncio.run(measure_direct(args.direct_url, args.direct_count)) if args.direct_url else None
+    direct = (
+        asyncio.run(measure_direct(args.direct_url, args.direct_count)) if args.direct_url else None
+    )
     result = Load(args).run()
     result["direct"] = direct
     sys.stdout.write(orjson.dumps(result).decode() + "\n")

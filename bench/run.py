@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,9 +30,17 @@ from typing import IO, Any
 
 import orjson
 import paho.mqtt.client as paho
+from common import (
+    BROKER_INFLIGHT,
+    MIB,
+    MODEL,
+    PREFIX,
+    free_port,
+    machine_cpu_s,
+    make_client,
+    proc_sample,
+)
 from paho.mqtt.subscribeoptions import SubscribeOptions
-
-from common import BROKER_INFLIGHT, MIB, MODEL, PREFIX, free_port, make_client, proc_sample
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -50,6 +59,8 @@ class Plan:
     name: str
     chat: dict[int, int]
     """Measured requests per concurrency level, instant upstream (bridge and echo alike)."""
+    reps: int
+    """Repetitions of every instant run, echo and bridge interleaved; the table shows medians."""
     warmup: int
     slow_count: int
     audio_bytes: int
@@ -57,10 +68,40 @@ class Plan:
     direct_count: int
     settle_s: float
     time_limit_s: float
+    quiet_wait_s: float
+    """Before each run, wait up to this long for the machine to be idle (other work on it)."""
 
 
-FULL = Plan("full", {1: 3000, 16: 10000, 128: 20000}, 500, 9600, 25 * MIB, 3, 1000, 1.5, 120.0)
-QUICK = Plan("quick", {1: 300, 16: 1000, 128: 3000}, 100, 768, 4 * MIB, 1, 200, 0.5, 30.0)
+FULL = Plan(
+    name="full",
+    chat={1: 2000, 16: 8000, 128: 16000},
+    reps=3,
+    warmup=500,
+    slow_count=9600,
+    audio_bytes=25 * MIB,
+    audio_count=3,
+    direct_count=1000,
+    settle_s=1.5,
+    time_limit_s=120.0,
+    quiet_wait_s=10.0,
+)
+QUICK = Plan(
+    name="quick",
+    chat={1: 200, 16: 600, 128: 1500},
+    reps=1,
+    warmup=100,
+    slow_count=512,
+    audio_bytes=4 * MIB,
+    audio_count=1,
+    direct_count=100,
+    settle_s=0.3,
+    time_limit_s=30.0,
+    quiet_wait_s=0.0,
+)
+ECHO_PREFIX = "echo"
+"""The echo responder's topic prefix: it and the bridge stay up side by side, each run picks one."""
+QUIET_CORES = 0.3
+SCENARIOS = ("instant", "slow", "speech", "transcription")
 
 
 @dataclass
@@ -110,13 +151,20 @@ class Bench:
     upstream: Service | None = None
     instant_port: int = 0
     slow_port: int = 0
+    bridge_src: Path | None = None
+    """Run the bridge package found here (python -m bridge) instead of the installed one."""
+    with_echo: bool = True
+    bridge_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the bridge, e.g. OMB_MQTT__PROTOCOL=3.1.1 (config overrides)."""
     runs: list[dict[str, Any]] = field(default_factory=list)
     bridges: list[dict[str, Any]] = field(default_factory=list)
     spawned: int = 0
 
     # --- infrastructure ---------------------------------------------------------------------------
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> Service:
         """Start a child process, stderr to its log file, stdout piped."""
         log_path = self.logdir / f"{name}.log"
         log = log_path.open("ab")
@@ -125,7 +173,7 @@ class Bench:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
         )
         log.close()
@@ -229,10 +277,15 @@ stats_interval = 0
         config = self.bridge_config(slow, instance)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMB_")}
         env["OPENAI_API_KEY"] = "sk-bench"
+        env.update(self.bridge_env)
+        argv = [str(BRIDGE_EXE), "--config", str(config)]
+        if self.bridge_src is not None:
+            env["PYTHONPATH"] = str(self.bridge_src)
+            argv = [PY, "-m", "bridge", "--config", str(config)]
         facts: dict[str, Any] = {"label": label, "instance": instance, "slow_upstream": slow}
         with Prober(self.broker_port, instance) as prober:
             started = time.monotonic()
-            service = self.spawn(f"bridge-{instance}", [str(BRIDGE_EXE), "--config", str(config)], env)
+            service = self.spawn(f"bridge-{instance}", argv, env, cwd=self.workdir)
             first = prober.first_reply(started, service, 30.0)
         facts["pid"] = service.pid
         try:
@@ -248,7 +301,9 @@ stats_interval = 0
             end = proc_sample(service.pid)
             facts["final_rss_mib"] = round(end.rss_mib, 1) if end else None
             facts["alive_at_end"] = service.proc.poll() is None
+            stopping = time.monotonic()
             facts["exit_code"] = service.stop()
+            facts["stop_s"] = round(time.monotonic() - stopping, 2)
             self.bridges.append(facts)
 
     # --- load runs --------------------------------------------------------------------------------
@@ -266,13 +321,16 @@ stats_interval = 0
         size: int = 0,
         direct_url: str = "",
         stall: float = 10.0,
+        ramp: float = 0.0,
     ) -> dict[str, Any]:
         """Run bench/loadgen.py once and record its result under `label`."""
         tag = f"r{len(self.runs)}"
+        waited, busy = wait_quiet(self.plan.quiet_wait_s)
         argv = [
             PY,
             str(BENCH / "loadgen.py"),
             f"--port={self.broker_port}",
+            f"--prefix={ECHO_PREFIX if target == 'echo' else PREFIX}",
             f"--tag={tag}",
             f"--kind={kind}",
             f"--size={size}",
@@ -281,6 +339,7 @@ stats_interval = 0
             f"--concurrency={concurrency}",
             f"--time-limit={self.plan.time_limit_s}",
             f"--stall={stall}",
+            f"--ramp={ramp}",
             f"--direct-count={self.plan.direct_count if kind == 'chat' else 0}",
         ]
         if direct_url:
@@ -305,6 +364,7 @@ stats_interval = 0
             result = {"failed": f"load generator failed: {exc}"}
         result.update(label=label, target=target, concurrency=concurrency, kind=kind)
         result["wall_s"] = round(time.monotonic() - started, 1)
+        result["quiet_wait"] = {"waited_s": round(waited, 1), "busy_cores_before": round(busy, 2)}
         self.runs.append(result)
         if "failed" in result:
             print(" FAILED")
@@ -312,6 +372,7 @@ stats_interval = 0
             print(
                 f" {result['throughput_rps']:>8.1f} req/s  p50 {result['p50_ms']:.2f} ms"
                 f"  p99 {result['p99_ms']:.2f} ms  lost {result['lost']}  errors {result['errors']}"
+                f"  other CPU {result['other_cpu_share']:.2f}"
             )
         return result
 
@@ -328,32 +389,40 @@ stats_interval = 0
 
     # --- the scenarios ----------------------------------------------------------------------------
 
-    def run_echo(self) -> None:
-        """The harness ceiling: the echo responder in the bridge's place, every C."""
-        echo = self.spawn("echo", [PY, str(BENCH / "echo.py"), f"--port={self.broker_port}"])
+    @contextlib.contextmanager
+    def echo(self) -> Iterator[Service]:
+        """The echo responder (harness ceiling) on its own prefix, for the duration."""
+        echo = self.spawn(
+            "echo",
+            [PY, str(BENCH / "echo.py"), f"--port={self.broker_port}", f"--prefix={ECHO_PREFIX}"],
+        )
         try:
             if read_line(echo, 15.0) != "ready":
                 raise BridgeFailed(f"echo responder did not start:\n{echo.log_tail()}")
-            for c, n in self.plan.chat.items():
-                watch = {"echo": echo.pid, **self.watch()}
-                self.load("echo", "echo", watch, concurrency=c, count=n, warmup=self.plan.warmup)
+            yield echo
         finally:
             echo.stop()
 
     def run_instant(self) -> None:
-        """The bridge against the instant upstream at every C (C=1 also measures the upstream)."""
-        with self.bridge("instant") as facts:
+        """Echo and bridge, instant upstream, every C, interleaved and repeated (C=1 also times
+        the upstream directly)."""
+        with self.echo() as echo, self.bridge("instant") as facts:
             for c, n in self.plan.chat.items():
-                direct = self.api_base() + "/chat/completions" if c == 1 else ""
-                self.load(
-                    "bridge",
-                    "bridge",
-                    self.watch(facts["pid"]),
-                    concurrency=c,
-                    count=n,
-                    warmup=self.plan.warmup,
-                    direct_url=direct,
-                )
+                for _ in range(self.plan.reps):
+                    if self.with_echo:
+                        watch = {"echo": echo.pid, **self.watch()}
+                        self.load(
+                            "echo", "echo", watch, concurrency=c, count=n, warmup=self.plan.warmup
+                        )
+                    self.load(
+                        "bridge",
+                        "bridge",
+                        self.watch(facts["pid"]),
+                        concurrency=c,
+                        count=n,
+                        warmup=self.plan.warmup,
+                        direct_url=self.api_base() + "/chat/completions" if c == 1 else "",
+                    )
 
     def run_slow(self) -> None:
         """The bridge against the 200 ms upstream at C=128."""
@@ -364,8 +433,9 @@ stats_interval = 0
                 self.watch(facts["pid"]),
                 concurrency=CONCURRENCY,
                 count=self.plan.slow_count,
-                warmup=2 * CONCURRENCY,
+                warmup=3 * CONCURRENCY,
                 stall=5.0,
+                ramp=SLOW_MS / 1000,
             )
 
     def run_audio(self, kind: str) -> None:
@@ -457,6 +527,20 @@ class Prober:
         return None
 
 
+def wait_quiet(limit_s: float, window_s: float = 0.3) -> tuple[float, float]:
+    """Wait at most `limit_s` for the CPUs to be nearly idle; (seconds waited, busy cores)."""
+    started = time.monotonic()
+    if limit_s <= 0:
+        return 0.0, 0.0
+    while True:
+        before = machine_cpu_s()[0]
+        time.sleep(window_s)
+        busy = (machine_cpu_s()[0] - before) / window_s
+        waited = time.monotonic() - started
+        if busy < QUIET_CORES or waited >= limit_s:
+            return waited, busy
+
+
 def wait_port(port: int, service: Service, timeout: float) -> bool:
     """Wait until something accepts connections on 127.0.0.1:`port` (False if the process died)."""
     import socket
@@ -483,7 +567,7 @@ def read_line(service: Service, timeout: float) -> str | None:
     return out[0] if out else None
 
 
-# --- results ----------------------------------------------------------------------------------------
+# --- results ------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict[str, Any]:
@@ -495,7 +579,7 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for mod in ("paho.mqtt", "aiohttp", "orjson"):
+    for mod in ("paho.mqtt", "aiohttp", "orjson", "uvloop"):
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod, fromlist=["__version__"]).__version__
     mosquitto = ""
@@ -506,12 +590,16 @@ def machine_info() -> dict[str, Any]:
             mosquitto = out.decode().splitlines()[0]
     commit = ""
     with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            timeout=5,
-            check=False,
-        ).stdout.decode().strip()
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                capture_output=True,
+                timeout=5,
+                check=False,
+            )
+            .stdout.decode()
+            .strip()
+        )
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": len(os.sched_getaffinity(0)),
@@ -524,81 +612,139 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def find(runs: list[dict[str, Any]], label: str, concurrency: int | None = None) -> dict[str, Any]:
-    """The run with `label` (and `concurrency`), or {} when it is missing or failed."""
+def median(values: list[float]) -> float:
+    """The median (upper middle for an even count)."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (label, C): medians over the repetitions, sums of counts, worst of peaks."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for run in runs:
-        if run.get("label") == label and concurrency in (None, run.get("concurrency")):
-            return run if "failed" not in run else {}
+        groups.setdefault((run["label"], run.get("concurrency")), []).append(run)
+    rows = []
+    for (label, concurrency), reps in groups.items():
+        good = [r for r in reps if "failed" not in r]
+        base = {"label": label, "target": reps[0].get("target"), "kind": reps[0].get("kind")}
+        base["concurrency"] = concurrency
+        if not good:
+            rows.append({**base, "failed": reps[0]["failed"], "reps": 0})
+            continue
+        row: dict[str, Any] = {**base, "reps": len(good), "failed_reps": len(reps) - len(good)}
+        for key in ("sent", "ok", "errors", "lost", "duplicates"):
+            row[key] = sum(r[key] for r in good)
+        row["error_samples"] = [e for r in good for e in r["error_samples"]][:5]
+        for key in ("throughput_rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms"):
+            row[key] = median([r[key] for r in good])
+        row["throughput_range"] = [
+            min(r["throughput_rps"] for r in good),
+            max(r["throughput_rps"] for r in good),
+        ]
+        row["max_ms"] = max(r["max_ms"] for r in good)
+        for key in ("other_cpu_share", "steal_share"):
+            row[key] = max(r.get(key, 0.0) for r in good)
+        procs: dict[str, Any] = {}
+        for name in good[0]["processes"]:
+            samples = [r["processes"][name] for r in good if name in r["processes"]]
+            cpu = [p["cpu_ms_per_request"] for p in samples if p["cpu_ms_per_request"] is not None]
+            procs[name] = {
+                "cpu_ms_per_request": round(median(cpu), 4) if cpu else None,
+                "cpu_share": median([p["cpu_share"] for p in samples]),
+                "peak_rss_mib": max(p["peak_rss_mib"] for p in samples),
+                "rss_before_mib": min(p["rss_before_mib"] for p in samples),
+            }
+        row["processes"] = procs
+        directs = [r["direct"] for r in good if r.get("direct")]
+        if directs:
+            row["direct"] = {
+                "p50_ms": median([d["p50_ms"] for d in directs]),
+                "p99_ms": median([d["p99_ms"] for d in directs]),
+            }
+        rows.append(row)
+    return rows
+
+
+def find(rows: list[dict[str, Any]], label: str, concurrency: int | None = None) -> dict[str, Any]:
+    """The row with `label` (and `concurrency`), or {} when it is missing or failed."""
+    for row in rows:
+        if row.get("label") == label and concurrency in (None, row.get("concurrency")):
+            return row if "failed" not in row else {}
     return {}
 
 
-def bridge_proc(run: dict[str, Any]) -> dict[str, Any]:
-    """The bridge's process figures of a run ({} if none)."""
-    procs: dict[str, Any] = run.get("processes", {})
+def bridge_proc(row: dict[str, Any]) -> dict[str, Any]:
+    """The bridge's process figures of a row ({} if none)."""
+    procs: dict[str, Any] = row.get("processes", {})
     return procs.get("bridge", {}) or {}
 
 
 def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target with its measured value and PASS/FAIL (n/a when its run failed)."""
-    runs, bridges = doc["runs"], doc["bridges"]
+    """Every target with its measured value and PASS/FAIL (None when its run failed)."""
+    rows, bridges = doc["rows"], doc["bridges"]
     targets: list[dict[str, Any]] = []
 
     def add(name: str, ok: bool | None, measured: str) -> None:
         targets.append({"target": name, "pass": ok, "measured": measured})
 
-    bridge128, echo128 = find(runs, "bridge", 128), find(runs, "echo", 128)
+    name = "instant C=128 >= 70% of the echo ceiling, 0 lost"
+    bridge128, echo128 = find(rows, "bridge", 128), find(rows, "echo", 128)
     if bridge128 and echo128:
         ratio = bridge128["throughput_rps"] / echo128["throughput_rps"]
         add(
-            "instant C=128 >= 70% of the echo ceiling, 0 lost",
+            name,
             ratio >= 0.70 and bridge128["lost"] == 0 and bridge128["errors"] == 0,
             f"{ratio:.0%} ({bridge128['throughput_rps']:.0f} / {echo128['throughput_rps']:.0f}"
             f" req/s), lost {bridge128['lost']}, errors {bridge128['errors']}",
         )
     else:
-        add("instant C=128 >= 70% of the echo ceiling, 0 lost", None, "run failed")
+        add(name, None, "no result (not run, or failed)")
 
-    bridge1 = find(runs, "bridge", 1)
-    direct = bridge1.get("direct") if bridge1 else None
+    name = "C=1 median <= 1.0 ms over the upstream's own latency"
+    bridge1, echo1 = find(rows, "bridge", 1), find(rows, "echo", 1)
+    direct = bridge1.get("direct")
     if bridge1 and direct:
         over = bridge1["p50_ms"] - direct["p50_ms"]
+        harness = f"; harness round trip alone (echo) {echo1['p50_ms']:.2f} ms" if echo1 else ""
         add(
-            "C=1 median <= 1.0 ms over the upstream's own latency",
+            name,
             over <= 1.0,
-            f"+{over:.2f} ms ({bridge1['p50_ms']:.2f} ms vs upstream {direct['p50_ms']:.2f} ms)",
+            f"+{over:.2f} ms ({bridge1['p50_ms']:.2f} ms vs upstream {direct['p50_ms']:.2f} ms"
+            f"{harness})",
         )
     else:
-        add("C=1 median <= 1.0 ms over the upstream's own latency", None, "run failed")
+        add(name, None, "no result (not run, or failed)")
 
-    slow = find(runs, "bridge 200ms")
+    name = "200 ms upstream, C=128 >= 95% of C/latency"
+    slow = find(rows, "bridge 200ms")
     ideal = CONCURRENCY / (SLOW_MS / 1000)
     if slow:
         share = slow["throughput_rps"] / ideal
         add(
-            "200 ms upstream, C=128 >= 95% of C/latency",
+            name,
             share >= 0.95 and slow["lost"] == 0,
             f"{share:.1%} ({slow['throughput_rps']:.0f} of {ideal:.0f} req/s), lost {slow['lost']}",
         )
     else:
-        add("200 ms upstream, C=128 >= 95% of C/latency", None, "run failed")
+        add(name, None, "no result (not run, or failed)")
 
     cpu = bridge_proc(bridge128).get("cpu_ms_per_request")
     add(
         "CPU per request <= 0.45 ms (instant, C=128)",
         None if cpu is None else cpu <= 0.45,
-        "run failed" if cpu is None else f"{cpu:.3f} ms",
+        "no result (not run, or failed)" if cpu is None else f"{cpu:.3f} ms",
     )
 
     peaks = [
         bridge_proc(r).get("peak_rss_mib")
-        for r in runs
+        for r in rows
         if r.get("kind") == "chat" and r.get("target") == "bridge" and "failed" not in r
     ]
-    peaks = [p for p in peaks if p is not None]
+    found = [p for p in peaks if p is not None]
     add(
         "RSS under load <= 64 MiB",
-        max(peaks) <= 64 if peaks else None,
-        f"{max(peaks):.1f} MiB peak" if peaks else "run failed",
+        max(found) <= 64 if found else None,
+        f"{max(found):.1f} MiB peak" if found else "no result (not run, or failed)",
     )
 
     chat_bridges = [b for b in bridges if b.get("label") == "instant"]
@@ -615,31 +761,34 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if not b.get("slow_upstream") and "start_to_first_reply_s" in b
     )
     if starts:
-        median = starts[len(starts) // 2]
         add(
             "start-to-first-reply <= 0.5 s",
-            median <= 0.5,
-            f"median {median:.2f} s, worst {starts[-1]:.2f} s over {len(starts)} starts",
+            median(starts) <= 0.5,
+            f"median {median(starts):.2f} s, worst {starts[-1]:.2f} s over {len(starts)} starts",
         )
     else:
         add("start-to-first-reply <= 0.5 s", None, "no start measured")
 
+    payload_mib = doc["plan"]["audio_bytes"] / MIB
     for kind in ("speech", "transcription"):
-        run = next((r for r in runs if r.get("kind") == kind), {})
+        row = next((r for r in rows if r.get("kind") == kind), {})
         fact = next((b for b in bridges if b.get("label", "").startswith(kind)), {})
-        payload_mib = doc["plan"]["audio_bytes"] / MIB
         name = f"{kind} {payload_mib:g} MiB: peak RSS <= 3x payload over idle"
-        peak = bridge_proc(run).get("peak_rss_mib")
+        peak = bridge_proc(row).get("peak_rss_mib")
         base = fact.get("idle_rss_mib")
-        if "failed" in run or peak is None or base is None or run.get("ok", 0) == 0:
-            detail = run.get("failed") or "; ".join(run.get("error_samples", [])) or "no reply"
+        if not row:
+            add(name, None, "not run")
+            continue
+        if "failed" in row or peak is None or base is None or row.get("ok", 0) == 0:
+            detail = row.get("failed") or "; ".join(row.get("error_samples", [])) or "no reply"
             add(name, False, f"run failed: {detail[:300]}")
             continue
         over = peak - base
         add(
             name,
-            over <= 3 * payload_mib and run["lost"] == 0 and run["errors"] == 0,
-            f"+{over:.1f} MiB over idle ({over / payload_mib:.2f}x), peak {peak:.1f} MiB",
+            over <= 3 * payload_mib and row["lost"] == 0 and row["errors"] == 0,
+            f"+{over:.1f} MiB over idle ({over / payload_mib:.2f}x the payload),"
+            f" peak {peak:.1f} MiB",
         )
     return targets
 
@@ -652,65 +801,67 @@ def fmt(value: Any, spec: str = ".1f") -> str:
 
 
 def table(doc: dict[str, Any]) -> str:
-    """The results as one Markdown table."""
-    runs = doc["runs"]
+    """The results as one Markdown table (medians over repetitions)."""
+    rows = doc["rows"]
     head = (
-        "| run | C | sent | ok | lost | err | req/s | vs echo | p50 ms | p90 ms | p99 ms | max ms"
-        " | bridge CPU ms/req | peak RSS MiB |"
+        "| run | C | reps | sent | ok | lost | err | req/s | vs echo | p50 ms | p90 ms | p99 ms"
+        " | max ms | CPU ms/req | peak RSS MiB | other CPU |"
     )
-    rows = [head, "|" + "---|" * 14]
-    for run in runs:
-        if "failed" in run:
-            rows.append(f"| {run['label']} | {fmt(run.get('concurrency'))} | FAILED" + " |" * 12)
+    lines = [head, "|" + "---|" * 16]
+    for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['label']} | {fmt(row.get('concurrency'))} | FAILED" + " |" * 14)
             continue
-        echo = find(runs, "echo", run["concurrency"]) if run.get("kind") == "chat" else {}
+        echo = find(rows, "echo", row["concurrency"]) if row["kind"] == "chat" else {}
         ratio = (
-            f"{run['throughput_rps'] / echo['throughput_rps']:.0%}"
-            if echo and run["target"] == "bridge" and "200ms" not in run["label"]
+            f"{row['throughput_rps'] / echo['throughput_rps']:.0%}"
+            if echo and row["label"] == "bridge"
             else "-"
         )
-        proc = run["processes"].get("bridge") or run["processes"].get("echo") or {}
-        cpu = run["processes"].get("bridge", {}).get("cpu_ms_per_request")
-        rows.append(
-            f"| {run['label']} | {run['concurrency']} | {run['sent']} | {run['ok']} | {run['lost']}"
-            f" | {run['errors']} | {run['throughput_rps']:.0f} | {ratio} | {run['p50_ms']:.2f}"
-            f" | {run['p90_ms']:.2f} | {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {fmt(cpu, '.3f')}"
-            f" | {fmt(proc.get('peak_rss_mib') if 'bridge' in run['processes'] else None)} |"
+        own = row["processes"].get("bridge") or row["processes"].get("echo") or {}
+        lines.append(
+            f"| {row['label']} | {row['concurrency']} | {row['reps']} | {row['sent']} | {row['ok']}"
+            f" | {row['lost']} | {row['errors']} | {row['throughput_rps']:.0f} | {ratio}"
+            f" | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['p99_ms']:.2f}"
+            f" | {row['max_ms']:.1f} | {fmt(own.get('cpu_ms_per_request'), '.3f')}"
+            f" | {fmt(own.get('peak_rss_mib'))} | {row['other_cpu_share']:.2f} |"
         )
-    return "\n".join(rows)
+    return "\n".join(lines)
 
 
 def summary_lines(doc: dict[str, Any]) -> list[str]:
     """Facts that are not per run: upstream latency, starts, idle RSS, CPU split."""
     lines = []
-    bridge1 = find(doc["runs"], "bridge", 1)
+    bridge1 = find(doc["rows"], "bridge", 1)
     if bridge1.get("direct"):
         d = bridge1["direct"]
         lines.append(
-            f"upstream's own latency (aiohttp, sequential): p50 {d['p50_ms']:.3f} ms,"
+            f"upstream's own latency (aiohttp, sequential, keep-alive): p50 {d['p50_ms']:.3f} ms,"
             f" p99 {d['p99_ms']:.3f} ms"
         )
-    echo1 = find(doc["runs"], "echo", 1)
-    if echo1:
-        lines.append(f"harness round trip at C=1 (echo): p50 {echo1['p50_ms']:.3f} ms")
     for b in doc["bridges"]:
         lines.append(
-            f"bridge start ({b['label']}): first reply after {fmt(b.get('start_to_first_reply_s'), '.3f')} s,"
+            f"bridge start ({b['label']}): first reply after"
+            f" {fmt(b.get('start_to_first_reply_s'), '.3f')} s,"
             f" idle RSS {fmt(b.get('idle_rss_mib'))} MiB"
         )
-    run = find(doc["runs"], "bridge", 128)
-    if run:
-        split = ", ".join(
-            f"{name} {p['cpu_ms_per_request']:.3f}" for name, p in run["processes"].items()
-        )
-        lines.append(f"CPU ms per request at C=128 (instant): {split}")
+    for label in ("echo", "bridge"):
+        row = find(doc["rows"], label, 128)
+        if row:
+            split = ", ".join(
+                f"{name} {p['cpu_ms_per_request']:.3f}" for name, p in row["processes"].items()
+            )
+            lines.append(f"CPU ms per request, {label} at C=128: {split}")
     return lines
 
 
 def chart(doc: dict[str, Any], path: Path) -> None:
     """Throughput and p99 latency against requests in flight, bridge beside the echo ceiling."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("no chart: matplotlib is missing (.venv/bin/pip install -e '.[bench]')")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -718,8 +869,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     for label, style in (("echo", "s--"), ("bridge", "o-")):
         points = sorted(
             (r["concurrency"], r["throughput_rps"], r["p99_ms"])
-            for r in doc["runs"]
-            if r.get("label") == label and "failed" not in r and r.get("kind") == "chat"
+            for r in doc["rows"]
+            if r.get("label") == label and "failed" not in r
         )
         if not points:
             continue
@@ -727,26 +878,36 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         cs, rps, p99 = zip(*points, strict=True)
         ax1.plot(cs, rps, style, label=name)
         ax2.plot(cs, p99, style, label=name)
-    slow = find(doc["runs"], "bridge 200ms")
+    slow = find(doc["rows"], "bridge 200ms")
     if slow:
-        ax1.plot([slow["concurrency"]], [slow["throughput_rps"]], "^", label="bridge, 200 ms upstream")
+        ax1.plot(
+            [slow["concurrency"]], [slow["throughput_rps"]], "^", label="bridge, 200 ms upstream"
+        )
         ax1.axhline(CONCURRENCY / (SLOW_MS / 1000), color="grey", lw=0.8, ls=":")
+        ax2.plot([slow["concurrency"]], [slow["p99_ms"]], "^", label="bridge, 200 ms upstream")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 16, 128], ["1", "16", "128"])
         ax.set_xlabel("requests in flight (C)")
         ax.grid(alpha=0.3)
     ax1.set_ylabel("replies per second")
-    ax1.set_title("Throughput")
+    ax1.set_title("Throughput (dotted: 128 / 200 ms)")
     ax2.set_yscale("log")
     ax2.set_ylabel("p99 latency (ms)")
     ax2.set_title("p99 latency")
     ax1.legend(fontsize=8)
     m = doc["machine"]
-    fig.suptitle(f"openai-mqtt-bridge, {m['nproc']} CPUs ({m['cpu']}), {m['date'][:10]}", fontsize=10)
+    fig.suptitle(
+        f"openai-mqtt-bridge, {m['nproc']} CPUs ({m['cpu']}), {m['date'][:10]}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repo root when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> int:
@@ -754,35 +915,97 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/latest.json)")
+    parser.add_argument("--reps", type=int, help="repetitions of each instant run (default 3)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--bridge-src",
+        type=Path,
+        help="directory holding a bridge/ package to benchmark instead of the installed one",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the benchmark: py-spy the bridge under C=128 (bench/profile.svg)",
+    )
+    parser.add_argument("--profile-concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--no-echo", action="store_true", help="skip the echo (ceiling) runs")
+    parser.add_argument(
+        "--levels", help="comma-separated C values for the instant runs (default 1,16,128)"
+    )
+    parser.add_argument(
+        "--bridge-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the bridge, e.g. OMB_MQTT__PROTOCOL=3.1.1 (repeatable)",
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.reps:
+        plan = dataclasses.replace(plan, reps=args.reps)
+    if args.levels:
+        levels = [int(c) for c in args.levels.split(",")]
+        counts = {c: plan.chat.get(c, plan.chat[max(plan.chat)]) for c in levels}
+        plan = dataclasses.replace(plan, chat=counts)
+    bridge_env = dict(item.split("=", 1) for item in args.bridge_env)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; pick from {SCENARIOS}")
     if not BRIDGE_EXE.exists():
         raise SystemExit(f"{BRIDGE_EXE} not found: run from the repo's venv (.venv/bin/python)")
     RESULTS.mkdir(exist_ok=True)
     logdir = RESULTS / "logs"
     shutil.rmtree(logdir, ignore_errors=True)
     logdir.mkdir()
-    out = args.out or RESULTS / ("quick.json" if args.quick else "latest.json")
+    default_name = "quick.json" if args.quick else "latest.json"
+    partial = args.bridge_src or bridge_env or args.levels or args.reps or args.no_echo
+    if partial or set(only) != set(SCENARIOS):
+        default_name = "partial.json"
+    out = args.out or RESULTS / default_name
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="omb-bench-") as tmp:
-        bench = Bench(plan, Path(tmp), logdir)
+        bench = Bench(plan, Path(tmp), logdir, bridge_src=args.bridge_src, bridge_env=bridge_env)
+        bench.with_echo = not args.no_echo
+        if args.profile:
+            try:
+                bench.start_broker()
+                bench.start_upstream()
+                return profile(bench, args.profile_concurrency)
+            finally:
+                bench.close()
         try:
             bench.start_broker()
             bench.start_upstream()
-            print(f"broker 127.0.0.1:{bench.broker_port}, upstream ports {bench.instant_port}"
-                  f" (instant) and {bench.slow_port} ({SLOW_MS:g} ms); {plan.name} plan")
-            bench.guarded("echo", bench.run_echo)
-            bench.guarded("bridge", bench.run_instant)
-            bench.guarded("bridge 200ms", bench.run_slow)
-            bench.guarded("speech", bench.run_audio, "speech")
-            bench.guarded("transcription", bench.run_audio, "transcription")
+            print(
+                f"broker 127.0.0.1:{bench.broker_port}, upstream ports {bench.instant_port}"
+                f" (instant) and {bench.slow_port} ({SLOW_MS:g} ms); {plan.name} plan"
+            )
+            for name in only:
+                if name == "instant":
+                    bench.guarded("bridge", bench.run_instant)
+                elif name == "slow":
+                    bench.guarded("bridge 200ms", bench.run_slow)
+                else:
+                    bench.guarded(name, bench.run_audio, name)
         finally:
             bench.close()
     doc: dict[str, Any] = {
         "machine": machine_info(),
         "plan": vars_of(plan),
-        "bench_config": {"max_concurrency": CONCURRENCY, "max_connections": CONCURRENCY,
-                          "broker_max_inflight": BROKER_INFLIGHT, "slow_upstream_ms": SLOW_MS},
+        "bench_config": {
+            "max_concurrency": CONCURRENCY,
+            "max_connections": CONCURRENCY,
+            "broker_max_inflight": BROKER_INFLIGHT,
+            "slow_upstream_ms": SLOW_MS,
+        },
+        "bridge_src": str(args.bridge_src) if args.bridge_src else None,
+        "bridge_env": bridge_env,
+        "rows": aggregate(bench.runs),
         "runs": bench.runs,
         "bridges": bench.bridges,
         "wall_s": round(time.monotonic() - started, 1),
@@ -798,12 +1021,113 @@ def main() -> int:
     for t in doc["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t["pass"]]
         print(f"{verdict}  {t['target']}: {t['measured']}")
-    if not args.quick:
+    if out.name == "latest.json":
         chart(doc, BENCH / "chart.png")
-        print(f"\nwrote {out.relative_to(ROOT)} and bench/chart.png in {doc['wall_s']:.0f} s")
+        print(f"\nwrote {shown(out)} and bench/chart.png in {doc['wall_s']:.0f} s")
     else:
-        print(f"\nwrote {out.relative_to(ROOT)} in {doc['wall_s']:.0f} s")
+        print(f"\nwrote {shown(out)} in {doc['wall_s']:.0f} s")
     return 0 if all("failed" not in r for r in bench.runs) else 1
+
+
+def profile(bench: Bench, concurrency: int, seconds: float = 10.0) -> int:
+    """py-spy the bridge under the instant load at `concurrency`: an SVG and a text summary."""
+    spy = Path(PY).with_name("py-spy")
+    if not spy.exists():
+        raise SystemExit(f"{spy} not found: .venv/bin/pip install -e '.[bench]'")
+    svg = BENCH / ("profile.svg" if concurrency == CONCURRENCY else f"profile-c{concurrency}.svg")
+    raw = RESULTS / f"profile-c{concurrency}.raw.txt"
+    count = int(2 * seconds * (1500 if concurrency > 1 else 700)) + 2000
+    with bench.bridge("profile") as facts:
+        pid = facts["pid"]
+        loader = threading.Thread(
+            target=bench.load,
+            args=("bridge", "bridge", bench.watch(pid)),
+            kwargs={"concurrency": concurrency, "count": count, "warmup": 1000},
+        )
+        loader.start()
+        time.sleep(1.5)
+        for fmt_name, path in (("raw", raw), ("flamegraph", svg)):
+            # One after the other: two py-spy processes cannot both ptrace the bridge.
+            argv = [str(spy), "record", "--pid", str(pid), "--rate", "200"]
+            argv += ["--duration", str(int(seconds)), "--format", fmt_name, "-o", str(path)]
+            with (RESULTS / f"py-spy-{fmt_name}.log").open("wb") as log:
+                try:
+                    subprocess.run(argv, stdout=log, stderr=log, timeout=seconds + 30, check=False)
+                except subprocess.TimeoutExpired:
+                    print(f"py-spy ({fmt_name}) did not finish in time")
+        loader.join(bench.plan.time_limit_s + 150)
+    text = summarize_profile(raw, concurrency)
+    summary = BENCH / f"profile-c{concurrency}.txt"
+    summary.write_text(text)
+    print(text)
+    print(f"wrote {svg.relative_to(ROOT)} and {summary.relative_to(ROOT)}")
+    return 0
+
+
+def summarize_profile(raw: Path, concurrency: int, top: int = 25) -> str:
+    """Self and inclusive sample shares per function and per package, from py-spy raw stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    package: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        raw_frames = stack.split(";")
+        if not raw_frames[0].startswith("<module>") or raw_frames[-1].startswith(_IDLE_LEAVES):
+            continue  # another thread (the idle resolver pool), or the loop waiting for I/O
+        total += count
+        frames = [_frame_name(f) for f in raw_frames]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+        pkg = _package(stack.split(";")[-1])
+        package[pkg] = package.get(pkg, 0) + count
+    lines = [
+        f"py-spy (200 Hz), the bridge under instant load at C={concurrency}: {total} samples"
+        " of the event-loop thread while busy (waits for I/O left out)"
+    ]
+    for title, table_ in (
+        ("self time by package", package),
+        ("self time by function", own),
+        ("inclusive time by function", inclusive),
+    ):
+        lines.append(f"\n{title}:")
+        for name, count in sorted(table_.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {100 * count / max(total, 1):5.1f}%  {name}")
+    return "\n".join(lines) + "\n"
+
+
+_IDLE_LEAVES = (
+    "EpollSelector.select",  # asyncio's loop waiting for I/O
+    "Runner.run",  # uvloop's loop (native code) waiting for I/O
+    "BaseEventLoop.run_forever",
+    "BaseEventLoop.run_until_complete",
+)
+
+
+def _frame_name(frame: str) -> str:
+    """'fn (path/to/module.py:123)' -> 'fn (module path from the package root)'."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "python3.11/", "/work/", "/main/"):
+        if marker in path:
+            path = path.rsplit(marker, 1)[1]
+    return f"{name} ({path})"
+
+
+def _package(frame: str) -> str:
+    """The top-level package (or stdlib module) a frame's file belongs to."""
+    path = frame.partition(" (")[2].rstrip(")").rsplit(":", 1)[0]
+    if "site-packages/" in path:
+        return path.rsplit("site-packages/", 1)[1].split("/")[0]
+    if "/bridge/" in path:
+        return "bridge/" + path.rsplit("/bridge/", 1)[1]
+    if "/lib/python3" in path:
+        return "stdlib:" + path.rsplit("/", 1)[1]
+    return path
 
 
 def vars_of(plan: Plan) -> dict[str, Any]:

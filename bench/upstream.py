@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
 from aiohttp.web_server import Server
-
 from common import CHAT_COMPLETION
 
 CHAT_BODY = json.dumps(CHAT_COMPLETION, separators=(",", ":")).encode()
