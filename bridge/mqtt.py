@@ -61,39 +61,6 @@ _UNSUPPORTED_PROTOCOL = 132  # MQTT 5 CONNACK "Unsupported Protocol Version"
 _BAD_AUTH_CODES = frozenset({134, 135, 133, 138, 4, 5})  # bad credentials / not authorised / bad id
 
 
-class _BufferedClient(paho.Client):
-    """paho's client reading the socket in 64 KiB gulps instead of one recv() per header byte.
-
-    paho reads every packet's fixed header byte by byte: three or more syscalls per PUBLISH and
-    PUBACK, the largest single cost in the profile under load. Reads are served from a buffer
-    that belongs to one socket and is dropped when the socket changes.
-    """
-
-    _READ_SIZE = 65536
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rbuf = b""
-        self._rpos = 0
-        self._rsock: Any = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rsock is not self._sock:
-            self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
-        if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(max(bufsize, self._READ_SIZE))
-            if len(data) <= bufsize:
-                return data
-            self._rbuf, self._rpos = data, 0
-        chunk = self._rbuf[self._rpos : self._rpos + bufsize]
-        self._rpos += len(chunk)
-        return chunk
-
-    def buffered(self) -> bool:
-        """Whether bytes already read from the socket wait to be parsed."""
-        return self._rsock is self._sock and self._rpos < len(self._rbuf)
-
-
 class MqttTransport:
     """One broker connection with a persistent session and manual acknowledgement."""
 
@@ -143,10 +110,10 @@ class MqttTransport:
 
     # --- paho client and its socket callbacks ---------------------------------------------------
 
-    def _make_client(self) -> _BufferedClient:
+    def _make_client(self) -> paho.Client:
         cfg = self.config
         v5 = self.protocol == MQTTProtocolVersion.MQTTv5
-        client = _BufferedClient(
+        client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.effective_client_id,
             clean_session=None if v5 else False,
@@ -198,12 +165,9 @@ class MqttTransport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._in_loop(self._loop.add_reader, sock, self._read, client)
 
-    def _read(self, client: _BufferedClient) -> None:
+    def _read(self, client: paho.Client) -> None:
         try:
             client.loop_read()
-            # The socket will not signal again for bytes already in our buffer: parse them now.
-            while client.buffered():
-                client.loop_read()
         except Exception as exc:  # a broken socket surfaces here; treat it as a lost connection
             self.log.debug("mqtt read failed", error=repr(exc), exc_info=True)
             self._connection_lost()
