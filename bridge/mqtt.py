@@ -395,11 +395,7 @@ class MqttTransport:
             if not fut.done():
                 fut.cancel()
         self._pending_pubs.clear()
-        sock = self._client.socket()
-        if sock is not None:
-            self._remove_fd(sock)
-            with contextlib.suppress(Exception):
-                self._client._sock_close()
+        self._drop_socket()
         self.connected.clear()
 
     # --- connection management --------------------------------------------------------------------
@@ -456,12 +452,7 @@ class MqttTransport:
             if self.protocol == MQTTProtocolVersion.MQTTv5
             else MQTTProtocolVersion.MQTTv5
         )
-        old = self._client
-        sock = old.socket()
-        if sock is not None:
-            self._remove_fd(sock)
-            with contextlib.suppress(Exception):
-                old._sock_close()
+        self._drop_socket()
         self._client = self._make_client()
         self._ever_connected = False
 
