@@ -66,6 +66,7 @@ def _print_problems(exc: ConfigError, path: str | None) -> None:
 def cmd_run(path: str | None) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from bridge import logs
+    from bridge.allocator import pin_mmap_threshold
     from bridge.daemon import Bridge, EmbeddedPortBusy
 
     try:
@@ -81,7 +82,7 @@ def cmd_run(path: str | None) -> int:
     if loop_factory is None and config.runtime.event_loop == "uvloop":
         log.error('[runtime] event_loop = "uvloop" but uvloop is not installed')
         return EX_CONFIG
-    log.debug("event loop", loop=loop_name)
+    log.debug("event loop", loop=loop_name, mmap_threshold_pinned=pin_mmap_threshold())
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(Bridge(config).run())

@@ -29,7 +29,7 @@ from bridge.errors import (
     ReplyTooLarge,
     UnknownMethod,
 )
-from bridge.jsoncodec import dumps, loads
+from bridge.jsoncodec import dumps, loads, loads_text
 from bridge.logs import REDACTOR
 from bridge.mqtt import InboundMessage, PublishFailed
 from bridge.operations import MethodTable, Operation
@@ -37,6 +37,9 @@ from bridge.request import RequestBuilder
 from bridge.service import ServiceClient, ServiceResult
 from bridge.streaming import StreamPublisher, make_sink
 from bridge.topics import Topics
+
+LARGE_PAYLOAD = 1 << 20
+"""Requests from this many bytes on are parsed as text with the bytes dropped first."""
 
 
 class Publisher(StreamPublisher, Protocol):
@@ -224,8 +227,7 @@ class Dispatcher:
         result: ServiceResult | None = None
         attempts = 0
         try:
-            params = self._decode(message.payload)
-            message.payload = b""  # the parsed copy is all we need; halves peak memory
+            params = self._decode(message)
             transaction = params.pop("transaction", envelope.MISSING)
             if cached is not None and transaction is not envelope.MISSING:
                 await self._answer_cached(
@@ -304,14 +306,23 @@ class Dispatcher:
         await self._send(message, topic, payload, correlation)
         self.log.info("request", method=method[:100], status="cached", dup=message.dup)
 
-    def _decode(self, payload: bytes) -> dict[str, Any]:
+    def _decode(self, message: InboundMessage) -> dict[str, Any]:
+        """The request's parameters; takes the payload off `message`, so only the parse keeps it."""
+        payload, message.payload = message.payload, b""
         limit = self.config.limits.max_request_bytes
         if len(payload) > limit:
             raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
         if not payload or payload.isspace():  # no strip(): that copies a large payload
             raise BadJson("empty payload: publish one JSON object")
         try:
-            params = loads(payload)
+            if len(payload) < LARGE_PAYLOAD:
+                params = loads(payload)
+            else:
+                # Bytes to text, drop the bytes, then parse: two payloads' worth alive at the
+                # peak instead of the three that parsing the bytes directly would hold.
+                text = str(payload, "utf-8")
+                del payload
+                params = loads_text(text)
         except ValueError as exc:
             raise BadJson(f"payload is not valid UTF-8 JSON: {str(exc)[:200]}") from None
         if not isinstance(params, dict):

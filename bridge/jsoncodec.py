@@ -28,9 +28,51 @@ def loads(data: bytes) -> Any:
             raise ValueError(str(exc)) from None
     try:
         text = data.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except UnicodeDecodeError as exc:
         raise ValueError(str(exc)) from None
+    return loads_text(text)
+
+
+# A \uD800-\uDFFF escape; only then can the standard library's result hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads_text(text: str) -> Any:
+    """Parse JSON text as strictly as `loads`, with integers of any size exact.
+
+    orjson copies its whole input before it parses; the standard library does not, which is what
+    a payload of tens of MiB needs (the caller drops the bytes once it holds the text).
+    """
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(str(exc)) from None
+    if _SURROGATE_ESCAPE.search(text) is not None and _holds_lone_surrogate(value):
+        raise ValueError("a \\u escape encodes a lone surrogate, which is not valid Unicode")
+    return value
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def dumps(value: Any) -> bytes:

@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bridge import publish_decoder
 from bridge.backoff import Backoff
 from bridge.config import MqttConfig
 
@@ -106,6 +107,7 @@ class MqttTransport:
         self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self._ever_connected = False
         self._tls_context: _TrackingContext | None = None
+        publish_decoder.install()  # a large request costs one copy of its payload, not three
         self._client = self._make_client()
 
     # --- paho client and its socket callbacks ---------------------------------------------------

@@ -56,6 +56,19 @@ class ServiceResult:
     attempts: int = 1
 
 
+class BytesBody(aiohttp.payload.BytesPayload):
+    """A request body or part sent from memory as it is, without a copy.
+
+    aiohttp's own BytesPayload raises a ResourceWarning for more than 1 MiB, to steer callers
+    towards file objects; a bridge holds its uploads in memory by design, and a BytesIO would
+    cost one more copy of the file (aiohttp takes its buffer).
+    """
+
+    def __init__(self, value: bytes, content_type: str) -> None:
+        aiohttp.payload.Payload.__init__(self, value, content_type=content_type)
+        self._size = len(value)
+
+
 _TEXT_TYPES = ("text/", "application/sdp")
 _JSON_TYPES = ("application/json", "application/problem+json")
 _UPSTREAM_TEXT_LIMIT = 2000
@@ -184,18 +197,16 @@ class ServiceClient:
                         part.name, part.value.decode("utf-8"), content_type=part.content_type
                     )
                 else:
+                    content_type = part.content_type or "application/octet-stream"
                     form.add_field(
-                        part.name,
-                        part.value,
-                        filename=part.filename,
-                        content_type=part.content_type or "application/octet-stream",
+                        part.name, BytesBody(part.value, content_type), filename=part.filename
                     )
             # The session skips automatic Content-Type headers (bodyless requests must not get
             # one), so the multipart type with its boundary is set here explicitly.
             data = form()
             headers = {**headers, "Content-Type": data.content_type}
         elif request.json_body is not None:
-            data = request.json_body
+            data = BytesBody(request.json_body, "application/json")
         try:
             async with self._session.request(
                 request.method,

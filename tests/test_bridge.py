@@ -16,6 +16,7 @@ from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
+from bridge.dispatch import LARGE_PAYLOAD
 from bridge.errors import ERROR_CODES
 
 
@@ -271,6 +272,32 @@ def test_every_request_error_code(
     assert standin.requests == []
     transactioned = client.request("noSuchMethod", {"transaction": 9})
     assert transactioned["transaction"] == 9 and transactioned["method"] == "noSuchMethod"
+
+
+def test_large_request_errors(bridge: BridgeThread, client: TestClient, standin: Standin) -> None:
+    # From 1 MiB on the payload is parsed as text with its bytes dropped first (bridge/dispatch.py):
+    # the same refusals must hold on that path.
+    filler = "A" * (LARGE_PAYLOAD + 10)
+    cases: list[tuple[bytes, str, str]] = [
+        (b'{"input": "' + filler.encode() + b'\xff"}', "bad_json", "UTF-8"),
+        (b'{"input": "' + filler.encode() + b'"', "bad_json", ""),
+        (b'["' + filler.encode() + b'"]', "not_an_object", "list"),
+        (b'{"input": "' + filler.encode() + b'\\ud800"}', "bad_json", "surrogate"),
+        (b'{"input": NaN, "pad": "' + filler.encode() + b'"}', "bad_json", "NaN"),
+    ]
+    for payload, code, needle in cases:
+        reply = client.request("createModeration", payload, suffix=f"large-{code}")
+        assert reply["status"] == "error", (payload[-40:], reply)
+        assert reply["error"]["code"] == code, (payload[-40:], reply)
+        assert needle in reply["error"]["message"], reply
+    assert standin.requests == []
+    big_id = 2**70 + 3  # exact on this path too
+    standin.set_default(Reply(json={"results": []}))
+    text = '{"input": "' + filler + '", "transaction": ' + str(big_id) + "}"
+    reply = client.request("createModeration", text.encode(), suffix="large-ok")
+    assert reply["status"] == "ok", bridge.log_text()[-5000:]
+    assert reply["transaction"] == big_id
+    assert standin.last.json() == {"input": filler}
 
 
 def test_topic_without_method(bridge: BridgeThread, client: TestClient) -> None:

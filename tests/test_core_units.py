@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge import envelope
+from bridge.allocator import pin_mmap_threshold
 from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import BridgeConfig, load_config
 from bridge.dedup import ReplyCache, request_key
@@ -22,7 +28,7 @@ from bridge.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from bridge.jsoncodec import dumps, loads
+from bridge.jsoncodec import dumps, loads, loads_text
 from bridge.logs import Redactor
 from bridge.systemd import notify, watchdog_interval
 from bridge.topics import Topics
@@ -194,6 +200,42 @@ def test_error_codes_are_unique_snake_case() -> None:
 def test_strict_json_refusals(raw: bytes) -> None:
     with pytest.raises(ValueError):
         loads(raw)
+    if raw != b"\xff":
+        with pytest.raises(ValueError):
+            loads_text(raw.decode())
+
+
+@pytest.mark.parametrize(
+    "text", ['"\\ud800"', '["ok", {"k\\udfff": 1}]', '"\\ude00\\ud83d"', '{"a": "x\\uDBFF"}']
+)
+def test_text_parser_refuses_lone_surrogates_like_orjson(text: str) -> None:
+    with pytest.raises(ValueError):
+        orjson.loads(text)
+    with pytest.raises(ValueError, match="surrogate"):
+        loads_text(text)
+    with pytest.raises(ValueError, match="surrogate"):  # a 20-digit number takes the same path
+        loads(f"[{text}, 12345678901234567890]".encode())
+
+
+def test_text_parser_accepts_what_only_looks_like_a_surrogate() -> None:
+    assert loads_text('"\\ud83d\\ude00"') == "\U0001f600"
+    assert loads_text('"\\\\ud800"') == "\\ud800"  # an escaped backslash, then plain text
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(),
+        lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+        max_leaves=20,
+    )
+)
+def test_text_parser_agrees_with_orjson(value: Any) -> None:
+    text = json.dumps(value)
+    assert loads_text(text) == orjson.loads(text)
 
 
 def test_big_integers_survive_exactly() -> None:
@@ -283,3 +325,12 @@ def test_sd_notify_and_watchdog_interval(tmp_path: Path) -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({}) is None
+
+
+# --- allocator ----------
+
+
+def test_mmap_threshold_is_pinned_on_glibc_unless_the_operator_chose() -> None:
+    assert pin_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+    glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    assert pin_mmap_threshold({}) is glibc
