@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -44,12 +45,19 @@ def loads_text(text: str) -> Any:
     a payload of tens of MiB needs (the caller drops the bytes once it holds the text).
     """
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise ValueError(str(exc)) from None
     if _SURROGATE_ESCAPE.search(text) is not None and _holds_lone_surrogate(value):
         raise ValueError("a \\u escape encodes a lone surrogate, which is not valid Unicode")
     return value
+
+
+def _finite_float(literal: str) -> float:
+    number = float(literal)
+    if math.isinf(number):  # orjson refuses 1e400 too; it would be sent on as Infinity
+        raise ValueError(f"number {literal[:40]} is out of range")
+    return number
 
 
 def _holds_lone_surrogate(value: Any) -> bool:

@@ -61,7 +61,8 @@ class BytesBody(aiohttp.payload.BytesPayload):
 
     aiohttp's own BytesPayload raises a ResourceWarning for more than 1 MiB, to steer callers
     towards file objects; a bridge holds its uploads in memory by design, and a BytesIO would
-    cost one more copy of the file (aiohttp takes its buffer).
+    cost one more copy of the file (aiohttp's BytesIOPayload calls `getbuffer()`, which copies
+    the bytes a BytesIO shares).
     """
 
     def __init__(self, value: bytes, content_type: str) -> None:

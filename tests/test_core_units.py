@@ -195,7 +195,18 @@ def test_error_codes_are_unique_snake_case() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"NaN", b"[Infinity]", b"{'a': 1}", b"\xff", b"[1,]", b"", b'{"a": 1} x', b"[" * 100_000],
+    [
+        b"NaN",
+        b"[Infinity]",
+        b"{'a': 1}",
+        b"\xff",
+        b"[1,]",
+        b"",
+        b'{"a": 1} x',
+        b"[" * 100_000,
+        b'{"t": 1e400}',
+        b"[-2.5e999]",
+    ],
 )
 def test_strict_json_refusals(raw: bytes) -> None:
     with pytest.raises(ValueError):
