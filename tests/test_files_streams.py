@@ -1073,9 +1073,18 @@ def bridge_process(
         assert TEST_API_KEY not in process.log_text()
 
 
-def peak_delta_mib(process: BridgeProcess, baseline_kib: int) -> float:
+def assert_peak_within(
+    process: BridgeProcess, baseline_kib: int, factor: float, label: str, record_property: Any
+) -> None:
+    """The bridge's peak RSS grew by less than `factor` times BIG since `baseline_kib`."""
     assert process.proc is not None
-    return (proc_status_kib(process.proc.pid, "VmHWM") - baseline_kib) / 1024
+    delta = (proc_status_kib(process.proc.pid, "VmHWM") - baseline_kib) / 1024
+    record_property("bridge_baseline_hwm_mib", round(baseline_kib / 1024, 1))
+    record_property(f"bridge_{label}_peak_delta_mib", round(delta, 1))
+    print(
+        f"\n{label} 25 MiB: bridge VmHWM baseline {baseline_kib / 1024:.1f} MiB, +{delta:.1f} MiB"
+    )
+    assert delta < factor * BIG / MIB
 
 
 def test_25_mib_upload(
@@ -1099,11 +1108,7 @@ def test_25_mib_upload(
         part = standin.last.part("file")
         assert part == Part("file", "long.wav", "audio/wav", audio)
 
-    delta = peak_delta_mib(bridge_process, baseline)
-    record_property("bridge_baseline_hwm_mib", round(baseline / 1024, 1))
-    record_property("bridge_upload_peak_delta_mib", round(delta, 1))
-    print(f"\nupload 25 MiB: bridge VmHWM baseline {baseline / 1024:.1f} MiB, +{delta:.1f} MiB")
-    assert delta < UPLOAD_PEAK_FACTOR * BIG / MIB
+    assert_peak_within(bridge_process, baseline, UPLOAD_PEAK_FACTOR, "upload", record_property)
 
 
 def test_25_mib_download(
@@ -1127,8 +1132,4 @@ def test_25_mib_download(
         assert data["content_type"] == "audio/wav" and data["size"] == BIG
         assert base64.b64decode(data["base64"], validate=True) == body
 
-    delta = peak_delta_mib(bridge_process, baseline)
-    record_property("bridge_baseline_hwm_mib", round(baseline / 1024, 1))
-    record_property("bridge_download_peak_delta_mib", round(delta, 1))
-    print(f"\ndownload 25 MiB: bridge VmHWM baseline {baseline / 1024:.1f} MiB, +{delta:.1f} MiB")
-    assert delta < DOWNLOAD_PEAK_FACTOR * BIG / MIB
+    assert_peak_within(bridge_process, baseline, DOWNLOAD_PEAK_FACTOR, "download", record_property)
