@@ -735,6 +735,29 @@ def test_streamed_transcription_is_a_multipart_stream(
     assert standin.last.part("stream").data == b"true"
 
 
+def test_streamed_speech_events_and_last_event_reply(
+    bridge: BridgeThread, client: TestClient, standin: Standin
+) -> None:
+    chunks = [random_binary(3000), random_binary(1234)]
+    speech_events: list[tuple[str | None, Any]] = [
+        *[(None, {"type": "speech.audio.delta", "audio": b64(chunk)}) for chunk in chunks],
+        (None, {"type": "speech.audio.done", "usage": {"input_tokens": 3, "output_tokens": 9}}),
+    ]
+    standin.script("POST", "/audio/speech", Reply(sse=sse(speech_events)))
+    payload = {
+        "model": "gpt-4o-mini-tts",
+        "input": "Hallo",
+        "voice": "alloy",
+        "stream_format": "sse",
+    }
+    events, reply = stream_request(client, "createSpeech", {"transaction": 8, **payload}, "door")
+    assert reply.json()["data"] == speech_events[-1][1]
+    assert_stream(events, 8, speech_events)
+    audio = b"".join(base64.b64decode(e.json()["data"]["audio"]) for e in events[:-1])
+    assert audio == b"".join(chunks)
+    assert standin.last.json() == payload
+
+
 def test_cut_stream_is_an_error_after_the_events_it_sent(
     bridge: BridgeThread, client: TestClient, standin: Standin
 ) -> None:
