@@ -117,7 +117,9 @@ def _body_lines(op: Operation) -> list[str]:
     fields = []
     for field in ordered:
         marks = ["required"] if field in op.required_fields else []
-        if field in op.file_fields:
+        if field in op.multi_file_fields:
+            marks.append("file or array of files")
+        elif field in op.file_fields:
             marks.append("file")
         fields.append(f"`{field}`" + (f" ({', '.join(marks)})" if marks else ""))
     lines = [f"- Body: {kind}", f"- Body fields: {', '.join(fields) if fields else 'none'}"]

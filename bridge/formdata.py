@@ -291,9 +291,12 @@ def encode_form(op: Operation, fields: dict[str, Any]) -> tuple[FormPart, ...]:
         if value is None:
             continue
         if name in file_fields:
+            if isinstance(value, list):
+                _check_takes_several(op, name)
             parts.extend(_file_parts(name, value, fields, seed_name_target == name, video))
         elif name.endswith("[]") and name[:-2] in file_fields:
             # The curl spelling `image[]` of an array file field.
+            _check_takes_several(op, name[:-2])
             items = value if isinstance(value, list) else [value]
             parts.extend(_file_parts(name[:-2], items, fields, False, video))
         elif name == _SEED_FILENAME_KEY and seed_name_target is not None:
@@ -306,6 +309,13 @@ def encode_form(op: Operation, fields: dict[str, Any]) -> tuple[FormPart, ...]:
         else:
             parts.extend(_text_parts(name, value))
     return tuple(parts)
+
+
+def _check_takes_several(op: Operation, name: str) -> None:
+    if name not in op.multi_file_fields:
+        raise InvalidFile(
+            name, f"field {name!r} of {op.name} takes one file, not an array; send {_FORMS_HINT}"
+        )
 
 
 def _seed_filename_target(op: Operation, fields: dict[str, Any]) -> str | None:

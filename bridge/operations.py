@@ -58,6 +58,8 @@ class Operation:
     """With `json_alternative`: the fields the JSON form of the body requires."""
     example: str = "{}"
     """Compact JSON text of a minimal request payload (path parameters, required fields, values)."""
+    multi_file_fields: tuple[str, ...] = ()
+    """The file fields that also take an array of files (sent as repeated `name[]` parts)."""
 
     @property
     def reference_url(self) -> str:

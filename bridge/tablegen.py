@@ -15,7 +15,8 @@ Rules, applied per operation (the seed is the 50 methods of the node this projec
   spec's x-oaiMeta group, else the slug of their first tag; underscores become '-'.
 - request_kind: "none" without a request body; "multipart" when any content is
   multipart/form-data (`json_alternative` when application/json is offered too); else "json".
-  Required, known and file fields come from the chosen content.
+  Required, known and file fields come from the chosen content; which file fields also take an
+  array of files is in `MULTI_FILE_FIELDS` (checked against the YAML by the tests).
 - response_kind: "binary" when a success response is octet-stream, zip, audio, image or video;
   "text" for application/sdp; "empty" when no success response has a body; else "json".
   Overrides from observed behaviour are in `RESPONSE_KIND_OVERRIDES`.
@@ -82,6 +83,15 @@ RESPONSE_KIND_OVERRIDES: dict[str, ResponseKind] = {
     "createTranslation": "text",
     # The spec declares no body; the endpoint exists to send the container file's bytes.
     "RetrieveContainerFileContent": "binary",
+}
+
+# File fields whose schema also takes an array of files (an anyOf/oneOf variant that is an array
+# of binary items) in openapi-latest.yaml, which ops-latest.json does not record;
+# tests/test_tablegen.py derives the same from the YAML.
+MULTI_FILE_FIELDS: dict[str, tuple[str, ...]] = {
+    "createImageEdit": ("image",),
+    "CreateSkill": ("files",),
+    "CreateSkillVersion": ("files",),
 }
 
 # Where the spec's examples show no OpenAI-Beta header although the operation needs one.
@@ -346,6 +356,9 @@ def build_operation(
     required_fields = tuple(content["required_fields"]) if content else ()
     body_fields = tuple(content["fields"]) if content else ()
     file_fields = tuple(content.get("file_fields") or ()) if content else ()
+    multi_file_fields = () if retired else MULTI_FILE_FIELDS.get(name, ())
+    if not set(multi_file_fields) <= set(file_fields):
+        raise ValueError(f"{name}: MULTI_FILE_FIELDS {multi_file_fields} are not file fields")
     query_params = tuple(query_param_of(p) for p in spec_op["query_params"])
     example = build_example(
         group=group,
@@ -366,6 +379,7 @@ def build_operation(
         required_fields=required_fields,
         body_fields=body_fields,
         file_fields=file_fields,
+        multi_file_fields=multi_file_fields,
         response_kind=response_kind_of(spec_op),
         streams=streams_of(spec_op, body_fields),
         beta=beta_of(spec_op.get("beta_header"), name),
@@ -477,6 +491,7 @@ OPERATION_FIELDS = (
     "required_fields",
     "body_fields",
     "file_fields",
+    "multi_file_fields",
     "response_kind",
     "streams",
     "beta",

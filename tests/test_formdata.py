@@ -27,6 +27,7 @@ def make_op(
     file_fields: tuple[str, ...] = ("file",),
     required: tuple[str, ...] = ("file", "model"),
     body_fields: tuple[str, ...] = ("file", "model", "language", "timestamp_granularities"),
+    multi_file_fields: tuple[str, ...] = (),
 ) -> Operation:
     return Operation(
         name=name,
@@ -44,6 +45,7 @@ def make_op(
         beta=None,
         deprecated=False,
         retired=False,
+        multi_file_fields=multi_file_fields,
     )
 
 
@@ -53,6 +55,7 @@ IMAGE_EDIT = make_op(
     file_fields=("image", "mask"),
     required=("prompt", "image"),
     body_fields=("image", "prompt", "mask", "n", "size"),
+    multi_file_fields=("image",),
 )
 VIDEO_EDIT = make_op(
     "CreateVideoEdit", file_fields=("video",), required=("video", "prompt"), body_fields=()
@@ -182,6 +185,23 @@ def test_array_of_files_goes_as_repeated_bracketed_parts() -> None:
         FormPart("image[]", PNG, "image.png", "image/png"),
         FormPart("prompt", b"basket"),
     )
+
+
+@pytest.mark.parametrize(
+    ("op", "fields", "field"),
+    [
+        (TRANSCRIBE, {"file": [b64(WAV), b64(WAV)], "model": "m"}, "file"),
+        (TRANSCRIBE, {"file[]": [b64(WAV)], "model": "m"}, "file"),
+        (TRANSCRIBE, {"file[]": b64(WAV), "model": "m"}, "file"),
+        (IMAGE_EDIT, {"image": b64(PNG), "mask": [b64(PNG)], "prompt": "p"}, "mask"),
+    ],
+)
+def test_array_for_a_one_file_field_is_invalid_file(
+    op: Operation, fields: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidFile, match="takes one file, not an array") as caught:
+        encode_form(op, fields)
+    assert caught.value.parameter == field
 
 
 def test_single_file_keeps_the_plain_field_name() -> None:
@@ -405,8 +425,6 @@ def test_base64_roundtrip_property(
         ("data:audio/wav;base64", "needs a ','"),
         ("data:audio/wav;base64,", "the file is empty"),
         ("https://example.com/a.wav", "URLs are not fetched"),
-        ([], "the array holds no files"),
-        ([b64(WAV), 3], "field 'file[1]': got int"),
     ],
 )
 def test_bad_file_values_are_invalid_file(value: Any, fragment: str) -> None:
@@ -417,6 +435,17 @@ def test_bad_file_values_are_invalid_file(value: Any, fragment: str) -> None:
     assert err.parameter == "file"
     assert fragment in err.message
     assert "'file" in err.message
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [([], "the array holds no files"), ([b64(PNG), 3], "field 'image[1]': got int")],
+)
+def test_bad_file_arrays_are_invalid_file(value: Any, fragment: str) -> None:
+    with pytest.raises(InvalidFile) as info:
+        encode_form(IMAGE_EDIT, {"image": value, "prompt": "p"})
+    assert info.value.parameter == "image"
+    assert fragment in info.value.message
 
 
 def test_invalid_file_message_lists_the_accepted_forms() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge import tablegen
 from bridge.describe import example_payload
@@ -105,6 +106,50 @@ def test_multipart_seed_methods_file_fields(by_name: dict[str, Operation]) -> No
     for name, file_fields in MULTIPART_SEED_FILE_FIELDS.items():
         assert by_name[name].request_kind == "multipart"
         assert by_name[name].file_fields == file_fields, name
+
+
+def array_file_fields_in_the_spec() -> dict[str, tuple[str, ...]]:
+    """operationId -> multipart fields whose schema has an array-of-binary variant (from YAML)."""
+    with (tablegen.DEFAULT_SPEC_DIR / "openapi-latest.yaml").open(encoding="utf-8") as handle:
+        spec = yaml.load(handle, Loader=yaml.CSafeLoader)
+
+    def deref(node: Any) -> Any:
+        while isinstance(node, dict) and "$ref" in node:
+            target: Any = spec
+            for key in node["$ref"].removeprefix("#/").split("/"):
+                target = target[key]
+            node = target
+        return node
+
+    found: dict[str, tuple[str, ...]] = {}
+    for item in spec["paths"].values():
+        for op in item.values():
+            if not isinstance(op, dict) or "requestBody" not in op:
+                continue
+            content = deref(op["requestBody"]).get("content", {})
+            if "multipart/form-data" not in content:
+                continue
+            schema = deref(content["multipart/form-data"]["schema"])
+            several = []
+            for name, prop in schema.get("properties", {}).items():
+                prop = deref(prop)
+                variants = [prop, *map(deref, prop.get("anyOf", []) + prop.get("oneOf", []))]
+                if any(
+                    v.get("type") == "array" and deref(v.get("items", {})).get("format") == "binary"
+                    for v in variants
+                ):
+                    several.append(name)
+            if several:
+                found[op["operationId"]] = tuple(several)
+    return found
+
+
+def test_multi_file_fields_are_the_specs_array_file_fields(by_name: dict[str, Operation]) -> None:
+    expected = array_file_fields_in_the_spec()
+    assert expected == tablegen.MULTI_FILE_FIELDS
+    assert {op.name: op.multi_file_fields for op in OPERATIONS if op.multi_file_fields} == expected
+    assert by_name["createImageEdit"].multi_file_fields == ("image",)
+    assert by_name["createTranscription"].multi_file_fields == ()
 
 
 def test_response_kinds_follow_observed_behaviour(by_name: dict[str, Operation]) -> None:
