@@ -30,4 +30,8 @@ def pin_mmap_threshold(environ: Mapping[str, str] = os.environ) -> bool:
         return False
     import ctypes  # only here: 5 ms of import that only glibc systems need
 
-    return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # e.g. a statically linked interpreter
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
