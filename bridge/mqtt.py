@@ -107,7 +107,8 @@ class MqttTransport:
         self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self._ever_connected = False
         self._tls_context: _TrackingContext | None = None
-        publish_decoder.install()  # a large request costs one copy of its payload, not three
+        if not publish_decoder.install():  # a large request: one copy of its payload, not three
+            log.info("paho's own PUBLISH decoder kept: its internals differ from paho-mqtt 2.2")
         self._client = self._make_client()
 
     # --- paho client and its socket callbacks ---------------------------------------------------

@@ -10,6 +10,7 @@ reads the same fields through a memoryview and copies the payload once. Packets 
 
 from __future__ import annotations
 
+import inspect
 import struct
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ LEAN_FROM = 64 * 1024
 """Packets from this many bytes on are decoded here; smaller ones by paho."""
 
 _PROPERTY_OVERREAD = 8
+_PAHO_PARAMETERS = ("header", "packet", "protocol")
+_PUBLISH_FIELDS = ("dup", "qos", "retain", "topic", "mid", "properties", "payload")
 _DECODE_ERRORS = (struct.error, IndexError, KeyError, ValueError, MQTTException)
 _PAHO_DECODER: Decoder = _packet.decode_publish
 
@@ -85,6 +88,24 @@ def _decode_lean(
     )
 
 
-def install() -> None:
-    """Make paho's clients in this process decode PUBLISH packets with `decode_publish`."""
+def install() -> bool:
+    """Make paho's clients decode PUBLISH packets with `decode_publish`; False if paho differs.
+
+    paho's `_packet` module is private: when its decoder's signature or result type is not the
+    one this was written against (paho-mqtt 2.2), paho keeps its own decoder.
+    """
+    if _packet.decode_publish is decode_publish:
+        return True
+    if not _compatible(_PAHO_DECODER):
+        return False
     _packet.decode_publish = decode_publish
+    return True
+
+
+def _compatible(paho_decoder: Callable[..., object]) -> bool:
+    try:
+        params = tuple(inspect.signature(paho_decoder).parameters)
+        fields = _packet.PublishPacket._fields
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params == _PAHO_PARAMETERS and fields == _PUBLISH_FIELDS

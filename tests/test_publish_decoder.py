@@ -119,10 +119,18 @@ def test_large_packets_take_the_lean_path_with_one_payload_copy() -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_install_replaces_pahos_decoder(protocol: MQTTProtocolVersion) -> None:
-    publish_decoder.install()
-    publish_decoder.install()  # idempotent: small packets still reach paho's own decoder
+    assert publish_decoder.install()
+    assert publish_decoder.install()  # idempotent: small packets still reach paho's own decoder
     assert _packet.decode_publish is publish_decoder.decode_publish
     result = _packet.decode_publish(
         0x30, b"\x00\x01t" + (b"\x00" if protocol == 5 else b"") + b"x", protocol
     )
     assert (result.topic, result.payload) == (b"t", b"x")
+
+
+def test_a_different_paho_decoder_is_left_alone() -> None:
+    def other(header: int, data: bytes, protocol: int, strict: bool) -> None:
+        """A paho release whose decoder takes other arguments."""
+
+    assert publish_decoder._compatible(PAHO)
+    assert not publish_decoder._compatible(other)
