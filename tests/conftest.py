@@ -10,6 +10,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
@@ -110,6 +111,36 @@ def start_bridge(
 def bridge(start_bridge: StartBridge) -> BridgeThread:
     """A bridge with the default test config."""
     return start_bridge()
+
+
+@contextlib.contextmanager
+def module_bridge(
+    tmp_path_factory: pytest.TempPathFactory,
+    mosquitto: MosquittoBroker,
+    prefix: str,
+    **config: Any,
+) -> Iterator[tuple[BridgeThread, TestClient, Standin]]:
+    """A stand-in, a bridge on `prefix` and a client, for a module's worth of requests.
+
+    On exit it checks that the API key never reached the bridge's log.
+    """
+    standin = Standin().start()
+    path, env = make_config(
+        tmp_path_factory.mktemp(prefix),
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=prefix,
+        **config,
+    )
+    bridge = BridgeThread.from_file(path, env).start()
+    client = TestClient.for_broker(mosquitto, prefix=prefix).connect()
+    try:
+        yield bridge, client, standin
+    finally:
+        client.disconnect()
+        bridge.stop()
+        standin.stop()
+    assert TEST_API_KEY not in bridge.log_text()
 
 
 # ----------------------------------------------------------- leaked asyncio tasks

@@ -8,7 +8,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from conftest import module_bridge
+from support.bridge_runner import TEST_API_KEY
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
@@ -25,22 +26,8 @@ OPERATIONS = default_table().operations
 def every_env(
     tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
 ) -> Iterator[tuple[TestClient, Standin]]:
-    standin = Standin().start()
-    path, env = make_config(
-        tmp_path_factory.mktemp("every"),
-        broker_port=mosquitto.port,
-        api_base=standin.url,
-        prefix=PREFIX,
-    )
-    bridge = BridgeThread.from_file(path, env).start()
-    client = TestClient.for_broker(mosquitto, prefix=PREFIX).connect()
-    try:
+    with module_bridge(tmp_path_factory, mosquitto, PREFIX) as (_, client, standin):
         yield client, standin
-    finally:
-        client.disconnect()
-        bridge.stop()
-        standin.stop()
-    assert TEST_API_KEY not in bridge.log_text()
 
 
 def expected_path(op: Operation, payload: dict[str, object]) -> str:

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import module_bridge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.bridge_runner import TEST_API_KEY, BridgeThread
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Standin
@@ -53,25 +54,15 @@ payloads = st.one_of(
 def fuzz_env(
     tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
 ) -> Iterator[tuple[BridgeThread, TestClient, Standin]]:
-    standin = Standin().start()
-    path, env = make_config(
-        tmp_path_factory.mktemp("fuzz"),
-        broker_port=mosquitto.port,
-        api_base=standin.url,
-        prefix=PREFIX,
+    with module_bridge(
+        tmp_path_factory,
+        mosquitto,
+        PREFIX,
         service={"max_retries": 0},
         limits={"max_request_bytes": 16384},
-    )
-    bridge = BridgeThread.from_file(path, env).start()
-    client = TestClient.for_broker(mosquitto, prefix=PREFIX).connect()
-    client.subscribe(f"{PREFIX}/response/#")
-    try:
+    ) as (bridge, client, standin):
+        client.subscribe(f"{PREFIX}/response/#")
         yield bridge, client, standin
-    finally:
-        client.disconnect()
-        bridge.stop()
-        standin.stop()
-    assert TEST_API_KEY not in bridge.log_text()
     assert "Traceback" not in bridge.log_text()
 
 

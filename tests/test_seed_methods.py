@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from conftest import module_bridge
+from support.bridge_runner import TEST_API_KEY
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
@@ -26,22 +27,8 @@ WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256))
 def seed_env(
     tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
 ) -> Iterator[tuple[TestClient, Standin]]:
-    standin = Standin().start()
-    path, env = make_config(
-        tmp_path_factory.mktemp("seed"),
-        broker_port=mosquitto.port,
-        api_base=standin.url,
-        prefix=PREFIX,
-    )
-    bridge = BridgeThread.from_file(path, env).start()
-    client = TestClient.for_broker(mosquitto, prefix=PREFIX).connect()
-    try:
+    with module_bridge(tmp_path_factory, mosquitto, PREFIX) as (_, client, standin):
         yield client, standin
-    finally:
-        client.disconnect()
-        bridge.stop()
-        standin.stop()
-    assert TEST_API_KEY not in bridge.log_text()
 
 
 def payload_for(name: str, seed: dict[str, Any]) -> dict[str, Any]:
