@@ -22,10 +22,16 @@ from bridge.operations import default_table
 PREFIX = f"fuzz-{uuid.uuid4().hex[:8]}"
 METHOD_NAMES = [op.name for op in default_table().operations]
 
+# Unicode noncharacters: U+FDD0..U+FDEF and the last two code points of every plane.
+NONCHARACTERS = "".join(chr(c) for c in range(0xFDD0, 0xFDF0)) + "".join(
+    chr(plane + last) for plane in range(0, 0x110000, 0x10000) for last in (0xFFFE, 0xFFFF)
+)
 # Topic levels: any text a broker accepts in a topic name (no wildcards or level separator; no
-# control characters, on which Mosquitto drops the publisher's connection).
+# control characters or noncharacters, on which Mosquitto drops the publisher's connection).
 levels = st.text(
-    alphabet=st.characters(blacklist_characters="/+#", blacklist_categories=("Cs", "Cc")),
+    alphabet=st.characters(
+        blacklist_characters="/+#" + NONCHARACTERS, blacklist_categories=("Cs", "Cc")
+    ),
     max_size=12,
 )
 methods = st.one_of(st.sampled_from(METHOD_NAMES), levels)
