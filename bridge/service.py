@@ -57,7 +57,7 @@ class ServiceResult:
 
 
 class BytesBody(aiohttp.payload.BytesPayload):
-    """A request body or part sent from memory as it is, without a copy.
+    """A request body or form part (file or text) sent from memory as it is, without a copy.
 
     aiohttp's own BytesPayload raises a ResourceWarning for more than 1 MiB, to steer callers
     towards file objects; a bridge holds its uploads in memory by design, and a BytesIO would
@@ -70,6 +70,9 @@ class BytesBody(aiohttp.payload.BytesPayload):
         self._size = len(value)
 
 
+# Part types when the form names none: what aiohttp gives a str and a bytes value.
+_TEXT_PART_TYPE = "text/plain; charset=utf-8"
+_FILE_PART_TYPE = "application/octet-stream"
 _TEXT_TYPES = ("text/", "application/sdp")
 _JSON_TYPES = ("application/json", "application/problem+json")
 _UPSTREAM_TEXT_LIMIT = 2000
@@ -193,15 +196,9 @@ class ServiceClient:
         if request.form is not None:
             form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
             for part in request.form:
-                if part.filename is None:
-                    form.add_field(
-                        part.name, part.value.decode("utf-8"), content_type=part.content_type
-                    )
-                else:
-                    content_type = part.content_type or "application/octet-stream"
-                    form.add_field(
-                        part.name, BytesBody(part.value, content_type), filename=part.filename
-                    )
+                default_type = _TEXT_PART_TYPE if part.filename is None else _FILE_PART_TYPE
+                part_body = BytesBody(part.value, part.content_type or default_type)
+                form.add_field(part.name, part_body, filename=part.filename)
             # The session skips automatic Content-Type headers (bodyless requests must not get
             # one), so the multipart type with its boundary is set here explicitly.
             data = form()

@@ -31,6 +31,7 @@ PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(200)) + b"\xc3\x28"
 WEBP = b"RIFF\x20\x00\x00\x00WEBPVP8 " + bytes(64)
 JSONL = b'{"messages": [{"role": "user", "content": "hi"}]}\n' * 3
 LONG_WAV = WAV + bytes(range(256)) * 6144
+LONG_REFERENCE = "data:audio/wav;base64," + base64.b64encode(LONG_WAV).decode("ascii")
 
 
 def b64(data: bytes) -> str:
@@ -239,6 +240,21 @@ UPLOADS: list[tuple[str, dict[str, Any], str, list[Part]]] = [
             Part("file", "file.wav", "audio/wav", WAV),
             text("model", "whisper-1"),
             text("timestamp_granularities[]", "word"),
+        ],
+    ),
+    (
+        # A text part over aiohttp's 1 MiB large-body warning (a speaker sample as a data URL).
+        "createTranscription",
+        {
+            "file": b64(WAV),
+            "model": "gpt-4o-transcribe-diarize",
+            "known_speaker_references": [LONG_REFERENCE],
+        },
+        "/audio/transcriptions",
+        [
+            Part("file", "file.wav", "audio/wav", WAV),
+            text("model", "gpt-4o-transcribe-diarize"),
+            text("known_speaker_references[]", LONG_REFERENCE),
         ],
     ),
     (
