@@ -1,0 +1,190 @@
+"""The reserved `_bridge` request key: reply options, parsed and checked before anything is sent.
+
+A request may carry `"_bridge": {...}`. The key is removed from the payload like `transaction`
+(never sent upstream; no API field starts with an underscore) and turned into a frozen
+`BridgeOptions`. Every problem is `invalid_parameter`, raised before any HTTP request.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jmespath
+import jmespath.exceptions
+import jmespath.functions
+import jmespath.parser
+
+from bridge.errors import InvalidParameter
+
+OPTIONS_KEY = "_bridge"
+"""The reserved payload key holding the options."""
+
+ReplyFormat = Literal["json", "plain", "raw"]
+FORMATS: tuple[ReplyFormat, ...] = ("json", "plain", "raw")
+
+MAX_SELECT_CHARS = 1024
+"""Longest accepted `select` expression (bounds the parser's recursion)."""
+MIN_MAX_BYTES = 32
+"""Smallest `max_bytes`: the longest `ERROR <code>: ` plus the cut marker still fits."""
+MIN_CHUNK_BYTES = 128
+"""Smallest `chunk_bytes`: bounds the messages one answer becomes (1 MiB -> at most 8192)."""
+MAX_PACKET_BYTES = 268_435_455
+"""MQTT's largest packet; no payload limit can usefully be larger."""
+
+_KNOWN_FUNCTIONS = frozenset(jmespath.functions.Functions.FUNCTION_TABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """A compiled JMESPath expression and its source text."""
+
+    expression: str
+    compiled: jmespath.parser.ParsedResult
+
+    def search(self, data: Any) -> Any:
+        """The selected value; `None` when nothing matches or the expression fails on `data`."""
+        try:
+            return self.compiled.search(data)
+        except (jmespath.exceptions.JMESPathError, RecursionError):
+            # A type error on this answer's data must not hide a paid answer behind an error.
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeOptions:
+    """What the request asked the bridge to do with the reply (defaults: the JSON envelope)."""
+
+    select: Selection | None = None
+    format: ReplyFormat = "json"
+    max_bytes: int | None = None
+    """`plain` only: the largest payload; longer text is cut on a UTF-8 boundary and marked."""
+    chunk_bytes: int | None = None
+    """`raw` only: send the bytes as numbered chunks of at most this size, then an end message."""
+
+    @property
+    def is_default(self) -> bool:
+        """Whether the reply is the plain JSON envelope with nothing changed."""
+        return self == DEFAULT_OPTIONS
+
+
+DEFAULT_OPTIONS = BridgeOptions()
+
+
+def pop_options(params: dict[str, Any]) -> BridgeOptions:
+    """Remove `_bridge` from `params` and return the options it holds (defaults when absent)."""
+    if OPTIONS_KEY not in params:
+        return DEFAULT_OPTIONS
+    return parse_options(params.pop(OPTIONS_KEY))
+
+
+def parse_options(value: Any) -> BridgeOptions:
+    """The options in a `_bridge` value; raise InvalidParameter for anything not accepted."""
+    if value is None:
+        return DEFAULT_OPTIONS
+    if not isinstance(value, dict):
+        raise _invalid("", f"must be a JSON object, got {_json_type(value)}")
+    unknown = sorted(k for k in value if k not in _KNOWN_KEYS)
+    if unknown:
+        names = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise _invalid("", f"unknown option(s) {names}; known: {', '.join(sorted(_KNOWN_KEYS))}")
+    select = _parse_select(value.get("select"))
+    fmt = _parse_format(value.get("format"))
+    max_bytes = _parse_size("max_bytes", value.get("max_bytes"), MIN_MAX_BYTES)
+    chunk_bytes = _parse_size("chunk_bytes", value.get("chunk_bytes"), MIN_CHUNK_BYTES)
+    if max_bytes is not None and fmt != "plain":
+        raise _invalid("max_bytes", 'applies to "format": "plain" only')
+    if chunk_bytes is not None and fmt != "raw":
+        raise _invalid("chunk_bytes", 'applies to "format": "raw" only')
+    return BridgeOptions(select=select, format=fmt, max_bytes=max_bytes, chunk_bytes=chunk_bytes)
+
+
+_KNOWN_KEYS = frozenset({"select", "format", "max_bytes", "chunk_bytes"})
+
+
+def compile_select(expression: str) -> Selection:
+    """Compile a JMESPath expression; raise InvalidParameter when it is not one we can run."""
+    if not expression:
+        raise _invalid("select", "must not be empty")
+    if len(expression) > MAX_SELECT_CHARS:
+        raise _invalid("select", f"is longer than {MAX_SELECT_CHARS} characters")
+    try:
+        with warnings.catch_warnings():
+            # jmespath only warns about the deprecated unquoted `literal`; refuse it instead.
+            warnings.simplefilter("error", PendingDeprecationWarning)
+            compiled = jmespath.compile(expression)
+    except PendingDeprecationWarning:
+        raise _invalid("select", 'uses the deprecated `literal` form; quote it: `"text"`') from None
+    except jmespath.exceptions.JMESPathError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise _invalid("select", f"is not a JMESPath expression: {detail}") from None
+    except RecursionError:
+        raise _invalid("select", "is nested too deeply") from None
+    unknown = _unknown_functions(compiled.parsed)
+    if unknown:
+        raise _invalid("select", f"calls unknown JMESPath function(s) {', '.join(unknown)}")
+    return Selection(expression, compiled)
+
+
+def _parse_select(value: Any) -> Selection | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid("select", f"must be a JMESPath expression string, got {_json_type(value)}")
+    return compile_select(value)
+
+
+def _parse_format(value: Any) -> ReplyFormat:
+    if value is None:
+        return "json"
+    for fmt in FORMATS:
+        if value == fmt and isinstance(value, str):
+            return fmt
+    shown = repr(value[:40]) if isinstance(value, str) else _json_type(value)
+    raise _invalid("format", f'must be "json", "plain" or "raw", got {shown}')
+
+
+def _parse_size(name: str, value: Any, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(name, f"must be an integer number of bytes, got {_json_type(value)}")
+    if not minimum <= value <= MAX_PACKET_BYTES:
+        raise _invalid(name, f"must be from {minimum} to {MAX_PACKET_BYTES} bytes")
+    return value
+
+
+def _unknown_functions(node: Any) -> list[str]:
+    """Names of the functions an expression's AST calls that jmespath does not provide."""
+    unknown: list[str] = []
+    pending = [node]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_expression":
+            name = str(item.get("value"))
+            if name not in _KNOWN_FUNCTIONS and name not in unknown:
+                unknown.append(name[:40])
+        pending.extend(item.get("children", ()))
+    return sorted(unknown)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _invalid(option: str, problem: str) -> InvalidParameter:
+    name = f"{OPTIONS_KEY}.{option}" if option else OPTIONS_KEY
+    return InvalidParameter(name, f"{name} {problem}")
