@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.config import BridgeConfig
-from bridge.dispatch import Stats
 from bridge.jsoncodec import dumps
-from bridge.logs import Redactor
+from bridge.redact import Redactor
+from bridge.stats import Stats
 from bridge.topics import Topics
 
 ORIGIN_NAME = "openai-mqtt-bridge"

@@ -29,8 +29,6 @@ class HttpRequest:
     headers: dict[str, str]
     json_body: bytes | None = None
     form: tuple[FormPart, ...] | None = None
-    stream: bool = False
-    """The payload asked for server-sent events."""
 
 
 # RFC 3986 pchar minus the sub-delims: ':' and '@' stay readable (fine-tuned ids are `ft:...`).
@@ -114,7 +112,6 @@ class RequestBuilder:
     def build(self, op: Operation, params: dict[str, Any]) -> HttpRequest:
         """The HTTP request for `op` called with `params` (the payload without `transaction`)."""
         rest = dict(params)
-        stream = rest.get("stream") is True or rest.get("stream_format") == "sse"
         path_template, _, fixed_query = op.path.partition("?")
         path = path_template
         for name in op.path_params:
@@ -145,7 +142,7 @@ class RequestBuilder:
                     f"{op.name} takes no body; unknown parameter(s) {names} "
                     "(neither path nor query parameters of this method)"
                 )
-            return HttpRequest(op.verb, url, headers, stream=stream)
+            return HttpRequest(op.verb, url, headers)
 
         use_form = op.request_kind == "multipart" and not (
             op.json_alternative and not any(f in rest for f in op.file_fields)
@@ -154,11 +151,11 @@ class RequestBuilder:
             for name in op.required_fields:
                 if name not in op.file_fields and rest.get(name) is None:
                     raise MissingParameter(name)
-            return HttpRequest(op.verb, url, headers, form=encode_form(op, rest), stream=stream)
+            return HttpRequest(op.verb, url, headers, form=encode_form(op, rest))
 
         required = op.json_required_fields if op.json_alternative else op.required_fields
         for name in required:
             if rest.get(name) is None:
                 raise MissingParameter(name)
         headers["Content-Type"] = "application/json"
-        return HttpRequest(op.verb, url, headers, json_body=dumps(rest), stream=stream)
+        return HttpRequest(op.verb, url, headers, json_body=dumps(rest))

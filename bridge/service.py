@@ -1,4 +1,4 @@
-"""The service-host client: sends an `HttpRequest` with aiohttp, reads the answer into reply data.
+"""The execute stage: sends an `HttpRequest` to the service host, retrying, and reads the answer.
 
 The only HTTP I/O of the bridge. One pooled `aiohttp.ClientSession` per process; retries with
 backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never for other 4xx
@@ -8,14 +8,12 @@ and never once a stream has started to be forwarded.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
 import yarl
 
 from bridge.backoff import Backoff, retry_after_seconds
@@ -29,30 +27,37 @@ from bridge.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from bridge.jsoncodec import dumps, loads
-from bridge.operations import Operation
+from bridge.jsoncodec import loads
 from bridge.request import HttpRequest
-from bridge.sse import SseEvent, SseParser, is_done
+from bridge.sse import SseEvent, SseParser
 
 
 class StreamSink(Protocol):
-    """Receives a stream's events in order and produces the one final reply's data."""
+    """Receives a stream's events in order (the deliver stage's TopicStreamSink implements it)."""
 
     async def on_event(self, event: SseEvent) -> None:
         """Take one event in order (including the `[DONE]` marker, which is not forwarded)."""
 
-    def finish(self) -> Any:
-        """The final reply data; raise StreamInterrupted when the stream is incomplete."""
+    @property
+    def forwarded(self) -> bool:
+        """Whether an event has gone out: from then on the request is never sent again."""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the sink takes no more events (then the rest of the stream is not read)."""
 
 
 @dataclass(slots=True)
 class ServiceResult:
-    """A successful answer, its `data` already encoded as JSON bytes for the envelope."""
+    """A successful (2xx) answer as read; render turns it into reply data."""
 
-    data_json: bytes | list[bytes]
-    """Valid JSON, whole or in fragments to be concatenated."""
+    body: bytes
+    """The complete body; empty when the answer was a stream (its events went to the sink)."""
+    content_type: str
+    """The Content-Type header, lower-cased ("" when absent)."""
     http_status: int
     request_id: str | None
+    streamed: bool = False
     attempts: int = 1
 
 
@@ -73,26 +78,8 @@ class BytesBody(aiohttp.payload.BytesPayload):
 # Part types when the form names none: what aiohttp gives a str and a bytes value.
 _TEXT_PART_TYPE = "text/plain; charset=utf-8"
 _FILE_PART_TYPE = "application/octet-stream"
-_TEXT_TYPES = ("text/", "application/sdp")
 _JSON_TYPES = ("application/json", "application/problem+json")
 _UPSTREAM_TEXT_LIMIT = 2000
-
-
-def binary_data(body: bytes, content_type: str) -> list[bytes]:
-    """The `{"base64", "content_type", "size"}` reply data for raw bytes, as JSON fragments.
-
-    Fragments, not one bytes object: the envelope joins them once, so a large download is
-    copied once less on its way out.
-    """
-    return [
-        b'{"base64":"',
-        binascii.b2a_base64(body, newline=False),
-        b'","content_type":',
-        dumps(content_type),
-        b',"size":',
-        str(len(body)).encode(),
-        b"}",
-    ]
 
 
 def _upstream_error_object(body: bytes, content_type: str) -> Any:
@@ -154,9 +141,7 @@ class ServiceClient:
             await self._session.close()
             self._session = None
 
-    async def send(
-        self, op: Operation, request: HttpRequest, sink: StreamSink | None = None
-    ) -> ServiceResult:
+    async def send(self, request: HttpRequest, sink: StreamSink | None = None) -> ServiceResult:
         """Send `request` (retrying transient failures) and return the reply data."""
         await self.start()
         backoff = Backoff(0.5, 8.0)
@@ -164,16 +149,15 @@ class ServiceClient:
         attempt = 0
         while True:
             attempt += 1
-            forwarded = [False]
             try:
-                result = await self._send_once(op, request, sink, forwarded)
+                result = await self._send_once(request, sink)
                 result.attempts = attempt
                 return result
             except BridgeError as exc:
                 exc.attempts = attempt
                 if not isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamError):
                     raise
-                if forwarded[0] or attempt > self.config.max_retries:
+                if (sink is not None and sink.forwarded) or attempt > self.config.max_retries:
                     raise
                 if isinstance(exc, UpstreamError) and exc.http_status not in RETRYABLE_STATUSES:
                     raise
@@ -183,13 +167,7 @@ class ServiceClient:
                     raise
                 await self._sleep(delay)
 
-    async def _send_once(
-        self,
-        op: Operation,
-        request: HttpRequest,
-        sink: StreamSink | None,
-        forwarded: list[bool],
-    ) -> ServiceResult:
+    async def _send_once(self, request: HttpRequest, sink: StreamSink | None) -> ServiceResult:
         assert self._session is not None
         data: Any = None
         headers = request.headers
@@ -227,11 +205,11 @@ class ServiceClient:
                         ),
                     )
                 if content_type.startswith("text/event-stream"):
-                    data_json = await self._read_stream(resp, sink, forwarded)
-                    return ServiceResult(data_json, status, request_id)
+                    await self._read_stream(resp, sink)
+                    return ServiceResult(b"", content_type, status, request_id, streamed=True)
                 # content.read() rather than resp.read(): the response would keep its own reference.
                 body = await resp.content.read()
-                return ServiceResult(self._reply_data(op, body, content_type), status, request_id)
+                return ServiceResult(body, content_type, status, request_id)
         except BridgeError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -239,7 +217,7 @@ class ServiceClient:
                 f"service host {self.host_label} did not answer in time"
             ) from None
         except aiohttp.ClientPayloadError as exc:
-            if forwarded[0] or sink is not None:
+            if sink is not None:
                 raise StreamInterrupted(
                     f"service host {self.host_label} cut the response short"
                 ) from None
@@ -251,41 +229,16 @@ class ServiceClient:
                 f"cannot reach service host {self.host_label}: {type(exc).__name__}"
             ) from None
 
-    def _reply_data(self, op: Operation, body: bytes, content_type: str) -> bytes | list[bytes]:
-        """Reply data for a complete 2xx body, chosen by the operation and the Content-Type."""
-        media = content_type.split(";", 1)[0].strip()
-        if op.response_kind == "binary":
-            return binary_data(body, media or "application/octet-stream")
-        if not body:
-            return b"null"
-        if (
-            media.startswith(_JSON_TYPES)
-            or media.endswith("+json")
-            or (not media and op.response_kind == "json")
-        ):
-            try:
-                orjson.loads(body)  # validation only: the bytes are spliced into the reply as-is
-            except orjson.JSONDecodeError:
-                raise UpstreamBadResponse(
-                    "service host sent a body that is not valid JSON", http_status=200
-                ) from None
-            return body
-        if media.startswith(_TEXT_TYPES):
-            text = body.decode("utf-8", "replace")
-            return dumps({"text": text, "content_type": media})
-        return binary_data(body, media or "application/octet-stream")
-
-    async def _read_stream(
-        self, resp: aiohttp.ClientResponse, sink: StreamSink | None, forwarded: list[bool]
-    ) -> bytes:
+    async def _read_stream(self, resp: aiohttp.ClientResponse, sink: StreamSink | None) -> None:
+        """Feed the events to `sink` until the stream ends or the sink stops taking them."""
         if sink is None:
             raise UpstreamBadResponse("service host streamed an answer that was not asked for")
         parser = SseParser()
         async for chunk in resp.content.iter_any():
             for event in parser.feed(chunk):
-                forwarded[0] = forwarded[0] or not is_done(event)
                 await sink.on_event(event)
+                if sink.stopped:
+                    return
         # A final event without its blank line still counts (some servers end on `[DONE]`).
         for event in parser.close(flush=True):
             await sink.on_event(event)
-        return dumps(sink.finish())

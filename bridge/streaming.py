@@ -1,15 +1,19 @@
-"""Stream sinks: forward each server-sent event to the stream topic and assemble the final reply."""
+"""The stream sink: forward each server-sent event to the stream topic and assemble the final reply.
+
+The sink is the deliver stage of a stream's events. It never raises into the HTTP read loop that
+feeds it: an event the broker would refuse stops the sink (`stopped`), and `finish()`, called
+when the answer is rendered, raises the reason.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Protocol
 
-from bridge import envelope
-from bridge.errors import ReplyTooLarge
+from bridge.errors import BridgeError, ReplyTooLarge
 from bridge.jsoncodec import dumps, loads
-from bridge.logs import REDACTOR
-from bridge.operations import Operation
+from bridge.redact import Redactor
+from bridge.render import MISSING
 from bridge.sse import SseEvent, assembler_for, is_done
 
 # Events published but not yet acknowledged before we wait for the broker (bounds memory).
@@ -46,26 +50,40 @@ class TopicStreamSink:
 
     def __init__(
         self,
-        op: Operation,
+        method: str,
         publisher: StreamPublisher,
         topic: str,
         transaction: Any,
         correlation_data: bytes | None,
+        redactor: Redactor,
     ) -> None:
-        self.op = op
         self.publisher = publisher
         self.topic = topic
         self.correlation_data = correlation_data
+        self.redactor = redactor
         self.seq = 0
+        self._failure: BridgeError | None = None
         self._pending: list[asyncio.Future[None]] = []
-        self._assembler = assembler_for(op.name)
+        self._assembler = assembler_for(method)
         head = b'{"seq":'
-        if transaction is not envelope.MISSING:
+        if transaction is not MISSING:
             head = b'{"transaction":' + dumps(transaction) + b',"seq":'
         self._head = head
 
+    @property
+    def forwarded(self) -> bool:
+        """Whether an event has been published (the request must then not be sent again)."""
+        return self.seq > 0
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the sink refused an event and takes no more (`finish()` raises why)."""
+        return self._failure is not None
+
     async def on_event(self, event: SseEvent) -> None:
-        """Publish one event (not `[DONE]`) and feed it to the assembler (raising on errors)."""
+        """Publish one event (not `[DONE]`) and feed it to the assembler; no-op once stopped."""
+        if self._failure is not None:
+            return
         if not is_done(event):
             payload = b"".join(
                 (
@@ -78,13 +96,14 @@ class TopicStreamSink:
                     b"}",
                 )
             )
-            payload = REDACTOR.data(payload)
+            payload = self.redactor.data(payload)
             if not self.publisher.fits(self.topic, len(payload)):
                 # A packet over the broker's maximum would get the connection closed.
-                raise ReplyTooLarge(
+                self._failure = ReplyTooLarge(
                     f"stream event {self.seq} ({len(payload)} bytes) exceeds the broker's "
                     "maximum packet size"
                 )
+                return
             self.seq += 1
             self._pending.append(
                 self.publisher.publish(self.topic, payload, correlation_data=self.correlation_data)
@@ -100,16 +119,7 @@ class TopicStreamSink:
             await asyncio.gather(*pending)
 
     def finish(self) -> Any:
-        """The final reply data; raises StreamInterrupted when the stream ended early."""
+        """The final reply data; raises why the sink stopped, or StreamInterrupted if cut short."""
+        if self._failure is not None:
+            raise self._failure
         return self._assembler.result()
-
-
-def make_sink(
-    op: Operation,
-    publisher: StreamPublisher,
-    topic: str,
-    transaction: Any,
-    correlation_data: bytes | None,
-) -> TopicStreamSink:
-    """The sink for a streamed call of `op`, publishing to `topic`."""
-    return TopicStreamSink(op, publisher, topic, transaction, correlation_data)

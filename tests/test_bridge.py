@@ -16,7 +16,7 @@ from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
-from bridge.dispatch import LARGE_PAYLOAD
+from bridge.decide import LARGE_PAYLOAD
 from bridge.errors import ERROR_CODES
 
 
@@ -275,7 +275,7 @@ def test_every_request_error_code(
 
 
 def test_large_request_errors(bridge: BridgeThread, client: TestClient, standin: Standin) -> None:
-    # From 1 MiB on the payload is parsed as text with its bytes dropped first (bridge/dispatch.py):
+    # From 1 MiB on the payload is parsed as text with its bytes dropped first (bridge/decide.py):
     # the same refusals must hold on that path.
     filler = "A" * (LARGE_PAYLOAD + 10)
     cases: list[tuple[bytes, str, str]] = [

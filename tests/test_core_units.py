@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import envelope
+from bridge import render
+from bridge.access import AccessRules
 from bridge.allocator import pin_mmap_threshold
 from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import BridgeConfig, load_config
 from bridge.dedup import ReplyCache, request_key
-from bridge.dispatch import AccessRules
 from bridge.errors import (
     ERROR_CODES,
     EX_CONFIG,
@@ -29,7 +29,7 @@ from bridge.errors import (
     UpstreamTimeout,
 )
 from bridge.jsoncodec import dumps, loads, loads_text
-from bridge.logs import Redactor
+from bridge.redact import Redactor
 from bridge.systemd import notify, watchdog_interval
 from bridge.topics import Topics
 
@@ -158,12 +158,12 @@ def test_topic_parsing_and_mirroring() -> None:
 
 
 def test_envelopes() -> None:
-    ok = json.loads(envelope.ok_raw("listModels", 7, b'{"a":[1,2]}'))
+    ok = json.loads(render.ok_raw("listModels", 7, b'{"a":[1,2]}'))
     assert ok == {"status": "ok", "method": "listModels", "transaction": 7, "data": {"a": [1, 2]}}
     assert list(ok) == ["status", "method", "transaction", "data"]
-    no_tx = json.loads(envelope.ok("m", envelope.MISSING, None))
+    no_tx = json.loads(render.ok("m", render.MISSING, None))
     assert no_tx == {"status": "ok", "method": "m", "data": None}
-    err = json.loads(envelope.error("m", None, MissingParameter("thread_id")))
+    err = json.loads(render.error("m", None, MissingParameter("thread_id")))
     assert err == {
         "status": "error",
         "method": "m",

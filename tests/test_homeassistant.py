@@ -18,7 +18,7 @@ from test_ha_examples import HaTemplates
 from bridge import __version__, homeassistant
 from bridge.config import BridgeConfig, load_config
 from bridge.daemon import OFFLINE, ONLINE
-from bridge.dispatch import Stats
+from bridge.stats import Stats
 from bridge.topics import Topics
 
 # What Home Assistant's discovery accepts (homeassistant/components/mqtt: discovery.py,

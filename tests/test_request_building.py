@@ -12,6 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.config import ServiceConfig
+from bridge.decide import wants_stream
 from bridge.errors import InvalidParameter, MissingParameter, UnknownParameter
 from bridge.operations import Operation, default_table
 from bridge.request import RequestBuilder, path_segment
@@ -233,8 +234,9 @@ def test_json_body_passes_unknown_fields_through() -> None:
     request = builder().build(op, {**body, "stream": False})
     assert request.json_body is not None
     assert json.loads(request.json_body) == {**body, "stream": False}
-    assert request.stream is False
-    assert builder().build(op, {**body, "stream": True}).stream is True
+    assert not wants_stream({**body, "stream": False})
+    assert wants_stream({**body, "stream": True})
+    assert wants_stream({"stream_format": "sse"}) and not wants_stream({"stream": "true"})
 
 
 def test_image_edit_without_files_goes_as_json_with_the_json_requirements() -> None:

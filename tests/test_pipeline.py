@@ -1,0 +1,280 @@
+"""The request pipeline's stages, each on its own: decide, render, the stream sink, deliver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import SecretStr
+from support.fakes import FakeLog, FakePublisher, message
+
+from bridge import render
+from bridge.access import AccessRules
+from bridge.config import ServiceConfig
+from bridge.decide import Call, Decider, Rejection, Route
+from bridge.dedup import ReplyCache
+from bridge.deliver import Deliverer
+from bridge.errors import ReplyTooLarge, StreamInterrupted, UpstreamError
+from bridge.mqtt import PublishFailed
+from bridge.operations import default_table
+from bridge.redact import Redactor
+from bridge.request import RequestBuilder
+from bridge.service import ServiceResult
+from bridge.sse import SseEvent
+from bridge.stats import Stats
+from bridge.streaming import TopicStreamSink
+from bridge.topics import Topics
+
+TABLE = default_table()
+TOPICS = Topics("home/openai", "test")
+SECRET = "sk-test-secret-key"
+
+
+def decider(allow: list[str] | None = None, deny: list[str] | None = None) -> Decider:
+    """A Decider over the default table, with a 1000-byte request limit."""
+    return Decider(
+        topics=TOPICS,
+        table=TABLE,
+        access=AccessRules(allow or ["*"], deny or []),
+        builder=RequestBuilder(ServiceConfig(api_key=SecretStr(SECRET))),
+        max_request_bytes=1000,
+        log=FakeLog(),
+    )
+
+
+def decide(topic: str, payload: bytes, deny: list[str] | None = None) -> Call | Rejection:
+    """Route and decide one message; the route must exist."""
+    d = decider(deny=deny)
+    msg = message(topic, payload)
+    route = d.route(msg)
+    assert route is not None
+    return d.decide(msg, route)
+
+
+# --- decide -------------------------------------------------------------------------------------
+
+
+def test_route_drops_foreign_topics_and_unusable_response_topics() -> None:
+    d = decider()
+    assert d.route(message("elsewhere/request/listModels", b"{}")) is None
+    bad = message("home/openai/request/listModels", b"{}", response_topic="a/+/b")
+    assert d.route(bad) is None
+    good = message(
+        "home/openai/request/listModels/k", b"{}", response_topic="me/r", correlation_data=b"c"
+    )
+    route = d.route(good)
+    assert route is not None
+    assert (route.reply_topic, route.correlation, route.topic.suffix) == ("me/r", b"c", "k")
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", "bad_json"),
+        (b"  \n", "bad_json"),
+        (b"{", "bad_json"),
+        (b"\xff", "bad_json"),
+        (b"[1]", "not_an_object"),
+        (b"{" + b" " * 1000 + b"}", "payload_too_large"),
+    ],
+)
+def test_decide_rejects_payloads_before_reading_a_transaction(payload: bytes, code: str) -> None:
+    decision = decide("home/openai/request/listModels", payload)
+    assert isinstance(decision, Rejection)
+    assert decision.error.code == code
+    assert decision.transaction is render.MISSING
+    assert decision.method == "listModels"
+
+
+def test_decide_rejections_keep_the_transaction_and_the_method_label() -> None:
+    unknown = decide("home/openai/request/noSuchThing", b'{"transaction": 5}')
+    assert isinstance(unknown, Rejection)
+    assert (unknown.error.code, unknown.method, unknown.transaction) == (
+        "unknown_method",
+        "noSuchThing",
+        5,
+    )
+    denied = decide("home/openai/request/LISTMODELS", b'{"transaction": null}', deny=["list*"])
+    assert isinstance(denied, Rejection)
+    # The operation's own spelling, not the topic's.
+    assert (denied.error.code, denied.method, denied.transaction) == (
+        "method_not_allowed",
+        "listModels",
+        None,
+    )
+    missing = decide("home/openai/request/retrieveModel", b"{}")
+    assert isinstance(missing, Rejection) and missing.error.code == "missing_parameter"
+
+
+def test_decide_pops_the_transaction_and_decides_the_stream_once() -> None:
+    payload = {"transaction": "t", "model": "m", "messages": [], "stream": True}
+    call = decide("home/openai/request/createChatCompletion/x", json.dumps(payload).encode())
+    assert isinstance(call, Call)
+    assert call.transaction == "t"
+    assert call.stream_topic == "home/openai/stream/createChatCompletion/x"
+    request = call.take_request()
+    assert request.json_body is not None and b"transaction" not in request.json_body
+    assert call.request is None
+    plain = decide("home/openai/request/createChatCompletion", b'{"model": "m", "messages": []}')
+    assert isinstance(plain, Call) and plain.stream_topic is None
+
+
+def test_decide_takes_the_payload_off_the_message() -> None:
+    d = decider()
+    msg = message("home/openai/request/listModels", b"{}")
+    route = d.route(msg)
+    assert route is not None
+    assert isinstance(d.decide(msg, route), Call)
+    assert msg.payload == b""
+
+
+# --- render -------------------------------------------------------------------------------------
+
+
+def test_render_answer_moves_the_body_into_the_envelope() -> None:
+    op = TABLE.find("createSpeech")
+    assert op is not None
+    result = ServiceResult(b"\x00\x01", "audio/mpeg", 200, "req-1", attempts=2)
+    outcome = render.answer(op, "t", result, None)
+    assert result.body == b""
+    reply = json.loads(outcome.payload)
+    assert reply["data"] == {"base64": "AAE=", "content_type": "audio/mpeg", "size": 2}
+    assert (outcome.http_status, outcome.request_id, outcome.attempts) == (200, "req-1", 2)
+
+
+def test_render_failure_reports_the_error_and_its_attempts() -> None:
+    exc = UpstreamError("boom", http_status=503, upstream=None)
+    exc.attempts = 3
+    outcome = render.failure("listModels", render.MISSING, exc)
+    reply = json.loads(outcome.payload)
+    assert "transaction" not in reply and reply["error"]["code"] == exc.code
+    assert (outcome.error, outcome.http_status, outcome.attempts) == (exc, 503, 3)
+
+
+# --- the stream sink ----------------------------------------------------------------------------
+
+
+def chunk_event(text: str) -> SseEvent:
+    """A chat completion chunk carrying `text` as its delta."""
+    data = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return SseEvent(None, json.dumps(data), None)
+
+
+def sink(publisher: FakePublisher) -> TopicStreamSink:
+    """A chat sink publishing to `s/t` with transaction 7, redacting SECRET."""
+    return TopicStreamSink("createChatCompletion", publisher, "s/t", 7, b"corr", Redactor([SECRET]))
+
+
+async def test_sink_forwards_events_in_order_and_redacts_them() -> None:
+    publisher = FakePublisher()
+    events = sink(publisher)
+    assert not events.forwarded
+    await events.on_event(chunk_event("a"))
+    await events.on_event(chunk_event(SECRET))
+    await events.on_event(SseEvent(None, "[DONE]", None))
+    await events.flushed()
+    assert events.forwarded and not events.stopped
+    assert [json.loads(p)["seq"] for _, p, _ in publisher.published] == [0, 1]
+    assert all(t == "s/t" and c == b"corr" for t, _, c in publisher.published)
+    assert SECRET.encode() not in publisher.published[1][1]
+    assert json.loads(publisher.published[0][1])["transaction"] == 7
+
+
+async def test_sink_stops_on_an_event_the_broker_would_refuse_and_finish_says_why() -> None:
+    publisher = FakePublisher(max_size=300)
+    events = sink(publisher)
+    await events.on_event(chunk_event("a"))
+    await events.on_event(chunk_event("x" * 400))  # no exception into the HTTP read loop
+    assert events.stopped
+    await events.on_event(chunk_event("b"))  # ignored once stopped
+    assert len(publisher.published) == 1
+    with pytest.raises(ReplyTooLarge, match="stream event 1"):
+        events.finish()
+
+
+async def test_sink_finish_without_the_end_of_the_stream_is_interrupted() -> None:
+    events = sink(FakePublisher())
+    await events.on_event(chunk_event("a"))
+    with pytest.raises(StreamInterrupted):
+        events.finish()
+
+
+# --- deliver ------------------------------------------------------------------------------------
+
+
+def deliverer(publisher: FakePublisher) -> tuple[Deliverer, ReplyCache, Stats]:
+    """A Deliverer with a fresh cache and stats."""
+    cache, stats = ReplyCache(10, 60), Stats()
+    return (
+        Deliverer(
+            publisher=publisher,
+            cache=cache,
+            stats=stats,
+            redactor=Redactor([SECRET]),
+            log=FakeLog(),
+        ),
+        cache,
+        stats,
+    )
+
+
+def route_for(topic: str = "home/openai/request/listModels") -> Route:
+    """The default route of `topic`."""
+    parsed = TOPICS.parse(topic)
+    assert parsed is not None
+    return Route(parsed, parsed.reply, None)
+
+
+async def test_deliver_redacts_publishes_acks_and_remembers() -> None:
+    publisher = FakePublisher()
+    deliver, cache, stats = deliverer(publisher)
+    outcome = render.Outcome("listModels", "t", render.ok("listModels", "t", SECRET))
+    sent = await deliver.deliver(message("x", b"", mid=9), route_for(), outcome, key=42)
+    assert publisher.acked == [9]
+    ((topic, payload, _),) = publisher.published
+    assert topic == "home/openai/response/listModels" and SECRET.encode() not in payload
+    assert cache.get(42) == (topic, payload) and sent.payload == payload
+    deliver.account(message("x", b""), route_for(), sent, 1.5)
+    assert (stats.requests_total, stats.errors_total, stats.last_latency_ms) == (1, 0, 1.5)
+
+
+async def test_deliver_replaces_a_reply_too_large_with_an_error_reply() -> None:
+    publisher = FakePublisher(max_size=200)
+    deliver, _, stats = deliverer(publisher)
+    big = render.Outcome("listModels", 1, render.ok("listModels", 1, "x" * 500), request_id="r")
+    sent = await deliver.deliver(message("x", b""), route_for(), big, key=None)
+    reply = json.loads(publisher.published[0][1])
+    assert reply["error"]["code"] == "reply_too_large" and reply["transaction"] == 1
+    assert sent.request_id == "r" and isinstance(sent.error, ReplyTooLarge)
+    deliver.account(message("x", b""), route_for(), sent, 1.0)
+    assert stats.by_code == {"reply_too_large": 1}
+
+
+@pytest.mark.parametrize(("retry_later", "acked"), [(True, []), (False, [3])])
+async def test_deliver_acks_an_unpublished_reply_only_when_retrying_cannot_help(
+    retry_later: bool, acked: list[int]
+) -> None:
+    publisher = FakePublisher()
+    publisher.fail = PublishFailed("no", retry_later=retry_later)
+    deliver, cache, _ = deliverer(publisher)
+    outcome = render.Outcome("listModels", 1, render.ok("listModels", 1, None))
+    await deliver.deliver(message("x", b"", mid=3), route_for(), outcome, key=5)
+    assert publisher.acked == acked
+    assert cache.get(5) is None
+
+
+def test_home_assistant_module_imports_no_transport_or_logging_library() -> None:
+    code = (
+        "import sys, bridge.homeassistant; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'paho', 'aiohttp', 'structlog'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
