@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from bridge import envelope
+from bridge import render
 from bridge.errors import BridgeError
 from bridge.jsoncodec import dumps, loads
 from bridge.options import BridgeOptions
@@ -103,9 +103,7 @@ def plain_error(exc: BridgeError, max_bytes: int | None = None) -> bytes:
 
 def end_message(chunks: int, size: int, content_type: str, transaction: Any) -> bytes:
     """The message after the chunks: count, total size, content type (and the transaction)."""
-    head = (
-        b"{" if transaction is envelope.MISSING else b'{"transaction":' + dumps(transaction) + b","
-    )
+    head = b"{" if transaction is render.MISSING else b'{"transaction":' + dumps(transaction) + b","
     return (
         head
         + b'"chunks":'
@@ -151,9 +149,9 @@ def render_ok(
     """The messages of a successful reply, the reply itself last."""
     if options.format == "json":
         if options.select is None:
-            return [OutMessage(reply_topic, envelope.ok_raw(method, transaction, answer.data_json))]
+            return [OutMessage(reply_topic, render.ok_raw(method, transaction, answer.data_json))]
         value = selected(options, answer)
-        return [OutMessage(reply_topic, envelope.ok(method, transaction, value))]
+        return [OutMessage(reply_topic, render.ok(method, transaction, value))]
     if options.format == "plain":
         value = selected(options, answer) if options.select is not None else _data(answer)
         return [
@@ -188,7 +186,7 @@ def render_error(
 ) -> OutMessage:
     """The one message of an error reply in the requested format."""
     if options.format == "json":
-        return OutMessage(reply_topic, envelope.error(method, transaction, exc))
+        return OutMessage(reply_topic, render.error(method, transaction, exc))
     return OutMessage(reply_topic, plain_error(exc, options.max_bytes), PLAIN_TYPE)
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import envelope
+from bridge import render
 from bridge.errors import ERROR_CODES, InvalidParameter, UpstreamError
 from bridge.options import (
     DEFAULT_OPTIONS,
@@ -248,12 +248,12 @@ def test_plain_error_form_and_every_code_survives_the_smallest_limit() -> None:
 def test_json_format_without_select_is_the_envelope_unchanged() -> None:
     data = orjson.dumps(CHAT)
     [msg] = render_ok(DEFAULT_OPTIONS, "createChatCompletion", 7, Answer(data), "r/t")
-    assert msg == OutMessage("r/t", envelope.ok_raw("createChatCompletion", 7, data))
+    assert msg == OutMessage("r/t", render.ok_raw("createChatCompletion", 7, data))
 
 
 def test_json_format_with_select_puts_the_selection_in_data() -> None:
     options = opts(select="choices[0].message.content")
-    [msg] = render_ok(options, "createChatCompletion", envelope.MISSING, json_answer(CHAT), "r")
+    [msg] = render_ok(options, "createChatCompletion", render.MISSING, json_answer(CHAT), "r")
     assert json.loads(msg.payload) == {
         "status": "ok",
         "method": "createChatCompletion",
@@ -320,7 +320,7 @@ def test_chunks_reassemble_and_the_end_message_describes_them(body: bytes, size:
 
 
 def test_end_message_without_transaction() -> None:
-    assert end_message(0, 0, "audio/mpeg", envelope.MISSING) == (
+    assert end_message(0, 0, "audio/mpeg", render.MISSING) == (
         b'{"chunks":0,"size":0,"content_type":"audio/mpeg"}'
     )
 
@@ -328,7 +328,7 @@ def test_end_message_without_transaction() -> None:
 def test_errors_in_each_format() -> None:
     exc = UpstreamError("service host answered HTTP 429: slow down", http_status=429)
     assert render_error(DEFAULT_OPTIONS, "m", 3, exc, "r") == OutMessage(
-        "r", envelope.error("m", 3, exc)
+        "r", render.error("m", 3, exc)
     )
     plain = render_error(opts(format="plain", max_bytes=40), "m", 3, exc, "r")
     assert plain == OutMessage("r", b"ERROR upstream_error: service host an...", PLAIN_TYPE)
