@@ -1,22 +1,25 @@
-"""Generate `bridge/optable.py` and `docs/methods.md` from the OpenAPI facts in the spec folder.
+"""Generate `bridge/optable.py` and `docs/methods.md` from the official OpenAPI documents in spec/.
 
-Run `python -m bridge.tablegen [--spec-dir DIR] [--check]`. The default spec folder is
-`<repo root>/../shared/openai-openapi`; only its `ops-latest.json`, `ops-2024-02.json` and
-`seed-methods.json` are read (no YAML, no network), and the output is byte-for-byte deterministic.
-With `--check` nothing is written: the exit status is 1 when a committed file differs from what
-would be generated (each such file is named on stderr), 0 otherwise.
+Run `python -m bridge.tablegen [--spec FILE] [--check]` (needs PyYAML, the `test` extra). It reads
+`spec/openapi-latest.yaml` and `spec/openapi-2024-02.yaml` (vendored, unmodified; see
+spec/README.md) through `bridge/specfacts.py`; no network, nothing outside the repository, and the
+output is byte-for-byte deterministic. `--spec FILE` refreshes the table from a newer official
+document: FILE is copied unmodified over spec/openapi-latest.yaml first. With `--check` nothing is
+written: the exit status is 1 when a committed file differs from what would be generated (each
+such file is named on stderr), 0 otherwise.
 
 Rules, applied per operation (the seed is the 50 methods of the node this project descends from):
 
-- Table: every operation of ops-latest.json in that file's order, then the six seed methods
-  retired since (Assistants v1 assistant files and message files) from ops-2024-02.json with
-  `retired=True`. Names (operationIds) must not collide case-insensitively.
+- Table: every operation of openapi-latest.yaml sorted by path then verb, then the six seed
+  methods retired since (Assistants v1 assistant files and message files) from
+  openapi-2024-02.yaml with `retired=True`. Names (operationIds) must not collide
+  case-insensitively.
 - group: seed methods take the slug of their seed group ("Runs (Beta)" -> "runs"); others the
   spec's x-oaiMeta group, else the slug of their first tag; underscores become '-'.
 - request_kind: "none" without a request body; "multipart" when any content is
   multipart/form-data (`json_alternative` when application/json is offered too); else "json".
-  Required, known and file fields come from the chosen content; which file fields also take an
-  array of files is in `MULTI_FILE_FIELDS` (checked against the YAML by the tests).
+  Required, known and file fields come from the chosen content; file fields with an array-of-files
+  variant in their schema also take an array of files (`multi_file_fields`).
 - response_kind: "binary" when a success response is octet-stream, zip, audio, image or video;
   "text" for application/sdp; "empty" when no success response has a body; else "json".
   Overrides from observed behaviour are in `RESPONSE_KIND_OVERRIDES`.
@@ -37,14 +40,17 @@ No prose (summaries, descriptions) is copied from the spec: only ids, paths, nam
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from bridge import specfacts
 from bridge.describe import describe_details, example_payload, summary
 from bridge.operations import (
     Operation,
@@ -55,14 +61,11 @@ from bridge.operations import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEC_DIR = REPO_ROOT.parent / "shared" / "openai-openapi"
+LATEST_SPEC_PATH = "spec/openapi-latest.yaml"
+RETIRED_SPEC_PATH = "spec/openapi-2024-02.yaml"
 OPTABLE_PATH = "bridge/optable.py"
 METHODS_DOC_PATH = "docs/methods.md"
 GENERATOR_COMMAND = "python -m bridge.tablegen"
-
-LATEST_OPS_FILE = "ops-latest.json"
-OPS_2024_FILE = "ops-2024-02.json"
-SEED_FILE = "seed-methods.json"
 
 # Seed methods that no longer exist in the current API, in the seed's order.
 RETIRED_SEED_METHODS = (
@@ -83,15 +86,6 @@ RESPONSE_KIND_OVERRIDES: dict[str, ResponseKind] = {
     "createTranslation": "text",
     # The spec declares no body; the endpoint exists to send the container file's bytes.
     "RetrieveContainerFileContent": "binary",
-}
-
-# File fields whose schema also takes an array of files (an anyOf/oneOf variant that is an array
-# of binary items) in openapi-latest.yaml, which ops-latest.json does not record;
-# tests/test_tablegen.py derives the same from the YAML.
-MULTI_FILE_FIELDS: dict[str, tuple[str, ...]] = {
-    "createImageEdit": ("image",),
-    "CreateSkill": ("files",),
-    "CreateSkillVersion": ("files",),
 }
 
 # Where the spec's examples show no OpenAI-Beta header although the operation needs one.
@@ -147,25 +141,20 @@ LINE_LIMIT = 100
 
 @dataclass(frozen=True)
 class SpecFacts:
-    """The three JSON files the generator reads."""
+    """What the generator reads: operations of both official documents and the seed."""
 
     latest_ops: list[dict[str, Any]]
     ops_2024: list[dict[str, Any]]
     seed_methods: dict[str, dict[str, Any]]
-    """Seed method name -> its entry in seed-methods.json, in the seed's order."""
+    """Seed method name -> {"seed_group", "example"}, in the seed's order."""
 
 
-def load_spec_facts(spec_dir: Path) -> SpecFacts:
-    """Read ops-latest.json, ops-2024-02.json and seed-methods.json from `spec_dir`."""
-
-    def read(name: str) -> Any:
-        with (spec_dir / name).open(encoding="utf-8") as handle:
-            return json.load(handle)
-
+def spec_facts(latest: specfacts.Spec, retired: specfacts.Spec) -> SpecFacts:
+    """The facts of two parsed documents: the current one and the 2024-02 one."""
     return SpecFacts(
-        latest_ops=read(LATEST_OPS_FILE)["operations"],
-        ops_2024=read(OPS_2024_FILE)["operations"],
-        seed_methods=read(SEED_FILE)["methods"],
+        latest_ops=specfacts.extract_operations(latest),
+        ops_2024=specfacts.extract_operations(retired),
+        seed_methods=specfacts.seed_methods(),
     )
 
 
@@ -356,9 +345,10 @@ def build_operation(
     required_fields = tuple(content["required_fields"]) if content else ()
     body_fields = tuple(content["fields"]) if content else ()
     file_fields = tuple(content.get("file_fields") or ()) if content else ()
-    multi_file_fields = () if retired else MULTI_FILE_FIELDS.get(name, ())
+    array_file_fields = tuple(content.get("array_file_fields") or ()) if content else ()
+    multi_file_fields = () if retired else array_file_fields
     if not set(multi_file_fields) <= set(file_fields):
-        raise ValueError(f"{name}: MULTI_FILE_FIELDS {multi_file_fields} are not file fields")
+        raise ValueError(f"{name}: array file fields {multi_file_fields} are not file fields")
     query_params = tuple(query_param_of(p) for p in spec_op["query_params"])
     example = build_example(
         group=group,
@@ -401,7 +391,7 @@ def build_operations(facts: SpecFacts) -> tuple[Operation, ...]:
     current_names = {op.name for op in operations}
     for name in RETIRED_SEED_METHODS:
         if name in current_names:
-            raise ValueError(f"{name} is listed as retired but exists in {LATEST_OPS_FILE}")
+            raise ValueError(f"{name} is listed as retired but exists in the current spec")
         operations.append(build_operation(ops_2024[name], facts.seed_methods[name], retired=True))
     missing = set(facts.seed_methods) - {op.name for op in operations}
     if missing:
@@ -506,7 +496,7 @@ OPERATION_FIELDS = (
 def render_optable(operations: Sequence[Operation]) -> str:
     """The text of bridge/optable.py: the OPERATIONS tuple as ruff-formatted source."""
     lines = [
-        f"# Generated by `{GENERATOR_COMMAND}` from ../shared/openai-openapi; do not edit.",
+        f"# Generated by `{GENERATOR_COMMAND}` from {LATEST_SPEC_PATH}; do not edit.",
         f"# CI verifies it with `{GENERATOR_COMMAND} --check`.",
         '"""Every OpenAI REST operation the bridge knows, as `Operation` values (generated)."""',
         "",
@@ -586,9 +576,9 @@ def github_anchor(title: str) -> str:
 # --- entry point --------------------------------------------------------------------------------
 
 
-def generate(spec_dir: Path) -> dict[str, str]:
-    """Repo-relative path -> generated text, for bridge/optable.py and docs/methods.md."""
-    facts = load_spec_facts(spec_dir)
+def generate_from(latest: specfacts.Spec, retired: specfacts.Spec) -> dict[str, str]:
+    """Repo-relative path -> generated text, from the two parsed official documents."""
+    facts = spec_facts(latest, retired)
     operations = build_operations(facts)
     for op in operations:
         example_payload(op)  # every example must parse as an object
@@ -596,6 +586,12 @@ def generate(spec_dir: Path) -> dict[str, str]:
         OPTABLE_PATH: render_optable(operations),
         METHODS_DOC_PATH: render_methods_doc(operations, seed_section_titles(facts)),
     }
+
+
+def generate(repo_root: Path = REPO_ROOT, latest_spec: Path | None = None) -> dict[str, str]:
+    """The generated texts from the documents in `repo_root`/spec/ (or `latest_spec` instead)."""
+    latest = specfacts.load_spec(latest_spec or repo_root / LATEST_SPEC_PATH)
+    return generate_from(latest, specfacts.load_spec(repo_root / RETIRED_SPEC_PATH))
 
 
 def stale_files(generated: Mapping[str, str], repo_root: Path = REPO_ROOT) -> list[str]:
@@ -616,28 +612,42 @@ def write_files(generated: Mapping[str, str], repo_root: Path = REPO_ROOT) -> No
         target.write_text(text, encoding="utf-8", newline="\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def vendor_spec(source: Path, repo_root: Path = REPO_ROOT) -> str:
+    """Copy `source` unmodified over spec/openapi-latest.yaml; return its sha256."""
+    target = repo_root / LATEST_SPEC_PATH
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def main(argv: Sequence[str] | None = None, repo_root: Path = REPO_ROOT) -> int:
     """Command line: write the generated files, or with --check report the stale ones."""
     parser = argparse.ArgumentParser(
         prog=GENERATOR_COMMAND, description="Generate bridge/optable.py and docs/methods.md."
     )
-    parser.add_argument("--spec-dir", type=Path, default=DEFAULT_SPEC_DIR)
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        help=f"a newer official openapi.yaml: copied over {LATEST_SPEC_PATH}, then generated from"
+        " (with --check: only compared against, nothing copied)",
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
     args = parser.parse_args(argv)
-    if not (args.spec_dir / LATEST_OPS_FILE).is_file():
-        print(
-            f"no OpenAPI facts in {args.spec_dir} (expected {LATEST_OPS_FILE}); "
-            "pass --spec-dir pointing at shared/openai-openapi",
-            file=sys.stderr,
-        )
+    if args.spec is not None and not args.spec.is_file():
+        print(f"no such spec file: {args.spec}", file=sys.stderr)
         return 2
-    generated = generate(args.spec_dir)
     if args.check:
-        stale = stale_files(generated)
+        stale = stale_files(generate(repo_root, args.spec), repo_root)
         for relative in stale:
             print(f"{relative} differs from what {GENERATOR_COMMAND} generates", file=sys.stderr)
         return 1 if stale else 0
-    write_files(generated)
+    if args.spec is not None:
+        digest = vendor_spec(args.spec, repo_root)
+        print(
+            f"{LATEST_SPEC_PATH}: sha256 {digest}; record its commit and date in spec/README.md",
+            file=sys.stderr,
+        )
+    write_files(generate(repo_root), repo_root)
     return 0
 
 

@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 from pydantic import SecretStr
+from support import openapi_spec
 
 from bridge.config import ServiceConfig
 from bridge.decide import wants_stream
 from bridge.errors import InvalidParameter, MissingParameter, UnknownParameter
 from bridge.operations import Operation, default_table
 from bridge.request import RequestBuilder, path_segment
+from bridge.specfacts import SEED_GROUPS
 from bridge.tablegen import BETA_OVERRIDES
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi"
 KEY = "sk-unit-KEY-0123456789"
 TABLE = default_table()
-
-
-def _spec_ops() -> dict[str, dict[str, Any]]:
-    ops: dict[str, dict[str, Any]] = {}
-    for name in ("ops-2024-02.json", "ops-latest.json"):
-        for op in json.loads((SPEC_DIR / name).read_text())["operations"]:
-            ops[op["operationId"]] = op
-    return ops
-
-
-SPEC = _spec_ops()
+SEED_NAMES = sorted(name for _, names in SEED_GROUPS for name in names.split())
 
 
 def builder(**overrides: Any) -> RequestBuilder:
@@ -53,7 +43,7 @@ def sample_payload(op: Operation) -> dict[str, Any]:
 
 @pytest.mark.parametrize("op", TABLE.operations, ids=lambda op: op.name)
 def test_every_operation_builds_the_request_the_spec_describes(op: Operation) -> None:
-    spec = SPEC[op.name]
+    spec = openapi_spec.operation(op.name)
     payload = sample_payload(op)
     request = builder().build(op, dict(payload))
 
@@ -66,7 +56,7 @@ def test_every_operation_builds_the_request_the_spec_describes(op: Operation) ->
     )
     assert url.path == expected
     query = parse_qsl(url.query, keep_blank_values=True)
-    declared = {p["name"] for p in spec["query_params"]}
+    declared = set(spec["query_params"])
     fixed = parse_qsl(fixed_query)
     for key, _ in query:
         assert key in declared or (key, "true") in fixed or key.split("[")[0] in declared
@@ -75,13 +65,11 @@ def test_every_operation_builds_the_request_the_spec_describes(op: Operation) ->
 
     assert request.headers["Authorization"] == f"Bearer {KEY}"
     # The spec shows the beta header only in curl examples; tablegen fills the few it omits.
-    beta = spec.get("beta_header") or (
-        f"OpenAI-Beta: {BETA_OVERRIDES[op.name]}" if op.name in BETA_OVERRIDES else None
-    )
+    beta = ", ".join(spec["beta_header"]) or BETA_OVERRIDES.get(op.name)
     if beta and "assistants=" in beta:
         assert request.headers["OpenAI-Beta"] == "assistants=v2"
     elif beta:
-        assert request.headers["OpenAI-Beta"] == beta.split(": ", 1)[1]
+        assert request.headers["OpenAI-Beta"] == beta
     else:
         assert "OpenAI-Beta" not in request.headers
 
@@ -101,16 +89,13 @@ def test_every_operation_builds_the_request_the_spec_describes(op: Operation) ->
         assert json.loads(request.json_body) == {k: payload[k] for k in body_keys}
 
 
-SEED = json.loads((SPEC_DIR / "seed-methods.json").read_text())["methods"]
-
-
-@pytest.mark.parametrize("name", sorted(SEED), ids=str)
+@pytest.mark.parametrize("name", SEED_NAMES, ids=str)
 def test_every_seed_method_maps_to_its_operation(name: str) -> None:
-    seed = SEED[name]
+    target = openapi_spec.operation(name)
     op = TABLE.find(name)
     assert op is not None
-    target = seed["latest"] if seed["latest"]["exists"] else seed
     assert (op.verb, op.path) == (target["method"], target["path"])
+    assert op.retired is openapi_spec.is_retired(name)
 
 
 def test_auth_variants() -> None:
