@@ -14,6 +14,7 @@ from bridge import specfacts, tablegen
 from bridge.describe import example_payload
 from bridge.operations import Operation, default_table
 from bridge.optable import OPERATIONS
+
 MULTIPART_SEED_FILE_FIELDS = {
     "createFile": ("file",),
     "createTranscription": ("file",),
@@ -109,7 +110,7 @@ def test_a_spec_with_one_more_operation_yields_a_table_with_it() -> None:
 
 
 def test_refresh_command_vendors_the_new_spec_and_regenerates(tmp_path: Path) -> None:
-    """`python -m bridge.tablegen --spec NEW.yaml` copies NEW unmodified, then rewrites the table."""
+    """`python -m bridge.tablegen --spec NEW.yaml` copies NEW unmodified, then regenerates."""
     (tmp_path / "spec").mkdir()
     shutil.copyfile(
         openapi_spec.SPEC_DIR / openapi_spec.RETIRED, tmp_path / "spec" / openapi_spec.RETIRED

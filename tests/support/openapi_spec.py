@@ -50,7 +50,8 @@ def operations(name: str) -> dict[str, dict[str, Any]]:
             for param in [*item.get("parameters", []), *op.get("parameters", [])]:
                 param = deref(spec, param)
                 params.setdefault(param["in"], {})[param["name"]] = param
-            betas = _BETA_IN_EXAMPLES.findall(json.dumps((op.get("x-oaiMeta") or {}).get("examples", ""), default=str))
+            examples = (op.get("x-oaiMeta") or {}).get("examples", "")
+            betas = _BETA_IN_EXAMPLES.findall(json.dumps(examples, default=str))
             body = deref(spec, op.get("requestBody")) or {}
             found[op["operationId"]] = {
                 "method": verb.upper(),
