@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bridge import endpoint
 from bridge.access import AccessRules
 from bridge.errors import (
     BadJson,
@@ -70,8 +71,10 @@ class Rejection:
     error: BridgeError
 
 
-def wants_stream(params: dict[str, Any]) -> bool:
-    """Whether the payload asks for server-sent events."""
+def wants_stream(params: dict[str, Any], op: Operation | None = None) -> bool:
+    """Whether the payload asks for server-sent events (callEndpoint: in its `body`)."""
+    if op is not None and op.generic:
+        return endpoint.wants_stream(params)
     return params.get("stream") is True or params.get("stream_format") == "sse"
 
 
@@ -152,7 +155,7 @@ class Decider:
             method = op.name
             if not self.access.allows(op.name):
                 raise MethodNotAllowed(f"method {op.name} is not allowed on this bridge")
-            stream_topic = route.topic.stream if wants_stream(params) else None
+            stream_topic = route.topic.stream if wants_stream(params, op) else None
             request = self.builder.build(op, params)
         except BridgeError as exc:
             return Rejection(method, transaction, exc)

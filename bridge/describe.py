@@ -47,6 +47,8 @@ _RESPONSE_TEXT = {
 
 def summary(op: Operation) -> str:
     """A summary in our words, from the name: "createChatCompletion" -> "Create chat completion"."""
+    if op.generic:
+        return "Call any endpoint of the service host, also one newer than this table"
     name = op.name
     beta_variant = name.startswith(BETA_NAME_PREFIX)
     if beta_variant:
@@ -100,8 +102,21 @@ def _query_text(op: Operation) -> str:
     parts = []
     for param in op.query_params:
         marks = param.type + (", required" if param.required else "")
+        if param.type == "array":
+            marks += f", sent as `{param.name.removesuffix('[]')}[]=`"
         parts.append(f"`{param.name}` ({marks})")
     return ", ".join(parts)
+
+
+def _header_lines(op: Operation) -> list[str]:
+    lines = []
+    for param in op.header_params:
+        keys = " or ".join(f"`{key}`" for key in param.keys)
+        joined = ", an array is sent comma-joined" if param.type == "array" else ""
+        lines.append(
+            f"- Header parameter: {keys} ({param.type}) -> `{param.header}` header{joined}"
+        )
+    return lines
 
 
 def _body_lines(op: Operation) -> list[str]:
@@ -143,8 +158,44 @@ def _stream_text(op: Operation, topic_prefix: str) -> str:
     return f"yes, {trigger}; events go to `{stream_topic(op, topic_prefix)}[/<suffix>]`"
 
 
+def _generic_details(op: Operation, topic_prefix: str) -> list[str]:
+    """The description of callEndpoint, whose payload names the HTTP call itself."""
+    suffix = "[/<suffix>]"
+    example = json.dumps(example_payload(op), ensure_ascii=False)
+    return [
+        f"- Request topic: `{request_topic(op, topic_prefix)}{suffix}`",
+        f"- Reply topic: `{reply_topic(op, topic_prefix)}{suffix}`",
+        "- For endpoints newer than this table: any path of the service host"
+        " (`[service] api_base`)",
+        "- `method` (required): `GET`, `POST`, `PUT`, `PATCH` or `DELETE`",
+        "- `path` (required): relative to `api_base`, starting with `/` (`/beta/agents`); no scheme"
+        " or host, no `.`/`..` segments, no `?` or `#` (parameters go in `query`)",
+        "- `query`: object; arrays are sent as `name[]=` repeats, objects as `name[key]=`",
+        "- `headers`: object of header names and text values (arrays comma-joined); never"
+        " `Authorization`, `Host`, `Content-Length`, hop-by-hop headers or the key's header",
+        "- `body`: any JSON value, sent as `application/json` (not with `GET`)",
+        '- `form`: instead of `body`, multipart fields; a file is `{"base64", "filename",'
+        ' "content_type"}` (or an array of them, sent as `name[]` parts)',
+        f"- Response: {_RESPONSE_TEXT['text']}; bytes for any other type",
+        f'- Streams: yes, with `"stream": true` in `body`; events go to'
+        f" `{stream_topic(op, topic_prefix)}{suffix}`",
+        "- Errors: `invalid_method`, `invalid_path`, `invalid_query`, `invalid_header`,"
+        " `forbidden_header`, `invalid_body`, `unknown_parameter` (see docs/protocol.md)",
+        '- Access: an ordinary method name for `[access]`; `deny_methods = ["callEndpoint"]`'
+        " turns it off",
+        "",
+        "Example payload:",
+        "",
+        "```json",
+        example,
+        "```",
+    ]
+
+
 def describe_details(op: Operation, *, topic_prefix: str = "openai") -> list[str]:
     """The description of `op` without its title line, as markdown list lines."""
+    if op.generic:
+        return _generic_details(op, topic_prefix)
     suffix = "[/<suffix>]"
     lines = [
         f"- Request topic: `{request_topic(op, topic_prefix)}{suffix}`",
@@ -152,6 +203,7 @@ def describe_details(op: Operation, *, topic_prefix: str = "openai") -> list[str
         f"- HTTP: `{op.verb} {op.path}`",
         f"- Path parameters (required): {_code_list(op.path_params)}",
         f"- Query parameters: {_query_text(op)}",
+        *_header_lines(op),
         *_body_lines(op),
         f"- Response: {_RESPONSE_TEXT[op.response_kind]}",
         f"- Streams: {_stream_text(op, topic_prefix)}",

@@ -109,6 +109,42 @@ class InvalidParameter(RequestError):
         self.parameter = name
 
 
+class InvalidMethod(InvalidParameter):
+    """callEndpoint: `method` is not one of GET, POST, PUT, PATCH, DELETE."""
+
+    code = "invalid_method"
+
+
+class InvalidPath(InvalidParameter):
+    """callEndpoint: `path` is not a clean path relative to api_base."""
+
+    code = "invalid_path"
+
+
+class InvalidQuery(InvalidParameter):
+    """callEndpoint: `query` is not an object of names and scalar or array values."""
+
+    code = "invalid_query"
+
+
+class InvalidHeader(InvalidParameter):
+    """callEndpoint: a header name is not a token or a value holds CR, LF or a control character."""
+
+    code = "invalid_header"
+
+
+class ForbiddenHeader(InvalidParameter):
+    """callEndpoint: a header the bridge sets itself (Authorization, Host, the key's header...)."""
+
+    code = "forbidden_header"
+
+
+class InvalidBody(InvalidParameter):
+    """callEndpoint: `body` and `form` together, a body on GET, or `form` not an object."""
+
+    code = "invalid_body"
+
+
 class UnknownParameter(RequestError):
     """An operation without a body got keys that are neither path nor query parameters."""
 

@@ -24,6 +24,18 @@ class QueryParam:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderParam:
+    """A header parameter an operation declares: the payload keys that fill it, and its name."""
+
+    header: str
+    """The HTTP header, e.g. `OpenAI-Beta`."""
+    keys: tuple[str, ...]
+    """Payload keys that set it: the SDKs' name first (`betas`), then the spec's (`openai-beta`)."""
+    type: QueryType = "string"
+    """`array` values are sent comma-joined."""
+
+
+@dataclass(frozen=True, slots=True)
 class Operation:
     """Everything the bridge needs to turn a payload into one HTTP request and read its answer."""
 
@@ -60,6 +72,10 @@ class Operation:
     """Compact JSON text of a minimal request payload (path parameters, required fields, values)."""
     multi_file_fields: tuple[str, ...] = ()
     """The file fields that also take an array of files (sent as repeated `name[]` parts)."""
+    header_params: tuple[HeaderParam, ...] = ()
+    """Header parameters the spec declares; their payload keys never go into the body."""
+    generic: bool = False
+    """`callEndpoint`: the payload names verb, path, query, headers and body itself."""
 
     @property
     def reference_url(self) -> str:
@@ -75,11 +91,19 @@ ALIASES: dict[str, str] = {
 
 
 class MethodTable:
-    """Case-insensitive lookup of operations by operationId or alias."""
+    """Case-insensitive lookup of operations by operationId or alias, and of the extra methods."""
 
-    def __init__(self, operations: tuple[Operation, ...]) -> None:
+    def __init__(
+        self, operations: tuple[Operation, ...], extra: tuple[Operation, ...] = ()
+    ) -> None:
         self.operations = operations
+        """The spec's operations (the generated table); `extra` holds e.g. callEndpoint."""
+        self.extra = extra
         self._by_key: dict[str, Operation] = {op.name.lower(): op for op in operations}
+        for op in extra:
+            if op.name.lower() in self._by_key:
+                raise ValueError(f"{op.name} collides with an operation of the spec")
+            self._by_key[op.name.lower()] = op
         for alias, target in ALIASES.items():
             if target.lower() in self._by_key:
                 self._by_key.setdefault(alias, self._by_key[target.lower()])
@@ -99,7 +123,8 @@ def default_table() -> MethodTable:
     """The generated table of every operation, built once per process."""
     global _DEFAULT
     if _DEFAULT is None:
+        from bridge.endpoint import CALL_ENDPOINT
         from bridge.optable import OPERATIONS
 
-        _DEFAULT = MethodTable(OPERATIONS)
+        _DEFAULT = MethodTable(OPERATIONS, extra=(CALL_ENDPOINT,))
     return _DEFAULT

@@ -2,7 +2,7 @@
 # CI verifies it with `python -m bridge.tablegen --check`.
 """Every OpenAI REST operation the bridge knows, as `Operation` values (generated)."""
 
-from bridge.operations import Operation, QueryParam
+from bridge.operations import HeaderParam, Operation, QueryParam
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -30,6 +30,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"limit":2,"order":"desc"}',
+        header_params=(),
     ),
     Operation(
         name="createAssistant",
@@ -63,6 +64,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"gpt-4"}',
+        header_params=(),
     ),
     Operation(
         name="getAssistant",
@@ -84,6 +86,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modifyAssistant",
@@ -117,6 +120,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123","name":"x"}',
+        header_params=(),
     ),
     Operation(
         name="deleteAssistant",
@@ -138,6 +142,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createSpeech",
@@ -167,6 +172,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"tts-1","input":"hi","voice":"alloy"}',
+        header_params=(),
     ),
     Operation(
         name="createTranscription",
@@ -203,6 +209,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"whisper-1","file":{"base64":"<base64 bytes>","filename":"audio.mp3"}}',
+        header_params=(),
     ),
     Operation(
         name="createTranslation",
@@ -224,6 +231,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"whisper-1","file":{"base64":"<base64 bytes>","filename":"audio.mp3"}}',
+        header_params=(),
     ),
     Operation(
         name="listVoiceConsents",
@@ -245,6 +253,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createVoiceConsent",
@@ -269,6 +278,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"name":"<name>","recording":{"base64":"<base64 bytes>","filename":"consent.mp3"},'
             '"language":"<language>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="getVoiceConsent",
@@ -290,6 +300,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"consent_id":"consent_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="updateVoiceConsent",
@@ -311,6 +322,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"consent_id":"consent_abc123","name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="deleteVoiceConsent",
@@ -332,6 +344,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"consent_id":"consent_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createVoice",
@@ -356,6 +369,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"name":"<name>","audio_sample":{"base64":"<base64 bytes>","filename":"sample.mp3"},'
             '"consent":"<consent>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="listBatches",
@@ -377,6 +391,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createBatch",
@@ -407,6 +422,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"input_file_id":"file-abc123","endpoint":"<endpoint>",'
             '"completion_window":"<completion_window>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="retrieveBatch",
@@ -428,6 +444,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"batch_id":"batch_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="cancelBatch",
@@ -449,6 +466,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"batch_id":"batch_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listChatCompletions",
@@ -476,6 +494,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createChatCompletion",
@@ -535,6 +554,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}',
+        header_params=(),
     ),
     Operation(
         name="getChatCompletion",
@@ -556,6 +576,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"completion_id":"chatcmpl-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="updateChatCompletion",
@@ -577,6 +598,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"completion_id":"chatcmpl-abc123","metadata":"<metadata>"}',
+        header_params=(),
     ),
     Operation(
         name="deleteChatCompletion",
@@ -598,6 +620,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"completion_id":"chatcmpl-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getChatCompletionMessages",
@@ -623,6 +646,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"completion_id":"chatcmpl-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="CreateChatSessionMethod",
@@ -644,6 +668,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"workflow":"<workflow>","user":"<user>"}',
+        header_params=(),
     ),
     Operation(
         name="CancelChatSessionMethod",
@@ -665,6 +690,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"session_id":"session_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="ListThreadsMethod",
@@ -692,6 +718,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="GetThreadMethod",
@@ -713,6 +740,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="DeleteThreadMethod",
@@ -734,6 +762,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="ListThreadItemsMethod",
@@ -760,6 +789,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createCompletion",
@@ -800,6 +830,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"<model>","prompt":"<prompt>"}',
+        header_params=(),
     ),
     Operation(
         name="ListContainers",
@@ -826,6 +857,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="CreateContainer",
@@ -854,6 +886,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="RetrieveContainer",
@@ -875,6 +908,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"container_id":"container_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="DeleteContainer",
@@ -896,6 +930,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"container_id":"container_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="ListContainerFiles",
@@ -921,6 +956,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"container_id":"container_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="CreateContainerFile",
@@ -942,6 +978,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=True,
         json_required_fields=(),
         example='{"container_id":"container_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="RetrieveContainerFile",
@@ -963,6 +1000,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"container_id":"container_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="DeleteContainerFile",
@@ -984,6 +1022,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"container_id":"container_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="RetrieveContainerFileContent",
@@ -1005,6 +1044,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"container_id":"container_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="Createcontentprovenancecheck",
@@ -1026,6 +1066,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"file":{"base64":"<base64 bytes>","filename":"image.png"}}',
+        header_params=(),
     ),
     Operation(
         name="createConversation",
@@ -1047,6 +1088,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="getConversation",
@@ -1068,6 +1110,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="updateConversation",
@@ -1089,6 +1132,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123","metadata":"<metadata>"}',
+        header_params=(),
     ),
     Operation(
         name="deleteConversation",
@@ -1110,6 +1154,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listConversationItems",
@@ -1136,6 +1181,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createConversationItems",
@@ -1157,6 +1203,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123","items":"<items>"}',
+        header_params=(),
     ),
     Operation(
         name="getConversationItem",
@@ -1178,6 +1225,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123","item_id":"item_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteConversationItem",
@@ -1199,6 +1247,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"conversation_id":"conv_abc123","item_id":"item_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createEmbedding",
@@ -1220,6 +1269,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"text-embedding-3-small","input":"hi"}',
+        header_params=(),
     ),
     Operation(
         name="listEvals",
@@ -1246,6 +1296,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createEval",
@@ -1269,6 +1320,7 @@ OPERATIONS: tuple[Operation, ...] = (
         example=(
             '{"data_source_config":"<data_source_config>","testing_criteria":"<testing_criteria>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="getEval",
@@ -1290,6 +1342,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="updateEval",
@@ -1311,6 +1364,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteEval",
@@ -1332,6 +1386,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getEvalRuns",
@@ -1358,6 +1413,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createEvalRun",
@@ -1379,6 +1435,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123","data_source":"<data_source>"}',
+        header_params=(),
     ),
     Operation(
         name="getEvalRun",
@@ -1400,6 +1457,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="cancelEvalRun",
@@ -1421,6 +1479,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteEvalRun",
@@ -1442,6 +1501,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getEvalRunOutputItems",
@@ -1468,6 +1528,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"eval_id":"eval_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getEvalRunOutputItem",
@@ -1491,6 +1552,7 @@ OPERATIONS: tuple[Operation, ...] = (
         example=(
             '{"eval_id":"eval_abc123","run_id":"run_abc123","output_item_id":"output_item_abc123"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="listFiles",
@@ -1517,6 +1579,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"purpose":"fine-tune"}',
+        header_params=(),
     ),
     Operation(
         name="createFile",
@@ -1540,6 +1603,7 @@ OPERATIONS: tuple[Operation, ...] = (
         example=(
             '{"purpose":"fine-tune","file":{"base64":"<base64 bytes>","filename":"data.jsonl"}}'
         ),
+        header_params=(),
     ),
     Operation(
         name="retrieveFile",
@@ -1561,6 +1625,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteFile",
@@ -1582,6 +1647,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="downloadFile",
@@ -1603,6 +1669,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="runGrader",
@@ -1624,6 +1691,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"grader":"<grader>","model_sample":"<model_sample>"}',
+        header_params=(),
     ),
     Operation(
         name="validateGrader",
@@ -1645,6 +1713,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"grader":"<grader>"}',
+        header_params=(),
     ),
     Operation(
         name="listFineTuningCheckpointPermissions",
@@ -1671,6 +1740,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuned_model_checkpoint":"<fine_tuned_model_checkpoint>"}',
+        header_params=(),
     ),
     Operation(
         name="createFineTuningCheckpointPermission",
@@ -1695,6 +1765,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"fine_tuned_model_checkpoint":"<fine_tuned_model_checkpoint>",'
             '"project_ids":"<project_ids>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="deleteFineTuningCheckpointPermission",
@@ -1719,6 +1790,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"fine_tuned_model_checkpoint":"<fine_tuned_model_checkpoint>",'
             '"permission_id":"permission_abc123"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="listPaginatedFineTuningJobs",
@@ -1744,6 +1816,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"limit":2}',
+        header_params=(),
     ),
     Operation(
         name="createFineTuningJob",
@@ -1775,6 +1848,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"gpt-3.5-turbo","training_file":"file-1"}',
+        header_params=(),
     ),
     Operation(
         name="retrieveFineTuningJob",
@@ -1796,6 +1870,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuning_job_id":"ftjob-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="cancelFineTuningJob",
@@ -1817,6 +1892,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuning_job_id":"ftjob-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listFineTuningJobCheckpoints",
@@ -1838,6 +1914,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuning_job_id":"ftjob-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listFineTuningEvents",
@@ -1859,6 +1936,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuning_job_id":"ftjob-abc123","limit":2}',
+        header_params=(),
     ),
     Operation(
         name="pauseFineTuningJob",
@@ -1880,6 +1958,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuning_job_id":"ftjob-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="resumeFineTuningJob",
@@ -1901,6 +1980,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"fine_tuning_job_id":"ftjob-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createImageEdit",
@@ -1938,6 +2018,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=True,
         json_required_fields=("images", "prompt"),
         example='{"prompt":"a hat","image":{"base64":"<base64 bytes>","filename":"image.png"}}',
+        header_params=(),
     ),
     Operation(
         name="createImage",
@@ -1974,6 +2055,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"prompt":"a cat"}',
+        header_params=(),
     ),
     Operation(
         name="createImageVariation",
@@ -1995,6 +2077,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"n":"1","image":{"base64":"<base64 bytes>","filename":"image.png"}}',
+        header_params=(),
     ),
     Operation(
         name="listModels",
@@ -2016,6 +2099,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="retrieveModel",
@@ -2037,6 +2121,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"<model>"}',
+        header_params=(),
     ),
     Operation(
         name="deleteModel",
@@ -2058,6 +2143,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"<model>"}',
+        header_params=(),
     ),
     Operation(
         name="createModeration",
@@ -2079,6 +2165,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"input":"hi"}',
+        header_params=(),
     ),
     Operation(
         name="admin-api-keys-list",
@@ -2104,6 +2191,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="admin-api-keys-create",
@@ -2125,6 +2213,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="admin-api-keys-get",
@@ -2146,6 +2235,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"key_id":"key_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="admin-api-keys-delete",
@@ -2167,6 +2257,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"key_id":"key_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-audit-logs",
@@ -2199,6 +2290,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="listOrganizationCertificates",
@@ -2224,6 +2316,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="uploadCertificate",
@@ -2245,6 +2338,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"certificate":"<certificate>"}',
+        header_params=(),
     ),
     Operation(
         name="activateOrganizationCertificates",
@@ -2266,6 +2360,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"certificate_ids":"<certificate_ids>"}',
+        header_params=(),
     ),
     Operation(
         name="deactivateOrganizationCertificates",
@@ -2287,6 +2382,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"certificate_ids":"<certificate_ids>"}',
+        header_params=(),
     ),
     Operation(
         name="getCertificate",
@@ -2308,6 +2404,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"certificate_id":"certificate_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modifyCertificate",
@@ -2329,6 +2426,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"certificate_id":"certificate_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteCertificate",
@@ -2350,6 +2448,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"certificate_id":"certificate_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="usage-costs",
@@ -2380,6 +2479,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-organization-data-retention",
@@ -2401,6 +2501,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="update-organization-data-retention",
@@ -2422,6 +2523,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"retention_type":"<retention_type>"}',
+        header_params=(),
     ),
     Operation(
         name="list-groups",
@@ -2447,6 +2549,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="create-group",
@@ -2468,6 +2571,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-group",
@@ -2489,6 +2593,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-group",
@@ -2510,6 +2615,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="delete-group",
@@ -2531,6 +2637,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-group-role-assignments",
@@ -2556,6 +2663,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="assign-group-role",
@@ -2577,6 +2685,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-group-role",
@@ -2598,6 +2707,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="unassign-group-role",
@@ -2619,6 +2729,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-group-users",
@@ -2644,6 +2755,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="add-group-user",
@@ -2665,6 +2777,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-group-user",
@@ -2686,6 +2799,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="remove-group-user",
@@ -2707,6 +2821,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"group_id":"group_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-invites",
@@ -2728,6 +2843,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="inviteUser",
@@ -2749,6 +2865,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"email":"<email>","role":"<role>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-invite",
@@ -2770,6 +2887,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"invite_id":"invite_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-invite",
@@ -2791,6 +2909,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"invite_id":"invite_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-projects",
@@ -2816,6 +2935,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="create-project",
@@ -2837,6 +2957,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project",
@@ -2858,6 +2979,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modify-project",
@@ -2879,6 +3001,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-api-keys",
@@ -2904,6 +3027,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-api-key",
@@ -2925,6 +3049,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","api_key_id":"api_key_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-project-api-key",
@@ -2946,6 +3071,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","api_key_id":"api_key_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="archive-project",
@@ -2967,6 +3093,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listProjectCertificates",
@@ -2992,6 +3119,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="activateProjectCertificates",
@@ -3013,6 +3141,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","certificate_ids":"<certificate_ids>"}',
+        header_params=(),
     ),
     Operation(
         name="deactivateProjectCertificates",
@@ -3034,6 +3163,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","certificate_ids":"<certificate_ids>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-data-retention",
@@ -3055,6 +3185,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-data-retention",
@@ -3076,6 +3207,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","retention_type":"<retention_type>"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-groups",
@@ -3101,6 +3233,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="add-project-group",
@@ -3122,6 +3255,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123","role":"<role>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-group",
@@ -3143,6 +3277,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="remove-project-group",
@@ -3164,6 +3299,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-hosted-tool-permissions",
@@ -3185,6 +3321,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-hosted-tool-permissions",
@@ -3206,6 +3343,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-model-permissions",
@@ -3227,6 +3365,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-model-permissions",
@@ -3248,6 +3387,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","mode":"<mode>","model_ids":"<model_ids>"}',
+        header_params=(),
     ),
     Operation(
         name="delete-project-model-permissions",
@@ -3269,6 +3409,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-rate-limits",
@@ -3294,6 +3435,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-rate-limits",
@@ -3322,6 +3464,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","rate_limit_id":"rate_limit_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-service-accounts",
@@ -3343,6 +3486,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="create-project-service-account",
@@ -3364,6 +3508,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-service-account",
@@ -3385,6 +3530,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","service_account_id":"service_account_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-service-account",
@@ -3406,6 +3552,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","service_account_id":"service_account_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-project-service-account",
@@ -3427,6 +3574,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","service_account_id":"service_account_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="CreateanAPIkeyforaserviceaccount",
@@ -3448,6 +3596,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","service_account_id":"service_account_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-spend-alerts",
@@ -3474,6 +3623,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="create-project-spend-alert",
@@ -3499,6 +3649,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '"currency":"<currency>","interval":"<interval>",'
             '"notification_channel":"<notification_channel>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-spend-alert",
@@ -3520,6 +3671,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","alert_id":"alert_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-spend-alert",
@@ -3545,6 +3697,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '"threshold_amount":"<threshold_amount>","currency":"<currency>",'
             '"interval":"<interval>","notification_channel":"<notification_channel>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="delete-project-spend-alert",
@@ -3566,6 +3719,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","alert_id":"alert_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="Getprojectspendlimit",
@@ -3587,6 +3741,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="Updateprojectspendlimit",
@@ -3611,6 +3766,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"project_id":"project_abc123","threshold_amount":"<threshold_amount>",'
             '"currency":"<currency>","interval":"<interval>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="Deleteprojectspendlimit",
@@ -3632,6 +3788,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-users",
@@ -3653,6 +3810,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="create-project-user",
@@ -3674,6 +3832,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","role":"<role>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-user",
@@ -3695,6 +3854,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modify-project-user",
@@ -3716,6 +3876,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-project-user",
@@ -3737,6 +3898,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-roles",
@@ -3762,6 +3924,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="create-role",
@@ -3783,6 +3946,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"role_name":"<role_name>","permissions":"<permissions>"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-role",
@@ -3804,6 +3968,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-role",
@@ -3825,6 +3990,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-role",
@@ -3846,6 +4012,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-organization-spend-alerts",
@@ -3872,6 +4039,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="create-organization-spend-alert",
@@ -3896,6 +4064,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"threshold_amount":"<threshold_amount>","currency":"<currency>",'
             '"interval":"<interval>","notification_channel":"<notification_channel>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="retrieve-organization-spend-alert",
@@ -3917,6 +4086,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"alert_id":"alert_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-organization-spend-alert",
@@ -3942,6 +4112,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '"currency":"<currency>","interval":"<interval>",'
             '"notification_channel":"<notification_channel>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="delete-organization-spend-alert",
@@ -3963,6 +4134,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"alert_id":"alert_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="Getorganizationspendlimit",
@@ -3984,6 +4156,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="Updateorganizationspendlimit",
@@ -4008,6 +4181,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"threshold_amount":"<threshold_amount>","currency":"<currency>",'
             '"interval":"<interval>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="Deleteorganizationspendlimit",
@@ -4029,6 +4203,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="usage-audio-speeches",
@@ -4061,6 +4236,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-audio-transcriptions",
@@ -4093,6 +4269,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-code-interpreter-sessions",
@@ -4122,6 +4299,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-completions",
@@ -4155,6 +4333,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-embeddings",
@@ -4187,6 +4366,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-file-search-calls",
@@ -4219,6 +4399,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-images",
@@ -4253,6 +4434,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-moderations",
@@ -4285,6 +4467,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-vector-stores",
@@ -4314,6 +4497,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="usage-web-search-calls",
@@ -4347,6 +4531,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"start_time":1730419200}',
+        header_params=(),
     ),
     Operation(
         name="list-users",
@@ -4372,6 +4557,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="retrieve-user",
@@ -4393,6 +4579,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modify-user",
@@ -4414,6 +4601,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-user",
@@ -4435,6 +4623,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-user-role-assignments",
@@ -4460,6 +4649,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="assign-user-role",
@@ -4481,6 +4671,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-user-role",
@@ -4502,6 +4693,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="unassign-user-role",
@@ -4523,6 +4715,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"user_id":"user_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-group-role-assignments",
@@ -4548,6 +4741,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="assign-project-group-role",
@@ -4569,6 +4763,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-group-role",
@@ -4590,6 +4785,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="unassign-project-group-role",
@@ -4611,6 +4807,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","group_id":"group_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-roles",
@@ -4636,6 +4833,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="create-project-role",
@@ -4660,6 +4858,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"project_id":"project_abc123","role_name":"<role_name>",'
             '"permissions":"<permissions>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-role",
@@ -4681,6 +4880,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="update-project-role",
@@ -4702,6 +4902,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="delete-project-role",
@@ -4723,6 +4924,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="list-project-user-role-assignments",
@@ -4748,6 +4950,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="assign-project-user-role",
@@ -4769,6 +4972,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieve-project-user-role",
@@ -4790,6 +4994,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="unassign-project-user-role",
@@ -4811,6 +5016,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"project_id":"project_abc123","user_id":"user_abc123","role_id":"role_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="create-realtime-call",
@@ -4832,6 +5038,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"sdp":"<sdp>"}',
+        header_params=(),
     ),
     Operation(
         name="accept-realtime-call",
@@ -4868,6 +5075,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"call_id":"call_abc123","type":"<type>"}',
+        header_params=(),
     ),
     Operation(
         name="hangup-realtime-call",
@@ -4889,6 +5097,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"call_id":"call_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="refer-realtime-call",
@@ -4910,6 +5119,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"call_id":"call_abc123","target_uri":"<target_uri>"}',
+        header_params=(),
     ),
     Operation(
         name="reject-realtime-call",
@@ -4931,6 +5141,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"call_id":"call_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="create-realtime-client-secret",
@@ -4952,6 +5163,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="create-realtime-session",
@@ -4990,6 +5202,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"client_secret":"<client_secret>"}',
+        header_params=(),
     ),
     Operation(
         name="create-realtime-transcription-session",
@@ -5017,6 +5230,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="create-realtime-translation-client-secret",
@@ -5038,6 +5252,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"session":"<session>"}',
+        header_params=(),
     ),
     Operation(
         name="createResponse",
@@ -5091,6 +5306,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="Compactconversation",
@@ -5121,6 +5337,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"<model>"}',
+        header_params=(),
     ),
     Operation(
         name="beta_Compactconversation",
@@ -5151,6 +5368,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"model":"<model>"}',
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="Getinputtokencounts",
@@ -5185,6 +5403,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="beta_Getinputtokencounts",
@@ -5219,6 +5438,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="getResponse",
@@ -5245,6 +5465,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteResponse",
@@ -5266,6 +5487,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="cancelResponse",
@@ -5287,6 +5509,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="beta_cancelResponse",
@@ -5308,6 +5531,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="listInputItems",
@@ -5334,6 +5558,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="beta_listInputItems",
@@ -5360,6 +5585,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="beta_getResponse",
@@ -5386,6 +5612,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="beta_deleteResponse",
@@ -5407,6 +5634,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"response_id":"resp_abc123"}',
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="beta_createResponse",
@@ -5461,6 +5689,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),),
     ),
     Operation(
         name="ListSkills",
@@ -5486,6 +5715,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="CreateSkill",
@@ -5507,6 +5737,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=True,
         json_required_fields=("files",),
         example='{"files":{"base64":"<base64 bytes>","filename":"skill.zip"}}',
+        header_params=(),
     ),
     Operation(
         name="GetSkill",
@@ -5528,6 +5759,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="UpdateSkillDefaultVersion",
@@ -5549,6 +5781,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123","default_version":"<default_version>"}',
+        header_params=(),
     ),
     Operation(
         name="DeleteSkill",
@@ -5570,6 +5803,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="GetSkillContent",
@@ -5591,6 +5825,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="ListSkillVersions",
@@ -5616,6 +5851,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="CreateSkillVersion",
@@ -5639,6 +5875,7 @@ OPERATIONS: tuple[Operation, ...] = (
         example=(
             '{"skill_id":"skill_abc123","files":{"base64":"<base64 bytes>","filename":"skill.zip"}}'
         ),
+        header_params=(),
     ),
     Operation(
         name="GetSkillVersion",
@@ -5660,6 +5897,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123","version":"<version>"}',
+        header_params=(),
     ),
     Operation(
         name="DeleteSkillVersion",
@@ -5681,6 +5919,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123","version":"<version>"}',
+        header_params=(),
     ),
     Operation(
         name="GetSkillVersionContent",
@@ -5702,6 +5941,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"skill_id":"skill_abc123","version":"<version>"}',
+        header_params=(),
     ),
     Operation(
         name="createThread",
@@ -5723,6 +5963,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createThreadAndRun",
@@ -5761,6 +6002,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_1","thread":{"messages":[{"role":"user","content":"hi"}]}}',
+        header_params=(),
     ),
     Operation(
         name="getThread",
@@ -5782,6 +6024,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modifyThread",
@@ -5803,6 +6046,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","metadata":{"k":"v"}}',
+        header_params=(),
     ),
     Operation(
         name="deleteThread",
@@ -5824,6 +6068,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listMessages",
@@ -5851,6 +6096,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createMessage",
@@ -5872,6 +6118,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","role":"user","content":"hi"}',
+        header_params=(),
     ),
     Operation(
         name="getMessage",
@@ -5893,6 +6140,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","message_id":"msg_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modifyMessage",
@@ -5914,6 +6162,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","message_id":"msg_abc123","metadata":{"k":"v"}}',
+        header_params=(),
     ),
     Operation(
         name="deleteMessage",
@@ -5935,6 +6184,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","message_id":"msg_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listRuns",
@@ -5961,6 +6211,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createRun",
@@ -6000,6 +6251,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","assistant_id":"asst_1"}',
+        header_params=(),
     ),
     Operation(
         name="getRun",
@@ -6021,6 +6273,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modifyRun",
@@ -6042,6 +6295,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","run_id":"run_abc123","metadata":{"k":"v"}}',
+        header_params=(),
     ),
     Operation(
         name="cancelRun",
@@ -6063,6 +6317,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listRunSteps",
@@ -6090,6 +6345,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","run_id":"run_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getRunStep",
@@ -6111,6 +6367,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","run_id":"run_abc123","step_id":"step_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="submitToolOuputsToRun",
@@ -6135,6 +6392,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"thread_id":"thread_abc123","run_id":"run_abc123",'
             '"tool_outputs":[{"tool_call_id":"call_1","output":"42"}]}'
         ),
+        header_params=(),
     ),
     Operation(
         name="createUpload",
@@ -6159,6 +6417,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"filename":"<filename>","purpose":"<purpose>","bytes":"<bytes>",'
             '"mime_type":"<mime_type>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="cancelUpload",
@@ -6180,6 +6439,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"upload_id":"upload_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="completeUpload",
@@ -6201,6 +6461,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"upload_id":"upload_abc123","part_ids":"<part_ids>"}',
+        header_params=(),
     ),
     Operation(
         name="addUploadPart",
@@ -6224,6 +6485,7 @@ OPERATIONS: tuple[Operation, ...] = (
         example=(
             '{"upload_id":"upload_abc123","data":{"base64":"<base64 bytes>","filename":"part.bin"}}'
         ),
+        header_params=(),
     ),
     Operation(
         name="listVectorStores",
@@ -6250,6 +6512,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createVectorStore",
@@ -6278,6 +6541,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="getVectorStore",
@@ -6299,6 +6563,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="modifyVectorStore",
@@ -6320,6 +6585,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteVectorStore",
@@ -6341,6 +6607,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createVectorStoreFileBatch",
@@ -6362,6 +6629,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getVectorStoreFileBatch",
@@ -6383,6 +6651,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","batch_id":"batch_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="cancelVectorStoreFileBatch",
@@ -6404,6 +6673,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","batch_id":"batch_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listFilesInVectorStoreBatch",
@@ -6431,6 +6701,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","batch_id":"batch_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listVectorStoreFiles",
@@ -6458,6 +6729,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createVectorStoreFile",
@@ -6479,6 +6751,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getVectorStoreFile",
@@ -6500,6 +6773,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="updateVectorStoreFileAttributes",
@@ -6523,6 +6797,7 @@ OPERATIONS: tuple[Operation, ...] = (
         example=(
             '{"vector_store_id":"vs_abc123","file_id":"file-abc123","attributes":"<attributes>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="deleteVectorStoreFile",
@@ -6544,6 +6819,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="retrieveVectorStoreFileContent",
@@ -6565,6 +6841,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="searchVectorStore",
@@ -6586,6 +6863,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"vector_store_id":"vs_abc123","query":"<query>"}',
+        header_params=(),
     ),
     Operation(
         name="ListVideos",
@@ -6611,6 +6889,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example="{}",
+        header_params=(),
     ),
     Operation(
         name="createVideo",
@@ -6632,6 +6911,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=True,
         json_required_fields=("prompt",),
         example='{"prompt":"<prompt>"}',
+        header_params=(),
     ),
     Operation(
         name="CreateVideoCharacter",
@@ -6653,6 +6933,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"video":{"base64":"<base64 bytes>","filename":"video.mp4"},"name":"<name>"}',
+        header_params=(),
     ),
     Operation(
         name="GetVideoCharacter",
@@ -6674,6 +6955,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"character_id":"character_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="CreateVideoEdit",
@@ -6695,6 +6977,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=True,
         json_required_fields=("video", "prompt"),
         example='{"video":{"base64":"<base64 bytes>","filename":"video.mp4"},"prompt":"<prompt>"}',
+        header_params=(),
     ),
     Operation(
         name="CreateVideoExtend",
@@ -6719,6 +7002,7 @@ OPERATIONS: tuple[Operation, ...] = (
             '{"video":{"base64":"<base64 bytes>","filename":"video.mp4"},"prompt":"<prompt>",'
             '"seconds":"<seconds>"}'
         ),
+        header_params=(),
     ),
     Operation(
         name="GetVideo",
@@ -6740,6 +7024,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"video_id":"video_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="DeleteVideo",
@@ -6761,6 +7046,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"video_id":"video_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="RetrieveVideoContent",
@@ -6782,6 +7068,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"video_id":"video_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="CreateVideoRemix",
@@ -6803,6 +7090,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=True,
         json_required_fields=("prompt",),
         example='{"video_id":"video_abc123","prompt":"<prompt>"}',
+        header_params=(),
     ),
     Operation(
         name="listAssistantFiles",
@@ -6829,6 +7117,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="createAssistantFile",
@@ -6850,6 +7139,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123","file_id":"file-1"}',
+        header_params=(),
     ),
     Operation(
         name="getAssistantFile",
@@ -6871,6 +7161,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="deleteAssistantFile",
@@ -6892,6 +7183,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"assistant_id":"asst_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
     Operation(
         name="listMessageFiles",
@@ -6918,6 +7210,7 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","message_id":"msg_abc123"}',
+        header_params=(),
     ),
     Operation(
         name="getMessageFile",
@@ -6939,5 +7232,6 @@ OPERATIONS: tuple[Operation, ...] = (
         json_alternative=False,
         json_required_fields=(),
         example='{"thread_id":"thread_abc123","message_id":"msg_abc123","file_id":"file-abc123"}',
+        header_params=(),
     ),
 )

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from bridge import __version__
 from bridge.config import ServiceConfig
+from bridge.endpoint import form_operation, parse_call
 from bridge.errors import InvalidParameter, MissingParameter, UnknownParameter
 from bridge.formdata import FormPart, encode_form
 from bridge.jsoncodec import dumps
@@ -63,14 +64,51 @@ def _scalar_text(value: Any) -> str:
 
 
 def _query_pairs(param: QueryParam, value: Any) -> list[tuple[str, str]]:
-    """The (name, text) pairs one query parameter contributes (arrays repeat, objects go deep)."""
+    """The (name, text) pairs one query parameter contributes, as the official SDKs send them.
+
+    Arrays repeat the name with brackets (`include[]=a&include[]=b`; a lone value of an array
+    parameter is a one-item array), objects go deep (`metadata[k]=v`).
+    """
     if value is None:
         return []
+    base = param.name.removesuffix("[]")
+    if param.type == "array" and not isinstance(value, list | dict):
+        value = [value]
     if isinstance(value, list):
-        return [(param.name, _scalar_text(v)) for v in value if v is not None]
+        return [(f"{base}[]", _scalar_text(v)) for v in value if v is not None]
     if isinstance(value, dict):
-        return [(f"{param.name}[{k}]", _scalar_text(v)) for k, v in value.items() if v is not None]
+        return [(f"{base}[{k}]", _scalar_text(v)) for k, v in value.items() if v is not None]
     return [(param.name, _scalar_text(value))]
+
+
+def _pop_spelling(rest: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    """(key, value) of the one spelling of a parameter present in `rest`, popped; None if none."""
+    present = [key for key in keys if key in rest]
+    if len(present) > 1:
+        raise InvalidParameter(
+            present[0], f"give only one of {', '.join(repr(k) for k in present)}: same parameter"
+        )
+    return (present[0], rest.pop(present[0])) if present else None
+
+
+def _query_keys(param: QueryParam) -> tuple[str, ...]:
+    """The payload keys of a query parameter: its name, with and without `[]` for arrays."""
+    base = param.name.removesuffix("[]")
+    return (base, f"{base}[]") if param.type == "array" or base != param.name else (param.name,)
+
+
+def _header_text(key: str, value: Any) -> str:
+    """A header parameter's value: text, numbers and booleans as text, arrays comma-joined."""
+    items = value if isinstance(value, list) else [value]
+    texts = []
+    for item in items:
+        if isinstance(item, dict | list) or item is None:
+            raise InvalidParameter(key, f"header parameter {key!r} takes text or an array of text")
+        texts.append(_scalar_text(item))
+    text = ",".join(texts)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidParameter(key, f"header parameter {key!r} must not hold control characters")
+    return text
 
 
 def _encode_query(pairs: list[tuple[str, str]]) -> str:
@@ -85,6 +123,7 @@ class RequestBuilder:
         key = service.api_key.get_secret_value()
         headers: dict[str, str] = {"User-Agent": f"openai-mqtt-bridge/{__version__}"}
         self._key_query: tuple[str, str] | None = None
+        self._key_header: str | None = None
         if key:
             if service.api_key_in_query:
                 self._key_query = (service.api_key_name, key)
@@ -92,6 +131,7 @@ class RequestBuilder:
                 headers["Authorization"] = f"Bearer {key}"
             else:
                 headers[service.api_key_name] = key
+                self._key_header = service.api_key_name
         if service.organization:
             headers["OpenAI-Organization"] = service.organization
         if service.project:
@@ -107,10 +147,14 @@ class RequestBuilder:
             headers["OpenAI-Beta"] = self._assistants_beta
         elif op.beta:
             headers["OpenAI-Beta"] = op.beta
+        if op.response_kind == "json":
+            headers["Accept"] = "application/json"  # as the official SDKs send
         return headers
 
     def build(self, op: Operation, params: dict[str, Any]) -> HttpRequest:
         """The HTTP request for `op` called with `params` (the payload without `transaction`)."""
+        if op.generic:
+            return self.build_endpoint(params)
         rest = dict(params)
         path_template, _, fixed_query = op.path.partition("?")
         path = path_template
@@ -123,8 +167,9 @@ class RequestBuilder:
                 k, _, v = item.partition("=")
                 pairs.append((k, v))
         for qp in op.query_params:
-            if qp.name in rest:
-                pairs.extend(_query_pairs(qp, rest.pop(qp.name)))
+            found = _pop_spelling(rest, _query_keys(qp))
+            if found is not None:
+                pairs.extend(_query_pairs(qp, found[1]))
             elif qp.required:
                 raise MissingParameter(qp.name)
         if self._key_query is not None:
@@ -134,6 +179,13 @@ class RequestBuilder:
         if pairs:
             url += "?" + _encode_query(pairs)
         headers = self.headers_for(op)
+        for hp in op.header_params:
+            found = _pop_spelling(rest, hp.keys)
+            if found is not None and found[1] is not None:
+                text = _header_text(*found)
+                headers[hp.header] = (
+                    f"{headers[hp.header]},{text}" if hp.header in headers else text
+                )
 
         if op.request_kind == "none":
             if rest:
@@ -159,3 +211,32 @@ class RequestBuilder:
                 raise MissingParameter(name)
         headers["Content-Type"] = "application/json"
         return HttpRequest(op.verb, url, headers, json_body=dumps(rest))
+
+    def build_endpoint(self, params: dict[str, Any]) -> HttpRequest:
+        """The HTTP request of a `callEndpoint` payload (see bridge/endpoint.py)."""
+        call = parse_call(
+            params,
+            key_header=self._key_header,
+            key_query=self._key_query[0] if self._key_query else None,
+        )
+        pairs: list[tuple[str, str]] = []
+        for name, value in call.query.items():
+            pairs.extend(_query_pairs(QueryParam(name, "any"), value))
+        if self._key_query is not None:
+            pairs.append(self._key_query)
+        url = self.base + call.path
+        if pairs:
+            url += "?" + _encode_query(pairs)
+        headers = dict(self._headers)
+        for name, value in call.headers.items():
+            for existing in [h for h in headers if h.lower() == name.lower()]:
+                del headers[existing]
+            headers[name] = value
+        if call.form is not None:
+            form = encode_form(form_operation(call.form), call.form)
+            return HttpRequest(call.method, url, headers, form=form)
+        if not call.has_body:
+            return HttpRequest(call.method, url, headers)
+        if not any(h.lower() == "content-type" for h in headers):
+            headers["Content-Type"] = "application/json"
+        return HttpRequest(call.method, url, headers, json_body=dumps(call.body))

@@ -52,7 +52,9 @@ from typing import Any, cast
 
 from bridge import specfacts
 from bridge.describe import describe_details, example_payload, summary
+from bridge.endpoint import CALL_ENDPOINT
 from bridge.operations import (
+    HeaderParam,
     Operation,
     QueryParam,
     QueryType,
@@ -255,6 +257,20 @@ def query_param_of(spec_param: Mapping[str, Any]) -> QueryParam:
     return QueryParam(spec_param["name"], query_type, bool(spec_param.get("required", False)))
 
 
+# How the SDKs spell a declared header (the spec writes header names in lower case).
+HEADER_SPELLING = {"openai-beta": "OpenAI-Beta"}
+
+
+def header_param_of(spec_param: Mapping[str, Any]) -> HeaderParam:
+    """A HeaderParam: the SDKs' parameter name (x-stainless-param) and the header's own name."""
+    name: str = spec_param["name"]
+    keys = tuple(dict.fromkeys(k for k in (spec_param.get("sdk_name"), name) if k))
+    declared = spec_param.get("type")
+    header_type = cast(QueryType, declared if declared in QUERY_TYPES else "string")
+    header = HEADER_SPELLING.get(name.lower(), "-".join(w.capitalize() for w in name.split("-")))
+    return HeaderParam(header, keys, header_type)
+
+
 def id_placeholder(name: str) -> str:
     """A plausible id for a parameter or field named `name`, e.g. "thread_abc123"."""
     if name in ID_PLACEHOLDERS:
@@ -350,6 +366,7 @@ def build_operation(
     if not set(multi_file_fields) <= set(file_fields):
         raise ValueError(f"{name}: array file fields {multi_file_fields} are not file fields")
     query_params = tuple(query_param_of(p) for p in spec_op["query_params"])
+    header_params = tuple(header_param_of(p) for p in spec_op.get("header_params") or ())
     example = build_example(
         group=group,
         path_params=path_params,
@@ -378,6 +395,7 @@ def build_operation(
         json_alternative=json_alternative,
         json_required_fields=json_required,
         example=json.dumps(example, separators=(",", ":"), ensure_ascii=True),
+        header_params=header_params,
     )
 
 
@@ -432,6 +450,14 @@ def py_value(value: object) -> str:
     if isinstance(value, QueryParam):
         required = ", required=True" if value.required else ""
         return f"QueryParam({py_str(value.name)}, {py_str(value.type)}{required})"
+    if isinstance(value, HeaderParam):
+        keys = (
+            "("
+            + ", ".join(py_str(k) for k in value.keys)
+            + ("," if len(value.keys) == 1 else "")
+            + ")"
+        )
+        return f"HeaderParam({py_str(value.header)}, {keys}, {py_str(value.type)})"
     raise TypeError(f"cannot render {value!r}")
 
 
@@ -490,6 +516,7 @@ OPERATION_FIELDS = (
     "json_alternative",
     "json_required_fields",
     "example",
+    "header_params",
 )
 
 
@@ -500,7 +527,7 @@ def render_optable(operations: Sequence[Operation]) -> str:
         f"# CI verifies it with `{GENERATOR_COMMAND} --check`.",
         '"""Every OpenAI REST operation the bridge knows, as `Operation` values (generated)."""',
         "",
-        "from bridge.operations import Operation, QueryParam",
+        "from bridge.operations import HeaderParam, Operation, QueryParam",
         "",
         "OPERATIONS: tuple[Operation, ...] = (",
     ]
@@ -543,6 +570,8 @@ def render_methods_doc(operations: Sequence[Operation], seed_titles: Mapping[str
         "",
         f"The bridge knows {len(operations)} methods: every operation of the current OpenAI REST",
         f"API, plus {retired} methods of the Assistants v1 API that OpenAI has since retired.",
+        f"For an endpoint newer than this table, [`{CALL_ENDPOINT.name}`](#callendpoint) calls any",
+        "path of the service host with the same envelope, streaming, retries and limits.",
         "",
         "A method's name is OpenAI's operationId, matched without regard to case. To call one,",
         "publish a JSON object to its request topic. Path parameters, query parameters and body",
@@ -558,14 +587,22 @@ def render_methods_doc(operations: Sequence[Operation], seed_titles: Mapping[str
         "## Contents",
         "",
     ]
+    generic_title = "Any endpoint"
+    lines.append(f"- [{generic_title}](#{github_anchor(generic_title)}) (1)")
     for group in groups:
         title = section_title(group, seed_titles)
         lines.append(f"- [{title}](#{github_anchor(title)}) ({len(by_group[group])})")
+    lines += ["", f"## {generic_title}", "", *operation_section(CALL_ENDPOINT)]
     for group in groups:
         lines += ["", f"## {section_title(group, seed_titles)}"]
         for op in by_group[group]:
-            lines += ["", f"### `{op.name}`", "", summary(op) + ".", "", *describe_details(op)]
+            lines += ["", *operation_section(op)]
     return "\n".join(lines) + "\n"
+
+
+def operation_section(op: Operation) -> list[str]:
+    """The `### name` heading, summary and details of one method."""
+    return [f"### `{op.name}`", "", summary(op) + ".", "", *describe_details(op)]
 
 
 def github_anchor(title: str) -> str:
