@@ -1,7 +1,8 @@
 """The decide stage: one inbound message -> a `Call` to execute, a `Rejection`, or nothing at all.
 
 Every local check happens here, before any HTTP request: the topic and the response topic, the
-payload's size, JSON and shape, the reserved keys (`transaction`), the method, the access rules
+payload's size, JSON and shape, the reserved keys (`transaction`, and `_bridge` with its reply
+options, both removed before the request is built), the method, the access rules
 and the request building (required, path and query parameters, files). Whether the call is a
 stream is decided here once.
 """
@@ -25,6 +26,7 @@ from bridge.errors import (
 from bridge.jsoncodec import loads, loads_text
 from bridge.mqtt import InboundMessage
 from bridge.operations import MethodTable, Operation
+from bridge.options import DEFAULT_OPTIONS, OPTIONS_KEY, BridgeOptions, error_options, parse_options
 from bridge.render import MISSING
 from bridge.request import HttpRequest, RequestBuilder
 from bridge.topics import RequestTopic, Topics
@@ -54,6 +56,8 @@ class Call:
     """The request's `transaction` value, or `render.MISSING` when it had none."""
     stream_topic: str | None
     """Where the events go when the call asked for a stream; None for a plain call."""
+    options: BridgeOptions = DEFAULT_OPTIONS
+    """The request's `_bridge` reply options."""
 
     def take_request(self) -> HttpRequest:
         """The HTTP request, dropping this call's reference to it."""
@@ -69,6 +73,8 @@ class Rejection:
     method: str
     transaction: Any
     error: BridgeError
+    options: BridgeOptions = DEFAULT_OPTIONS
+    """The reply options to answer in (as far as they were readable)."""
 
 
 def wants_stream(params: dict[str, Any], op: Operation | None = None) -> bool:
@@ -142,9 +148,16 @@ class Decider:
         """The call `message` asks for, or why it is refused; takes the payload off `message`."""
         method = route.topic.method
         transaction: Any = MISSING
+        options = DEFAULT_OPTIONS
         try:
             params = decode(message, self.max_request_bytes)
             transaction = params.pop("transaction", MISSING)
+            raw_options = params.pop(OPTIONS_KEY, None)
+            try:
+                options = parse_options(raw_options)
+            except BridgeError:
+                options = error_options(raw_options)
+                raise
             op = self.table.find(method)
             if op is None:
                 raise UnknownMethod(
@@ -158,9 +171,9 @@ class Decider:
             stream_topic = route.topic.stream if wants_stream(params, op) else None
             request = self.builder.build(op, params)
         except BridgeError as exc:
-            return Rejection(method, transaction, exc)
+            return Rejection(method, transaction, exc, options)
         except Exception as exc:  # a bug must still get the request its one reply
             self.log.exception("unexpected failure", topic=message.topic)
             error = InternalError(f"internal error: {type(exc).__name__}")
-            return Rejection(method, transaction, error)
-        return Call(op, request, transaction, stream_topic)
+            return Rejection(method, transaction, error, options)
+        return Call(op, request, transaction, stream_topic, options)

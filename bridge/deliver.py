@@ -1,11 +1,13 @@
 """The deliver stage: redact, check the size, publish, acknowledge, remember, count and log.
 
 A request is acknowledged only after its reply was published and the broker took it (PUBACK),
-so a request whose reply never went out is redelivered.
+so a request whose reply never went out is redelivered. A chunked raw reply (`_bridge`
+`chunk_bytes`) publishes its chunks on `<reply topic>/<n>` first and its end message last.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,10 +18,13 @@ from bridge.errors import ReplyTooLarge
 from bridge.jsoncodec import dumps
 from bridge.mqtt import InboundMessage, PublishFailed
 from bridge.redact import Redactor
+from bridge.replyformat import chunk_topic
 from bridge.stats import Stats
 from bridge.streaming import StreamPublisher
 
 _LOG_TEXT_LIMIT = 120
+_MAX_UNACKED_CHUNKS = 256
+"""Chunks of a raw reply published before waiting for the broker (bounds what is queued)."""
 
 
 class Publisher(StreamPublisher, Protocol):
@@ -65,17 +70,30 @@ class Deliverer:
     ) -> render.Outcome:
         """Publish `outcome` (an error reply instead when too large), ack, remember it; as sent."""
         payload = self.redactor.data(outcome.payload)
-        if not self.publisher.fits(route.reply_topic, len(payload)):
+        largest = max((len(chunk) for chunk in outcome.chunks), default=0)
+        last_chunk = chunk_topic(route.reply_topic, max(len(outcome.chunks) - 1, 0))
+        if not self.publisher.fits(route.reply_topic, len(payload)) or (
+            outcome.chunks and not self.publisher.fits(last_chunk, largest)
+        ):
+            size = max(len(payload), largest)
             too_large = ReplyTooLarge(
-                f"the reply ({len(payload)} bytes) exceeds the broker's maximum packet size"
+                f"the reply ({size} bytes) exceeds the broker's maximum packet size"
+                + ("; a smaller chunk_bytes fits" if outcome.chunks else "")
             )
-            replaced = render.failure(outcome.method, outcome.transaction, too_large)
+            replaced = render.failure(
+                outcome.method, outcome.transaction, too_large, outcome.options
+            )
             replaced.request_id, replaced.attempts = outcome.request_id, outcome.attempts
             outcome, payload = replaced, replaced.payload
         outcome.payload = payload
-        sent = await self._send(message, route, payload)
+        chunked = bool(outcome.chunks)
+        sent = await self._send_chunks(message, route, outcome) if chunked else True
+        outcome.chunks = ()  # published: drop them
+        sent = sent and await self._send(message, route, payload, outcome.content_type)
         error = outcome.error
-        if sent and key is not None and (error is None or not error.is_retryable):
+        # A chunked reply is not remembered (the cache keeps one message per request): a
+        # redelivered chunked request is answered by calling the service host again.
+        if sent and key is not None and (error is None or not error.is_retryable) and not chunked:
             self.cache.put(key, route.reply_topic, payload)
         return outcome
 
@@ -99,11 +117,49 @@ class Deliverer:
         }
         self.log.info("request", **{k: v for k, v in fields.items() if v is not None})
 
-    async def _send(self, message: InboundMessage, route: Route, payload: bytes) -> bool:
+    async def _send_chunks(
+        self, message: InboundMessage, route: Route, outcome: render.Outcome
+    ) -> bool:
+        """Publish the chunks of a raw reply in order, wait for their PUBACKs; False on failure."""
+        pending: list[asyncio.Future[None]] = []
+        try:
+            for n, chunk in enumerate(outcome.chunks):
+                pending.append(
+                    self.publisher.publish(
+                        chunk_topic(route.reply_topic, n),
+                        chunk,
+                        correlation_data=route.correlation,
+                        content_type=outcome.chunk_type,
+                    )
+                )
+                if len(pending) >= _MAX_UNACKED_CHUNKS:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+        except PublishFailed as exc:
+            for future in pending:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: the first failure is the one reported
+            topic = chunk_topic(route.reply_topic, 0)
+            self.log.error("reply not published", topic=topic[:200], error=str(exc)[:300])
+            if not exc.retry_later:
+                self.publisher.ack(message)
+            return False
+        return True
+
+    async def _send(
+        self,
+        message: InboundMessage,
+        route: Route,
+        payload: bytes,
+        content_type: str | None = None,
+    ) -> bool:
         """Publish the reply, wait for PUBACK, then ack the request; False when not published."""
         topic = route.reply_topic
         try:
-            await self.publisher.publish(topic, payload, correlation_data=route.correlation)
+            await self.publisher.publish(
+                topic, payload, correlation_data=route.correlation, content_type=content_type
+            )
         except PublishFailed as exc:
             self.log.error("reply not published", topic=topic[:200], error=str(exc)[:300])
             if not exc.retry_later:

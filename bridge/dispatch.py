@@ -3,7 +3,8 @@
 `Dispatcher.submit` is called for every message on the request subscription. It runs each request
 as its own task (bounded by `[limits] max_concurrency`) through the stages:
 
-- decide (bridge/decide.py): topic, size, JSON, `transaction`, method, access, request building;
+- decide (bridge/decide.py): topic, size, JSON, `transaction`, `_bridge` reply options, method,
+  access, request building;
 - execute (bridge/service.py): the HTTP request to the service host, with retries;
 - render (bridge/render.py): the reply data and the envelope around it;
 - deliver (bridge/deliver.py): redact, size, publish, PUBACK, then ack; cache, stats, log line.
@@ -169,7 +170,9 @@ class Dispatcher:
             await self.deliverer.replay(message, route, cached[1])
             return
         if isinstance(decision, Rejection):
-            outcome = render.failure(decision.method, decision.transaction, decision.error)
+            outcome = render.failure(
+                decision.method, decision.transaction, decision.error, decision.options
+            )
         else:
             outcome = await self._execute(message, route, decision)
         outcome = await self.deliverer.deliver(message, route, outcome, key)
@@ -186,19 +189,24 @@ class Dispatcher:
                 call.transaction,
                 route.correlation,
                 self.redactor,
+                call.options,
             )
             if call.stream_topic is not None
             else None
         )
+        options = call.options
         try:
             result = await self.service.send(call.take_request(), sink)
-            outcome = render.answer(call.op, call.transaction, result, sink)
+            if options.chunk_bytes is not None:
+                # Redacted whole: a secret must not slip through by straddling two chunks.
+                result.body = self.redactor.data(result.body)
+            outcome = render.answer(call.op, call.transaction, result, sink, options)
             if sink is not None:
                 await sink.flushed()
         except BridgeError as exc:
-            return render.failure(call.op.name, call.transaction, exc)
+            return render.failure(call.op.name, call.transaction, exc, options)
         except Exception as exc:  # the request still gets its one reply
             self.log.exception("unexpected failure", topic=message.topic)
             error = InternalError(f"internal error: {type(exc).__name__}")
-            return render.failure(call.op.name, call.transaction, error)
+            return render.failure(call.op.name, call.transaction, error, options)
         return outcome

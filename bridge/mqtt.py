@@ -333,12 +333,21 @@ class MqttTransport:
         retain: bool = False,
         qos: int = 1,
         correlation_data: bytes | None = None,
+        content_type: str | None = None,
     ) -> asyncio.Future[None]:
-        """Queue a publish; the future completes when the broker acknowledged it (QoS 1)."""
+        """Queue a publish; the future completes when the broker acknowledged it (QoS 1).
+
+        Correlation Data and Content Type go out as MQTT 5 properties; over 3.1.1 they are dropped.
+        """
         props = None
-        if correlation_data is not None and self.protocol == MQTTProtocolVersion.MQTTv5:
+        if (
+            correlation_data is not None or content_type is not None
+        ) and self.protocol == MQTTProtocolVersion.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = correlation_data
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if content_type is not None:
+                props.ContentType = content_type
         fut: asyncio.Future[None] = self._loop.create_future()
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)

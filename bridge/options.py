@@ -103,6 +103,25 @@ def parse_options(value: Any) -> BridgeOptions:
 _KNOWN_KEYS = frozenset({"select", "format", "max_bytes", "chunk_bytes"})
 
 
+def error_options(value: Any) -> BridgeOptions:
+    """The options to render the error about a refused `_bridge` value in: its valid parts.
+
+    A device that asked for plain text gets the error as plain text even when, say, its
+    `select` did not compile; anything unusable falls back to the JSON envelope.
+    """
+    if not isinstance(value, dict):
+        return DEFAULT_OPTIONS
+    try:
+        fmt = _parse_format(value.get("format"))
+    except InvalidParameter:
+        return DEFAULT_OPTIONS
+    try:
+        max_bytes = _parse_size("max_bytes", value.get("max_bytes"), MIN_MAX_BYTES)
+    except InvalidParameter:
+        max_bytes = None
+    return BridgeOptions(format=fmt, max_bytes=max_bytes if fmt == "plain" else None)
+
+
 def compile_select(expression: str) -> Selection:
     """Compile a JMESPath expression; raise InvalidParameter when it is not one we can run."""
     if not expression:

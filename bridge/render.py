@@ -3,12 +3,14 @@
 The envelope is `{"status", "method", "transaction"?, "data" | "error"}`. The reply data of a
 complete answer is chosen by the operation and the Content-Type: JSON spliced in as it came,
 text as `{"text", "content_type"}`, anything else as `{"base64", "content_type", "size"}`.
+The request's `_bridge` options (bridge/options.py) may select from the data or ask for the
+plain or raw format instead of the envelope (bridge/replyformat.py).
 """
 
 from __future__ import annotations
 
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -16,6 +18,8 @@ import orjson
 from bridge.errors import BridgeError, UpstreamBadResponse
 from bridge.jsoncodec import dumps
 from bridge.operations import Operation
+from bridge.options import DEFAULT_OPTIONS, BridgeOptions
+from bridge.replyformat import Answer, format_error, format_ok, selected
 
 if TYPE_CHECKING:
     from bridge.service import ServiceResult
@@ -113,15 +117,27 @@ class Outcome:
     http_status: int | None = None
     request_id: str | None = None
     attempts: int = 0
+    content_type: str | None = None
+    """For the MQTT 5 Content Type property (plain and raw formats); None for the envelope."""
+    chunks: tuple[bytes, ...] = ()
+    """Raw chunks published before `payload` (the end message) on `<reply topic>/<n>`."""
+    chunk_type: str | None = None
+    options: BridgeOptions = field(default=DEFAULT_OPTIONS)
+    """The request's reply options, so that deliver can render a replacement error alike."""
 
 
 def answer(
-    op: Operation, transaction: Any, result: ServiceResult, sink: TopicStreamSink | None
+    op: Operation,
+    transaction: Any,
+    result: ServiceResult,
+    sink: TopicStreamSink | None,
+    options: BridgeOptions = DEFAULT_OPTIONS,
 ) -> Outcome:
-    """The success reply for `result`; takes the body off it, so the envelope holds the only copy.
+    """The success reply for `result`; takes the body off it, so the reply holds the only copy.
 
     Raises a BridgeError when the answer cannot be rendered (not valid JSON, a stream cut short).
     """
+    body: bytes | None = None
     if result.streamed:
         if sink is None:
             raise UpstreamBadResponse("service host streamed an answer that was not asked for")
@@ -129,15 +145,43 @@ def answer(
     else:
         body, result.body = result.body, b""
         data = reply_data(op, body, result.content_type)
-        del body
-    payload = ok_raw(op.name, transaction, data)
-    del data
-    return Outcome(
-        op.name, transaction, payload, None, result.http_status, result.request_id, result.attempts
+        if options.format != "raw":
+            body = None  # only the raw format sends the body itself
+    done = Outcome(
+        op.name,
+        transaction,
+        b"",
+        None,
+        result.http_status,
+        result.request_id,
+        result.attempts,
+        options=options,
     )
+    if options.format == "json":
+        if options.select is not None:
+            data = dumps(selected(options, Answer(data)))
+        done.payload = ok_raw(op.name, transaction, data)
+        return done
+    content_type = result.content_type.strip() or None
+    reply = format_ok(options, Answer(data, body, content_type), _transaction_json(transaction))
+    done.payload, done.content_type = reply.payload, reply.content_type
+    done.chunks, done.chunk_type = reply.chunks, reply.chunk_type
+    return done
 
 
-def failure(method: str, transaction: Any, exc: BridgeError) -> Outcome:
-    """The error reply for `exc`."""
-    payload = error(method, transaction, exc)
-    return Outcome(method, transaction, payload, exc, exc.http_status, None, exc.attempts)
+def failure(
+    method: str, transaction: Any, exc: BridgeError, options: BridgeOptions = DEFAULT_OPTIONS
+) -> Outcome:
+    """The error reply for `exc`, in the format the request asked for."""
+    outcome = Outcome(method, transaction, b"", exc, exc.http_status, None, exc.attempts)
+    outcome.options = options
+    if options.format == "json":
+        outcome.payload = error(method, transaction, exc)
+    else:
+        reply = format_error(options, exc)
+        outcome.payload, outcome.content_type = reply.payload, reply.content_type
+    return outcome
+
+
+def _transaction_json(transaction: Any) -> bytes | None:
+    return None if transaction is _MISSING else dumps(transaction)

@@ -1,7 +1,8 @@
 """Pure reply rendering for the `_bridge` options: select, plain text, raw bytes, chunks, deltas.
 
-Nothing here does I/O. The pipeline hands over a successful answer (or an error) and the
-options, and gets back the MQTT messages to publish, in order, the reply itself last.
+Nothing here does I/O. The render stage (bridge/render.py) wraps the JSON format in the envelope
+and hands the plain and raw formats to `format_ok` / `format_error`; the stream sink uses
+`plain_stream_payloads`.
 
 Wire forms (docs/protocol.md, "Reply options"):
 - plain: the selected value alone as UTF-8 (a string as it is, anything else as compact JSON);
@@ -13,11 +14,9 @@ Wire forms (docs/protocol.md, "Reply options"):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from bridge import render
 from bridge.errors import BridgeError
 from bridge.jsoncodec import dumps, loads
 from bridge.options import BridgeOptions
@@ -40,16 +39,7 @@ class Answer:
     body: bytes | None = None
     """The answer's own bytes when it was bytes or text (what `raw` sends), else None."""
     content_type: str | None = None
-    """The media type of `body`."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutMessage:
-    """One MQTT message of a reply; `content_type` goes into the MQTT 5 Content Type property."""
-
-    topic: str
-    payload: bytes
-    content_type: str | None = None
+    """The Content-Type of `body` as the service host sent it."""
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -101,9 +91,11 @@ def plain_error(exc: BridgeError, max_bytes: int | None = None) -> bytes:
     return cut_utf8(text, max_bytes)
 
 
-def end_message(chunks: int, size: int, content_type: str, transaction: Any) -> bytes:
+def end_message(
+    chunks: int, size: int, content_type: str, transaction_json: bytes | None = None
+) -> bytes:
     """The message after the chunks: count, total size, content type (and the transaction)."""
-    head = b"{" if transaction is render.MISSING else b'{"transaction":' + dumps(transaction) + b","
+    head = b"{" if transaction_json is None else b'{"transaction":' + transaction_json + b","
     return (
         head
         + b'"chunks":'
@@ -116,14 +108,6 @@ def end_message(chunks: int, size: int, content_type: str, transaction: Any) -> 
     )
 
 
-def iter_chunks(
-    reply_topic: str, body: bytes, chunk_bytes: int, content_type: str
-) -> Iterator[OutMessage]:
-    """The chunk messages of `body`: `<reply_topic>/<n>`, n counting from 0."""
-    for n, start in enumerate(range(0, len(body), chunk_bytes)):
-        yield OutMessage(f"{reply_topic}/{n}", body[start : start + chunk_bytes], content_type)
-
-
 def chunk_count(size: int, chunk_bytes: int) -> int:
     """How many chunks `size` bytes become."""
     return -(-size // chunk_bytes)
@@ -132,38 +116,47 @@ def chunk_count(size: int, chunk_bytes: int) -> int:
 # --- whole replies --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class FormattedReply:
+    """A reply in the plain or raw format: the reply message, and the chunks that precede it."""
+
+    payload: bytes
+    """The reply message (with chunks: the end message)."""
+    content_type: str | None = None
+    chunks: tuple[bytes, ...] = ()
+    """Published first, in order, on `<reply topic>/<n>` (see `chunk_topic`)."""
+    chunk_type: str | None = None
+
+
+def chunk_topic(reply_topic: str, n: int) -> str:
+    """The topic of chunk `n` (from 0) of a reply on `reply_topic`."""
+    return f"{reply_topic}/{n}"
+
+
+def _joined(data_json: bytes | list[bytes]) -> bytes:
+    return data_json if isinstance(data_json, bytes) else b"".join(data_json)
+
+
 def selected(options: BridgeOptions, answer: Answer) -> Any:
-    """The answer's `data` after `select` (requires a selection)."""
-    assert options.select is not None
-    raw = answer.data_json if isinstance(answer.data_json, bytes) else b"".join(answer.data_json)
-    return options.select.search(loads(raw))
+    """The answer's `data` after `select` (the whole `data` without one)."""
+    data = loads(_joined(answer.data_json))
+    return options.select.search(data) if options.select is not None else data
 
 
-def render_ok(
-    options: BridgeOptions,
-    method: str,
-    transaction: Any,
-    answer: Answer,
-    reply_topic: str,
-) -> list[OutMessage]:
-    """The messages of a successful reply, the reply itself last."""
-    if options.format == "json":
-        if options.select is None:
-            return [OutMessage(reply_topic, render.ok_raw(method, transaction, answer.data_json))]
-        value = selected(options, answer)
-        return [OutMessage(reply_topic, render.ok(method, transaction, value))]
+def format_ok(
+    options: BridgeOptions, answer: Answer, transaction_json: bytes | None
+) -> FormattedReply:
+    """A successful reply in the plain or raw format (`transaction_json`: for the end message)."""
     if options.format == "plain":
-        value = selected(options, answer) if options.select is not None else _data(answer)
-        return [
-            OutMessage(reply_topic, cut_utf8(plain_bytes(value), options.max_bytes), PLAIN_TYPE)
-        ]
+        payload = cut_utf8(plain_bytes(selected(options, answer)), options.max_bytes)
+        return FormattedReply(payload, PLAIN_TYPE)
     payload, content_type = raw_payload(options, answer)
     if options.chunk_bytes is None:
-        return [OutMessage(reply_topic, payload, content_type)]
-    messages = list(iter_chunks(reply_topic, payload, options.chunk_bytes, content_type))
-    end = end_message(len(messages), len(payload), content_type, transaction)
-    messages.append(OutMessage(reply_topic, end, JSON_TYPE))
-    return messages
+        return FormattedReply(payload, content_type)
+    size = options.chunk_bytes
+    chunks = tuple(payload[start : start + size] for start in range(0, len(payload), size))
+    end = end_message(len(chunks), len(payload), content_type, transaction_json)
+    return FormattedReply(end, JSON_TYPE, chunks, content_type)
 
 
 def raw_payload(options: BridgeOptions, answer: Answer) -> tuple[bytes, str]:
@@ -173,26 +166,12 @@ def raw_payload(options: BridgeOptions, answer: Answer) -> tuple[bytes, str]:
         return plain_bytes(value), PLAIN_TYPE if isinstance(value, str) else JSON_TYPE
     if answer.body is not None:
         return answer.body, answer.content_type or BINARY_TYPE
-    data = answer.data_json if isinstance(answer.data_json, bytes) else b"".join(answer.data_json)
-    return data, JSON_TYPE
+    return _joined(answer.data_json), JSON_TYPE
 
 
-def render_error(
-    options: BridgeOptions,
-    method: str,
-    transaction: Any,
-    exc: BridgeError,
-    reply_topic: str,
-) -> OutMessage:
-    """The one message of an error reply in the requested format."""
-    if options.format == "json":
-        return OutMessage(reply_topic, render.error(method, transaction, exc))
-    return OutMessage(reply_topic, plain_error(exc, options.max_bytes), PLAIN_TYPE)
-
-
-def _data(answer: Answer) -> Any:
-    raw = answer.data_json if isinstance(answer.data_json, bytes) else b"".join(answer.data_json)
-    return loads(raw)
+def format_error(options: BridgeOptions, exc: BridgeError) -> FormattedReply:
+    """An error reply in the plain or raw format: `ERROR <code>: <message>`."""
+    return FormattedReply(plain_error(exc, options.max_bytes), PLAIN_TYPE)
 
 
 # --- streaming --------------------------------------------------------------------------------

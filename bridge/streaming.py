@@ -12,8 +12,10 @@ from typing import Any, Protocol
 
 from bridge.errors import BridgeError, ReplyTooLarge
 from bridge.jsoncodec import dumps, loads
+from bridge.options import DEFAULT_OPTIONS, BridgeOptions
 from bridge.redact import Redactor
 from bridge.render import MISSING
+from bridge.replyformat import PLAIN_TYPE, plain_stream_payloads
 from bridge.sse import SseEvent, assembler_for, is_done
 
 # Events published but not yet acknowledged before we wait for the broker (bounds memory).
@@ -31,8 +33,12 @@ class StreamPublisher(Protocol):
         retain: bool = False,
         qos: int = 1,
         correlation_data: bytes | None = None,
+        content_type: str | None = None,
     ) -> asyncio.Future[None]:
-        """Queue a publish; the future completes on the broker's PUBACK."""
+        """Queue a publish; the future completes on the broker's PUBACK.
+
+        Correlation Data and Content Type are MQTT 5 properties (dropped over MQTT 3.1.1).
+        """
 
     def fits(self, topic: str, payload_size: int) -> bool:
         """Whether the broker accepts a packet this large."""
@@ -46,7 +52,11 @@ def _event_data(event: SseEvent) -> Any:
 
 
 class TopicStreamSink:
-    """Publishes `{"transaction"?, "seq", "event", "data"}` per event, in order, then assembles."""
+    """Publishes `{"transaction"?, "seq", "event", "data"}` per event, in order, then assembles.
+
+    In the plain format (`_bridge.format`) each message is instead the answer text the event
+    adds, split to fit `max_bytes`; events that add no text publish nothing.
+    """
 
     def __init__(
         self,
@@ -56,8 +66,10 @@ class TopicStreamSink:
         transaction: Any,
         correlation_data: bytes | None,
         redactor: Redactor,
+        options: BridgeOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.publisher = publisher
+        self.options = options
         self.topic = topic
         self.correlation_data = correlation_data
         self.redactor = redactor
@@ -84,7 +96,13 @@ class TopicStreamSink:
         """Publish one event (not `[DONE]`) and feed it to the assembler; no-op once stopped."""
         if self._failure is not None:
             return
-        if not is_done(event):
+        if self.options.format == "plain":
+            if not is_done(event):
+                data = _event_data(event)
+                for text in plain_stream_payloads(event.event, data, self.options.max_bytes):
+                    if not await self._publish(self.redactor.data(text), PLAIN_TYPE):
+                        return
+        elif not is_done(event):
             payload = b"".join(
                 (
                     self._head,
@@ -96,21 +114,31 @@ class TopicStreamSink:
                     b"}",
                 )
             )
-            payload = self.redactor.data(payload)
-            if not self.publisher.fits(self.topic, len(payload)):
-                # A packet over the broker's maximum would get the connection closed.
-                self._failure = ReplyTooLarge(
-                    f"stream event {self.seq} ({len(payload)} bytes) exceeds the broker's "
-                    "maximum packet size"
-                )
+            if not await self._publish(self.redactor.data(payload), None):
                 return
-            self.seq += 1
-            self._pending.append(
-                self.publisher.publish(self.topic, payload, correlation_data=self.correlation_data)
-            )
-            if len(self._pending) >= _MAX_UNACKED_EVENTS:
-                await self.flushed()
         self._assembler.feed(event)
+
+    async def _publish(self, payload: bytes, content_type: str | None) -> bool:
+        """Publish one stream message; False (the sink stopped) when the broker would refuse it."""
+        if not self.publisher.fits(self.topic, len(payload)):
+            # A packet over the broker's maximum would get the connection closed.
+            self._failure = ReplyTooLarge(
+                f"stream event {self.seq} ({len(payload)} bytes) exceeds the broker's "
+                "maximum packet size"
+            )
+            return False
+        self.seq += 1
+        self._pending.append(
+            self.publisher.publish(
+                self.topic,
+                payload,
+                correlation_data=self.correlation_data,
+                content_type=content_type,
+            )
+        )
+        if len(self._pending) >= _MAX_UNACKED_EVENTS:
+            await self.flushed()
+        return True
 
     async def flushed(self) -> None:
         """Wait until the broker acknowledged every event published so far."""

@@ -19,6 +19,7 @@ from bridge.deliver import Deliverer
 from bridge.errors import ReplyTooLarge, StreamInterrupted, UpstreamError
 from bridge.mqtt import PublishFailed
 from bridge.operations import default_table
+from bridge.options import parse_options
 from bridge.redact import Redactor
 from bridge.request import RequestBuilder
 from bridge.service import ServiceResult
@@ -269,6 +270,71 @@ async def test_deliver_acks_an_unpublished_reply_only_when_retrying_cannot_help(
     await deliver.deliver(message("x", b"", mid=3), route_for(), outcome, key=5)
     assert publisher.acked == acked
     assert cache.get(5) is None
+
+
+# --- reply options (_bridge) through the stages -------------------------------------------------
+
+
+def test_decide_pops_the_options_and_keeps_them_for_the_error_reply() -> None:
+    call = decide(
+        "home/openai/request/createChatCompletion",
+        b'{"model":"m","messages":[],"_bridge":{"format":"plain","max_bytes":64}}',
+    )
+    assert isinstance(call, Call)
+    assert (call.options.format, call.options.max_bytes) == ("plain", 64)
+    assert call.request is not None and call.request.json_body is not None
+    assert b"_bridge" not in call.request.json_body
+    bad = decide(
+        "home/openai/request/createChatCompletion",
+        b'{"transaction":4,"model":"m","_bridge":{"format":"plain","select":"a["}}',
+    )
+    assert isinstance(bad, Rejection) and bad.error.code == "invalid_parameter"
+    assert (bad.options.format, bad.transaction) == ("plain", 4)
+    reply = render.failure(bad.method, bad.transaction, bad.error, bad.options)
+    assert reply.payload.startswith(b"ERROR invalid_parameter: _bridge.select is not a JMESPath")
+
+
+def raw_chunked(body: bytes, size: int) -> render.Outcome:
+    options = parse_options({"format": "raw", "chunk_bytes": size})
+    result = ServiceResult(body, "audio/mpeg", 200, "req_1")
+    return render.answer(TABLE.find("createSpeech"), 1, result, None, options)
+
+
+async def test_deliver_publishes_the_chunks_then_the_end_message_and_remembers_neither() -> None:
+    publisher = FakePublisher()
+    deliver, cache, _ = deliverer(publisher)
+    body = bytes(range(256)) * 2
+    route = route_for("home/openai/request/createSpeech/hall")
+    await deliver.deliver(message("x", b"", mid=2), route, raw_chunked(body, 200), key=8)
+    topics = [topic for topic, _, _ in publisher.published]
+    base = "home/openai/response/createSpeech/hall"
+    assert topics == [f"{base}/0", f"{base}/1", f"{base}/2", base]
+    assert b"".join(payload for _, payload, _ in publisher.published[:3]) == body
+    assert json.loads(publisher.published[3][1])["chunks"] == 3
+    assert publisher.acked == [2] and cache.get(8) is None
+
+
+async def test_deliver_answers_a_chunk_too_large_for_the_broker_in_the_raw_error_form() -> None:
+    publisher = FakePublisher(max_size=150)
+    deliver, _, _ = deliverer(publisher)
+    route = route_for("home/openai/request/createSpeech")
+    sent = await deliver.deliver(message("x", b""), route, raw_chunked(b"a" * 1000, 400), None)
+    [(topic, payload, _)] = publisher.published
+    assert topic == "home/openai/response/createSpeech"
+    assert payload.startswith(b"ERROR reply_too_large: the reply (400 bytes) exceeds")
+    assert payload.endswith(b"; a smaller chunk_bytes fits")
+    assert isinstance(sent.error, ReplyTooLarge)
+
+
+@pytest.mark.parametrize(("retry_later", "acked"), [(True, []), (False, [6])])
+async def test_deliver_stops_after_a_chunk_is_refused(retry_later: bool, acked: list[int]) -> None:
+    publisher = FakePublisher()
+    publisher.fail = PublishFailed("no", retry_later=retry_later)
+    deliver, _, _ = deliverer(publisher)
+    route = route_for("home/openai/request/createSpeech")
+    await deliver.deliver(message("x", b"", mid=6), route, raw_chunked(b"a" * 300, 128), None)
+    assert publisher.published == []  # no end message after a failed chunk
+    assert publisher.acked == acked
 
 
 def test_home_assistant_module_imports_no_transport_or_logging_library() -> None:

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from bridge import render
 from bridge.errors import ERROR_CODES, InvalidParameter, UpstreamError
+from bridge.operations import Operation, default_table
 from bridge.options import (
     DEFAULT_OPTIONS,
     MIN_MAX_BYTES,
     OPTIONS_KEY,
     BridgeOptions,
     compile_select,
+    error_options,
     parse_options,
     pop_options,
 )
@@ -25,20 +27,18 @@ from bridge.replyformat import (
     CUT_MARKER,
     JSON_TYPE,
     PLAIN_TYPE,
-    Answer,
-    OutMessage,
     chunk_count,
+    chunk_topic,
     cut_utf8,
     end_message,
     plain_bytes,
     plain_error,
     plain_stream_payloads,
-    render_error,
-    render_ok,
     split_utf8,
     text_delta,
     utf8_boundary,
 )
+from bridge.service import ServiceResult
 
 CHAT = {
     "id": "chatcmpl-1",
@@ -50,10 +50,6 @@ CHAT = {
 
 def opts(**kwargs: Any) -> BridgeOptions:
     return parse_options(kwargs)
-
-
-def json_answer(value: Any) -> Answer:
-    return Answer(orjson.dumps(value))
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -242,98 +238,121 @@ def test_plain_error_form_and_every_code_survives_the_smallest_limit() -> None:
         assert len(out) <= MIN_MAX_BYTES
 
 
-# --- whole replies --------------------------------------------------------------------------------
+# --- whole replies (the render stage with options) ---------------------------------------------
+
+TABLE = default_table()
+CHAT_OP = TABLE.find("createChatCompletion")
+SPEECH_OP = TABLE.find("createSpeech")
+TRANSCRIBE_OP = TABLE.find("createTranscription")
+
+
+def result(body: bytes, content_type: str = "application/json") -> ServiceResult:
+    return ServiceResult(body, content_type, 200, "req_1")
+
+
+def answer(
+    options: BridgeOptions,
+    body: bytes,
+    content_type: str = "application/json",
+    op: Operation | None = None,
+    transaction: Any = 7,
+) -> render.Outcome:
+    return render.answer(op or CHAT_OP, transaction, result(body, content_type), None, options)
 
 
 def test_json_format_without_select_is_the_envelope_unchanged() -> None:
     data = orjson.dumps(CHAT)
-    [msg] = render_ok(DEFAULT_OPTIONS, "createChatCompletion", 7, Answer(data), "r/t")
-    assert msg == OutMessage("r/t", render.ok_raw("createChatCompletion", 7, data))
+    outcome = answer(DEFAULT_OPTIONS, data)
+    assert outcome.payload == render.ok_raw("createChatCompletion", 7, data)
+    assert (outcome.content_type, outcome.chunks) == (None, ())
 
 
 def test_json_format_with_select_puts_the_selection_in_data() -> None:
     options = opts(select="choices[0].message.content")
-    [msg] = render_ok(options, "createChatCompletion", render.MISSING, json_answer(CHAT), "r")
-    assert json.loads(msg.payload) == {
+    outcome = answer(options, orjson.dumps(CHAT), transaction=render.MISSING)
+    assert json.loads(outcome.payload) == {
         "status": "ok",
         "method": "createChatCompletion",
         "data": "Grüße, 世界 🌍",
     }
-    [none] = render_ok(opts(select="nothing"), "m", 1, json_answer(CHAT), "r")
+    none = answer(opts(select="nothing"), orjson.dumps(CHAT))
     assert json.loads(none.payload)["data"] is None
 
 
 def test_plain_format_select_and_cut() -> None:
     options = opts(select="choices[0].message.content", format="plain")
-    [msg] = render_ok(options, "m", 1, json_answer(CHAT), "r")
-    assert msg == OutMessage("r", "Grüße, 世界 🌍".encode(), PLAIN_TYPE)
+    outcome = answer(options, orjson.dumps(CHAT))
+    assert (outcome.payload, outcome.content_type) == ("Grüße, 世界 🌍".encode(), PLAIN_TYPE)
     short = opts(select="choices[0].message.content", format="plain", max_bytes=32)
     long_chat = {"choices": [{"message": {"content": "ä" * 40}}]}
-    [cut] = render_ok(short, "m", 1, json_answer(long_chat), "r")
-    assert cut.payload == ("ä" * 14 + "...").encode()
-    [whole] = render_ok(opts(format="plain"), "m", 1, json_answer(CHAT), "r")
+    assert answer(short, orjson.dumps(long_chat)).payload == ("ä" * 14 + "...").encode()
+    whole = answer(opts(format="plain"), orjson.dumps(CHAT))
     assert json.loads(whole.payload) == CHAT
-    [null] = render_ok(opts(format="plain", select="missing"), "m", 1, json_answer(CHAT), "r")
+    null = answer(opts(format="plain", select="missing"), orjson.dumps(CHAT))
     assert null.payload == b"null"
 
 
-def test_plain_format_reads_fragmented_binary_data() -> None:
-    answer = Answer([b'{"base64":"', b"AAE=", b'","size":2}'], b"\x00\x01", "audio/mpeg")
-    [msg] = render_ok(opts(format="plain", select="size"), "m", 1, answer, "r")
-    assert msg.payload == b"2"
+def test_plain_format_selects_from_binary_data() -> None:
+    outcome = answer(opts(format="plain", select="size"), b"\x00\x01", "audio/mpeg", SPEECH_OP)
+    assert outcome.payload == b"2"
 
 
 def test_raw_format_sends_the_bytes_with_their_type() -> None:
     audio = bytes(range(256)) * 3
-    answer = Answer(b'{"base64":"..."}', audio, "audio/mpeg")
-    [msg] = render_ok(opts(format="raw"), "m", 1, answer, "r")
-    assert msg == OutMessage("r", audio, "audio/mpeg")
-    text = Answer(b'{"text":"hi","content_type":"text/plain"}', b"hi", "text/plain")
-    assert render_ok(opts(format="raw"), "m", 1, text, "r") == [
-        OutMessage("r", b"hi", "text/plain")
-    ]
-    [js] = render_ok(opts(format="raw"), "m", 1, Answer(b'{"a": 1}'), "r")
-    assert js == OutMessage("r", b'{"a": 1}', JSON_TYPE)
-    [sel] = render_ok(opts(format="raw", select="a"), "m", 1, Answer(b'{"a": "x"}'), "r")
-    assert sel == OutMessage("r", b"x", PLAIN_TYPE)
+    outcome = answer(opts(format="raw"), audio, "audio/mpeg", SPEECH_OP)
+    assert (outcome.payload, outcome.content_type, outcome.chunks) == (audio, "audio/mpeg", ())
+    text = answer(opts(format="raw"), b"hi\n", "text/plain; charset=utf-8", TRANSCRIBE_OP)
+    assert (text.payload, text.content_type) == (b"hi\n", "text/plain; charset=utf-8")
+    js = answer(opts(format="raw"), b'{"a": 1}')
+    assert (js.payload, js.content_type) == (b'{"a": 1}', JSON_TYPE)
+    sel = answer(opts(format="raw", select="a"), b'{"a": "x"}')
+    assert (sel.payload, sel.content_type) == (b"x", PLAIN_TYPE)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=3000), st.integers(min_value=128, max_value=1100))
 def test_chunks_reassemble_and_the_end_message_describes_them(body: bytes, size: int) -> None:
-    answer = Answer(b"{}", body, "audio/wav")
-    messages = render_ok(opts(format="raw", chunk_bytes=size), "m", "t1", answer, "a/b")
-    *chunks, end = messages
-    assert [m.topic for m in chunks] == [f"a/b/{n}" for n in range(len(chunks))]
-    assert b"".join(m.payload for m in chunks) == body
-    assert all(0 < len(m.payload) <= size for m in chunks)
-    assert all(m.content_type == "audio/wav" for m in chunks)
-    assert len(chunks) == chunk_count(len(body), size)
-    assert end.topic == "a/b"
-    assert end.content_type == JSON_TYPE
-    assert json.loads(end.payload) == {
+    options = opts(format="raw", chunk_bytes=size)
+    outcome = answer(options, body, "audio/wav", SPEECH_OP, transaction="t1")
+    assert b"".join(outcome.chunks) == body
+    assert all(0 < len(chunk) <= size for chunk in outcome.chunks)
+    assert outcome.chunk_type == "audio/wav"
+    assert len(outcome.chunks) == chunk_count(len(body), size)
+    assert outcome.content_type == JSON_TYPE
+    assert json.loads(outcome.payload) == {
         "transaction": "t1",
-        "chunks": len(chunks),
+        "chunks": len(outcome.chunks),
         "size": len(body),
         "content_type": "audio/wav",
     }
+    assert chunk_topic("a/b", 3) == "a/b/3"
 
 
 def test_end_message_without_transaction() -> None:
-    assert end_message(0, 0, "audio/mpeg", render.MISSING) == (
-        b'{"chunks":0,"size":0,"content_type":"audio/mpeg"}'
-    )
+    assert end_message(0, 0, "audio/mpeg") == b'{"chunks":0,"size":0,"content_type":"audio/mpeg"}'
 
 
 def test_errors_in_each_format() -> None:
     exc = UpstreamError("service host answered HTTP 429: slow down", http_status=429)
-    assert render_error(DEFAULT_OPTIONS, "m", 3, exc, "r") == OutMessage(
-        "r", render.error("m", 3, exc)
+    assert render.failure("m", 3, exc).payload == render.error("m", 3, exc)
+    plain = render.failure("m", 3, exc, opts(format="plain", max_bytes=40))
+    assert (plain.payload, plain.content_type) == (
+        b"ERROR upstream_error: service host an...",
+        PLAIN_TYPE,
     )
-    plain = render_error(opts(format="plain", max_bytes=40), "m", 3, exc, "r")
-    assert plain == OutMessage("r", b"ERROR upstream_error: service host an...", PLAIN_TYPE)
-    raw = render_error(opts(format="raw", chunk_bytes=4096), "m", 3, exc, "r")
+    raw = render.failure("m", 3, exc, opts(format="raw", chunk_bytes=4096))
     assert raw.payload == b"ERROR upstream_error: service host answered HTTP 429: slow down"
+    assert raw.chunks == ()
+
+
+def test_error_options_keep_the_readable_format() -> None:
+    assert error_options({"format": "plain", "select": "a[", "max_bytes": 64}) == BridgeOptions(
+        format="plain", max_bytes=64
+    )
+    assert error_options({"format": "plain", "max_bytes": "x"}).max_bytes is None
+    assert error_options({"format": "raw", "chunk_bytes": 1}) == BridgeOptions(format="raw")
+    assert error_options({"format": "nope"}) is DEFAULT_OPTIONS
+    assert error_options(["plain"]) is DEFAULT_OPTIONS
 
 
 # --- streaming ------------------------------------------------------------------------------------
