@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str | None, *, quiet: bool = False) -> tuple[BridgeConfig, list[str]]:
+def _load(path: str | None) -> tuple[BridgeConfig, list[str]]:
     warnings: list[str] = []
     config = load_config(path, warnings=warnings)
     return config, warnings
@@ -153,8 +153,9 @@ def cmd_describe(name: str, path: str | None) -> int:
 
 def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: str | None) -> int:
     """Publish one request, wait for its reply, print it; exit 0 on `ok`, 1 on an error reply."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from bridge.mqtt import new_client
 
     try:
         config, _ = _load(path)
@@ -176,7 +177,6 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
     request_topic = f"{prefix}/request/{method}/{tag}"
     reply_topic = f"{prefix}/response/{method}/{tag}"
     done = threading.Event()
-    subscribed = threading.Event()
     result: dict[str, Any] = {}
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -187,7 +187,6 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
         client.subscribe(reply_topic, qos=1)
 
     def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
-        subscribed.set()
         client.publish(request_topic, dumps(payload), qos=1)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
@@ -199,18 +198,9 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
             result["reply"] = reply
             done.set()
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv311)
-    if config.mqtt.username:
-        client.username_pw_set(
-            config.mqtt.username, config.mqtt.password.get_secret_value() or None
-        )
-    if config.mqtt.tls.active:
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=config.mqtt.tls.ca_file or None)
-        if config.mqtt.tls.cert_file:
-            ctx.load_cert_chain(config.mqtt.tls.cert_file, config.mqtt.tls.key_file or None)
-        client.tls_set_context(ctx)
+    client, _ = new_client(
+        config.mqtt, protocol=MQTTProtocolVersion.MQTTv311, client_id="", persistent=False
+    )
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message

@@ -10,13 +10,14 @@ from typing import Any
 
 import yarl
 
-from bridge import __version__, homeassistant
+from bridge import __version__, compat, homeassistant
 from bridge.config import BridgeConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
 from bridge.jsoncodec import dumps
 from bridge.logs import get_logger
-from bridge.mqtt import InboundMessage, MqttTransport
+from bridge.messages import InboundMessage
+from bridge.mqtt import MqttTransport
 from bridge.operations import MethodTable, default_table
 from bridge.service import ServiceClient
 from bridge.systemd import notify, watchdog_interval
@@ -111,6 +112,9 @@ class Bridge:
         self.log.info(
             "starting", version=__version__, python=platform.python_version(), config=cfg.redacted()
         )
+        off = compat.install()  # library internals: each checked against the installed version
+        if off:
+            self.log.info("library internals differ; their own behaviour is used", shims=off)
         embedded: EmbeddedBroker | None = None
         mqtt_cfg = cfg.mqtt
         protocol: str | None = None
@@ -118,7 +122,7 @@ class Bridge:
             embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
             try:
                 await embedded.start()
-            except Exception as exc:  # amqtt wraps the bind error in its own BrokerError
+            except Exception as exc:  # noqa: BLE001  (amqtt wraps the bind error in its own BrokerError)
                 raise EmbeddedPortBusy(
                     f"cannot start the embedded broker on 127.0.0.1:{cfg.mqtt.port} "
                     f"({exc}); if a broker already runs there, set "

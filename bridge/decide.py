@@ -24,7 +24,7 @@ from bridge.errors import (
     UnknownMethod,
 )
 from bridge.jsoncodec import loads, loads_text
-from bridge.mqtt import InboundMessage
+from bridge.messages import InboundMessage
 from bridge.operations import MethodTable, Operation
 from bridge.options import DEFAULT_OPTIONS, OPTIONS_KEY, BridgeOptions, error_options, parse_options
 from bridge.render import MISSING

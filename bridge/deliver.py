@@ -16,7 +16,7 @@ from bridge.decide import Route
 from bridge.dedup import ReplyCache
 from bridge.errors import ReplyTooLarge
 from bridge.jsoncodec import dumps
-from bridge.mqtt import InboundMessage, PublishFailed
+from bridge.messages import InboundMessage, PublishFailed
 from bridge.redact import Redactor
 from bridge.replyformat import chunk_topic
 from bridge.stats import Stats

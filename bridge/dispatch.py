@@ -28,7 +28,7 @@ from bridge.decide import Call, Decider, Rejection, Route
 from bridge.dedup import ReplyCache, request_key
 from bridge.deliver import Deliverer, Publisher
 from bridge.errors import BridgeError, InternalError
-from bridge.mqtt import InboundMessage
+from bridge.messages import InboundMessage
 from bridge.operations import MethodTable
 from bridge.redact import Redactor
 from bridge.request import RequestBuilder
@@ -146,7 +146,7 @@ class Dispatcher:
                 await self._handle_one(message)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # one request's failure must not end the others
                 self.log.exception("request handling failed", topic=message.topic)
             finally:
                 self.stats.in_flight -= 1

@@ -95,7 +95,7 @@ def configure(
     for old in list(root.handlers):
         if getattr(old, "_omb", False):
             root.removeHandler(old)
-    handler._omb = True  # type: ignore[attr-defined]
+    handler._omb = True  # type: ignore[attr-defined]  # noqa: SLF001  (our own marker attribute)
     root.addHandler(handler)
     # Library chatter only at WARNING unless we debug; their DEBUG lines may carry URLs.
     root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)

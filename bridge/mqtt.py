@@ -1,8 +1,10 @@
-"""The MQTT transport: paho-mqtt driven from the asyncio loop, with our own reconnect loop.
+"""The MQTT transport: paho-mqtt driven from the asyncio loop (in the spirit of aiomqtt's client).
 
-paho's reconnect only works with its own thread loops, so this module owns the connection:
-connect (MQTT 5, falling back to 3.1.1), keep a persistent session, subscribe on every CONNACK,
-publish with an awaitable PUBACK, and acknowledge requests manually once their reply is out.
+paho's reconnect only works with its own thread loops, so this adapter makes each connection
+attempt itself (MQTT 5, falling back to 3.1.1 in `auto` mode), keeps a persistent session,
+subscribes on every CONNACK, publishes with an awaitable PUBACK and acknowledges requests
+manually once their reply is out. When to (re)connect is the supervisor's job
+(bridge/reconnect.py); every use of paho's internals goes through bridge/compat.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -22,35 +23,17 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge import publish_decoder
+from bridge import compat
 from bridge.backoff import Backoff
-from bridge.config import MqttConfig
-
-
-@dataclass(slots=True)
-class InboundMessage:
-    """One message received on the request subscription."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-    mid: int
-    generation: int
-    """Connection generation it arrived on; an ack is only valid while the session lives."""
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-class PublishFailed(Exception):
-    """A publish could not be queued or was refused by the broker."""
-
-    def __init__(self, message: str, *, retry_later: bool = False) -> None:
-        super().__init__(message)
-        self.retry_later = retry_later
-        """True when the failure is local and passing (e.g. the offline queue is full)."""
-
+from bridge.config import MqttConfig, TlsConfig
+from bridge.messages import InboundMessage, PublishFailed
+from bridge.reconnect import (
+    UNSUPPORTED_PROTOCOL,
+    ConnectionLost,
+    ConnectionState,
+    ConnectRefused,
+    ReconnectLogic,
+)
 
 # Payloads from this size on are sent through a memoryview (see _write_without_copies).
 _LARGE_PAYLOAD = 1 << 20
@@ -58,8 +41,44 @@ _LARGE_PAYLOAD = 1 << 20
 # Bytes beyond topic and payload in a PUBLISH packet: fixed header, lengths, packet id, properties.
 PUBLISH_OVERHEAD = 64
 
-_UNSUPPORTED_PROTOCOL = 132  # MQTT 5 CONNACK "Unsupported Protocol Version"
-_BAD_AUTH_CODES = frozenset({134, 135, 133, 138, 4, 5})  # bad credentials / not authorised / bad id
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The client TLS context for `[mqtt.tls]`: the CA file (else the system's), a client cert."""
+    context = compat.tls_context()
+    if tls.ca_file:
+        context.load_verify_locations(cafile=tls.ca_file)
+    else:
+        context.load_default_certs()
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file or None)
+    return context
+
+
+def new_client(
+    config: MqttConfig,
+    *,
+    protocol: MQTTProtocolVersion,
+    client_id: str,
+    persistent: bool,
+) -> tuple[paho.Client, ssl.SSLContext | None]:
+    """A paho client for `config` (credentials, TLS) and its TLS context, shared by the daemon
+    and `openai-mqtt-bridge call`; `persistent` keeps the session and acknowledges manually."""
+    v5 = protocol == MQTTProtocolVersion.MQTTv5
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=None if v5 or not persistent else False,
+        protocol=protocol,
+        manual_ack=persistent,
+        reconnect_on_failure=False,
+    )
+    if config.username:
+        client.username_pw_set(config.username, config.password.get_secret_value() or None)
+    context = None
+    if config.tls.active:
+        context = tls_context(config.tls)
+        client.tls_set_context(context)
+    return client, context
 
 
 class MqttTransport:
@@ -95,50 +114,41 @@ class MqttTransport:
         )
         self.generation = 0
         self.connected = asyncio.Event()
+        self.lost = asyncio.Event()
         self.max_packet_size = config.max_packet_size
         self._pending_pubs: dict[int, asyncio.Future[None]] = {}
         self._connack: asyncio.Future[None] | None = None
         self._suback: asyncio.Future[None] | None = None
         self._sub_mid: int | None = None
-        self._lost = asyncio.Event()
-        self._closing = False
         self._misc_task: asyncio.Task[None] | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._backoff = Backoff(config.reconnect_min, config.reconnect_max)
         self._ever_connected = False
-        self._tls_context: _TrackingContext | None = None
-        if not publish_decoder.install():  # a large request: one copy of its payload, not three
-            log.info("paho's own PUBLISH decoder kept: its internals differ from paho-mqtt 2.2")
+        self._tls_context: ssl.SSLContext | None = None
+        self.supervisor = ReconnectLogic(
+            self, Backoff(config.reconnect_min, config.reconnect_max), log
+        )
         self._client = self._make_client()
+
+    @property
+    def state(self) -> ConnectionState:
+        """The connection's state, as the supervisor sees it."""
+        return self.supervisor.state
+
+    @property
+    def _closing(self) -> bool:
+        return self.supervisor.closed
 
     # --- paho client and its socket callbacks ---------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        cfg = self.config
-        v5 = self.protocol == MQTTProtocolVersion.MQTTv5
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.effective_client_id,
-            clean_session=None if v5 else False,
+        client, self._tls_context = new_client(
+            self.config,
             protocol=self.protocol,
-            manual_ack=True,
-            reconnect_on_failure=False,
+            client_id=self.config.effective_client_id,
+            persistent=True,
         )
         client.connect_timeout = 10.0
         client.max_queued_messages_set(10_000)
         client.max_inflight_messages_set(20)  # MQTT 5 brokers announce their own in CONNACK
-        if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password.get_secret_value() or None)
-        if cfg.tls.active:
-            context = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
-            if cfg.tls.ca_file:
-                context.load_verify_locations(cafile=cfg.tls.ca_file)
-            else:
-                context.load_default_certs()
-            self._tls_context = context
-            if cfg.tls.cert_file:
-                context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file or None)
-            client.tls_set_context(context)
         topic, payload = self.will
         client.will_set(topic, payload, qos=1, retain=True)
         client.on_socket_open = self._on_socket_open
@@ -171,14 +181,14 @@ class MqttTransport:
     def _read(self, client: paho.Client) -> None:
         try:
             client.loop_read()
-        except Exception as exc:  # a broken socket surfaces here; treat it as a lost connection
+        except Exception as exc:
             self.log.debug("mqtt read failed", error=repr(exc), exc_info=True)
             self._connection_lost()
 
     def _write(self, client: paho.Client) -> None:
         try:
             client.loop_write()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a broken socket, however it fails, is a loss)
             self.log.debug("mqtt write failed", error=type(exc).__name__)
             self._connection_lost()
 
@@ -225,9 +235,8 @@ class MqttTransport:
                 self.max_packet_size = min(size, self.config.max_packet_size)
             recv = getattr(properties, "ReceiveMaximum", None)
             if isinstance(recv, int) and recv > 0:
-                # The broker's Receive Maximum bounds our unacked publishes; paho's public setter
-                # refuses changes once connected, so set the field its send path reads.
-                client._max_inflight_messages = min(recv, 65535)
+                # The broker's Receive Maximum bounds our unacked publishes.
+                compat.set_max_inflight(client, min(recv, 65535))
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -249,14 +258,11 @@ class MqttTransport:
                 fut.set_exception(ConnectionLost(str(reason) if reason is not None else "closed"))
         if was_connected and not self._closing:
             self.log.warning("broker connection lost", reason=str(reason) if reason else None)
-        self._lost.set()
+        self.lost.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
-            try:
-                topic = message.topic
-            except UnicodeDecodeError:
-                topic = bytes(message._topic).decode("utf-8", "replace")
+            topic = compat.message_topic(message)
             props = message.properties
             response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
             correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -272,7 +278,7 @@ class MqttTransport:
                 correlation_data=bytes(correlation) if correlation is not None else None,
             )
             self._on_message_cb(inbound)
-        except Exception:
+        except Exception:  # paho must never see our failure: it would drop the connection
             self.log.exception("inbound message handler failed", mid=message.mid)
 
     def _on_publish(
@@ -316,9 +322,8 @@ class MqttTransport:
     # --- public API -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect and subscribe once (raising on failure), then keep reconnecting in background."""
-        await self._connect_until_up(first=True)
-        self._runner = asyncio.create_task(self._supervise(), name="mqtt-supervisor")
+        """Connect and subscribe (retrying until it works), then keep reconnecting in background."""
+        await self.supervisor.start()
         self._misc_task = asyncio.create_task(self._misc_loop(), name="mqtt-misc")
 
     async def wait_connected(self) -> None:
@@ -351,7 +356,7 @@ class MqttTransport:
         fut: asyncio.Future[None] = self._loop.create_future()
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             fut.set_exception(PublishFailed(str(exc)))
             return fut
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -360,23 +365,12 @@ class MqttTransport:
             )
             return fut
         if len(payload) >= _LARGE_PAYLOAD:
-            self._write_without_copies(info.mid)
+            compat.write_large_without_copies(self._client, info.mid)  # never raises
         if qos == 0:
             fut.set_result(None)
         else:
             self._pending_pubs[info.mid] = fut
         return fut
-
-    def _write_without_copies(self, mid: int) -> None:
-        """Let paho send a large queued packet through a memoryview.
-
-        paho slices the packet's bytearray on every socket write, copying the unsent rest each
-        time (a transient third copy of a 33 MiB base64 reply); a memoryview slice copies nothing.
-        """
-        for packet in reversed(self._client._out_packet):
-            if packet["mid"] == mid and packet["pos"] == 0:
-                packet["packet"] = memoryview(packet["packet"])  # type: ignore[typeddict-item]
-                return
 
     def fits(self, topic: str, payload_size: int) -> bool:
         """Whether a PUBLISH of this size is within the broker's maximum packet size."""
@@ -389,16 +383,16 @@ class MqttTransport:
 
     async def close(self, final: tuple[str, bytes] | None = None, wait: float = 5.0) -> None:
         """Publish `final` (e.g. the retained offline state), disconnect and stop reconnecting."""
-        self._closing = True
-        if final is not None and self.connected.is_set():
-            with contextlib.suppress(Exception):
+        connected = self.connected.is_set()
+        await self.supervisor.stop()
+        if final is not None and connected:
+            with contextlib.suppress(PublishFailed, TimeoutError):
                 await asyncio.wait_for(self.publish(final[0], final[1], retain=True), wait)
-        for task in (self._runner, self._misc_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        with contextlib.suppress(Exception):
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._misc_task
+        with contextlib.suppress(Exception):  # closing: a dead socket may fail in any way
             self._client.disconnect()
             # With socket hooks paho only queues the DISCONNECT; write it now, or the broker sees
             # a dropped connection and publishes our last will on top of the `offline` above.
@@ -420,9 +414,14 @@ class MqttTransport:
         props.ReceiveMaximum = self.receive_maximum
         return props
 
-    async def _connect_once(self) -> None:
+    def describe(self) -> str:
+        """`host:port` of the broker."""
+        return f"{self.config.host}:{self.config.port}"
+
+    async def connect_once(self) -> None:
+        """One attempt: CONNECT, CONNACK, SUBSCRIBE, SUBACK; then `on_connected` is called."""
         self._connack = self._loop.create_future()
-        self._lost.clear()
+        self.lost.clear()
         client = self._client
         if not self._ever_connected:
             v5 = self.protocol == MQTTProtocolVersion.MQTTv5
@@ -468,110 +467,41 @@ class MqttTransport:
         self._client = self._make_client()
         self._ever_connected = False
 
-    async def _connect_until_up(self, first: bool) -> None:
-        settled = False
-        while not self._closing:
-            try:
-                await self._connect_once()
-                self._backoff.reset()
-                settled = True
-                return
-            except asyncio.CancelledError:
-                raise
-            except ConnectRefused as exc:
-                if exc.code == _UNSUPPORTED_PROTOCOL and self._protocol_mode == "auto":
-                    self._switch_protocol()
-                    continue
-                delay = (
-                    self._backoff.give_up_delay()
-                    if exc.code in _BAD_AUTH_CODES
-                    else self._backoff.next_delay()
-                )
-                self.log.warning(
-                    "broker refused the connection", reason=exc.text, retry_in=round(delay, 2)
-                )
-            except (OSError, ConnectionLost, TimeoutError) as exc:
-                if (
-                    self._protocol_mode == "auto"
-                    and not settled
-                    and isinstance(exc, ConnectionLost)
-                    and self._connack is not None
-                    and not self._connack_ok()
-                ):
-                    self._switch_protocol()
-                delay = self._backoff.next_delay()
-                log = self.log.warning if first and self._backoff.attempt == 1 else self.log.debug
-                log(
-                    "cannot connect to broker",
-                    broker=f"{self.config.host}:{self.config.port}",
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in=round(delay, 2),
-                )
-            self._drop_socket()
-            self._close_failed_tls_socket()
-            await asyncio.sleep(delay)
+    def retry_with_other_protocol(self, exc: Exception) -> bool:
+        """In `auto` mode, switch between MQTT 5 and 3.1.1 when `exc` says the broker wants the
+        other one: an Unsupported Protocol Version CONNACK, or a close before any CONNACK."""
+        if self._protocol_mode != "auto":
+            return False
+        refused = isinstance(exc, ConnectRefused) and exc.code == UNSUPPORTED_PROTOCOL
+        closed_early = (
+            isinstance(exc, ConnectionLost) and self._connack is not None and not self._connack_ok()
+        )
+        if refused or closed_early:
+            self._switch_protocol()
+            return True
+        return False
+
+    def reset(self) -> None:
+        """Drop the socket of a failed or lost connection (and a failed TLS handshake's)."""
+        self.connected.clear()
+        self._drop_socket()
+        compat.close_failed_tls_socket(self._tls_context, self._client)
 
     def _connack_ok(self) -> bool:
         fut = self._connack
         return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
 
-    def _close_failed_tls_socket(self) -> None:
-        """Close the TLS socket of a failed handshake: paho drops it without closing it."""
-        context = self._tls_context
-        if context is None or context.last_socket is None:
-            return
-        sock, context.last_socket = context.last_socket, None
-        if sock is not self._client.socket():
-            with contextlib.suppress(OSError):
-                sock.close()
-
     def _drop_socket(self) -> None:
         sock = self._client.socket()
         if sock is not None:
             self._remove_fd(sock)
-            with contextlib.suppress(Exception):
-                self._client._sock_close()
-
-    async def _supervise(self) -> None:
-        while not self._closing:
-            await self._lost.wait()
-            if self._closing:
-                return
-            self.connected.clear()
-            self._drop_socket()
-            await asyncio.sleep(self._backoff.next_delay())
-            await self._connect_until_up(first=False)
+            compat.close_socket(self._client)
 
     async def _misc_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
                 self._client.loop_misc()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (a broken socket, however it fails, is a loss)
                 self.log.debug("mqtt keepalive check failed", error=type(exc).__name__)
                 self._connection_lost()
-
-
-class ConnectRefused(Exception):
-    """The broker answered CONNECT or SUBSCRIBE with a failure reason code."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-
-
-class ConnectionLost(Exception):
-    """The connection closed or failed before it was usable."""
-
-
-class _TrackingContext(ssl.SSLContext):
-    """An SSLContext that remembers the last socket it wrapped, so a failed handshake's socket
-    can be closed (paho leaves it to the garbage collector)."""
-
-    last_socket: ssl.SSLSocket | None = None
-
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        sock = super().wrap_socket(*args, **kwargs)
-        self.last_socket = sock
-        return sock

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 import yarl
 
+from bridge import compat
 from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import ServiceConfig
 from bridge.errors import (
@@ -59,20 +60,6 @@ class ServiceResult:
     request_id: str | None
     streamed: bool = False
     attempts: int = 1
-
-
-class BytesBody(aiohttp.payload.BytesPayload):
-    """A request body or form part (file or text) sent from memory as it is, without a copy.
-
-    aiohttp's own BytesPayload raises a ResourceWarning for more than 1 MiB, to steer callers
-    towards file objects; a bridge holds its uploads in memory by design, and a BytesIO would
-    cost one more copy of the file (aiohttp's BytesIOPayload calls `getbuffer()`, which copies
-    the bytes a BytesIO shares).
-    """
-
-    def __init__(self, value: bytes, content_type: str) -> None:
-        aiohttp.payload.Payload.__init__(self, value, content_type=content_type)
-        self._size = len(value)
 
 
 # Part types when the form names none: what aiohttp gives a str and a bytes value.
@@ -175,14 +162,14 @@ class ServiceClient:
             form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
             for part in request.form:
                 default_type = _TEXT_PART_TYPE if part.filename is None else _FILE_PART_TYPE
-                part_body = BytesBody(part.value, part.content_type or default_type)
+                part_body = compat.bytes_body(part.value, part.content_type or default_type)
                 form.add_field(part.name, part_body, filename=part.filename)
             # The session skips automatic Content-Type headers (bodyless requests must not get
             # one), so the multipart type with its boundary is set here explicitly.
             data = form()
             headers = {**headers, "Content-Type": data.content_type}
         elif request.json_body is not None:
-            data = BytesBody(request.json_body, "application/json")
+            data = compat.bytes_body(request.json_body, "application/json")
         try:
             async with self._session.request(
                 request.method,

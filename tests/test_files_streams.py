@@ -259,7 +259,7 @@ UPLOADS: list[tuple[str, dict[str, Any], str, list[Part]]] = [
     ),
     (
         # 1.5 MiB: over aiohttp's 1 MiB large-body warning, and a large request for the decoders
-        # (bridge/publish_decoder.py, bridge/decide.py).
+        # (bridge/compat.py, bridge/decide.py).
         "createTranscription",
         {"file": {"base64": b64(LONG_WAV), "filename": "long.wav"}, "model": "whisper-1"},
         "/audio/transcriptions",
@@ -1072,7 +1072,7 @@ BIG_REQUEST_LIMIT = 48 * MIB
 # Peak resident memory the bridge may add for a 25 MiB file, sent REPEATS times in a row, as
 # multiples of the file size. Measured (paho-mqtt 2.2, Python 3.11, 2 vCPU): upload +67 to +70 MiB
 # (+77 once with the other core busy), download +67 MiB. At the upload's peak two payload-sized
-# buffers are alive: paho's receive buffer and the payload (bridge/publish_decoder.py), then the
+# buffers are alive: paho's receive buffer and the payload (bridge/compat.py), then the
 # payload text and its parse (bridge/decide.py), then the parse and the decoded file. The
 # download is sent through a memoryview and its envelope is joined once (bridge/mqtt.py,
 # bridge/render.py). Repeating the request checks that freed buffers go back to the system

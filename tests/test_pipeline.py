@@ -17,7 +17,7 @@ from bridge.decide import Call, Decider, Rejection, Route
 from bridge.dedup import ReplyCache
 from bridge.deliver import Deliverer
 from bridge.errors import ReplyTooLarge, StreamInterrupted, UpstreamError
-from bridge.mqtt import PublishFailed
+from bridge.messages import PublishFailed
 from bridge.operations import default_table
 from bridge.options import parse_options
 from bridge.redact import Redactor

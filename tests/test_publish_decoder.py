@@ -1,4 +1,4 @@
-"""bridge.publish_decoder decodes what paho's own decoder does, malformed packets included."""
+"""The PUBLISH decoder in bridge.compat decodes what paho's own does, malformed packets included."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge import publish_decoder
+from bridge import compat
 
-PAHO = publish_decoder._PAHO_DECODER
+PAHO = compat.PAHO_DECODER
 PROTOCOLS = [MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5]
 
 
@@ -36,12 +36,12 @@ def outcome(decoder: Any, header: int, packet: bytes, protocol: MQTTProtocolVers
 
 
 def lean_outcome(header: int, packet: bytes, protocol: MQTTProtocolVersion) -> Any:
-    saved = publish_decoder.LEAN_FROM
-    publish_decoder.LEAN_FROM = 0  # every packet through the memoryview path
+    saved = compat.LEAN_FROM
+    compat.LEAN_FROM = 0  # every packet through the memoryview path
     try:
-        return outcome(publish_decoder.decode_publish, header, packet, protocol)
+        return outcome(compat.decode_publish, header, packet, protocol)
     finally:
-        publish_decoder.LEAN_FROM = saved
+        compat.LEAN_FROM = saved
 
 
 def publish_properties(draw: st.DrawFn) -> Properties:
@@ -108,9 +108,9 @@ def test_damaged_packets_decode_or_fail_the_same(
 
 
 def test_large_packets_take_the_lean_path_with_one_payload_copy() -> None:
-    payload = bytes(range(256)) * (publish_decoder.LEAN_FROM // 256 + 1)
+    payload = bytes(range(256)) * (compat.LEAN_FROM // 256 + 1)
     packet = bytearray(b"\x00\x03a/b\x00\x07" + b"\x00" + payload)
-    result = publish_decoder.decode_publish(0x32, packet, MQTTProtocolVersion.MQTTv5)
+    result = compat.decode_publish(0x32, packet, MQTTProtocolVersion.MQTTv5)
     assert (result.topic, result.mid, result.payload) == (b"a/b", 7, payload)
     assert type(result.payload) is bytes
     packet[-1] ^= 0xFF  # the payload is a copy: paho may reuse or free its buffer
@@ -119,9 +119,9 @@ def test_large_packets_take_the_lean_path_with_one_payload_copy() -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_install_replaces_pahos_decoder(protocol: MQTTProtocolVersion) -> None:
-    assert publish_decoder.install()
-    assert publish_decoder.install()  # idempotent: small packets still reach paho's own decoder
-    assert _packet.decode_publish is publish_decoder.decode_publish
+    assert compat.install() == []
+    assert compat.install() == []  # idempotent; small packets still go to paho's decoder
+    assert _packet.decode_publish is compat.decode_publish
     result = _packet.decode_publish(
         0x30, b"\x00\x01t" + (b"\x00" if protocol == 5 else b"") + b"x", protocol
     )
@@ -132,5 +132,5 @@ def test_a_different_paho_decoder_is_left_alone() -> None:
     def other(header: int, data: bytes, protocol: int, strict: bool) -> None:
         """A paho release whose decoder takes other arguments."""
 
-    assert publish_decoder._compatible(PAHO)
-    assert not publish_decoder._compatible(other)
+    assert compat.decoder_compatible(PAHO)
+    assert not compat.decoder_compatible(other)

@@ -135,7 +135,7 @@ class BridgeThread:
 
         try:
             self.exit_code = asyncio.run(run())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  (handed to the test thread, which raises it)
             self.error = exc
         finally:
             self._ready.set()

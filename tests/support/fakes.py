@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bridge.mqtt import InboundMessage, PublishFailed
+from bridge.messages import InboundMessage, PublishFailed
 
 
 class FakePublisher:
@@ -44,6 +44,10 @@ class FakeLog:
 
     def _record(self, level: str, event: str, **fields: Any) -> None:
         self.lines.append((level, event, fields))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Record a debug line."""
+        self._record("debug", event, **fields)
 
     def info(self, event: str, **fields: Any) -> None:
         """Record an info line."""

@@ -266,7 +266,7 @@ class Standin:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        except BaseException as exc:  # reported to start(); the thread just ends
+        except BaseException as exc:  # noqa: BLE001  (reported to start(); the thread just ends)
             if not self._ready.is_set():
                 self._error = exc
                 self._ready.set()
@@ -387,7 +387,7 @@ class Standin:
         if request.content_type.startswith("multipart/"):
             try:
                 parts = await _parse_multipart(request.headers, body)
-            except Exception as exc:  # recorded, so a test can assert on it
+            except Exception as exc:  # noqa: BLE001  (recorded, so a test can assert on it)
                 multipart_error = f"{type(exc).__name__}: {exc}"
         with self._cond:
             self._counter += 1

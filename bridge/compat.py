@@ -1,0 +1,344 @@
+"""Every use of a library's internals (paho-mqtt, aiohttp) in one place, each guarded.
+
+Each `Shim` is checked once, at start-up (`install()`), against the installed library: when the
+internals it relies on are not the ones it was written against, it stays off and the library's
+own behaviour is used instead (correct, only slower or leakier). Nothing here is switched on by
+importing it or by constructing a client. `tests/test_compat.py` checks that every shim is on
+with the installed versions and that each fallback works.
+
+The shims:
+- `publish_decoder` (paho `_packet`): decode a large inbound PUBLISH with one copy of its payload
+  instead of three (a 25 MiB file in base64 is a 33 MiB request);
+- `out_packet_view` (paho `Client._out_packet`): send a large queued reply through a memoryview,
+  so paho's per-write slicing copies nothing;
+- `max_inflight` (paho `Client._max_inflight_messages`): apply the broker's Receive Maximum after
+  CONNACK, which paho's public setter refuses once connected;
+- `raw_topic` (paho `MQTTMessage._topic`): read a topic that is not valid UTF-8;
+- `sock_close` (paho `Client._sock_close`): drop a dead socket without a DISCONNECT;
+- `tls_tracking` (an `ssl.SSLContext` subclass paho wraps its socket with): close the socket of a
+  failed TLS handshake, which paho leaves to the garbage collector;
+- `bytes_body` (aiohttp `Payload.__init__`): send a body over 1 MiB from memory without
+  BytesPayload's ResourceWarning (a bridge holds its uploads in memory by design).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.metadata
+import inspect
+import socket
+import ssl
+import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import paho.mqtt.client as paho
+from paho.mqtt import _packet
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket, MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties, VariableByteIntegers
+
+
+@dataclass(slots=True)
+class Shim:
+    """One guarded use of a library internal."""
+
+    name: str
+    library: str
+    written_for: str
+    """The library version the internals were read in."""
+    check: Callable[[], bool]
+    """Whether the installed library has the internals the shim relies on."""
+    active: bool = False
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --- publish_decoder ------------------------------------------------------------------------------
+
+Decoder = Callable[[int, bytes | bytearray, MQTTProtocolVersion], _packet.PublishPacket]
+
+LEAN_FROM = 64 * 1024
+"""Packets from this many bytes on are decoded here; smaller ones by paho."""
+
+_PROPERTY_OVERREAD = 8
+_PAHO_PARAMETERS = ("header", "packet", "protocol")
+_PUBLISH_FIELDS = ("dup", "qos", "retain", "topic", "mid", "properties", "payload")
+_DECODE_ERRORS = (struct.error, IndexError, KeyError, ValueError, MQTTException)
+PAHO_DECODER: Decoder = _packet.decode_publish
+
+
+def decode_publish(
+    header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion
+) -> _packet.PublishPacket:
+    """paho's `decode_publish` contract: the PUBLISH fields, or MalformedPacket."""
+    if len(packet) < LEAN_FROM:
+        return PAHO_DECODER(header, packet, protocol)
+    try:
+        return _decode_lean(header, packet, protocol)
+    except MalformedPacket:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise MalformedPacket(str(exc)) from exc
+
+
+def _decode_lean(
+    header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion
+) -> _packet.PublishPacket:
+    qos = (header & 0x06) >> 1
+    with memoryview(packet) as view:
+        size = len(view)
+        topic_end = 2 + int.from_bytes(view[0:2], "big")
+        if topic_end > size:
+            raise MalformedPacket("topic length exceeds the packet")
+        topic = bytes(view[2:topic_end])
+        if protocol != MQTTProtocolVersion.MQTTv5 and not topic:
+            raise MalformedPacket("topic can't be empty in MQTTv3")
+        pos = topic_end
+        mid = 0
+        if qos > 0:
+            if pos + 2 > size:
+                raise MalformedPacket("packet ends before its packet identifier")
+            mid = int.from_bytes(view[pos : pos + 2], "big")
+            pos += 2
+        properties = None
+        if protocol == MQTTProtocolVersion.MQTTv5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            head = bytes(view[pos : pos + 4])
+            length, length_size = VariableByteIntegers.decode(head)  # type: ignore[no-untyped-call]
+            # paho parses properties out of the whole rest of the packet, and its last property
+            # may read up to 8 bytes past their declared length (an identifier and a 4-byte
+            # value) without failing; the slice keeps that leeway, so both decoders agree.
+            end = pos + length_size + length + _PROPERTY_OVERREAD
+            _, used = properties.unpack(bytes(view[pos:end]))  # type: ignore[no-untyped-call]
+            pos += used
+        payload = bytes(view[pos:])
+    return _packet.PublishPacket(
+        dup=bool(header & 0x08),
+        qos=qos,
+        retain=bool(header & 0x01),
+        topic=topic,
+        mid=mid,
+        properties=properties,
+        payload=payload,
+    )
+
+
+def decoder_compatible(paho_decoder: Callable[..., object]) -> bool:
+    """Whether `paho_decoder` has the signature and result fields `decode_publish` mirrors."""
+    try:
+        params = tuple(inspect.signature(paho_decoder).parameters)
+        fields = _packet.PublishPacket._fields
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params == _PAHO_PARAMETERS and fields == _PUBLISH_FIELDS
+
+
+def _check_decoder() -> bool:
+    return _packet.decode_publish is decode_publish or decoder_compatible(PAHO_DECODER)
+
+
+def _install_decoder(on: bool) -> None:
+    chosen: Decoder = decode_publish if on else PAHO_DECODER
+    _packet.decode_publish = chosen  # type: ignore[assignment]
+
+
+# --- paho client internals ------------------------------------------------------------------------
+
+
+def _probe_client() -> paho.Client:
+    return paho.Client(CallbackAPIVersion.VERSION2)
+
+
+def _check_out_packet() -> bool:
+    # paho 2.x queues packets as dicts built in `_packet_queue` and writes them from `pos` on.
+    source = inspect.getsource(paho.Client._packet_queue)  # noqa: SLF001  (the shim's check)
+    queue = _probe_client()._out_packet  # noqa: SLF001  (the shim's check)
+    keys = ('"mid": mid', '"pos": 0', '"packet": packet', "self._out_packet.append(")
+    return isinstance(queue, collections.deque) and all(key in source for key in keys)
+
+
+def write_large_without_copies(client: paho.Client, mid: int) -> None:
+    """Let paho send the queued packet `mid` through a memoryview; never raises.
+
+    paho slices the packet's bytearray on every socket write, copying the unsent rest each
+    time (a transient third copy of a 33 MiB base64 reply); a memoryview slice copies nothing.
+    """
+    if not SHIMS["out_packet_view"].active:
+        return
+    try:
+        for packet in reversed(client._out_packet):  # noqa: SLF001  (checked at start-up)
+            if packet["mid"] == mid and packet["pos"] == 0:
+                packet["packet"] = memoryview(packet["packet"])  # type: ignore[typeddict-item]
+                return
+    except (AttributeError, KeyError, TypeError):
+        SHIMS["out_packet_view"].active = False  # paho copies as usual from now on
+
+
+def _check_max_inflight() -> bool:
+    client = _probe_client()
+    value = getattr(client, "_max_inflight_messages", None)
+    return isinstance(value, int) and client.max_inflight_messages == value
+
+
+def set_max_inflight(client: paho.Client, value: int) -> None:
+    """Let paho keep up to `value` QoS>0 publishes unacknowledged (the broker's Receive Maximum).
+
+    paho's public setter refuses changes once connected; without the shim paho keeps the limit
+    set before connecting (fewer in flight: slower, never wrong).
+    """
+    if SHIMS["max_inflight"].active:
+        client._max_inflight_messages = value  # noqa: SLF001  (checked at start-up)
+
+
+def _check_raw_topic() -> bool:
+    message = paho.MQTTMessage(topic=b"t/\xff")
+    return getattr(message, "_topic", None) == b"t/\xff"
+
+
+def message_topic(message: paho.MQTTMessage) -> str:
+    """The message's topic, with bytes that are not UTF-8 replaced (paho's property raises)."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        if SHIMS["raw_topic"].active:
+            raw = message._topic  # noqa: SLF001  (checked at start-up)
+            return bytes(raw).decode("utf-8", "replace")
+        return "\ufffd"  # outside every request topic: rejected and acknowledged
+
+
+def _check_sock_close() -> bool:
+    return callable(getattr(_probe_client(), "_sock_close", None))
+
+
+def close_socket(client: paho.Client) -> None:
+    """Close the client's socket at once (no DISCONNECT); never raises."""
+    with contextlib.suppress(Exception):  # a dying socket may fail in any way
+        if SHIMS["sock_close"].active:
+            client._sock_close()  # noqa: SLF001  (checked at start-up)
+            return
+        sock = client.socket()
+        if isinstance(sock, socket.socket | ssl.SSLSocket):
+            sock.close()
+
+
+class TrackingContext(ssl.SSLContext):
+    """An SSLContext that remembers the last socket it wrapped, so a failed handshake's socket
+    can be closed (paho leaves it to the garbage collector)."""
+
+    last_socket: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        """`SSLContext.wrap_socket`, remembering the socket."""
+        sock = super().wrap_socket(*args, **kwargs)
+        self.last_socket = sock
+        return sock
+
+
+def _check_tls_tracking() -> bool:
+    # paho wraps its socket with the context given to tls_set_context (its 2.x source).
+    source = inspect.getsource(paho.Client._ssl_wrap_socket)  # noqa: SLF001  (the check)
+    return ".wrap_socket(" in source
+
+
+def tls_context() -> ssl.SSLContext:
+    """A client TLS context; one that tracks its sockets when the shim is on."""
+    if SHIMS["tls_tracking"].active:
+        return TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def close_failed_tls_socket(context: ssl.SSLContext | None, client: paho.Client) -> None:
+    """Close the TLS socket of a failed handshake, unless it is the client's live socket."""
+    if not isinstance(context, TrackingContext) or context.last_socket is None:
+        return
+    sock, context.last_socket = context.last_socket, None
+    if sock is not client.socket():
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+# --- aiohttp --------------------------------------------------------------------------------------
+
+
+class BytesBody(aiohttp.payload.BytesPayload):
+    """A request body or form part sent from memory as it is, without a copy or a warning.
+
+    aiohttp's own BytesPayload raises a ResourceWarning for more than 1 MiB, to steer callers
+    towards file objects; a bridge holds its uploads in memory by design, and a BytesIO would
+    cost one more copy of the file (aiohttp's BytesIOPayload calls `getbuffer()`, which copies
+    the bytes a BytesIO shares).
+    """
+
+    def __init__(self, value: bytes, content_type: str) -> None:
+        aiohttp.payload.Payload.__init__(self, value, content_type=content_type)
+        self._size = len(value)
+
+
+def _check_bytes_body() -> bool:
+    try:
+        body = BytesBody(b"xyz", "a/b")
+    except (TypeError, AttributeError):
+        return False
+    value = body._value  # noqa: SLF001  (the shim's check: the body is sent as it is)
+    return body.size == 3 and body.content_type == "a/b" and value == b"xyz"
+
+
+def bytes_body(value: bytes, content_type: str) -> aiohttp.payload.BytesPayload:
+    """A payload for `value`, sent as it is; aiohttp's own BytesPayload when the shim is off."""
+    if SHIMS["bytes_body"].active:
+        return BytesBody(value, content_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.payload.BytesPayload(value, content_type=content_type)
+
+
+# --- installation ---------------------------------------------------------------------------------
+
+SHIMS: dict[str, Shim] = {
+    shim.name: shim
+    for shim in (
+        Shim("publish_decoder", "paho-mqtt", "2.2.0", _check_decoder),
+        Shim("out_packet_view", "paho-mqtt", "2.2.0", _check_out_packet),
+        Shim("max_inflight", "paho-mqtt", "2.2.0", _check_max_inflight),
+        Shim("raw_topic", "paho-mqtt", "2.2.0", _check_raw_topic),
+        Shim("sock_close", "paho-mqtt", "2.2.0", _check_sock_close),
+        Shim("tls_tracking", "paho-mqtt", "2.2.0", _check_tls_tracking),
+        Shim("bytes_body", "aiohttp", "3.14.5", _check_bytes_body),
+    )
+}
+
+
+def install() -> list[str]:
+    """Check every shim against the installed libraries, switch on those that fit; the others.
+
+    Idempotent; call once at start-up. Returns "<shim> (<library> <version>)" for each shim left
+    off, whose library behaviour is used instead.
+    """
+    off: list[str] = []
+    for shim in SHIMS.values():
+        try:
+            shim.active = shim.check()
+        except Exception:  # noqa: BLE001  (any surprise in a library's internals means: off)
+            shim.active = False
+        if not shim.active:
+            off.append(f"{shim.name} ({shim.library} {_version(shim.library)})")
+    _install_decoder(SHIMS["publish_decoder"].active)
+    return off
+
+
+def uninstall() -> None:
+    """Switch every shim off: the libraries' own behaviour everywhere (tests of the fallbacks)."""
+    for shim in SHIMS.values():
+        shim.active = False
+    _install_decoder(False)
