@@ -478,3 +478,24 @@ def test_every_operation_takes_the_options_and_never_sends_them(
             failures.append(f"{op.name}: _bridge reached the service host")
     assert failures == [], "\n".join(failures)
     assert len(table.operations) == 294
+
+
+def test_call_endpoint_takes_the_options_too(dev: tuple[TestClient, Standin]) -> None:
+    client, standin = dev
+    standin.script("GET", "/models/gpt-x", Reply(json={"id": "gpt-x", "object": "model"}))
+    payload = {"method": "GET", "path": "/models/gpt-x"}
+    reply = ask(client, "callEndpoint", payload, "ep", {"format": "plain", "select": "id"})
+    assert reply.payload == b"gpt-x"
+    content_type(client, reply, PLAIN)
+    standin.script("GET", "/files/f1/content", Reply(body=AUDIO, content_type="audio/mpeg"))
+    raw = ask(
+        client,
+        "callEndpoint",
+        {"method": "GET", "path": "/files/f1/content"},
+        "ep-raw",
+        {"format": "raw"},
+    )
+    assert raw.payload == AUDIO
+    content_type(client, raw, "audio/mpeg")
+    assert [r.query_string for r in standin.requests] == ["", ""]
+    assert all(b"_bridge" not in r.body for r in standin.requests)
