@@ -183,9 +183,9 @@ class RequestBuilder:
             found = _pop_spelling(rest, hp.keys)
             if found is not None and found[1] is not None:
                 text = _header_text(*found)
-                headers[hp.header] = (
-                    f"{headers[hp.header]},{text}" if hp.header in headers else text
-                )
+                same = [h for h in headers if h.lower() == hp.header.lower()]
+                before = [headers.pop(h) for h in same]
+                headers[hp.header] = ",".join([*before, text])
 
         if op.request_kind == "none":
             if rest:

@@ -231,3 +231,13 @@ def test_image_edit_without_files_goes_as_json_with_the_json_requirements() -> N
     request = builder().build(op, payload)
     assert request.form is None and request.json_body is not None
     assert json.loads(request.json_body) == payload
+
+
+def test_header_parameter_joins_a_configured_header_of_the_same_name_ignoring_case() -> None:
+    op = TABLE.find("beta_getResponse")
+    assert op is not None
+    b = builder(extra_headers={"openai-beta": "from_config=v1"})
+    request = b.build(op, {"response_id": "r", "betas": ["responses_multi_agent=v1"]})
+    beta = [(k, v) for k, v in request.headers.items() if k.lower() == "openai-beta"]
+    assert beta == [("OpenAI-Beta", "from_config=v1,responses_multi_agent=v1")]
+    assert request.json_body is None and "betas" not in request.url

@@ -38,6 +38,20 @@ def test_no_tracked_file_names_the_old_spec_folder_outside_the_repo() -> None:
     assert offenders == []
 
 
+def test_the_daemon_never_imports_the_yaml_parser_or_the_generator() -> None:
+    code = (
+        "import sys, bridge.daemon, bridge.cli, bridge.dispatch, bridge.operations\n"
+        "bridge.operations.default_table()\n"
+        "print(sorted(m for m in sys.modules if m == 'yaml' or m.startswith("
+        "('yaml.', 'bridge.tablegen', 'bridge.specfacts'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_vendored_specs_are_the_ones_the_source_note_names() -> None:
     note = (REPO_ROOT / "spec" / "README.md").read_text(encoding="utf-8")
     for name in ("openapi-latest.yaml", "openapi-2024-02.yaml"):
@@ -47,8 +61,9 @@ def test_vendored_specs_are_the_ones_the_source_note_names() -> None:
 
 @pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="not a git checkout")
 def test_a_clone_alone_in_an_empty_folder_generates_and_collects(tmp_path: Path) -> None:
-    """Clone the committed tree alone into an empty folder; the generator check and pytest
-    collection run there with the clone's own sources (PYTHONPATH) and no sibling folders."""
+    """Clone the committed tree alone into an empty folder; the generator check, pytest
+    collection and the spec-reading tests run there with the clone's own sources (PYTHONPATH)
+    and no sibling folders."""
     clone = tmp_path / "alone" / "repo"
     clone.parent.mkdir()
     subprocess.run(
@@ -79,6 +94,25 @@ def test_a_clone_alone_in_an_empty_folder_generates_and_collects(tmp_path: Path)
     )
     assert collect.returncode == 0, collect.stdout[-4000:] + collect.stderr[-4000:]
     assert re.search(r"^\d+ tests collected", collect.stdout, re.MULTILINE), collect.stdout[-2000:]
+    # The modules that once read the folder beside the clone, run there for real.
+    spec_tests = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_tablegen.py",
+            "tests/test_request_building.py",
+        ],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert spec_tests.returncode == 0, spec_tests.stdout[-4000:] + spec_tests.stderr[-4000:]
     imported = subprocess.run(
         [sys.executable, "-c", "import bridge; print(bridge.__file__)"],
         cwd=clone,

@@ -12,7 +12,7 @@ from support import openapi_spec
 
 from bridge import specfacts, tablegen
 from bridge.describe import example_payload
-from bridge.operations import Operation, default_table
+from bridge.operations import HeaderParam, Operation, default_table
 from bridge.optable import OPERATIONS
 
 MULTIPART_SEED_FILE_FIELDS = {
@@ -315,3 +315,16 @@ def test_docs_sections_follow_the_seed_order_then_alphabetical() -> None:
         assert f"### `{op.name}`" in doc
     generic = doc[doc.index("## Any endpoint") : doc.index("## Assistants")]
     assert "### `callEndpoint`" in generic and '`deny_methods = ["callEndpoint"]`' in generic
+
+
+def test_every_header_parameter_of_the_spec_is_in_the_table() -> None:
+    declared = {
+        name: sorted(spec["header_params"])
+        for name, spec in openapi_spec.operations(openapi_spec.LATEST).items()
+        if spec["header_params"]
+    }
+    assert len(declared) == 7 and all(names == ["openai-beta"] for names in declared.values())
+    in_table = {op.name: op.header_params for op in OPERATIONS if op.header_params}
+    assert set(in_table) == set(declared)
+    for params in in_table.values():
+        assert params == (HeaderParam("OpenAI-Beta", ("betas", "openai-beta"), "array"),)
