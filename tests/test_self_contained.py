@@ -59,11 +59,11 @@ def test_vendored_specs_are_the_ones_the_source_note_names() -> None:
         assert f"| {name} |" in note and digest in note, name
 
 
+@pytest.mark.timeout(600)  # a clone, a generator run and a collection: slow on a loaded Pi
 @pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="not a git checkout")
 def test_a_clone_alone_in_an_empty_folder_generates_and_collects(tmp_path: Path) -> None:
-    """Clone the committed tree alone into an empty folder; the generator check, pytest
-    collection and the spec-reading tests run there with the clone's own sources (PYTHONPATH)
-    and no sibling folders."""
+    """Clone the committed tree alone into an empty folder; the generator check and pytest
+    collection run there with the clone's own sources (PYTHONPATH) and no sibling folders."""
     clone = tmp_path / "alone" / "repo"
     clone.parent.mkdir()
     subprocess.run(
@@ -94,25 +94,6 @@ def test_a_clone_alone_in_an_empty_folder_generates_and_collects(tmp_path: Path)
     )
     assert collect.returncode == 0, collect.stdout[-4000:] + collect.stderr[-4000:]
     assert re.search(r"^\d+ tests collected", collect.stdout, re.MULTILINE), collect.stdout[-2000:]
-    # The modules that once read the folder beside the clone, run there for real.
-    spec_tests = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/test_tablegen.py",
-            "tests/test_request_building.py",
-        ],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert spec_tests.returncode == 0, spec_tests.stdout[-4000:] + spec_tests.stderr[-4000:]
     imported = subprocess.run(
         [sys.executable, "-c", "import bridge; print(bridge.__file__)"],
         cwd=clone,
