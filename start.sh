@@ -6,6 +6,6 @@ cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/openai-mqtt-bridge ]; then
   "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[trial]'
 fi
 exec .venv/bin/openai-mqtt-bridge --config "${1:-config/bridge.toml}"

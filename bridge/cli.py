@@ -67,7 +67,7 @@ def cmd_run(path: str | None) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from bridge import logs
     from bridge.allocator import pin_mmap_threshold
-    from bridge.daemon import Bridge, EmbeddedPortBusy
+    from bridge.daemon import Bridge, StartupError
 
     try:
         config, warnings = _load(path)
@@ -82,11 +82,12 @@ def cmd_run(path: str | None) -> int:
     if loop_factory is None and config.runtime.event_loop == "uvloop":
         log.error('[runtime] event_loop = "uvloop" but uvloop is not installed')
         return EX_CONFIG
-    log.debug("event loop", loop=loop_name, mmap_threshold_pinned=pin_mmap_threshold())
+    pinned = pin_mmap_threshold()  # a start-up step of its own: before any large request
+    log.debug("event loop", loop=loop_name, mmap_threshold_pinned=pinned)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(Bridge(config).run())
-    except EmbeddedPortBusy as exc:
+    except StartupError as exc:
         log.error(str(exc))
         return EX_CONFIG
     except KeyboardInterrupt:

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import platform
 import signal
-from typing import Any
+from collections.abc import Iterator
 
 import yarl
 
 from bridge import __version__, compat, homeassistant
-from bridge.config import BridgeConfig
+from bridge.config import BridgeConfig, MqttConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
 from bridge.jsoncodec import dumps
@@ -27,7 +27,11 @@ ONLINE = b'{"state":"online"}'
 OFFLINE = b'{"state":"offline"}'
 
 
-class EmbeddedPortBusy(Exception):
+class StartupError(Exception):
+    """A part of the bridge cannot start for a reason the operator must fix (exit 78)."""
+
+
+class EmbeddedPortBusy(StartupError):
     """The embedded broker's port is taken (usually by a real broker already running)."""
 
 
@@ -45,7 +49,6 @@ class Bridge:
         )
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
-        self._background: list[asyncio.Task[Any]] = []
         self._ha_status = homeassistant.status_topic(config)
 
     def stop(self) -> None:
@@ -106,95 +109,127 @@ class Bridge:
             self._publish_discovery()
 
     async def run(self) -> int:
-        """Start everything, serve until `stop()` or a signal, shut down gracefully; exit code."""
+        """Start everything, serve until `stop()` or a signal, shut down gracefully; exit code.
+
+        Raises StartupError (exit 78) when a part cannot start; what had started is closed.
+        """
         cfg = self.config
-        loop = asyncio.get_running_loop()
         self.log.info(
             "starting", version=__version__, python=platform.python_version(), config=cfg.redacted()
         )
         off = compat.install()  # library internals: each checked against the installed version
         if off:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
-        embedded: EmbeddedBroker | None = None
-        mqtt_cfg = cfg.mqtt
-        protocol: str | None = None
-        if cfg.mqtt.embedded:
-            embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
-            try:
-                await embedded.start()
-            except Exception as exc:  # noqa: BLE001  (amqtt wraps the bind error in its own BrokerError)
-                raise EmbeddedPortBusy(
-                    f"cannot start the embedded broker on 127.0.0.1:{cfg.mqtt.port} "
-                    f"({exc}); if a broker already runs there, set "
-                    '[mqtt] host = "127.0.0.1" to use it'
-                ) from None
-            self.log.warning(EMBEDDED_NOTICE.format(host="127.0.0.1", port=cfg.mqtt.port))
-            mqtt_cfg = cfg.mqtt.model_copy(update={"host": "127.0.0.1"})
-            protocol = "3.1.1"
+        # Everything started is closed in reverse order, however the start or the run ends.
+        async with contextlib.AsyncExitStack() as stack:
+            mqtt_cfg, protocol = cfg.mqtt, None
+            if cfg.mqtt.embedded:
+                embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
+                await self._start_embedded(embedded)
+                stack.push_async_callback(embedded.stop)
+                mqtt_cfg = cfg.mqtt.model_copy(update={"host": "127.0.0.1"})
+                protocol = "3.1.1"
+            service = ServiceClient(cfg.service)
+            await service.start()
+            stack.push_async_callback(service.close)
+            self.transport = transport = self._make_transport(mqtt_cfg, protocol)
+            stack.push_async_callback(transport.close)
+            self.dispatcher = Dispatcher(
+                config=cfg,
+                table=self.table,
+                service=service,
+                publisher=transport,
+                topics=self.topics,
+                log=self.log,
+            )
+            stack.enter_context(self._signals_handled())
+            if await self._connected(transport):
+                await self._serve()
+            await self._shutdown()
+        self.log.info("stopped")
+        return 0
 
-        service = ServiceClient(cfg.service)
-        await service.start()
-        self.transport = transport = MqttTransport(
-            mqtt_cfg,
-            subscription=self.topics.subscription,
-            receive_maximum=cfg.limits.max_concurrency,
-            will=(self.topics.state, OFFLINE),
-            on_message=self._submit,
-            on_connected=self._on_connected,
-            log=self.log,
-            protocol=protocol,
-            # Home Assistant announces restarts there; discovery is then published again.
-            extra_subscriptions=[(self._ha_status, 0)] if cfg.homeassistant.discovery else [],
-        )
-        self.dispatcher = Dispatcher(
-            config=cfg,
-            table=self.table,
-            service=service,
-            publisher=transport,
-            topics=self.topics,
-            log=self.log,
-        )
+    async def _start_embedded(self, embedded: EmbeddedBroker) -> None:
+        port = self.config.mqtt.port
+        try:
+            await embedded.start()
+        except ImportError:
+            raise StartupError(
+                "no [mqtt] host set and the embedded trial broker is not installed: set [mqtt] "
+                "host, or install it with pip install 'openai-mqtt-bridge[trial]'"
+            ) from None
+        except Exception as exc:  # noqa: BLE001  (amqtt wraps the bind error in its own BrokerError)
+            raise EmbeddedPortBusy(
+                f"cannot start the embedded broker on 127.0.0.1:{port} ({exc}); if a broker "
+                'already runs there, set [mqtt] host = "127.0.0.1" to use it'
+            ) from None
+        self.log.warning(EMBEDDED_NOTICE.format(host="127.0.0.1", port=port))
+
+    def _make_transport(self, mqtt_cfg: MqttConfig, protocol: str | None) -> MqttTransport:
+        cfg = self.config
+        try:
+            return MqttTransport(
+                mqtt_cfg,
+                subscription=self.topics.subscription,
+                receive_maximum=cfg.limits.max_concurrency,
+                will=(self.topics.state, OFFLINE),
+                on_message=self._submit,
+                on_connected=self._on_connected,
+                log=self.log,
+                protocol=protocol,
+                # Home Assistant announces restarts there; discovery is then published again.
+                extra_subscriptions=[(self._ha_status, 0)] if cfg.homeassistant.discovery else [],
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise StartupError(f"cannot use the [mqtt.tls] files: {exc}") from None
+
+    @contextlib.contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        """SIGTERM and SIGINT call `stop()` while inside."""
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.stop)
         try:
-            started = asyncio.create_task(transport.start())
-            stopper = asyncio.create_task(self.stop_event.wait())
-            await asyncio.wait({started, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not started.done():
-                started.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await started
-            else:
-                started.result()
-                self.ready.set()
-                notify("READY=1\nSTATUS=connected, serving requests")
-                self.log.info("ready", methods=len(self.table), instance=cfg.mqtt.instance_name)
-                interval = watchdog_interval()
-                if interval:
-                    self._background.append(asyncio.create_task(self._watchdog(interval)))
-                if cfg.homeassistant.stats_interval > 0:
-                    stats = self._stats_loop(cfg.homeassistant.stats_interval)
-                    self._background.append(asyncio.create_task(stats))
-                await stopper
-            stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stopper
-            await self._shutdown()
+            yield
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
-            for task in self._background:
+
+    async def _connected(self, transport: MqttTransport) -> bool:
+        """Connect, unless `stop()` comes first; whether connected."""
+        started = asyncio.create_task(transport.start())
+        stopper = asyncio.create_task(self.stop_event.wait())
+        try:
+            await asyncio.wait({started, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (started, stopper):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if not started.done() or started.cancelled():
+            return False
+        started.result()
+        return True
+
+    async def _serve(self) -> None:
+        """Announce readiness and serve until `stop()`, with the background loops running."""
+        cfg = self.config
+        self.ready.set()
+        notify("READY=1\nSTATUS=connected, serving requests")
+        self.log.info("ready", methods=len(self.table), instance=cfg.mqtt.instance_name)
+        async with asyncio.TaskGroup() as group:
+            loops: list[asyncio.Task[None]] = []
+            interval = watchdog_interval()
+            if interval:
+                loops.append(group.create_task(self._watchdog(interval)))
+            if cfg.homeassistant.stats_interval > 0:
+                loops.append(group.create_task(self._stats_loop(cfg.homeassistant.stats_interval)))
+            await self.stop_event.wait()
+            for task in loops:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await transport.close()
-            await service.close()
-            if embedded is not None:
-                await embedded.stop()
-        self.log.info("stopped")
-        return 0
 
     def _submit(self, message: InboundMessage) -> None:
         if message.topic == self._ha_status:

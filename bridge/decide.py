@@ -10,7 +10,7 @@ stream is decided here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import endpoint
 from bridge.access import AccessRules
@@ -30,6 +30,9 @@ from bridge.options import DEFAULT_OPTIONS, OPTIONS_KEY, BridgeOptions, error_op
 from bridge.render import MISSING
 from bridge.request import HttpRequest, RequestBuilder
 from bridge.topics import RequestTopic, Topics
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 LARGE_PAYLOAD = 1 << 20
 """Requests from this many bytes on are parsed as text with the bytes dropped first."""
@@ -124,7 +127,7 @@ class Decider:
     access: AccessRules
     builder: RequestBuilder
     max_request_bytes: int
-    log: Any
+    log: FilteringBoundLogger
 
     def route(self, message: InboundMessage) -> Route | None:
         """Where the answer goes; None (logged) for a message that gets no answer at all."""

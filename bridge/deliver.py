@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge import render
 from bridge.decide import Route
@@ -21,6 +21,9 @@ from bridge.redact import Redactor
 from bridge.replyformat import chunk_topic
 from bridge.stats import Stats
 from bridge.streaming import StreamPublisher
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 _LOG_TEXT_LIMIT = 120
 _MAX_UNACKED_CHUNKS = 256
@@ -54,7 +57,7 @@ class Deliverer:
     cache: ReplyCache
     stats: Stats
     redactor: Redactor
-    log: Any
+    log: FilteringBoundLogger
 
     def drop(self, message: InboundMessage) -> None:
         """Acknowledge a message that gets no reply (it would fail the same way again)."""

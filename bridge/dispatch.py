@@ -19,7 +19,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bridge import render
 from bridge.access import AccessRules
@@ -37,6 +37,9 @@ from bridge.stats import Stats
 from bridge.streaming import TopicStreamSink
 from bridge.topics import Topics
 
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
 
 class Dispatcher:
     """Turns request messages into API calls and replies; owns the per-request tasks."""
@@ -49,7 +52,7 @@ class Dispatcher:
         service: ServiceClient,
         publisher: Publisher,
         topics: Topics,
-        log: Any,
+        log: FilteringBoundLogger,
         redactor: Redactor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -8,32 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
+
+import structlog
+from structlog.typing import FilteringBoundLogger
 
 from bridge.redact import Redactor
-
-
-def _import_structlog_without_rich() -> Any:
-    """Import structlog while hiding `rich`, which structlog.dev loads whenever it is installed.
-
-    amqtt's CLI dependencies install rich; we render tracebacks plainly, and rich with pygments
-    would add some 60 modules, ~45 ms and several MiB to every start. Other importers still
-    get rich: only structlog's one-time import sees it missing.
-    """
-    absent = object()
-    saved = sys.modules.get("rich", absent)
-    sys.modules["rich"] = None  # type: ignore[assignment]
-    try:
-        import structlog as module
-    finally:
-        if saved is absent:
-            del sys.modules["rich"]
-        else:
-            sys.modules["rich"] = saved  # type: ignore[assignment]
-    return module
-
-
-structlog = _import_structlog_without_rich()
 
 
 class _StdlibRedactFilter(logging.Filter):
@@ -47,9 +27,6 @@ class _StdlibRedactFilter(logging.Filter):
             record.args = None
         return True
 
-
-REDACTOR = Redactor()
-"""Scrubs log lines (ours and the libraries'); replies get their own from the config."""
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -67,7 +44,7 @@ def configure(
 ) -> None:
     """Set up structlog and stdlib logging for the process (idempotent)."""
     out = stream or sys.stderr
-    REDACTOR.set(secrets or [])
+    redactor = Redactor(secrets)  # log lines only: replies get their own, from the bridge's config
     json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -79,7 +56,7 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        REDACTOR,
+        redactor,
         renderer,
     ]
     structlog.configure(
@@ -89,7 +66,7 @@ def configure(
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
-    handler.addFilter(_StdlibRedactFilter(REDACTOR))
+    handler.addFilter(_StdlibRedactFilter(redactor))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -101,6 +78,6 @@ def configure(
     root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
-def get_logger(**context: Any) -> Any:
+def get_logger(**context: Any) -> FilteringBoundLogger:
     """A structlog logger bound to `context`."""
-    return structlog.get_logger("openai-mqtt-bridge").bind(**context)
+    return cast(FilteringBoundLogger, structlog.get_logger("openai-mqtt-bridge").bind(**context))

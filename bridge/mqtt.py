@@ -14,7 +14,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -34,6 +34,9 @@ from bridge.reconnect import (
     ConnectRefused,
     ReconnectLogic,
 )
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 # Payloads from this size on are sent through a memoryview (see _write_without_copies).
 _LARGE_PAYLOAD = 1 << 20
@@ -93,7 +96,7 @@ class MqttTransport:
         will: tuple[str, bytes],
         on_message: Callable[[InboundMessage], None],
         on_connected: Callable[[], None],
-        log: Any,
+        log: FilteringBoundLogger,
         protocol: str | None = None,
         extra_subscriptions: Sequence[tuple[str, int]] = (),
     ) -> None:

@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import enum
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bridge.backoff import Backoff
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 
 class ConnectionState(enum.Enum):
@@ -77,7 +80,7 @@ class ReconnectLogic:
         self,
         transport: Connectable,
         backoff: Backoff,
-        log: Any,
+        log: FilteringBoundLogger,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.transport = transport

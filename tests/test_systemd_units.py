@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.allocator import MMAP_THRESHOLD, pin_mmap_threshold
 from bridge.config import LimitsConfig, load_config
 from bridge.errors import EX_CONFIG
 
@@ -212,3 +213,11 @@ def test_systemd_analyze_verify_in_a_root(tmp_path: Path) -> None:
     )
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0 and not output, output
+
+
+def test_units_pin_the_mmap_threshold_the_bridge_would_pin_itself() -> None:
+    for unit in (parse_unit(UNIT), parse_unit(TEMPLATE)):
+        assert f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" in unit["Service"]["Environment"]
+    # Set from the environment, glibc applies it from the first allocation; the bridge then
+    # leaves it as the operator's choice.
+    assert not pin_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
