@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 
 from bridge import __version__
+from bridge.callreply import CallOutcome, ReplyCollector, options_from_flags
 from bridge.config import BridgeConfig, load_config
-from bridge.errors import EX_CONFIG, ConfigError
+from bridge.errors import EX_CONFIG, ConfigError, InvalidParameter
 from bridge.jsoncodec import dumps, loads
 
 EX_USAGE = 64
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("payload", nargs="?", default="{}", help="JSON object, or - for stdin")
     call.add_argument("--timeout", type=float, default=60.0)
     call.add_argument("--suffix", default="", help="topic suffix (default: a fresh id)")
+    reply = call.add_argument_group("reply options (the request's _bridge key)")
+    reply.add_argument("--select", help="JMESPath expression picking the part of the answer")
+    reply.add_argument("--format", choices=("json", "plain", "raw"), dest="reply_format")
+    reply.add_argument("--max-bytes", type=int, help="plain: cut longer text, marked with ...")
+    reply.add_argument("--chunk-bytes", type=int, help="raw: receive the bytes in chunks")
+    reply.add_argument("--output", "-o", help="write the reply there instead of stdout")
     return parser
 
 
@@ -152,8 +159,19 @@ def cmd_describe(name: str, path: str | None) -> int:
     return 0
 
 
-def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: str | None) -> int:
-    """Publish one request, wait for its reply, print it; exit 0 on `ok`, 1 on an error reply."""
+def cmd_call(
+    method: str,
+    payload_text: str,
+    timeout: float,
+    suffix: str,
+    path: str | None,
+    reply_flags: dict[str, Any] | None = None,
+    output: str | None = None,
+) -> int:
+    """Publish one request, wait for its reply, print it; exit 0 on `ok`, 1 on an error reply.
+
+    `reply_flags` (select, reply_format, max_bytes, chunk_bytes) become the `_bridge` options.
+    """
     from paho.mqtt.enums import MQTTProtocolVersion
 
     from bridge.mqtt import new_client
@@ -172,11 +190,17 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
     if not isinstance(payload, dict):
         print("payload must be a JSON object", file=sys.stderr)
         return EX_USAGE
+    try:
+        options = options_from_flags(payload, **(reply_flags or {}))
+    except InvalidParameter as exc:
+        print(exc.message, file=sys.stderr)
+        return EX_USAGE
     transaction = payload.setdefault("transaction", uuid.uuid4().hex)
     tag = suffix or f"cli-{uuid.uuid4().hex[:12]}"
     prefix = config.mqtt.topic_prefix
     request_topic = f"{prefix}/request/{method}/{tag}"
     reply_topic = f"{prefix}/response/{method}/{tag}"
+    collector = ReplyCollector(reply_topic, transaction, options)
     done = threading.Event()
     result: dict[str, Any] = {}
 
@@ -185,18 +209,17 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
             result["error"] = f"broker refused the connection: {reason}"
             done.set()
             return
-        client.subscribe(reply_topic, qos=1)
+        client.subscribe([(topic, 1) for topic in collector.subscriptions])
 
     def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
         client.publish(request_topic, dumps(payload), qos=1)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            reply = loads(msg.payload)
-        except ValueError:
+        if "reply" in result:
             return
-        if isinstance(reply, dict) and reply.get("transaction") == transaction:
-            result["reply"] = reply
+        outcome = collector.feed(msg.topic, bytes(msg.payload))
+        if outcome is not None:
+            result["reply"] = outcome
             done.set()
 
     client, _ = new_client(
@@ -222,9 +245,16 @@ def cmd_call(method: str, payload_text: str, timeout: float, suffix: str, path: 
     if "error" in result:
         print(result["error"], file=sys.stderr)
         return EX_UNAVAILABLE
-    reply = result["reply"]
-    print(dumps(reply).decode())
-    return 0 if reply.get("status") == "ok" else 1
+    outcome: CallOutcome = result["reply"]
+    if outcome.stderr:
+        print(outcome.stderr, file=sys.stderr)
+    if output is not None and (outcome.stdout or outcome.exit_code == 0):
+        with open(output, "wb") as sink:
+            sink.write(outcome.stdout)
+    else:
+        sys.stdout.buffer.write(outcome.stdout)
+        sys.stdout.flush()
+    return outcome.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "describe":
         return cmd_describe(args.method, args.config)
     if command == "call":
-        return cmd_call(args.method, args.payload, args.timeout, args.suffix, args.config)
+        reply_flags = {
+            "select": args.select,
+            "reply_format": args.reply_format,
+            "max_bytes": args.max_bytes,
+            "chunk_bytes": args.chunk_bytes,
+        }
+        return cmd_call(
+            args.method,
+            args.payload,
+            args.timeout,
+            args.suffix,
+            args.config,
+            reply_flags,
+            args.output,
+        )
     return EX_USAGE
 
 

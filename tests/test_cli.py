@@ -104,3 +104,59 @@ def test_call_times_out_without_a_bridge(tmp_path: Path, mosquitto: MosquittoBro
     )
     out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
     assert out.returncode == 75 and "no reply" in out.stderr
+
+
+def test_call_reply_option_flags(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    chat = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Grüße!"}}]}
+    audio = bytes(range(256)) * 40
+    standin.script("POST", "/chat/completions", Reply(json=chat))
+    standin.script("POST", "/audio/speech", Reply(body=audio, content_type="audio/mpeg"))
+    standin.script("GET", "/models/nope", Reply.error(404, "The model 'nope' does not exist"))
+    question = '{"model": "m", "messages": []}'
+    speech = '{"model": "tts-1", "voice": "alloy", "input": "hi"}'
+    select = ("--select", "choices[0].message.content")
+    with BridgeThread.from_file(path, env):
+        plain = cli(
+            "call",
+            "createChatCompletion",
+            question,
+            *select,
+            "--format",
+            "plain",
+            "--max-bytes",
+            "32",
+            "--config",
+            str(path),
+        )
+        selected = cli("call", "createChatCompletion", question, *select, "--config", str(path))
+        raw = cli(
+            "call",
+            "createSpeech",
+            speech,
+            "--format",
+            "raw",
+            "--chunk-bytes",
+            "1000",
+            "--output",
+            str(tmp_path / "out.mp3"),
+            "--config",
+            str(path),
+        )
+        error = cli(
+            "call", "retrieveModel", '{"model": "nope"}', "--format", "plain", "--config", str(path)
+        )
+        bad = cli("call", "listModels", "--select", "a[", "--config", str(path))
+    assert (plain.returncode, plain.stdout) == (0, "Grüße!\n"), plain.stderr
+    assert json.loads(selected.stdout)["data"] == "Grüße!"
+    assert raw.returncode == 0, raw.stderr
+    assert (tmp_path / "out.mp3").read_bytes() == audio
+    assert error.returncode == 1 and error.stdout == ""
+    assert error.stderr.startswith("ERROR upstream_error: service host answered HTTP 404")
+    assert bad.returncode == 64 and "_bridge.select is not a JMESPath expression" in bad.stderr
+    assert all(b"_bridge" not in r.body for r in standin.requests)
+    assert len(standin.requests) == 4  # the bad --select never reached the bridge

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge import render
+from bridge.callreply import CallOutcome, ReplyCollector, options_from_flags
 from bridge.errors import ERROR_CODES, InvalidParameter, UpstreamError
 from bridge.operations import Operation, default_table
 from bridge.options import (
@@ -390,3 +391,35 @@ def test_long_deltas_are_split_to_the_limit() -> None:
     assert b"".join(pieces) == ("€" * 20).encode()
     assert [len(p) for p in pieces] == [30, 30]
     assert plain_stream_payloads("response.created", {}, 32) == []
+
+
+# --- the CLI's reply collector --------------------------------------------------------------------
+
+
+def test_call_collector_in_each_format() -> None:
+    payload: dict[str, Any] = {"_bridge": {"select": "a"}}
+    options = options_from_flags(
+        payload, select=None, reply_format="raw", max_bytes=None, chunk_bytes=128
+    )
+    assert payload["_bridge"] == {"select": "a", "format": "raw", "chunk_bytes": 128}
+    raw = ReplyCollector("r/t", "x", options)
+    assert raw.subscriptions == ["r/t", "r/t/+"]
+    assert raw.feed("r/t/1", b"b") is None
+    assert raw.feed("r/t/0", b"a") is None
+    assert raw.feed("r/t", b'{"transaction":"other","chunks":2}') is None
+    assert raw.feed("r/t", b'{"transaction":"x","chunks":2}') == CallOutcome(0, b"ab")
+    short = ReplyCollector("r/t", "x", options)
+    short.feed("r/t/0", b"a")
+    incomplete = short.feed("r/t", b'{"transaction":"x","chunks":2}')
+    assert incomplete == CallOutcome(1, stderr="incomplete reply: 1 of 2 chunks arrived")
+    plain = ReplyCollector("r/t", "x", parse_options({"format": "plain"}))
+    assert plain.feed("r/t", b"ERROR bad_json: no") == CallOutcome(1, stderr="ERROR bad_json: no")
+    assert plain.feed("r/t", b"hi") == CallOutcome(0, b"hi\n")
+    envelope = b'{"status":"error","method":"m","transaction":"x","error":{}}'
+    assert plain.feed("r/t", envelope) == CallOutcome(1, envelope + b"\n")
+    default = ReplyCollector("r/t", 1, DEFAULT_OPTIONS)
+    assert default.feed("r/t", b'{"status":"ok","transaction":2}') is None
+    assert default.feed("r/t", b"not json") is None
+    assert default.feed("r/t", b'{"status":"ok","transaction":1}') == CallOutcome(
+        0, b'{"status":"ok","transaction":1}\n'
+    )
