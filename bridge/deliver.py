@@ -63,9 +63,15 @@ class Deliverer:
         """Acknowledge a message that gets no reply (it would fail the same way again)."""
         self.publisher.ack(message)
 
-    async def replay(self, message: InboundMessage, route: Route, payload: bytes) -> None:
-        """Answer a repeated request with the reply it got before."""
-        await self._send(message, route, payload)
+    async def replay(
+        self,
+        message: InboundMessage,
+        route: Route,
+        payload: bytes,
+        content_type: str | None = None,
+    ) -> None:
+        """Answer a repeated request with the reply it got before (and its content type)."""
+        await self._send(message, route, payload, content_type)
         self.log.info("request", method=route.topic.method[:100], status="cached", dup=message.dup)
 
     async def deliver(
@@ -97,7 +103,7 @@ class Deliverer:
         # A chunked reply is not remembered (the cache keeps one message per request): a
         # redelivered chunked request is answered by calling the service host again.
         if sent and key is not None and (error is None or not error.is_retryable) and not chunked:
-            self.cache.put(key, route.reply_topic, payload)
+            self.cache.put(key, route.reply_topic, payload, outcome.content_type)
         return outcome
 
     def account(

@@ -165,12 +165,12 @@ class Dispatcher:
         key = request_key(message.topic, message.payload) if self.cache.entries > 0 else None
         cached = self.cache.get(key) if key is not None else None
         if cached is not None and message.dup:
-            await self.deliverer.replay(message, route, cached[1])
+            await self.deliverer.replay(message, route, cached[1], cached[2])
             return
 
         decision = self.decider.decide(message, route)
         if cached is not None and decision.transaction is not render.MISSING:
-            await self.deliverer.replay(message, route, cached[1])
+            await self.deliverer.replay(message, route, cached[1], cached[2])
             return
         if isinstance(decision, Rejection):
             outcome = render.failure(

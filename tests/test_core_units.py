@@ -293,7 +293,7 @@ def test_reply_cache_bounds() -> None:
     cache.put(k1, "r", b"1")
     cache.put(k2, "r", b"2")
     cache.put(k3, "r", b"3")
-    assert cache.get(k1) is None and cache.get(k3) == ("r", b"3") and len(cache) == 2
+    assert cache.get(k1) is None and cache.get(k3) == ("r", b"3", None) and len(cache) == 2
     now[0] = 11
     assert cache.get(k3) is None
     cache.put(k1, "r", b"x" * 30)  # over a quarter of the byte budget: not kept

@@ -241,7 +241,7 @@ async def test_deliver_redacts_publishes_acks_and_remembers() -> None:
     assert publisher.acked == [9]
     ((topic, payload, _),) = publisher.published
     assert topic == "home/openai/response/listModels" and SECRET.encode() not in payload
-    assert cache.get(42) == (topic, payload) and sent.payload == payload
+    assert cache.get(42) == (topic, payload, None) and sent.payload == payload
     deliver.account(message("x", b""), route_for(), sent, 1.5)
     assert (stats.requests_total, stats.errors_total, stats.last_latency_ms) == (1, 0, 1.5)
 

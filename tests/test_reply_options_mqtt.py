@@ -499,3 +499,44 @@ def test_call_endpoint_takes_the_options_too(dev: tuple[TestClient, Standin]) ->
     content_type(client, raw, "audio/mpeg")
     assert [r.query_string for r in standin.requests] == ["", ""]
     assert all(b"_bridge" not in r.body for r in standin.requests)
+
+
+def test_streamed_chat_in_raw_format_and_chunks(dev: tuple[TestClient, Standin]) -> None:
+    client, standin = dev
+    standin.script("POST", "/chat/completions", Reply(sse=sse([(None, c) for c in STREAM])))
+    payload = {**QUESTION, "stream": True}
+    events, reply = stream_ask(
+        client, "createChatCompletion", payload, "rawstream", {"format": "raw"}
+    )
+    assert [e.json()["data"] for e in events] == STREAM  # raw leaves the events as JSON
+    assembled = reply.json()
+    assert assembled["choices"][0]["message"]["content"] == STREAM_TEXT
+    assert reply.payload == compact(assembled)
+    content_type(client, reply, "application/json")
+
+    suffix = f"rawchunks-{client.protocol}"
+    reply_topic = client.topic("response", "createChatCompletion", suffix)
+    client.subscribe(f"{reply_topic}/#")
+    options = {"format": "raw", "chunk_bytes": 128}
+    _, end = stream_ask(client, "createChatCompletion", payload, "rawchunks", options)
+    chunks = chunks_of(client, reply_topic, end)
+    assert b"".join(m.payload for m in chunks) == reply.payload
+    assert end.json() == {
+        "chunks": len(chunks),
+        "size": len(reply.payload),
+        "content_type": "application/json",
+    }
+
+
+def test_a_repeated_plain_request_is_answered_from_memory_alike(
+    dev: tuple[TestClient, Standin],
+) -> None:
+    client, standin = dev
+    standin.script("POST", "/chat/completions", Reply(json=CHAT))
+    payload = {"transaction": "same", **QUESTION}
+    options = {"format": "plain", "select": SELECT_CONTENT}
+    first = ask(client, "createChatCompletion", payload, "again", options)
+    second = ask(client, "createChatCompletion", payload, "again", options)
+    assert first.payload == second.payload == ANSWER.encode()
+    content_type(client, second, PLAIN)
+    assert len(standin.requests) == 1
