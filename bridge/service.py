@@ -1,8 +1,8 @@
 """The execute stage: sends an `HttpRequest` to the service host, retrying, and reads the answer.
 
-The only HTTP I/O of the bridge. One pooled `aiohttp.ClientSession` per process; retries with
-backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never for other 4xx
-and never once a stream has started to be forwarded.
+Retries with backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never
+for other 4xx and never once a stream has started to be forwarded. The exchange itself goes
+through an `HttpTransport` (bridge/httptransport.py: aiohttp, one pooled session per process).
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import yarl
 
-from bridge import compat
 from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import ServiceConfig
 from bridge.errors import (
@@ -27,6 +25,13 @@ from bridge.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
+)
+from bridge.httptransport import (
+    AiohttpTransport,
+    Body,
+    HttpTransport,
+    Response,
+    TransportError,
 )
 from bridge.jsoncodec import loads
 from bridge.request import HttpRequest
@@ -62,9 +67,6 @@ class ServiceResult:
     attempts: int = 1
 
 
-# Part types when the form names none: what aiohttp gives a str and a bytes value.
-_TEXT_PART_TYPE = "text/plain; charset=utf-8"
-_FILE_PART_TYPE = "application/octet-stream"
 _JSON_TYPES = ("application/json", "application/problem+json")
 _UPSTREAM_TEXT_LIMIT = 2000
 
@@ -93,46 +95,36 @@ def _error_message(status: int, reason: str | None, upstream: Any) -> str:
 
 
 class ServiceClient:
-    """Sends requests to the configured service host over one pooled aiohttp session."""
+    """Sends requests to the configured service host, retrying what is worth retrying."""
 
     def __init__(
-        self, config: ServiceConfig, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self,
+        config: ServiceConfig,
+        transport: HttpTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self.transport: HttpTransport = transport or AiohttpTransport(config)
         self._sleep = sleep
-        self._timeout = aiohttp.ClientTimeout(
-            total=config.total_timeout,
-            connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        )
+        self._clock = clock
         host = yarl.URL(config.api_base)
         self.host_label = f"{host.host}:{host.port}" if host.host else config.api_base
 
     async def start(self) -> None:
-        """Open the pooled session (idempotent)."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=False
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                auto_decompress=True,
-                skip_auto_headers=("Content-Type",),
-            )
+        """Open the transport's connection pool (idempotent)."""
+        await self.transport.start()
 
     async def close(self) -> None:
-        """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the transport's connections."""
+        await self.transport.close()
 
     async def send(self, request: HttpRequest, sink: StreamSink | None = None) -> ServiceResult:
-        """Send `request` (retrying transient failures) and return the reply data."""
-        await self.start()
+        """Send `request` and return the answer, retrying connection failures, timeouts, 429 and
+        5xx (honouring Retry-After) within the deadline; never other 4xx, never once a stream's
+        event has been forwarded."""
         backoff = Backoff(0.5, 8.0)
-        deadline = time.monotonic() + self.config.total_timeout
+        deadline = self._clock() + self.config.total_timeout
         attempt = 0
         while True:
             attempt += 1
@@ -150,78 +142,60 @@ class ServiceClient:
                     raise
                 hinted = exc.retry_after if isinstance(exc, UpstreamError) else None
                 delay = hinted if hinted is not None else backoff.next_delay()
-                if delay > self.config.retry_max_delay or time.monotonic() + delay > deadline:
+                if delay > self.config.retry_max_delay or self._clock() + delay > deadline:
                     raise
                 await self._sleep(delay)
 
     async def _send_once(self, request: HttpRequest, sink: StreamSink | None) -> ServiceResult:
-        assert self._session is not None
-        data: Any = None
-        headers = request.headers
-        if request.form is not None:
-            form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
-            for part in request.form:
-                default_type = _TEXT_PART_TYPE if part.filename is None else _FILE_PART_TYPE
-                part_body = compat.bytes_body(part.value, part.content_type or default_type)
-                form.add_field(part.name, part_body, filename=part.filename)
-            # The session skips automatic Content-Type headers (bodyless requests must not get
-            # one), so the multipart type with its boundary is set here explicitly.
-            data = form()
-            headers = {**headers, "Content-Type": data.content_type}
-        elif request.json_body is not None:
-            data = compat.bytes_body(request.json_body, "application/json")
+        async def read(resp: Response) -> ServiceResult:
+            return await self._read(resp, sink)
+
         try:
-            async with self._session.request(
-                request.method,
-                yarl.URL(request.url, encoded=True),
-                headers=headers,
-                data=data,
-            ) as resp:
-                status = resp.status
-                request_id = resp.headers.get("x-request-id")
-                content_type = resp.headers.get("Content-Type", "").lower()
-                if status >= 400:
-                    body = await resp.read()
-                    upstream = _upstream_error_object(body, content_type)
-                    raise UpstreamError(
-                        _error_message(status, resp.reason, upstream),
-                        http_status=status,
-                        upstream=upstream,
-                        retry_after=retry_after_seconds(
-                            {k.lower(): v for k, v in resp.headers.items()}
-                        ),
-                    )
-                if content_type.startswith("text/event-stream"):
-                    await self._read_stream(resp, sink)
-                    return ServiceResult(b"", content_type, status, request_id, streamed=True)
-                # content.read() rather than resp.read(): the response would keep its own reference.
-                body = await resp.content.read()
-                return ServiceResult(body, content_type, status, request_id)
-        except BridgeError:
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamTimeout(
-                f"service host {self.host_label} did not answer in time"
-            ) from None
-        except aiohttp.ClientPayloadError as exc:
-            if sink is not None:
+            return await self.transport.exchange(request, read)
+        except TransportError as exc:
+            if exc.kind == "timeout":
+                raise UpstreamTimeout(
+                    f"service host {self.host_label} did not answer in time"
+                ) from None
+            if exc.kind == "cut" and sink is not None:
                 raise StreamInterrupted(
                     f"service host {self.host_label} cut the response short"
                 ) from None
+            if exc.kind == "cut":
+                raise UpstreamUnavailable(
+                    f"service host {self.host_label} broke the response: {exc}"
+                ) from None
             raise UpstreamUnavailable(
-                f"service host {self.host_label} broke the response: {type(exc).__name__}"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(
-                f"cannot reach service host {self.host_label}: {type(exc).__name__}"
+                f"cannot reach service host {self.host_label}: {exc}"
             ) from None
 
-    async def _read_stream(self, resp: aiohttp.ClientResponse, sink: StreamSink | None) -> None:
+    async def _read(self, resp: Response, sink: StreamSink | None) -> ServiceResult:
+        """The answer in `resp`: an UpstreamError for >= 400, the events to `sink` for a stream."""
+        status = resp.status
+        request_id = resp.headers.get("x-request-id")
+        content_type = resp.headers.get("Content-Type", "").lower()
+        if status >= 400:
+            body = await resp.content.read()
+            upstream = _upstream_error_object(body, content_type)
+            raise UpstreamError(
+                _error_message(status, resp.reason, upstream),
+                http_status=status,
+                upstream=upstream,
+                retry_after=retry_after_seconds({k.lower(): v for k, v in resp.headers.items()}),
+            )
+        if content_type.startswith("text/event-stream"):
+            await self._read_stream(resp.content, sink)
+            return ServiceResult(b"", content_type, status, request_id, streamed=True)
+        # content.read() rather than resp.read(): the response would keep its own reference.
+        body = await resp.content.read()
+        return ServiceResult(body, content_type, status, request_id)
+
+    async def _read_stream(self, body: Body, sink: StreamSink | None) -> None:
         """Feed the events to `sink` until the stream ends or the sink stops taking them."""
         if sink is None:
             raise UpstreamBadResponse("service host streamed an answer that was not asked for")
         parser = SseParser()
-        async for chunk in resp.content.iter_any():
+        async for chunk in body.iter_any():
             for event in parser.feed(chunk):
                 await sink.on_event(event)
                 if sink.stopped:

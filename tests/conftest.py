@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.bridges import StartBridge
 from support.broker import MosquittoBroker, MosquittoNotInstalled
 from support.mqtt_client import TestClient
 from support.standin import Standin
@@ -75,10 +75,6 @@ def client(mosquitto: MosquittoBroker, topic_prefix: str) -> Iterator[TestClient
         yield test_client
 
 
-StartBridge = Callable[..., BridgeThread]
-"""`start_bridge(**overrides)`: overrides go to `make_config` (mqtt=..., service=..., ...)."""
-
-
 @pytest.fixture
 def start_bridge(
     tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
@@ -111,36 +107,6 @@ def start_bridge(
 def bridge(start_bridge: StartBridge) -> BridgeThread:
     """A bridge with the default test config."""
     return start_bridge()
-
-
-@contextlib.contextmanager
-def module_bridge(
-    tmp_path_factory: pytest.TempPathFactory,
-    mosquitto: MosquittoBroker,
-    prefix: str,
-    **config: Any,
-) -> Iterator[tuple[BridgeThread, TestClient, Standin]]:
-    """A stand-in, a bridge on `prefix` and a client, for a module's worth of requests.
-
-    On exit it checks that the API key never reached the bridge's log.
-    """
-    standin = Standin().start()
-    path, env = make_config(
-        tmp_path_factory.mktemp(prefix),
-        broker_port=mosquitto.port,
-        api_base=standin.url,
-        prefix=prefix,
-        **config,
-    )
-    bridge = BridgeThread.from_file(path, env).start()
-    client = TestClient.for_broker(mosquitto, prefix=prefix).connect()
-    try:
-        yield bridge, client, standin
-    finally:
-        client.disconnect()
-        bridge.stop()
-        standin.stop()
-    assert TEST_API_KEY not in bridge.log_text()
 
 
 # ----------------------------------------------------------- leaked asyncio tasks

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import module_bridge
 from pydantic import SecretStr
 from support.bridge_runner import TEST_API_KEY
+from support.bridges import module_bridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
@@ -53,7 +53,7 @@ def test_the_table_finds_it_in_any_case_and_keeps_the_spec_operations_apart() ->
     table = default_table()
     assert table.find("callEndpoint") is CALL_ENDPOINT
     assert table.find("CALLENDPOINT") is CALL_ENDPOINT
-    assert CALL_ENDPOINT not in table.operations and len(table) == 294
+    assert CALL_ENDPOINT not in table.operations
 
 
 def test_json_call_builds_the_same_kind_of_request_as_the_table() -> None:

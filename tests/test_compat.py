@@ -80,7 +80,8 @@ def test_out_packet_view_swaps_in_a_memoryview_and_falls_back_to_a_copy() -> Non
 
 def test_out_packet_view_never_raises_when_paho_changed_its_queue() -> None:
     c = client()
-    c._out_packet = collections.deque([("not", "a", "dict")])  # type: ignore[assignment]  # noqa: SLF001
+    changed: collections.deque[Any] = collections.deque([("not", "a", "dict")])
+    c._out_packet = changed  # noqa: SLF001  (paho changed its queue)
     compat.write_large_without_copies(c, 1)  # the reply is still published, just with copies
     assert not compat.SHIMS["out_packet_view"].active
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import StartBridge
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
+from support.bridges import StartBridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import Received, TestClient
 from support.standin import Part, RecordedRequest, Reply, Standin
@@ -627,40 +627,42 @@ RESPONSE_EVENTS: list[tuple[str | None, Any]] = [
         {"type": name, "sequence_number": seq, **body},
     )
     for seq, (name, body) in enumerate(
-        [
-            ("response.created", {"response": RESPONSE_IN_PROGRESS}),
-            ("response.in_progress", {"response": RESPONSE_IN_PROGRESS}),
-            (
-                "response.output_item.added",
-                {
-                    "output_index": 0,
-                    "item": {**MESSAGE_ITEM, "status": "in_progress", "content": []},
-                },
-            ),
-            (
-                "response.content_part.added",
-                {
-                    "item_id": "msg_1",
-                    "output_index": 0,
-                    "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": []},
-                },
-            ),
-            (
-                "response.output_text.delta",
-                {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Hi"},
-            ),
-            (
-                "response.output_text.delta",
-                {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": " there"},
-            ),
-            (
-                "response.output_text.done",
-                {"item_id": "msg_1", "output_index": 0, "content_index": 0, "text": "Hi there"},
-            ),
-            ("response.output_item.done", {"output_index": 0, "item": MESSAGE_ITEM}),
-            ("response.completed", {"response": RESPONSE_COMPLETED}),
-        ]
+        list[tuple[str, dict[str, Any]]](
+            [
+                ("response.created", {"response": RESPONSE_IN_PROGRESS}),
+                ("response.in_progress", {"response": RESPONSE_IN_PROGRESS}),
+                (
+                    "response.output_item.added",
+                    {
+                        "output_index": 0,
+                        "item": {**MESSAGE_ITEM, "status": "in_progress", "content": []},
+                    },
+                ),
+                (
+                    "response.content_part.added",
+                    {
+                        "item_id": "msg_1",
+                        "output_index": 0,
+                        "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": []},
+                    },
+                ),
+                (
+                    "response.output_text.delta",
+                    {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Hi"},
+                ),
+                (
+                    "response.output_text.delta",
+                    {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": " there"},
+                ),
+                (
+                    "response.output_text.done",
+                    {"item_id": "msg_1", "output_index": 0, "content_index": 0, "text": "Hi there"},
+                ),
+                ("response.output_item.done", {"output_index": 0, "item": MESSAGE_ITEM}),
+                ("response.completed", {"response": RESPONSE_COMPLETED}),
+            ]
+        )
     )
 ]
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import module_bridge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.bridge_runner import TEST_API_KEY, BridgeThread
+from support.bridges import module_bridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Standin

@@ -7,9 +7,9 @@ import re
 from typing import Any
 
 import pytest
-from conftest import StartBridge
 from pydantic import SecretStr
 from support.bridge_runner import TEST_API_KEY, BridgeThread
+from support.bridges import StartBridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin

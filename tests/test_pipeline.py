@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from pydantic import SecretStr
+from support.fakehttp import Clock, FakeResponse, FakeTransport, answer
 from support.fakes import FakeLog, FakePublisher, message
 from support.imports import top_level_packages_after
 
 from bridge import render
 from bridge.access import AccessRules
-from bridge.config import ServiceConfig
+from bridge.config import BridgeConfig, ServiceConfig
 from bridge.decide import Call, Decider, Rejection, Route
 from bridge.dedup import ReplyCache
 from bridge.deliver import Deliverer
+from bridge.dispatch import Dispatcher
 from bridge.errors import ReplyTooLarge, StreamInterrupted, UpstreamError
+from bridge.httptransport import TransportError
 from bridge.messages import PublishFailed
 from bridge.operations import default_table
 from bridge.options import parse_options
 from bridge.redact import Redactor
 from bridge.request import RequestBuilder
-from bridge.service import ServiceResult
+from bridge.service import ServiceClient, ServiceResult
 from bridge.sse import SseEvent
 from bridge.stats import Stats
 from bridge.streaming import TopicStreamSink
@@ -40,7 +44,7 @@ def decider(allow: list[str] | None = None, deny: list[str] | None = None) -> De
         access=AccessRules(allow or ["*"], deny or []),
         builder=RequestBuilder(ServiceConfig(api_key=SecretStr(SECRET))),
         max_request_bytes=1000,
-        log=FakeLog(),
+        log=FakeLog().bound,
     )
 
 
@@ -219,7 +223,7 @@ def deliverer(publisher: FakePublisher) -> tuple[Deliverer, ReplyCache, Stats]:
             cache=cache,
             stats=stats,
             redactor=Redactor([SECRET]),
-            log=FakeLog(),
+            log=FakeLog().bound,
         ),
         cache,
         stats,
@@ -296,7 +300,9 @@ def test_decide_pops_the_options_and_keeps_them_for_the_error_reply() -> None:
 def raw_chunked(body: bytes, size: int) -> render.Outcome:
     options = parse_options({"format": "raw", "chunk_bytes": size})
     result = ServiceResult(body, "audio/mpeg", 200, "req_1")
-    return render.answer(TABLE.find("createSpeech"), 1, result, None, options)
+    op = TABLE.find("createSpeech")
+    assert op is not None
+    return render.answer(op, 1, result, None, options)
 
 
 async def test_deliver_publishes_the_chunks_then_the_end_message_and_remembers_neither() -> None:
@@ -339,3 +345,57 @@ async def test_deliver_stops_after_a_chunk_is_refused(retry_later: bool, acked: 
 def test_home_assistant_module_imports_no_transport_or_logging_library() -> None:
     loaded = top_level_packages_after("import bridge.homeassistant")
     assert not loaded & {"paho", "aiohttp", "structlog"}
+
+
+# --- the orchestrator, with fakes on both sides -------------------------------------------------
+
+
+def dispatcher(
+    script: list[FakeResponse | TransportError], publisher: FakePublisher
+) -> tuple[Dispatcher, FakeTransport]:
+    """A Dispatcher over a fake HTTP transport and a fake publisher."""
+    config = BridgeConfig.model_validate(
+        {"service": {"api_base": "http://upstream.invalid/v1", "api_key": SECRET}}
+    )
+    transport, clock = FakeTransport(script), Clock()
+    service = ServiceClient(config.service, transport=transport, sleep=clock.sleep, clock=clock)
+    return (
+        Dispatcher(
+            config=config,
+            table=TABLE,
+            service=service,
+            publisher=publisher,
+            topics=TOPICS,
+            log=FakeLog().bound,
+        ),
+        transport,
+    )
+
+
+async def test_dispatcher_answers_acks_and_replays_a_redelivery_from_the_cache() -> None:
+    publisher = FakePublisher()
+    models = json.dumps({"object": "list", "data": [], "key": SECRET}).encode()
+    bridge, transport = dispatcher([answer(200, models)], publisher)
+    topic = "home/openai/request/listModels/k"
+    bridge.submit(message(topic, b'{"transaction": 1}', mid=4))
+    await asyncio.wait_for(bridge.idle.wait(), 5)
+    bridge.submit(message(topic, b'{"transaction": 1}', mid=4, dup=True))
+    await asyncio.wait_for(bridge.idle.wait(), 5)
+    assert len(transport.sent) == 1  # the redelivery never reached the service host
+    (topic_1, first, _), (topic_2, again, _) = publisher.published
+    assert topic_1 == topic_2 == "home/openai/response/listModels/k" and first == again
+    reply = json.loads(first)
+    assert reply["status"] == "ok" and reply["data"]["key"] == "**********"
+    assert publisher.acked == [4, 4]
+    assert bridge.stats.requests_total == 1
+
+
+async def test_dispatcher_answers_a_rejection_without_calling_the_service_host() -> None:
+    publisher = FakePublisher()
+    bridge, transport = dispatcher([], publisher)
+    bridge.submit(message("home/openai/request/retrieveModel", b'{"transaction": "t"}', mid=2))
+    await asyncio.wait_for(bridge.idle.wait(), 5)
+    assert transport.sent == []
+    reply = json.loads(publisher.published[0][1])
+    assert (reply["error"]["code"], reply["transaction"]) == ("missing_parameter", "t")
+    assert publisher.acked == [2] and bridge.stats.by_code == {"missing_parameter": 1}

@@ -21,7 +21,7 @@ PROTOCOLS = [MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5]
 
 def mqtt_text(min_size: int = 0, max_size: int = 20) -> st.SearchStrategy[str]:
     """Strings MQTT allows in properties (no NUL, no U+FEFF, no surrogates)."""
-    chars = st.characters(exclude_characters="\x00\ufeff", exclude_categories=("Cs",))
+    chars = st.characters(exclude_characters="\x00\ufeff", exclude_categories=["Cs"])
     return st.text(chars, min_size=min_size, max_size=max_size)
 
 
@@ -45,7 +45,7 @@ def lean_outcome(header: int, packet: bytes, protocol: MQTTProtocolVersion) -> A
 
 
 def publish_properties(draw: st.DrawFn) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if draw(st.booleans()):
         props.ResponseTopic = draw(mqtt_text(1, 30))
     if draw(st.booleans()):
@@ -72,7 +72,7 @@ def publish_packets(draw: st.DrawFn) -> tuple[int, bytes, MQTTProtocolVersion]:
     if qos:
         packet += draw(st.integers(1, 65535)).to_bytes(2, "big")
     if protocol == MQTTProtocolVersion.MQTTv5:
-        packet += bytes(publish_properties(draw).pack())
+        packet += bytes(publish_properties(draw).pack())  # type: ignore[no-untyped-call]
     packet += draw(st.binary(max_size=300))
     return header, packet, protocol
 

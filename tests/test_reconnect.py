@@ -49,6 +49,11 @@ class FakeTransport:
         return "broker:1883"
 
 
+def state(logic: ReconnectLogic) -> ConnectionState:
+    """The supervisor's state, read afresh (it changes across awaits)."""
+    return logic.state
+
+
 def supervisor(transport: FakeTransport) -> tuple[ReconnectLogic, list[float], FakeLog]:
     """A supervisor whose sleeps are recorded, not slept; jitter-free backoff 1 s .. 8 s."""
     delays: list[float] = []
@@ -57,20 +62,21 @@ def supervisor(transport: FakeTransport) -> tuple[ReconnectLogic, list[float], F
         delays.append(delay)
 
     log = FakeLog()
-    return ReconnectLogic(transport, Backoff(1.0, 8.0, rand=lambda: 1.0), log, sleep), delays, log
+    backoff = Backoff(1.0, 8.0, rand=lambda: 1.0)
+    return ReconnectLogic(transport, backoff, log.bound, sleep), delays, log
 
 
 async def test_first_connect_retries_with_backoff_until_connected() -> None:
     transport = FakeTransport([OSError("refused"), TimeoutError(), ConnectionLost("closed")])
     logic, delays, log = supervisor(transport)
-    assert logic.state is ConnectionState.IDLE
+    assert state(logic) is ConnectionState.IDLE
     await logic.start()
-    assert logic.state is ConnectionState.CONNECTED
+    assert state(logic) is ConnectionState.CONNECTED
     assert (transport.attempts, transport.resets, delays) == (4, 3, [1.0, 2.0, 4.0])
     # Only the first failure of the first start is a warning; the rest are debug lines.
     assert [level for level, *_ in log.lines] == ["warning", "debug", "debug"]
     await logic.stop()
-    assert logic.state is ConnectionState.CLOSED
+    assert state(logic) is ConnectionState.CLOSED
 
 
 async def test_bad_credentials_wait_the_longest_delay() -> None:
@@ -98,7 +104,7 @@ async def test_a_lost_connection_is_reestablished_after_a_backoff() -> None:
     transport.lost.set()
     for _ in range(10):  # a few loop turns: the fake sleeps return at once
         await asyncio.sleep(0)
-    assert logic.state is ConnectionState.CONNECTED
+    assert state(logic) is ConnectionState.CONNECTED
     assert (transport.attempts, delays) == (3, [1.0, 2.0])
     await logic.stop()
-    assert logic.state is ConnectionState.CLOSED
+    assert state(logic) is ConnectionState.CLOSED

@@ -258,7 +258,9 @@ def answer(
     op: Operation | None = None,
     transaction: Any = 7,
 ) -> render.Outcome:
-    return render.answer(op or CHAT_OP, transaction, result(body, content_type), None, options)
+    chosen = op or CHAT_OP
+    assert chosen is not None
+    return render.answer(chosen, transaction, result(body, content_type), None, options)
 
 
 def test_json_format_without_select_is_the_envelope_unchanged() -> None:

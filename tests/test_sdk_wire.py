@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import module_bridge
 from support.bridge_runner import TEST_API_KEY
+from support.bridges import module_bridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin

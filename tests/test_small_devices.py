@@ -281,7 +281,7 @@ def test_tasmota_rule_switches_the_fan_on_the_plain_answer(fresh: Env) -> None:
 # --- ESPHome --------------------------------------------------------------------------------------
 
 
-class EsphomeLoader(yaml.SafeLoader):
+class EsphomeLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types
     """YAML with ESPHome's `!lambda` tag (read as its C++ text)."""
 
 
@@ -342,7 +342,7 @@ def test_esphome_speaker_gets_the_speech_in_4_kib_chunks(fresh: Env) -> None:
 
 
 MICROPYTHON_CODE = code_block("python", "## MicroPython")
-MICROPYTHON = {
+MICROPYTHON: dict[str, Any] = {
     node.targets[0].id: node.value.value
     for node in ast.parse(MICROPYTHON_CODE).body
     if isinstance(node, ast.Assign)

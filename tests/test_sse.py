@@ -156,7 +156,7 @@ _lines = st.lists(
         st.builds(
             lambda s: "data: " + s,
             st.text(
-                alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",))
+                alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"])
             ),
         ),
         st.sampled_from(["", "", "event: delta", "id: 5", ": ping", "data", "retry: 10", "data:x"]),

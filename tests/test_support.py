@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from support.broker import MosquittoBroker, MosquittoError
 from support.mqtt_client import MQTTv311, TestClient
 from support.standin import Reply, Standin
@@ -95,7 +96,7 @@ def test_broker_reports_a_failed_start(tmp_path: Path) -> None:
 def test_paho_publish_reaches_test_client(mosquitto: MosquittoBroker, client: TestClient) -> None:
     client.subscribe(f"{client.prefix}/+/x")
     published = threading.Event()
-    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     raw.on_publish = lambda *_: published.set()
     raw.connect(mosquitto.host, mosquitto.port)
     raw.loop_start()
@@ -107,7 +108,7 @@ def test_paho_publish_reaches_test_client(mosquitto: MosquittoBroker, client: Te
         raw.disconnect()
         raw.loop_stop()
     sock = client.paho.socket()
-    assert sock is not None
+    assert isinstance(sock, socket.socket)
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assert message.topic == f"{client.prefix}/a/x"
     assert message.payload == b"\x00\xffbinary"

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from collections.abc import MutableMapping
+from typing import Any, NoReturn, cast
+
+import structlog
+from structlog.typing import FilteringBoundLogger
 
 from bridge.messages import InboundMessage, PublishFailed
 
@@ -37,33 +42,23 @@ class FakePublisher:
 
 
 class FakeLog:
-    """Records (level, event, fields) for each call, like a structlog bound logger."""
+    """A real structlog logger (`bound`) whose lines are recorded as (level, event, fields)."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, str, dict[str, Any]]] = []
+        self.bound = cast(
+            FilteringBoundLogger,
+            structlog.wrap_logger(
+                None,
+                processors=[self._record],
+                wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+            ),
+        )
 
-    def _record(self, level: str, event: str, **fields: Any) -> None:
-        self.lines.append((level, event, fields))
-
-    def debug(self, event: str, **fields: Any) -> None:
-        """Record a debug line."""
-        self._record("debug", event, **fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        """Record an info line."""
-        self._record("info", event, **fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        """Record a warning line."""
-        self._record("warning", event, **fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        """Record an error line."""
-        self._record("error", event, **fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        """Record an exception line."""
-        self._record("exception", event, **fields)
+    def _record(self, logger: object, method: str, event: MutableMapping[str, Any]) -> NoReturn:
+        fields = dict(event)
+        self.lines.append((method, str(fields.pop("event")), fields))
+        raise structlog.DropEvent
 
 
 def message(

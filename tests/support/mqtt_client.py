@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -149,9 +150,9 @@ class TestClient:
         self._loop_started = False
         v5 = protocol == MQTTv5
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=protocol,
+            protocol=MQTTProtocolVersion(protocol),
             clean_session=None if v5 else clean,
         )
         # paho annotates ints but sleeps on floats; a restarted test broker is back in ms.
@@ -281,7 +282,7 @@ class TestClient:
         if self.v5:
             properties = None
             if self.session_expiry is not None or self.receive_maximum is not None:
-                properties = Properties(PacketTypes.CONNECT)
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 if self.session_expiry is not None:
                     properties.SessionExpiryInterval = self.session_expiry
                 if self.receive_maximum is not None:
@@ -435,7 +436,7 @@ class TestClient:
         if given:
             if not self.v5:
                 raise ValueError(f"MQTT 3.1.1 has no properties ({', '.join(given)})")
-            properties = properties or Properties(PacketTypes.PUBLISH)
+            properties = properties or Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             for name, value in given.items():
                 setattr(properties, name, value)
         info = self._client.publish(

@@ -1,0 +1,47 @@
+"""Bridges for tests: the `start_bridge` fixture's type, and one bridge for a whole module."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.broker import MosquittoBroker
+from support.mqtt_client import TestClient
+from support.standin import Standin
+
+StartBridge = Callable[..., BridgeThread]
+"""`start_bridge(**overrides)`: overrides go to `make_config` (mqtt=..., service=..., ...)."""
+
+
+@contextlib.contextmanager
+def module_bridge(
+    tmp_path_factory: pytest.TempPathFactory,
+    mosquitto: MosquittoBroker,
+    prefix: str,
+    **config: Any,
+) -> Iterator[tuple[BridgeThread, TestClient, Standin]]:
+    """A stand-in, a bridge on `prefix` and a client, for a module's worth of requests.
+
+    On exit it checks that the API key never reached the bridge's log.
+    """
+    standin = Standin().start()
+    path, env = make_config(
+        tmp_path_factory.mktemp(prefix),
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=prefix,
+        **config,
+    )
+    bridge = BridgeThread.from_file(path, env).start()
+    client = TestClient.for_broker(mosquitto, prefix=prefix).connect()
+    try:
+        yield bridge, client, standin
+    finally:
+        client.disconnect()
+        bridge.stop()
+        standin.stop()
+    assert TEST_API_KEY not in bridge.log_text()
