@@ -2,7 +2,8 @@
 
 Every request goes to `<prefix>/request/<method>/<tag>/<n>` with `"transaction": n`; the reply is
 matched on `<prefix>/response/<method>/<tag>/<n>` and checked (status ok, same transaction, and
-for the audio runs the expected size). At most `--concurrency` (C) requests are in flight; with
+for the audio runs the expected size; with `--reply raw`, Node-RED's flow, a chat.completion
+alone). At most `--concurrency` (C) requests are in flight; with
 `--ramp`, the window opens from 1 to C over that many seconds (independent clients rather than one
 synchronized burst, which a closed loop would keep phase-locked). `--warmup` requests go first
 and are not counted; the measured window runs from the first of the `--count` measured requests
@@ -77,6 +78,8 @@ class Load:
         self.kind: str = args.kind
         self.method = KINDS[self.kind]
         self.size: int = args.size
+        self.raw_reply = args.reply == "raw"
+        """Node-RED's flow publishes the API's answer itself, no envelope and no transaction."""
         self.head, self.tail = build_template(self.kind, self.size)
         base = f"{args.prefix}/request/{self.method}/{args.tag}/"
         self.request_base = base
@@ -211,6 +214,10 @@ class Load:
             reply = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return f"not JSON: {payload[:200]!r}"
+        if self.raw_reply:
+            if not isinstance(reply, dict) or reply.get("object") != "chat.completion":
+                return f"unexpected reply: {payload[:400].decode('utf-8', 'replace')}"
+            return None
         if not isinstance(reply, dict) or reply.get("status") != "ok":
             return f"error reply: {payload[:400].decode('utf-8', 'replace')}"
         if reply.get("transaction") != n:
@@ -337,6 +344,12 @@ def main() -> None:
     parser.add_argument("--prefix", default=PREFIX)
     parser.add_argument("--tag", required=True, help="unique per run: the topic level after method")
     parser.add_argument("--kind", choices=sorted(KINDS), default="chat")
+    parser.add_argument(
+        "--reply",
+        choices=("envelope", "raw"),
+        default="envelope",
+        help="envelope: the bridge's reply; raw: the API's answer alone (Node-RED's flow)",
+    )
     parser.add_argument("--size", type=int, default=0, help="audio bytes (speech/transcription)")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--warmup", type=int, default=0)

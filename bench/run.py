@@ -1,9 +1,10 @@
-"""One-command benchmark of the bridge against the harness ceiling: `python bench/run.py [--quick]`.
+"""One-command benchmark of the bridge against Node-RED and the harness ceiling: `bench/run.py`.
 
 Starts its own Mosquitto (free loopback port), a stand-in service host (instant and 200 ms
-listeners), the echo responder (the harness ceiling) and the bridge as separate processes, drives
-each with bench/loadgen.py, prints one table and the PASS/FAIL verdict per target, and writes
-bench/results/latest.json and bench/chart.png (quick runs: bench/results/quick.json only).
+listeners), the echo responder (the harness ceiling), the bridge and Node-RED with
+node-red-openai-api (installed on demand, skipped without Node.js) as separate processes, drives
+each with bench/loadgen.py, alternating, prints the tables and the PASS/FAIL verdict per target,
+and writes bench/results/latest.json and bench/chart.png (quick runs: bench/results/quick.json).
 See bench/README.md.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import node_red
 import orjson
 import paho.mqtt.client as paho
 from common import (
@@ -70,6 +72,8 @@ class Plan:
     time_limit_s: float
     quiet_wait_s: float
     """Before each run, wait up to this long for the machine to be idle (other work on it)."""
+    nodered_c1: int
+    """Node-RED's measured requests at C=1 (its MQTT client leaves Nagle on: ~44 ms each)."""
 
 
 FULL = Plan(
@@ -84,6 +88,7 @@ FULL = Plan(
     settle_s=1.5,
     time_limit_s=120.0,
     quiet_wait_s=10.0,
+    nodered_c1=200,
 )
 QUICK = Plan(
     name="quick",
@@ -97,9 +102,11 @@ QUICK = Plan(
     settle_s=0.3,
     time_limit_s=30.0,
     quiet_wait_s=0.0,
+    nodered_c1=50,
 )
 ECHO_PREFIX = "echo"
 """The echo responder's topic prefix: it and the bridge stay up side by side, each run picks one."""
+TARGET_PREFIX = {"echo": ECHO_PREFIX, "bridge": PREFIX, "nodered": node_red.PREFIX}
 QUIET_CORES = 0.3
 SCENARIOS = ("instant", "slow", "speech", "transcription")
 
@@ -156,6 +163,11 @@ class Bench:
     with_echo: bool = True
     bridge_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for the bridge, e.g. OMB_MQTT__PROTOCOL=3.1.1 (config overrides)."""
+    with_nodered: bool = True
+    nodered_cache: Path | None = None
+    """Where Node-RED is installed on first use (default ~/.cache/openai-mqtt-bridge)."""
+    nodered_facts: dict[str, Any] = field(default_factory=dict)
+    """Installed versions, start, idle RSS, or why Node-RED was skipped."""
     runs: list[dict[str, Any]] = field(default_factory=list)
     bridges: list[dict[str, Any]] = field(default_factory=list)
     spawned: int = 0
@@ -283,7 +295,9 @@ stats_interval = 0
             env["PYTHONPATH"] = str(self.bridge_src)
             argv = [PY, "-m", "bridge", "--config", str(config)]
         facts: dict[str, Any] = {"label": label, "instance": instance, "slow_upstream": slow}
-        with Prober(self.broker_port, instance) as prober:
+        with Prober(
+            self.broker_port, f"{PREFIX}/request/createChatCompletion/{instance}"
+        ) as prober:
             started = time.monotonic()
             service = self.spawn(f"bridge-{instance}", argv, env, cwd=self.workdir)
             first = prober.first_reply(started, service, 30.0)
@@ -322,6 +336,7 @@ stats_interval = 0
         direct_url: str = "",
         stall: float = 10.0,
         ramp: float = 0.0,
+        rep: int | None = None,
     ) -> dict[str, Any]:
         """Run bench/loadgen.py once and record its result under `label`."""
         tag = f"r{len(self.runs)}"
@@ -330,7 +345,8 @@ stats_interval = 0
             PY,
             str(BENCH / "loadgen.py"),
             f"--port={self.broker_port}",
-            f"--prefix={ECHO_PREFIX if target == 'echo' else PREFIX}",
+            f"--prefix={TARGET_PREFIX.get(target, PREFIX)}",
+            f"--reply={'raw' if target == 'nodered' else 'envelope'}",
             f"--tag={tag}",
             f"--kind={kind}",
             f"--size={size}",
@@ -362,7 +378,7 @@ stats_interval = 0
             result: dict[str, Any] = json.loads(lines[-1])
         except (subprocess.TimeoutExpired, RuntimeError, ValueError) as exc:
             result = {"failed": f"load generator failed: {exc}"}
-        result.update(label=label, target=target, concurrency=concurrency, kind=kind)
+        result.update(label=label, target=target, concurrency=concurrency, kind=kind, rep=rep)
         result["wall_s"] = round(time.monotonic() - started, 1)
         result["quiet_wait"] = {"waited_s": round(waited, 1), "busy_cores_before": round(busy, 2)}
         self.runs.append(result)
@@ -403,16 +419,57 @@ stats_interval = 0
         finally:
             echo.stop()
 
+    @contextlib.contextmanager
+    def nodered(self) -> Iterator[Service | None]:
+        """Node-RED with the OpenAI API node on the instant upstream; None when it cannot run."""
+        facts = self.nodered_facts
+        if not self.with_nodered:
+            facts["skipped"] = "--no-nodered"
+            yield None
+            return
+        try:
+            install = node_red.install(self.nodered_cache, self.logdir / "npm-install.log")
+        except node_red.Unavailable as exc:
+            facts["skipped"] = str(exc)
+            print(f"  Node-RED: SKIPPED: {exc}")
+            yield None
+            return
+        facts.update(versions=install.versions, install_dir=str(install.root))
+        userdir = node_red.user_dir(install, self.workdir)
+        env = node_red.env(self.broker_port, self.api_base())
+        base = f"{node_red.PREFIX}/request/createChatCompletion/nodered"
+        with Prober(self.broker_port, base, ok=b'"object":"chat.completion"') as prober:
+            started = time.monotonic()
+            service = self.spawn("nodered", node_red.argv(install, userdir), env, cwd=userdir)
+            first = prober.first_reply(started, service, 60.0)
+        try:
+            if first is None:
+                raise BridgeFailed(f"Node-RED did not answer the probe:\n{service.log_tail()}")
+            facts["start_to_first_reply_s"] = round(first, 3)
+            time.sleep(self.plan.settle_s)
+            sample = proc_sample(service.pid)
+            facts["idle_rss_mib"] = round(sample.rss_mib, 1) if sample else None
+            yield service
+        finally:
+            facts["alive_at_end"] = service.proc.poll() is None
+            facts["exit_code"] = service.stop()
+
     def run_instant(self) -> None:
-        """Echo and bridge, instant upstream, every C, interleaved and repeated (C=1 also times
-        the upstream directly)."""
-        with self.echo() as echo, self.bridge("instant") as facts:
+        """Echo, bridge and Node-RED, instant upstream, every C, alternating and repeated (C=1
+        also times the upstream directly)."""
+        with self.echo() as echo, self.bridge("instant") as facts, self.nodered() as nodered:
             for c, n in self.plan.chat.items():
-                for _ in range(self.plan.reps):
+                for rep in range(self.plan.reps):
                     if self.with_echo:
                         watch = {"echo": echo.pid, **self.watch()}
                         self.load(
-                            "echo", "echo", watch, concurrency=c, count=n, warmup=self.plan.warmup
+                            "echo",
+                            "echo",
+                            watch,
+                            concurrency=c,
+                            count=n,
+                            warmup=self.plan.warmup,
+                            rep=rep,
                         )
                     self.load(
                         "bridge",
@@ -422,7 +479,18 @@ stats_interval = 0
                         count=n,
                         warmup=self.plan.warmup,
                         direct_url=self.api_base() + "/chat/completions" if c == 1 else "",
+                        rep=rep,
                     )
+                    if nodered is not None:
+                        self.load(
+                            "nodered",
+                            "nodered",
+                            {"nodered": nodered.pid, **self.watch()},
+                            concurrency=c,
+                            count=min(n, self.plan.nodered_c1) if c == 1 else n,
+                            warmup=min(self.plan.warmup, 50) if c == 1 else self.plan.warmup,
+                            rep=rep,
+                        )
 
     def run_slow(self) -> None:
         """The bridge against the 200 ms upstream at C=128."""
@@ -476,14 +544,14 @@ class BridgeFailed(Exception):
 class Prober:
     """Publishes a probe request every 10 ms until the first reply: start-to-first-reply time."""
 
-    def __init__(self, port: int, instance: str) -> None:
+    def __init__(self, port: int, request_base: str, ok: bytes = b'"status":"ok"') -> None:
         self.port = port
-        self.topic = f"{PREFIX}/request/createChatCompletion/{instance}-probe/"
+        self.topic = f"{request_base}-probe/"
         self.reply_at: float | None = None
         self.got = threading.Event()
         self.subscribed = threading.Event()
-        self.client = make_client(f"bench-probe-{instance}")
-        reply_filter = f"{PREFIX}/response/createChatCompletion/{instance}-probe/+"
+        self.client = make_client(f"bench-probe-{request_base.rsplit('/', 1)[-1]}")
+        reply_filter = request_base.replace("/request/", "/response/", 1) + "-probe/+"
 
         def on_connect(c: paho.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
             c.subscribe(reply_filter, options=SubscribeOptions(qos=1))
@@ -492,7 +560,7 @@ class Prober:
             self.subscribed.set()
 
         def on_message(c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
-            if self.reply_at is None and msg.payload.startswith(b'{"status":"ok"'):
+            if self.reply_at is None and ok in msg.payload:
                 self.reply_at = time.monotonic()
                 self.got.set()
 
@@ -700,6 +768,21 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         add(name, None, "no result (not run, or failed)")
 
+    name = "instant C=128 >= 2x Node-RED (median of per-repetition ratios)"
+    entry = next((e for e in doc.get("comparison", []) if e["concurrency"] == 128), None)
+    if entry and entry["bridge_over_nodered"] is not None:
+        ratio = entry["bridge_over_nodered"]
+        per_rep = ", ".join(f"{r:.2f}" for r in entry["bridge_over_nodered_per_rep"])
+        add(
+            name,
+            ratio >= 2.0,
+            f"{ratio:.2f}x ({per_rep}); {entry['bridge']['throughput_rps']:.0f} vs"
+            f" {entry['nodered']['throughput_rps']:.0f} req/s",
+        )
+    else:
+        reason = doc.get("nodered", {}).get("skipped") or "not run, or failed"
+        add(name, None, f"no result ({reason})")
+
     name = "C=1 median <= 1.0 ms over the upstream's own latency"
     bridge1, echo1 = find(rows, "bridge", 1), find(rows, "echo", 1)
     direct = bridge1.get("direct")
@@ -815,16 +898,80 @@ def table(doc: dict[str, Any]) -> str:
         echo = find(rows, "echo", row["concurrency"]) if row["kind"] == "chat" else {}
         ratio = (
             f"{row['throughput_rps'] / echo['throughput_rps']:.0%}"
-            if echo and row["label"] == "bridge"
+            if echo and row["label"] in ("bridge", "nodered")
             else "-"
         )
-        own = row["processes"].get("bridge") or row["processes"].get("echo") or {}
+        procs = row["processes"]
+        own = procs.get("bridge") or procs.get("echo") or procs.get("nodered") or {}
         lines.append(
             f"| {row['label']} | {row['concurrency']} | {row['reps']} | {row['sent']} | {row['ok']}"
             f" | {row['lost']} | {row['errors']} | {row['throughput_rps']:.0f} | {ratio}"
             f" | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['p99_ms']:.2f}"
             f" | {row['max_ms']:.1f} | {fmt(own.get('cpu_ms_per_request'), '.3f')}"
             f" | {fmt(own.get('peak_rss_mib'))} | {row['other_cpu_share']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per C: echo, bridge and Node-RED side by side, with the bridge/Node-RED ratio of every
+    repetition (runs of one repetition follow each other) and their median."""
+    result = []
+    for c in sorted({r["concurrency"] for r in rows if r.get("label") == "nodered"}):
+        per_rep: dict[int, dict[str, float]] = {}
+        for run in runs:
+            if (
+                run.get("concurrency") == c
+                and "failed" not in run
+                and run.get("rep") is not None
+                and run["label"] in ("echo", "bridge", "nodered")
+            ):
+                per_rep.setdefault(run["rep"], {})[run["label"]] = run["throughput_rps"]
+        ratios = [
+            round(r["bridge"] / r["nodered"], 3)
+            for _, r in sorted(per_rep.items())
+            if r.get("bridge") and r.get("nodered")
+        ]
+        entry: dict[str, Any] = {"concurrency": c, "bridge_over_nodered_per_rep": ratios}
+        entry["bridge_over_nodered"] = median(ratios) if ratios else None
+        for label in ("echo", "bridge", "nodered"):
+            row = find(rows, label, c)
+            proc = (row.get("processes") or {}).get(label, {}) if row else {}
+            entry[label] = {
+                "throughput_rps": row.get("throughput_rps"),
+                "throughput_per_rep": [
+                    r["throughput_rps"]
+                    for r in runs
+                    if r.get("label") == label and r.get("concurrency") == c and "failed" not in r
+                ],
+                "p50_ms": row.get("p50_ms"),
+                "p99_ms": row.get("p99_ms"),
+                "cpu_ms_per_request": proc.get("cpu_ms_per_request"),
+                "peak_rss_mib": proc.get("peak_rss_mib"),
+            }
+        result.append(entry)
+    return result
+
+
+def comparison_table(doc: dict[str, Any]) -> str:
+    """Bridge vs Node-RED vs echo ceiling, one line per C (medians; ratios per repetition)."""
+    lines = [
+        "| C | echo req/s | bridge req/s | Node-RED req/s | bridge / Node-RED (per rep)"
+        " | p50 ms bridge / Node-RED | CPU ms/req bridge / Node-RED"
+        " | peak RSS MiB bridge / Node-RED |",
+        "|" + "---|" * 8,
+    ]
+    for e in doc.get("comparison", []):
+        b, n, echo = e["bridge"], e["nodered"], e["echo"]
+        per_rep = ", ".join(f"{r:.2f}" for r in e["bridge_over_nodered_per_rep"])
+        ratio = e["bridge_over_nodered"]
+        lines.append(
+            f"| {e['concurrency']} | {fmt(echo['throughput_rps'], '.0f')}"
+            f" | {fmt(b['throughput_rps'], '.0f')} | {fmt(n['throughput_rps'], '.0f')}"
+            f" | **{fmt(ratio, '.2f')}x** ({per_rep})"
+            f" | {fmt(b['p50_ms'], '.2f')} / {fmt(n['p50_ms'], '.2f')}"
+            f" | {fmt(b['cpu_ms_per_request'], '.3f')} / {fmt(n['cpu_ms_per_request'], '.3f')}"
+            f" | {fmt(b['peak_rss_mib'])} / {fmt(n['peak_rss_mib'])} |"
         )
     return "\n".join(lines)
 
@@ -845,7 +992,17 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
             f" {fmt(b.get('start_to_first_reply_s'), '.3f')} s,"
             f" idle RSS {fmt(b.get('idle_rss_mib'))} MiB"
         )
-    for label in ("echo", "bridge"):
+    nr = doc.get("nodered", {})
+    if nr.get("skipped"):
+        lines.append(f"Node-RED: skipped ({nr['skipped']})")
+    elif nr:
+        versions = ", ".join(f"{k} {v}" for k, v in nr.get("versions", {}).items())
+        lines.append(
+            f"Node-RED ({versions}): first reply after"
+            f" {fmt(nr.get('start_to_first_reply_s'), '.3f')} s, idle RSS"
+            f" {fmt(nr.get('idle_rss_mib'))} MiB"
+        )
+    for label in ("echo", "bridge", "nodered"):
         row = find(doc["rows"], label, 128)
         if row:
             split = ", ".join(
@@ -866,7 +1023,12 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for label, style in (("echo", "s--"), ("bridge", "o-")):
+    names = {
+        "echo": "echo responder (harness ceiling)",
+        "bridge": "bridge, instant upstream",
+        "nodered": "Node-RED + node-red-openai-api, instant upstream",
+    }
+    for label, style in (("echo", "s--"), ("bridge", "o-"), ("nodered", "d-.")):
         points = sorted(
             (r["concurrency"], r["throughput_rps"], r["p99_ms"])
             for r in doc["rows"]
@@ -874,7 +1036,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         )
         if not points:
             continue
-        name = "echo responder (harness ceiling)" if label == "echo" else "bridge, instant upstream"
+        name = names[label]
         cs, rps, p99 = zip(*points, strict=True)
         ax1.plot(cs, rps, style, label=name)
         ax2.plot(cs, p99, style, label=name)
@@ -933,6 +1095,12 @@ def main() -> int:
     )
     parser.add_argument("--profile-concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--no-echo", action="store_true", help="skip the echo (ceiling) runs")
+    parser.add_argument("--no-nodered", action="store_true", help="skip the Node-RED runs")
+    parser.add_argument(
+        "--nodered-dir",
+        type=Path,
+        help="cache folder for the Node-RED installation (default ~/.cache/openai-mqtt-bridge)",
+    )
     parser.add_argument(
         "--levels", help="comma-separated C values for the instant runs (default 1,16,128)"
     )
@@ -964,6 +1132,7 @@ def main() -> int:
     logdir.mkdir()
     default_name = "quick.json" if args.quick else "latest.json"
     partial = args.bridge_src or bridge_env or args.levels or args.reps or args.no_echo
+    partial = partial or args.no_nodered
     if partial or set(only) != set(SCENARIOS):
         default_name = "partial.json"
     out = args.out or RESULTS / default_name
@@ -971,6 +1140,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="omb-bench-") as tmp:
         bench = Bench(plan, Path(tmp), logdir, bridge_src=args.bridge_src, bridge_env=bridge_env)
         bench.with_echo = not args.no_echo
+        bench.with_nodered = not args.no_nodered
+        bench.nodered_cache = args.nodered_dir
         if args.profile:
             try:
                 bench.start_broker()
@@ -1008,13 +1179,18 @@ def main() -> int:
         "rows": aggregate(bench.runs),
         "runs": bench.runs,
         "bridges": bench.bridges,
+        "nodered": bench.nodered_facts,
         "wall_s": round(time.monotonic() - started, 1),
     }
+    doc["comparison"] = comparison(doc["rows"], bench.runs)
     doc["targets"] = evaluate(doc)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print()
     print(table(doc))
     print()
+    if doc["comparison"]:
+        print(comparison_table(doc))
+        print()
     for line in summary_lines(doc):
         print(line)
     print()
