@@ -163,6 +163,8 @@ class Bench:
     with_echo: bool = True
     bridge_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for the bridge, e.g. OMB_MQTT__PROTOCOL=3.1.1 (config overrides)."""
+    slow_levels: list[int] = field(default_factory=lambda: [CONCURRENCY])
+    """Requests in flight of the 200 ms upstream runs."""
     with_nodered: bool = True
     nodered_cache: Path | None = None
     """Where Node-RED is installed on first use (default ~/.cache/openai-mqtt-bridge)."""
@@ -493,18 +495,21 @@ stats_interval = 0
                         )
 
     def run_slow(self) -> None:
-        """The bridge against the 200 ms upstream at C=128."""
-        with self.bridge("200 ms upstream", slow=True) as facts:
-            self.load(
-                "bridge 200ms",
-                "bridge",
-                self.watch(facts["pid"]),
-                concurrency=CONCURRENCY,
-                count=self.plan.slow_count,
-                warmup=3 * CONCURRENCY,
-                stall=5.0,
-                ramp=SLOW_MS / 1000,
-            )
+        """The bridge against the 200 ms upstream at C=128 (and `slow_levels`), a fresh bridge
+        per level so that its peak RSS over idle is what that many requests in flight cost."""
+        for c in self.slow_levels:
+            label = "200 ms upstream" if c == CONCURRENCY else f"200 ms upstream C={c}"
+            with self.bridge(label, slow=True) as facts:
+                self.load(
+                    "bridge 200ms",
+                    "bridge",
+                    self.watch(facts["pid"]),
+                    concurrency=c,
+                    count=self.plan.slow_count * c // CONCURRENCY,
+                    warmup=3 * c,
+                    stall=5.0,
+                    ramp=SLOW_MS / 1000,
+                )
 
     def run_audio(self, kind: str) -> None:
         """One fresh bridge, `audio_count` sequential 25 MiB speech downloads or uploads."""
@@ -799,7 +804,7 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         add(name, None, "no result (not run, or failed)")
 
     name = "200 ms upstream, C=128 >= 95% of C/latency"
-    slow = find(rows, "bridge 200ms")
+    slow = find(rows, "bridge 200ms", CONCURRENCY)
     ideal = CONCURRENCY / (SLOW_MS / 1000)
     if slow:
         share = slow["throughput_rps"] / ideal
@@ -1095,6 +1100,9 @@ def main() -> int:
     )
     parser.add_argument("--profile-concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--no-echo", action="store_true", help="skip the echo (ceiling) runs")
+    parser.add_argument(
+        "--slow-levels", help="comma-separated C values for the 200 ms upstream (default 128)"
+    )
     parser.add_argument("--no-nodered", action="store_true", help="skip the Node-RED runs")
     parser.add_argument(
         "--nodered-dir",
@@ -1132,7 +1140,7 @@ def main() -> int:
     logdir.mkdir()
     default_name = "quick.json" if args.quick else "latest.json"
     partial = args.bridge_src or bridge_env or args.levels or args.reps or args.no_echo
-    partial = partial or args.no_nodered
+    partial = partial or args.no_nodered or args.slow_levels
     if partial or set(only) != set(SCENARIOS):
         default_name = "partial.json"
     out = args.out or RESULTS / default_name
@@ -1141,6 +1149,8 @@ def main() -> int:
         bench = Bench(plan, Path(tmp), logdir, bridge_src=args.bridge_src, bridge_env=bridge_env)
         bench.with_echo = not args.no_echo
         bench.with_nodered = not args.no_nodered
+        if args.slow_levels:
+            bench.slow_levels = [int(c) for c in args.slow_levels.split(",")]
         bench.nodered_cache = args.nodered_dir
         if args.profile:
             try:
