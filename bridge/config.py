@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bridge.errors import ConfigError
+from bridge.journal import default_path as default_journal_path
 
 ENV_PREFIX = "OMB_"
 """Environment overrides: `OMB_<SECTION>__<KEY>=value`, e.g. `OMB_MQTT__INSTANCE=pi2`."""
@@ -177,6 +178,23 @@ class HomeAssistantConfig(_Section):
     stats_interval: Annotated[float, Field(ge=0)] = 60.0
 
 
+class JournalConfig(_Section):
+    """The on-disk journal of upstream answers and job ids (docs/reliability.md#the-journal)."""
+
+    scope: Literal["off", "jobs", "answers"] = "answers"
+    """`answers`: every upstream answer; `jobs`: job-creating operations and waited jobs only."""
+    path: str = ""
+    """Empty: `$STATE_DIRECTORY/journal.sqlite3` under systemd, else
+    `$XDG_STATE_HOME/openai-mqtt-bridge/journal.sqlite3` (`~/.local/state/...`)."""
+    max_bytes: Annotated[int, Field(ge=64 * 1024)] = 64 * 1024 * 1024
+    max_age: Annotated[float, Field(gt=0)] = 86400.0
+    """Seconds an entry answers a redelivered request; cover `[mqtt] session_expiry`."""
+    max_answer_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
+    """Larger answers are not journaled (a crash before their reply buys them again)."""
+    synchronous: Literal["normal", "full"] = "full"
+    """`full`: fsync every commit (survives power loss); `normal`: survives a crash only."""
+
+
 class BridgeConfig(_Section):
     """The whole configuration."""
 
@@ -187,6 +205,7 @@ class BridgeConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    journal: JournalConfig = JournalConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""
@@ -316,9 +335,13 @@ def load_config(
     if problems:
         raise ConfigError(problems)
 
+    journal_update: dict[str, Any] = {}
+    if not config.journal.path:
+        journal_update["path"] = str(default_journal_path(env))
     return config.model_copy(
         update={
             "service": config.service.model_copy(update=service_update),
             "mqtt": config.mqtt.model_copy(update=mqtt_update),
+            "journal": config.journal.model_copy(update=journal_update),
         }
     )

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 
-def request_key(topic: str, payload: bytes) -> int:
-    """The identity of a request: a 64-bit hash of its topic and exact payload bytes.
+def request_key(topic: str, payload: bytes) -> bytes:
+    """The identity of a request: a 128-bit BLAKE2b digest of its topic and exact payload bytes.
 
-    Python's own (SipHash) hash: several times cheaper than a cryptographic digest, and with at
-    most a few thousand entries a collision is about as likely as a cosmic-ray bit flip.
+    Stable across processes and hosts (Python's own `hash` is salted per process), because the
+    on-disk journal and other instances of a shared group look requests up by it.
     """
-    return hash((topic, payload))
+    digest = hashlib.blake2b(topic.encode("utf-8", "surrogatepass"), digest_size=16)
+    digest.update(b"\0")
+    digest.update(payload)
+    return digest.digest()
 
 
 class ReplyCache:
@@ -31,9 +35,9 @@ class ReplyCache:
         self.max_bytes = max_bytes
         self._clock = clock
         self._size = 0
-        self._items: OrderedDict[int, tuple[float, str, bytes, str | None]] = OrderedDict()
+        self._items: OrderedDict[bytes, tuple[float, str, bytes, str | None]] = OrderedDict()
 
-    def get(self, key: int) -> tuple[str, bytes, str | None] | None:
+    def get(self, key: bytes) -> tuple[str, bytes, str | None] | None:
         """The (reply topic, reply payload, MQTT 5 content type) stored for `key`, if fresh."""
         item = self._items.get(key)
         if item is None:
@@ -44,7 +48,7 @@ class ReplyCache:
             return None
         return topic, payload, content_type
 
-    def put(self, key: int, topic: str, payload: bytes, content_type: str | None = None) -> None:
+    def put(self, key: bytes, topic: str, payload: bytes, content_type: str | None = None) -> None:
         """Store a reply (unless larger than a quarter of the budget), evicting the oldest."""
         if self.entries <= 0 or self.seconds <= 0 or len(payload) > self.max_bytes // 4:
             return
@@ -60,7 +64,7 @@ class ReplyCache:
             else:
                 break
 
-    def _drop(self, key: int) -> None:
+    def _drop(self, key: bytes) -> None:
         _, _, payload, _ = self._items.pop(key)
         self._size -= len(payload)
 

@@ -92,6 +92,13 @@ def unit_path(request: pytest.FixtureRequest) -> Path:
     return Path(request.param)
 
 
+def test_state_directory_holds_the_journal(unit_path: Path) -> None:
+    unit = parse_unit(unit_path)
+    expected = "openai-mqtt-bridge/%i" if "@" in unit_path.name else "openai-mqtt-bridge"
+    assert one(unit, "StateDirectory") == expected
+    assert one(unit, "StateDirectoryMode") == "0700"
+
+
 def test_hardening_directives(unit_path: Path) -> None:
     unit = parse_unit(unit_path)
     for key, expected in HARDENING.items():

@@ -83,6 +83,8 @@ def make_config(
         "limits": {"shutdown_grace": 5.0, **(limits or {})},
         "logging": {"level": "debug", "format": "json"},
         "homeassistant": {"discovery": False, "stats_interval": 0},
+        # Each test bridge journals into its own temporary folder, never the user's state dir.
+        "journal": {"path": str(tmp_path / f"journal-{prefix.replace('/', '-')}.sqlite3")},
     }
     if access:
         sections["access"] = dict(access)

@@ -1,0 +1,459 @@
+"""The on-disk journal: upstream answers and job ids per request key, so a crash never bills twice.
+
+One SQLite database (standard library `sqlite3`, WAL mode) in the state directory. The answer
+to a request is committed before its reply is published; a request redelivered after a crash,
+a restart or a broker outage is answered from the journal without calling the API again. A
+waited job's id is committed as soon as it is known, so a redelivered job is polled, never
+created again.
+
+All SQLite work runs on one worker thread that owns the connection: the event loop only hands
+over work and awaits its result, and writes queued meanwhile are committed together (one WAL
+append and one fsync for all of them). A journal that cannot be opened or written to is
+reported and then skipped: the bridge answers without it and never refuses to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from bridge.jsoncodec import dumps, loads
+
+Scope = Literal["off", "jobs", "answers"]
+"""What is journaled: nothing, waited jobs and job-creating answers only, or every answer."""
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4F4D424A  # "OMBJ": a file that is not ours is refused, not overwritten
+STATE_SUBDIR = "openai-mqtt-bridge"
+FILE_NAME = "journal.sqlite3"
+_BATCH = 256
+"""Most queued operations handled per commit."""
+_PRUNE_EVERY = 60.0
+"""Seconds between age prunings (size is checked on every commit)."""
+
+
+def default_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the journal lives when `[journal] path` is empty.
+
+    systemd's `StateDirectory=` sets `$STATE_DIRECTORY`; elsewhere `$XDG_STATE_HOME` or
+    `~/.local/state` (the XDG default), each with an `openai-mqtt-bridge` folder.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / FILE_NAME
+    xdg = env.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    return base / STATE_SUBDIR / FILE_NAME
+
+
+class JournalUnavailable(Exception):
+    """The journal cannot be used; the message says why (it is logged, the bridge goes on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """What the journal holds for one request key."""
+
+    key: bytes
+    created: float
+    """Wall-clock time (Unix seconds) of the first record for this key."""
+    reply_topic: str
+    answer: bytes | None
+    """The reply payload as published, once the answer arrived."""
+    job: dict[str, Any] | None
+    """A waited job: at least `operation` and `id`, once the job was created."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """Counts and sizes, for logs, tests and the benchmark."""
+
+    entries: int
+    answers: int
+    jobs: int
+    file_bytes: int
+
+
+# Rows are appended in `id` order (so `created` grows with `id`, and pruning walks from the
+# lowest id); only the small `key` index takes random writes. A table keyed by the random request
+# key itself wrote about twice the bytes per answer (bench/journal.py, docs/reliability.md).
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    reply_topic TEXT NOT NULL,
+    answer BLOB,
+    job BLOB
+);
+"""
+
+
+class SqliteStore:
+    """The blocking SQLite side; used only from the journal's worker thread (or a test)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        max_age: float,
+        synchronous: Literal["normal", "full"] = "full",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self._clock = clock
+        self._last_age_prune = 0.0
+        self.pruned = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalUnavailable(
+                f"cannot create the state directory {str(path.parent)!r}: {exc.strerror}"
+            ) from None
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise JournalUnavailable(f"journal {str(path)!r} is not readable and writable")
+        if not os.access(path.parent, os.W_OK):
+            raise JournalUnavailable(f"state directory {str(path.parent)!r} is not writable")
+        try:
+            # isolation_level=None: transactions are begun and committed explicitly below.
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"cannot open journal {str(path)!r}: {exc}") from None
+        try:
+            self._setup(synchronous)
+        except sqlite3.OperationalError as exc:  # locked, read-only, out of space, ...
+            self._db.close()
+            raise JournalUnavailable(f"cannot use journal {str(path)!r}: {exc}") from None
+        except sqlite3.DatabaseError as exc:  # not a database, corrupt, not ours
+            self._db.close()
+            raise JournalUnavailable(
+                f"journal {str(path)!r} is unusable ({exc}); move it away to start a new one"
+            ) from None
+
+    def _setup(self, synchronous: str) -> None:
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 5000")  # other bridges on this host may share the file
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+        if tables and app_id != APPLICATION_ID:
+            raise sqlite3.DatabaseError("the file is an SQLite database but not a bridge journal")
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"written by a newer bridge (schema {version})")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.DatabaseError(f"WAL mode refused (got {mode})")
+        db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        # The WAL file is truncated back to this size after each checkpoint.
+        db.execute(f"PRAGMA journal_size_limit = {min(self.max_bytes, 4 << 20)}")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {str(check)[:200]}")
+
+    # --- reads and writes ---------------------------------------------------------------------
+
+    def get(self, key: bytes) -> JournalEntry | None:
+        """The entry for `key` unless older than `max_age`."""
+        row = self._db.execute(
+            "SELECT created, reply_topic, answer, job FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None or row[0] < self._clock() - self.max_age:
+            return None
+        job = loads(row[3]) if row[3] is not None else None
+        return JournalEntry(key, row[0], row[1], row[2], job)
+
+    def begin(self) -> None:
+        """Start one write transaction for a batch of puts."""
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def put_answer(self, key: bytes, reply_topic: str, answer: bytes) -> None:
+        """Record (or complete) the answer for `key`; inside `begin()`/`commit()`."""
+        self._db.execute(
+            "INSERT INTO entries (key, created, reply_topic, answer) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, "
+            "reply_topic = excluded.reply_topic",
+            (key, self._clock(), reply_topic, answer),
+        )
+
+    def put_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> None:
+        """Record (or update) the waited job for `key`; inside `begin()`/`commit()`."""
+        self._db.execute(
+            "INSERT INTO entries (key, created, reply_topic, job) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET job = excluded.job",
+            (key, self._clock(), reply_topic, dumps(dict(job))),
+        )
+
+    def commit(self) -> None:
+        """Keep the data within its bounds, then make the batch durable (per `synchronous`)."""
+        self.prune()
+        self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Drop a failed batch."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+
+    def prune(self, force: bool = False) -> int:
+        """Drop entries older than `max_age`, then the oldest until the data fits `max_bytes`."""
+        now = self._clock()
+        dropped = 0
+        if force or now - self._last_age_prune >= _PRUNE_EVERY:
+            self._last_age_prune = now
+            # `created` grows with `id`: the scan stops at the first entry young enough.
+            cur = self._db.execute(
+                "DELETE FROM entries WHERE id < coalesce("
+                "(SELECT id FROM entries WHERE created >= ? ORDER BY id LIMIT 1), "
+                "(SELECT max(id) + 1 FROM entries))",
+                (now - self.max_age,),
+            )
+            dropped += cur.rowcount
+        # Freed pages are reused by later writes, so the file stays near max_bytes. A job still
+        # being waited on (job id, no answer yet) is kept: dropping it would create it again.
+        for _ in range(64):
+            if self.used_bytes() <= self.max_bytes:
+                break
+            count = self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
+            cur = self._db.execute(
+                "DELETE FROM entries WHERE id IN (SELECT id FROM entries "
+                "WHERE answer IS NOT NULL OR job IS NULL ORDER BY id LIMIT ?)",
+                (max(1, count // 8),),
+            )
+            if not cur.rowcount:
+                break
+            dropped += cur.rowcount
+        self.pruned += dropped
+        return dropped
+
+    def used_bytes(self) -> int:
+        """Bytes of the database file that hold data (free pages excluded)."""
+        db = self._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def stats(self) -> JournalStats:
+        """Entry counts and the file size."""
+        entries, answers, jobs = self._db.execute(
+            "SELECT count(*), count(answer), count(job) FROM entries"
+        ).fetchone()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        return JournalStats(entries, answers, jobs, size)
+
+    def close(self) -> None:
+        """Checkpoint and close the connection."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+
+# --- the asynchronous front --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Work:
+    kind: Literal["get", "answer", "job", "stats", "stop"]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+def _settle(work: _Work, value: Any) -> None:
+    if work.future is None or work.loop is None:
+        return
+
+    def deliver() -> None:
+        if work.future is not None and not work.future.done():
+            work.future.set_result(value)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        work.loop.call_soon_threadsafe(deliver)
+
+
+class Journal:
+    """The journal as the bridge uses it: awaitable reads and group-committed writes."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        *,
+        scope: Scope,
+        max_answer_bytes: int,
+        log: Any,
+    ) -> None:
+        self.store = store
+        self.scope = scope
+        self.max_answer_bytes = max_answer_bytes
+        self.log = log
+        self.failed_writes = 0
+        self.commits = 0
+        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        scope: Scope,
+        max_bytes: int,
+        max_age: float,
+        max_answer_bytes: int,
+        synchronous: Literal["normal", "full"],
+        log: Any,
+    ) -> Journal | None:
+        """The journal at `path`, or None (after logging why) when it cannot be used."""
+        if scope == "off":
+            log.info("journal off", hint="[journal] scope = off")
+            return None
+        try:
+            store = SqliteStore(path, max_bytes=max_bytes, max_age=max_age, synchronous=synchronous)
+        except JournalUnavailable as exc:
+            log.error(
+                "journal unavailable; running without it",
+                reason=str(exc),
+                consequence="a request redelivered after a crash calls the API again",
+            )
+            return None
+        stats = store.stats()
+        log.info(
+            "journal open",
+            path=str(path),
+            scope=scope,
+            entries=stats.entries,
+            file_bytes=stats.file_bytes,
+        )
+        return cls(store, scope=scope, max_answer_bytes=max_answer_bytes, log=log)
+
+    # --- the API -----------------------------------------------------------------------------
+
+    async def lookup(self, key: bytes) -> JournalEntry | None:
+        """The journaled entry for `key` (None when absent, too old, or on a read error)."""
+        result: JournalEntry | None = await self._submit("get", key)
+        return result
+
+    async def record_answer(self, key: bytes, reply_topic: str, answer: bytes) -> bool:
+        """Commit an answer before its reply goes out; False when it was not journaled."""
+        if len(answer) > self.max_answer_bytes:
+            return False
+        ok: bool = await self._submit("answer", key, reply_topic, answer)
+        return ok
+
+    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
+        """Commit a waited job's state (id, operation, status); False when not journaled."""
+        ok: bool = await self._submit("job", key, reply_topic, dict(job))
+        return ok
+
+    async def stats(self) -> JournalStats | None:
+        """Counts and file size (None on a read error)."""
+        result: JournalStats | None = await self._submit("stats")
+        return result
+
+    async def close(self) -> None:
+        """Finish queued work, checkpoint, close; later calls answer as if there were no journal."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._submit("stop", force=True)
+        await asyncio.to_thread(self._thread.join, 10.0)
+
+    def _submit(self, kind: str, *args: Any, force: bool = False) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._closed and not force:
+            future.set_result(False if kind in ("answer", "job") else None)
+            return future
+        self._queue.put(_Work(kind, args, future, loop))  # type: ignore[arg-type]
+        return future
+
+    # --- the worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if self._handle(batch):
+                return
+
+    def _handle(self, batch: list[_Work]) -> bool:
+        """Run one batch: reads at once, writes in one transaction; True after `stop`."""
+        writes = [w for w in batch if w.kind in ("answer", "job")]
+        if writes:
+            ok = self._write(writes)
+            for work in writes:
+                _settle(work, ok)
+        stop = None
+        for work in batch:
+            if work.kind == "get":
+                _settle(work, self._read(self.store.get, work.args[0]))
+            elif work.kind == "stats":
+                _settle(work, self._read(self.store.stats))
+            elif work.kind == "stop":
+                stop = work
+        if stop is not None:
+            self.store.close()
+            _settle(stop, None)
+            return True
+        return False
+
+    def _write(self, writes: list[_Work]) -> bool:
+        store = self.store
+        try:
+            store.begin()
+            for work in writes:
+                if work.kind == "answer":
+                    store.put_answer(*work.args)
+                else:
+                    store.put_job(*work.args)
+            store.commit()
+        except sqlite3.Error as exc:
+            store.rollback()
+            self.failed_writes += len(writes)
+            self._report(exc, len(writes))
+            return False
+        self.commits += 1
+        return True
+
+    def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            self.log.warning("journal read failed", error=str(exc)[:200])
+            return None
+
+    def _report(self, exc: sqlite3.Error, count: int) -> None:
+        # The first failure and then every 100th: a full disk must not flood the log.
+        if (
+            self.failed_writes - count == 0
+            or self.failed_writes // 100 != (self.failed_writes - count) // 100
+        ):
+            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+            self.log.error(
+                "journal write failed; answering without it",
+                error=str(exc)[:200],
+                reason="the disk or the journal is full" if full else "write error",
+                failed_writes=self.failed_writes,
+                consequence="these answers are bought again if the bridge crashes before replying",
+            )
