@@ -7,6 +7,7 @@ import contextlib
 import platform
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import yarl
 
@@ -14,6 +15,7 @@ from bridge import __version__, compat, homeassistant
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
+from bridge.journal import Journal
 from bridge.jsoncodec import dumps
 from bridge.logs import get_logger
 from bridge.messages import InboundMessage
@@ -129,6 +131,9 @@ class Bridge:
                 stack.push_async_callback(embedded.stop)
                 mqtt_cfg = cfg.mqtt.model_copy(update={"host": "127.0.0.1"})
                 protocol = "3.1.1"
+            journal = await self._open_journal()
+            if journal is not None:
+                stack.push_async_callback(journal.close)
             service = ServiceClient(cfg.service)
             await service.start()
             stack.push_async_callback(service.close)
@@ -141,6 +146,7 @@ class Bridge:
                 publisher=transport,
                 topics=self.topics,
                 log=self.log,
+                journal=journal,
             )
             stack.enter_context(self._signals_handled())
             if await self._connected(transport):
@@ -148,6 +154,20 @@ class Bridge:
             await self._shutdown()
         self.log.info("stopped")
         return 0
+
+    async def _open_journal(self) -> Journal | None:
+        """The journal per `[journal]`, or None (said in the log) when off or unusable."""
+        cfg = self.config.journal
+        return await asyncio.to_thread(
+            Journal.open,
+            Path(cfg.path),
+            scope=cfg.scope,
+            max_bytes=cfg.max_bytes,
+            max_age=cfg.max_age,
+            max_answer_bytes=cfg.max_answer_bytes,
+            synchronous=cfg.synchronous,
+            log=self.log,
+        )
 
     async def _start_embedded(self, embedded: EmbeddedBroker) -> None:
         port = self.config.mqtt.port

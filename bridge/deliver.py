@@ -15,6 +15,8 @@ from bridge import render
 from bridge.decide import Route
 from bridge.dedup import ReplyCache
 from bridge.errors import ReplyTooLarge
+from bridge.jobs import job_kind
+from bridge.journal import Journal
 from bridge.jsoncodec import dumps
 from bridge.messages import InboundMessage, PublishFailed
 from bridge.redact import Redactor
@@ -58,6 +60,8 @@ class Deliverer:
     stats: Stats
     redactor: Redactor
     log: FilteringBoundLogger
+    journal: Journal | None = None
+    """Where upstream answers are committed before their reply is published (None: nowhere)."""
 
     def drop(self, message: InboundMessage) -> None:
         """Acknowledge a message that gets no reply (it would fail the same way again)."""
@@ -69,13 +73,15 @@ class Deliverer:
         route: Route,
         payload: bytes,
         content_type: str | None = None,
+        source: str = "cache",
     ) -> None:
-        """Answer a repeated request with the reply it got before (and its content type)."""
+        """Answer a repeated request with the reply it got before (from the cache or journal)."""
         await self._send(message, route, payload, content_type)
-        self.log.info("request", method=route.topic.method[:100], status="cached", dup=message.dup)
+        status = "journaled" if source == "journal" else "cached"
+        self.log.info("request", method=route.topic.method[:100], status=status, dup=message.dup)
 
     async def deliver(
-        self, message: InboundMessage, route: Route, outcome: render.Outcome, key: int | None
+        self, message: InboundMessage, route: Route, outcome: render.Outcome, key: bytes | None
     ) -> render.Outcome:
         """Publish `outcome` (an error reply instead when too large), ack, remember it; as sent."""
         payload = self.redactor.data(outcome.payload)
@@ -96,6 +102,9 @@ class Deliverer:
             outcome, payload = replaced, replaced.payload
         outcome.payload = payload
         chunked = bool(outcome.chunks)
+        if key is not None and outcome.error is None and not chunked:
+            # Committed before the reply goes out: from here on a crash is answered from disk.
+            await self._journal(key, route, outcome.method, payload, outcome.content_type)
         sent = await self._send_chunks(message, route, outcome) if chunked else True
         outcome.chunks = ()  # published: drop them
         sent = sent and await self._send(message, route, payload, outcome.content_type)
@@ -105,6 +114,14 @@ class Deliverer:
         if sent and key is not None and (error is None or not error.is_retryable) and not chunked:
             self.cache.put(key, route.reply_topic, payload, outcome.content_type)
         return outcome
+
+    async def _journal(
+        self, key: bytes, route: Route, method: str, payload: bytes, content_type: str | None
+    ) -> None:
+        journal = self.journal
+        if journal is None or (journal.scope == "jobs" and job_kind(method) is None):
+            return
+        await journal.record_answer(key, route.reply_topic, payload, content_type)
 
     def account(
         self, message: InboundMessage, route: Route, outcome: render.Outcome, elapsed_ms: float

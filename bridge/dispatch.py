@@ -28,6 +28,7 @@ from bridge.decide import Call, Decider, Rejection, Route
 from bridge.dedup import ReplyCache, request_key
 from bridge.deliver import Deliverer, Publisher
 from bridge.errors import BridgeError, InternalError
+from bridge.journal import Journal
 from bridge.messages import InboundMessage
 from bridge.operations import MethodTable
 from bridge.redact import Redactor
@@ -54,7 +55,9 @@ class Dispatcher:
         topics: Topics,
         log: FilteringBoundLogger,
         redactor: Redactor | None = None,
+        journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.service = service
@@ -63,6 +66,8 @@ class Dispatcher:
         self.redactor = redactor or Redactor(config.secrets())
         """Scrubs replies and stream events: this bridge's own secrets, from its config."""
         self.cache = ReplyCache(config.limits.dedup_entries, config.limits.dedup_seconds)
+        self.journal = journal
+        """Answers and job ids on disk; None when off or unusable (said at start)."""
         self.stats = Stats()
         self.decider = Decider(
             topics=topics,
@@ -73,9 +78,15 @@ class Dispatcher:
             log=log,
         )
         self.deliverer = Deliverer(
-            publisher=publisher, cache=self.cache, stats=self.stats, redactor=self.redactor, log=log
+            publisher=publisher,
+            cache=self.cache,
+            stats=self.stats,
+            redactor=self.redactor,
+            log=log,
+            journal=journal,
         )
         self._clock = clock
+        self._wall_clock = wall_clock
         self._sem = asyncio.Semaphore(config.limits.max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -162,7 +173,11 @@ class Dispatcher:
             return
         # Redelivered (DUP) or repeated-with-the-same-transaction requests are answered from the
         # cache of recent replies instead of calling the API twice.
-        key = request_key(message.topic, message.payload) if self.cache.entries > 0 else None
+        key = (
+            request_key(message.topic, message.payload)
+            if self.cache.entries > 0 or self.journal is not None
+            else None
+        )
         cached = self.cache.get(key) if key is not None else None
         if cached is not None and message.dup:
             await self.deliverer.replay(message, route, cached[1], cached[2])
@@ -172,6 +187,17 @@ class Dispatcher:
         if cached is not None and decision.transaction is not render.MISSING:
             await self.deliverer.replay(message, route, cached[1], cached[2])
             return
+        if (
+            key is not None
+            and isinstance(decision, Call)
+            and (message.dup or decision.transaction is not render.MISSING)
+        ):
+            journaled = await self._journaled(key, message.dup)
+            if journaled is not None:
+                payload, content_type = journaled
+                self.cache.put(key, route.reply_topic, payload, content_type)
+                await self.deliverer.replay(message, route, payload, content_type, "journal")
+                return
         if isinstance(decision, Rejection):
             outcome = render.failure(
                 decision.method, decision.transaction, decision.error, decision.options
@@ -181,6 +207,17 @@ class Dispatcher:
         outcome = await self.deliverer.deliver(message, route, outcome, key)
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
+
+    async def _journaled(self, key: bytes, dup: bool) -> tuple[bytes, str | None] | None:
+        """The journaled reply for a redelivered (any age) or repeated (dedup window) request."""
+        if self.journal is None:
+            return None
+        entry = await self.journal.lookup(key)
+        if entry is None or entry.answer is None:
+            return None
+        if not dup and entry.created < self._wall_clock() - self.config.limits.dedup_seconds:
+            return None  # a repeat, not a redelivery: the reply cache's window applies
+        return entry.answer, entry.content_type
 
     async def _execute(self, message: InboundMessage, route: Route, call: Call) -> render.Outcome:
         """Send the call (its events to a sink when it streams) and render the answer."""

@@ -70,6 +70,8 @@ class JournalEntry:
     reply_topic: str
     answer: bytes | None
     """The reply payload as published, once the answer arrived."""
+    content_type: str | None
+    """The reply's MQTT 5 Content Type (plain and raw formats), None for the JSON envelope."""
     job: dict[str, Any] | None
     """A waited job: at least `operation` and `id`, once the job was created."""
 
@@ -94,6 +96,7 @@ CREATE TABLE IF NOT EXISTS entries (
     created REAL NOT NULL,
     reply_topic TEXT NOT NULL,
     answer BLOB,
+    content_type TEXT,
     job BLOB
 );
 """
@@ -171,24 +174,27 @@ class SqliteStore:
     def get(self, key: bytes) -> JournalEntry | None:
         """The entry for `key` unless older than `max_age`."""
         row = self._db.execute(
-            "SELECT created, reply_topic, answer, job FROM entries WHERE key = ?", (key,)
+            "SELECT created, reply_topic, answer, content_type, job FROM entries WHERE key = ?",
+            (key,),
         ).fetchone()
         if row is None or row[0] < self._clock() - self.max_age:
             return None
-        job = loads(row[3]) if row[3] is not None else None
-        return JournalEntry(key, row[0], row[1], row[2], job)
+        job = loads(row[4]) if row[4] is not None else None
+        return JournalEntry(key, row[0], row[1], row[2], row[3], job)
 
     def begin(self) -> None:
         """Start one write transaction for a batch of puts."""
         self._db.execute("BEGIN IMMEDIATE")
 
-    def put_answer(self, key: bytes, reply_topic: str, answer: bytes) -> None:
+    def put_answer(
+        self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
+    ) -> None:
         """Record (or complete) the answer for `key`; inside `begin()`/`commit()`."""
         self._db.execute(
-            "INSERT INTO entries (key, created, reply_topic, answer) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, "
-            "reply_topic = excluded.reply_topic",
-            (key, self._clock(), reply_topic, answer),
+            "INSERT INTO entries (key, created, reply_topic, answer, content_type) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, "
+            "reply_topic = excluded.reply_topic, content_type = excluded.content_type",
+            (key, self._clock(), reply_topic, answer, content_type),
         )
 
     def put_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> None:
@@ -350,11 +356,13 @@ class Journal:
         result: JournalEntry | None = await self._submit("get", key)
         return result
 
-    async def record_answer(self, key: bytes, reply_topic: str, answer: bytes) -> bool:
+    async def record_answer(
+        self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
+    ) -> bool:
         """Commit an answer before its reply goes out; False when it was not journaled."""
         if len(answer) > self.max_answer_bytes:
             return False
-        ok: bool = await self._submit("answer", key, reply_topic, answer)
+        ok: bool = await self._submit("answer", key, reply_topic, answer, content_type)
         return ok
 
     async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:

@@ -143,9 +143,11 @@ async def test_full_journal_answers_without_it_and_says_why(tmp_path: Path) -> N
     journal = open_journal(tmp_path / "j.sqlite3", log)
     assert journal is not None
     assert await journal.record_answer(key(0), "t", b"small")
-    # SQLite's own cap stands in for a full disk: every page is in use.
-    pages = journal.store._db.execute("PRAGMA page_count").fetchone()[0]
-    journal.store._db.execute(f"PRAGMA max_page_count = {pages}")
+    # SQLite's own cap stands in for a full disk: every page is in use. The cap is a setting of
+    # the one connection, which only the store holds.
+    db = journal.store._db  # noqa: SLF001 - the connection the worker thread writes through
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
     assert not await journal.record_answer(key(1), "t", os.urandom(32 * 1024))
     assert journal.failed_writes == 1
     error = [f for lvl, e, f in log.lines if e.startswith("journal write failed")]

@@ -220,6 +220,7 @@ class Standin:
         self._default: Responder | None = None
         self._latency = 0.0
         self._counter = 0
+        self._answered: dict[int, float] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -317,6 +318,24 @@ class Standin:
         """The most recent request (IndexError if none)."""
         with self._cond:
             return self._requests[-1]
+
+    def answered_at(self, record: RecordedRequest) -> float | None:
+        """time.monotonic() when the stand-in finished writing `record`'s whole answer.
+
+        None while it has not (still delayed, hanging, cut, or the client went away first).
+        "Finished writing" means the last byte was handed to the kernel: a client killed
+        after that moment had been sent the answer, paid for, whether it read it or not.
+        """
+        with self._cond:
+            return self._answered.get(record.index)
+
+    def wait_for_answers(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until the stand-in has finished writing at least `n` answers in all."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._answered) >= n, timeout):
+                raise TimeoutError(
+                    f"stand-in finished {len(self._answered)} of {n} answers in {timeout}s"
+                )
 
     def clear(self) -> None:
         """Forget the recorded requests (scripts and defaults stay)."""
@@ -473,7 +492,13 @@ class Standin:
         if content_type is not None and "Content-Type" not in headers:
             headers["Content-Type"] = content_type
         if not reply.cut:
-            return web.Response(status=reply.status, body=body, headers=headers)
+            response = web.Response(status=reply.status, body=body, headers=headers)
+            # Written here rather than by aiohttp after the handler returns, so that the moment
+            # the last byte left can be recorded.
+            await response.prepare(request)
+            await response.write_eof()
+            self._mark_answered(record)
+            return response
         response = web.StreamResponse(status=reply.status, headers=headers)
         response.content_length = len(body)
         await response.prepare(request)
@@ -491,6 +516,11 @@ class Standin:
         return reply.body or b"", reply.content_type or (
             "application/octet-stream" if reply.body else None
         )
+
+    def _mark_answered(self, record: RecordedRequest) -> None:
+        with self._cond:
+            self._answered[record.index] = time.monotonic()
+            self._cond.notify_all()
 
     async def _answer_sse(
         self, request: web.BaseRequest, reply: Reply, headers: CIMultiDict[str]

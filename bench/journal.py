@@ -1,0 +1,214 @@
+"""What the journal costs per request: bridge CPU and bytes written to storage, per scope.
+
+For each journal setting a fresh bridge (own broker, the instant upstream of upstream.py) answers
+`--count` chat requests at concurrency C after a warm-up; the bridge's CPU time (utime + stime)
+and the bytes it caused to be written to storage (`write_bytes` of /proc/<pid>/io: page-cache
+writeback and fsyncs, not socket traffic) are read before and after the measured window. Logging
+is at `warning`, so the journal is the only writer. Settings, alternated over `--reps` rounds:
+
+- off: no journal;
+- jobs: only job-creating operations journal (chat is not one: the cost of having it on);
+- answers (full): every answer committed with an fsync per commit (the default);
+- answers (normal): every answer committed without fsync (crash-safe, not power-loss-safe).
+
+    .venv/bin/python bench/journal.py                 # C = 1 and 16, 2,000 requests, 3 rounds
+    .venv/bin/python bench/journal.py --count 500 --reps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import free_port, make_client
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+SETTINGS: dict[str, dict[str, str]] = {
+    "off": {"scope": "off"},
+    "jobs": {"scope": "jobs"},
+    "answers-full": {"scope": "answers", "synchronous": "full"},
+    "answers-normal": {"scope": "answers", "synchronous": "normal"},
+}
+
+
+def write_bytes(pid: int) -> int:
+    """Bytes the process caused to be written to storage so far."""
+    with open(f"/proc/{pid}/io") as fh:
+        for line in fh:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError("no write_bytes in /proc/<pid>/io")
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Until something listens on 127.0.0.1:port."""
+    import socket
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+def wait_online(mqtt_port: int, instance: str, timeout: float = 20.0) -> None:
+    """Until the bridge `instance` announced `online` on its retained state topic."""
+    import threading
+
+    online = threading.Event()
+    client = make_client(f"journal-bench-wait-{instance}")
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        if b"online" in message.payload:
+            online.set()
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", mqtt_port)
+    client.subscribe(f"openai/bridge/{instance}/state", qos=1)
+    client.loop_start()
+    try:
+        if not online.wait(timeout):
+            raise SystemExit(f"bridge {instance} not online in {timeout} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def bridge_config(workdir: Path, name: str, mqtt_port: int, api_port: int) -> Path:
+    """One bench bridge's config: own client id, warnings only, the journal in `workdir`."""
+    journal = SETTINGS[name]
+    lines = [
+        "[mqtt]",
+        f'host = "127.0.0.1"\nport = {mqtt_port}\ninstance = "j-{name}"\nsession_expiry = 0',
+        "[service]",
+        f'api_base = "http://127.0.0.1:{api_port}/v1"',
+        "[limits]\nmax_concurrency = 64",
+        '[logging]\nlevel = "warning"\nformat = "json"',
+        "[homeassistant]\ndiscovery = false\nstats_interval = 0",
+        "[journal]",
+        f'path = "{workdir / name / "journal.sqlite3"}"',
+        *(f'{key} = "{value}"' for key, value in journal.items()),
+    ]
+    path = workdir / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_one(
+    workdir: Path, name: str, mqtt_port: int, api_port: int, count: int, concurrency: int, tag: str
+) -> dict[str, Any]:
+    """Start a bridge with setting `name`, load it, return CPU and bytes per request."""
+    shutil.rmtree(workdir / name, ignore_errors=True)
+    config = bridge_config(workdir, name, mqtt_port, api_port)
+    log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed below
+    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(ROOT)}
+    bridge = subprocess.Popen(
+        [PY, "-m", "bridge", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        wait_online(mqtt_port, f"j-{name}")
+        load = [PY, str(HERE / "loadgen.py"), "--port", str(mqtt_port), "--tag", tag]
+        warm = subprocess.run(
+            [*load, "--count", "200", "--concurrency", str(concurrency)],
+            capture_output=True,
+            check=True,
+        )
+        assert json.loads(warm.stdout)["lost"] == 0, warm.stdout
+        written = write_bytes(bridge.pid)
+        out = subprocess.run(
+            [
+                *load[:-1],
+                tag + "m",
+                "--count",
+                str(count),
+                "--concurrency",
+                str(concurrency),
+                "--watch",
+                f"bridge={bridge.pid}",
+            ],
+            capture_output=True,
+            check=True,
+        )
+        written = write_bytes(bridge.pid) - written
+        result = json.loads(out.stdout)
+        if result["lost"] or result["errors"]:
+            raise SystemExit(f"{name}: {result['lost']} lost, {result['errors']} errors")
+        replies = result["window_replies"]
+        return {
+            "setting": name,
+            "concurrency": concurrency,
+            "throughput_rps": result["throughput_rps"],
+            "cpu_us_per_request": round(1e6 * result["processes"]["bridge"]["cpu_s"] / replies, 1),
+            "bytes_written_per_request": round(written / count),
+        }
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(30)
+        log.close()
+
+
+def main() -> None:
+    """Run every setting `--reps` times at each C, print the medians as a Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--levels", default="1,16")
+    args = parser.parse_args()
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    workdir = Path(tempfile.mkdtemp(prefix="omb-journal-bench-"))
+    mqtt_port, api_port = free_port(), free_port()
+    (workdir / "mosquitto.conf").write_text(
+        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+        "max_queued_messages 100000\nmax_inflight_messages 1000\npersistence false\n"
+    )
+    services = [
+        subprocess.Popen([mosquitto, "-c", str(workdir / "mosquitto.conf")]),
+        subprocess.Popen([PY, str(HERE / "upstream.py"), "--listen", f"{api_port}:0"]),
+    ]
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_port(mqtt_port)
+        wait_port(api_port)
+        for concurrency in (int(c) for c in args.levels.split(",")):
+            for rep in range(args.reps):
+                for name in SETTINGS:
+                    tag = f"{name}-{concurrency}-{rep}"
+                    row = run_one(workdir, name, mqtt_port, api_port, args.count, concurrency, tag)
+                    print(json.dumps(row), file=sys.stderr)
+                    rows.append(row)
+    finally:
+        for proc in services:
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        "| setting | C | req/s | bridge CPU µs/request | bytes written/request |\n"
+        "|---|---:|---:|---:|---:|"
+    )
+    for concurrency in sorted({r["concurrency"] for r in rows}):
+        for name in SETTINGS:
+            mine = [r for r in rows if r["setting"] == name and r["concurrency"] == concurrency]
+            print(
+                f"| {name} | {concurrency} "
+                f"| {statistics.median(r['throughput_rps'] for r in mine):,.0f} "
+                f"| {statistics.median(r['cpu_us_per_request'] for r in mine):,.0f} "
+                f"| {statistics.median(r['bytes_written_per_request'] for r in mine):,.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

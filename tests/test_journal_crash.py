@@ -1,0 +1,313 @@
+"""The journal in a running bridge: kill -9 under load never re-buys an answer; bad journals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.bridge_runner import (
+    TEST_API_KEY,
+    BridgeProcess,
+    BridgeThread,
+    make_config,
+)
+from support.bridge_runner import _Deadline as Deadline
+from support.broker import MosquittoBroker
+from support.mqtt_client import TestClient
+from support.standin import RecordedRequest, Reply, Standin
+
+TOTAL = 200
+
+
+def spread_latency(record: RecordedRequest) -> Reply:
+    """The echo answer after 200-400 ms (300 on average), spread by arrival number.
+
+    A fixed latency would answer the requests in bursts of `max_concurrency`; a real service's
+    answers arrive spread out, and so does a kill.
+    """
+    echo = {"object": "standin", "method": record.method, "path": record.path}
+    return Reply(json={**echo, "echo": record.json()}, delay=0.2 + (record.index * 37 % 101) / 500)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[BridgeProcess]]:
+    """Bridge subprocesses started by a test; killed after it, logs scanned for the key."""
+    started: list[BridgeProcess] = []
+    yield started
+    for proc in started:
+        proc.close()
+        assert TEST_API_KEY not in proc.log_text()
+
+
+def spawn(
+    tmp_path: Path,
+    processes: list[BridgeProcess],
+    broker: MosquittoBroker,
+    standin: Standin,
+    prefix: str,
+    journal: dict[str, Any],
+) -> BridgeProcess:
+    path, env = make_config(
+        tmp_path,
+        broker_port=broker.port,
+        api_base=standin.url,
+        prefix=prefix,
+        mqtt={"session_expiry": 600},
+        extra={"journal": journal},
+    )
+    proc = BridgeProcess(path, env, tmp_path / f"bridge-{len(processes)}.log")
+    processes.append(proc)
+    return proc.start()
+
+
+@dataclass
+class CrashRun:
+    answered_before_kill: set[str]
+    """Inputs whose answer the stand-in had finished writing when the bridge was killed."""
+    calls: Counter[str]
+    """How often each input reached the stand-in, over both runs."""
+    replies: Counter[Any]
+    """Replies per transaction seen by the client."""
+
+    @property
+    def bought_twice(self) -> set[str]:
+        """Answers the stand-in had delivered before the kill and was asked for again."""
+        return {name for name in self.answered_before_kill if self.calls[name] > 1}
+
+
+def kill_mid_load(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    standin: Standin,
+    prefix: str,
+    processes: list[BridgeProcess],
+    journal: dict[str, Any],
+) -> CrashRun:
+    """200 requests (200-400 ms upstream), kill -9 after 80 were answered, restart, drain."""
+    standin.set_default(spread_latency)
+    client = TestClient.for_broker(
+        broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
+    )
+    client.connect()
+    client.subscribe(f"{prefix}/response/#")
+    try:
+        first = spawn(tmp_path, processes, broker, standin, prefix, journal)
+        for i in range(TOTAL):
+            client.publish(
+                client.topic("request", "createModeration", f"r{i}"),
+                {"transaction": i, "input": f"in-{i}"},
+            )
+        standin.wait_for_answers(TOTAL * 2 // 5, timeout=30)
+        killed_at = time.monotonic()
+        first.kill()
+        answered = {
+            str(r.json()["input"])
+            for r in standin.requests
+            if (at := standin.answered_at(r)) is not None and at < killed_at
+        }
+        standin.set_default(None)
+        spawn(tmp_path, processes, broker, standin, prefix, journal)
+        deadline = time.monotonic() + 60
+        replies: Counter[Any] = Counter()
+        while len(replies) < TOTAL and time.monotonic() < deadline:
+            client.wait_for(f"{prefix}/response/#", sum(replies.values()) + 1, timeout=30)
+            replies = Counter(
+                m.json()["transaction"] for m in client.messages(f"{prefix}/response/#")
+            )
+        calls = Counter(str((r.json() or {}).get("input")) for r in standin.requests)
+        return CrashRun(answered, calls, replies)
+    finally:
+        client.disconnect()
+
+
+def test_kill_9_mid_load_never_rebuys_a_delivered_answer(
+    tmp_path: Path,
+    own_mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    processes: list[BridgeProcess],
+) -> None:
+    run = kill_mid_load(
+        tmp_path, own_mosquitto, standin, topic_prefix, processes, {"scope": "answers"}
+    )
+    print(
+        f"journal=answers answered_before_kill={len(run.answered_before_kill)}"
+        f" bought_twice={len(run.bought_twice)} calls={sum(run.calls.values())}"
+    )
+    assert set(run.replies) == set(range(TOTAL))  # nothing unanswered
+    assert set(run.calls) == {f"in-{i}" for i in range(TOTAL)}
+    assert len(run.answered_before_kill) >= 20  # the kill really hit answered requests
+    assert len(run.bought_twice) <= 5, sorted(run.bought_twice)
+    assert max(run.calls.values()) <= 2
+
+
+def journaled_answers(path: Path) -> int:
+    """Answers committed to the journal at `path`, read the way a second process would."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(answer) FROM entries").fetchone()[0])
+    except sqlite3.OperationalError:  # the bridge has not created the table yet
+        return 0
+    finally:
+        db.close()
+
+
+def outage_then_kill(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    standin: Standin,
+    prefix: str,
+    processes: list[BridgeProcess],
+    scope: str,
+) -> CrashRun:
+    """The broker stalls while 64 calls are open; their answers arrive; kill -9; all resumes."""
+    standin.set_latency(0.3)
+    client = TestClient.for_broker(
+        broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
+    )
+    client.connect()
+    client.subscribe(f"{prefix}/response/#")
+    journal = tmp_path / "outage.sqlite3"
+    config = {"scope": scope, "path": str(journal)}
+    assert broker.pid is not None
+    try:
+        first = spawn(tmp_path, processes, broker, standin, prefix, config)
+        for i in range(TOTAL):
+            client.publish(
+                client.topic("request", "createModeration", f"r{i}"),
+                {"transaction": i, "input": f"in-{i}"},
+            )
+        standin.wait_for_requests(64, timeout=30)
+        os.kill(broker.pid, signal.SIGSTOP)  # replies can no longer be acknowledged
+        try:
+            standin.wait_for_answers(64, timeout=30)
+            if scope != "off":  # wait until the bridge has read and journaled every answer
+                deadline = Deadline(30)
+                while journaled_answers(journal) < 64 and not deadline.expired():
+                    deadline.pause()
+            killed_at = time.monotonic()
+            first.kill()
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        answered = {
+            str(r.json()["input"])
+            for r in standin.requests
+            if (at := standin.answered_at(r)) is not None and at < killed_at
+        }
+        standin.set_latency(0.0)
+        spawn(tmp_path, processes, broker, standin, prefix, config)
+        client.wait_for(f"{prefix}/response/#", TOTAL, timeout=60)
+        replies = Counter(m.json()["transaction"] for m in client.messages(f"{prefix}/response/#"))
+        calls = Counter(str((r.json() or {}).get("input")) for r in standin.requests)
+        return CrashRun(answered, calls, replies)
+    finally:
+        client.disconnect()
+
+
+@pytest.mark.parametrize("scope", ["answers", "off"])
+def test_answers_received_during_a_broker_stall_survive_kill_9(
+    tmp_path: Path,
+    own_mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    processes: list[BridgeProcess],
+    scope: str,
+) -> None:
+    run = outage_then_kill(tmp_path, own_mosquitto, standin, topic_prefix, processes, scope)
+    print(
+        f"stall journal={scope} answered_before_kill={len(run.answered_before_kill)}"
+        f" bought_twice={len(run.bought_twice)} calls={sum(run.calls.values())}"
+    )
+    assert set(run.replies) == set(range(TOTAL))
+    assert len(run.answered_before_kill) >= 64
+    if scope == "off":
+        assert len(run.bought_twice) > 5  # the control: (nearly) all were bought again
+    else:
+        assert run.bought_twice == set()
+        assert sum(run.calls.values()) == TOTAL
+        assert processes[1].log_text().count('"status": "journaled"') >= 60
+
+
+# --- a journal that cannot be used -------------------------------------------------------------
+
+
+def start_with_journal(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, prefix: str, journal_path: Path
+) -> BridgeThread:
+    path, env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=prefix,
+        extra={"journal": {"path": str(journal_path)}},
+    )
+    return BridgeThread.from_file(path, env).start()
+
+
+def test_corrupt_journal_bridge_runs_and_says_why(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    journal = tmp_path / "state" / "journal.sqlite3"
+    journal.parent.mkdir()
+    journal.write_bytes(b"\x00garbage, not SQLite\x00" * 1000)
+    bridge = start_with_journal(tmp_path, mosquitto, standin, topic_prefix, journal)
+    try:
+        with TestClient.for_broker(mosquitto, prefix=topic_prefix) as client:
+            assert client.request("listModels", {})["status"] == "ok"
+    finally:
+        bridge.stop()
+    log = bridge.log_text()
+    assert '"event": "journal unavailable; running without it"' in log
+    assert "move it away" in log and str(journal) in log
+
+
+def test_unwritable_state_directory_bridge_runs_and_says_why(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory should be")
+    bridge = start_with_journal(tmp_path, mosquitto, standin, topic_prefix, blocker / "j.sqlite3")
+    try:
+        with TestClient.for_broker(mosquitto, prefix=topic_prefix) as client:
+            assert client.request("listModels", {})["status"] == "ok"
+    finally:
+        bridge.stop()
+    log = bridge.log_text()
+    assert '"event": "journal unavailable; running without it"' in log
+    assert "cannot create the state directory" in log
+
+
+def test_full_journal_prunes_the_oldest_and_keeps_answering(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    journal = tmp_path / "journal.sqlite3"
+    path, env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        extra={"journal": {"path": str(journal), "max_bytes": 128 * 1024}},
+    )
+    bridge = BridgeThread.from_file(path, env).start()
+    big = "x" * 8000
+    try:
+        with TestClient.for_broker(mosquitto, prefix=topic_prefix) as client:
+            for i in range(60):  # about 480 KB of answers through a 128 KiB journal
+                reply = client.request("createModeration", {"transaction": i, "input": big})
+                assert reply["status"] == "ok"
+    finally:
+        bridge.stop()
+    assert journal.stat().st_size <= 2 * 128 * 1024
+
+    with sqlite3.connect(journal) as db:
+        kept = db.execute("SELECT count(*) FROM entries").fetchone()[0]
+    db.close()
+    assert 0 < kept < 60
