@@ -68,6 +68,17 @@ def spawn(
     return proc.start()
 
 
+def wait_for_every_transaction(client: TestClient, prefix: str) -> Counter[Any]:
+    """Replies per transaction once all TOTAL have one (a redelivered one may come twice)."""
+    replies: Counter[Any] = Counter()
+    for _ in range(2 * TOTAL):  # each round waits for at least one more reply
+        if len(replies) >= TOTAL:
+            break
+        client.wait_for(f"{prefix}/response/#", sum(replies.values()) + 1, timeout=30)
+        replies = Counter(m.json()["transaction"] for m in client.messages(f"{prefix}/response/#"))
+    return replies
+
+
 @dataclass
 class CrashRun:
     answered_before_kill: set[str]
@@ -115,13 +126,7 @@ def kill_mid_load(
         }
         standin.set_default(None)
         spawn(tmp_path, processes, broker, standin, prefix, journal)
-        deadline = time.monotonic() + 60
-        replies: Counter[Any] = Counter()
-        while len(replies) < TOTAL and time.monotonic() < deadline:
-            client.wait_for(f"{prefix}/response/#", sum(replies.values()) + 1, timeout=30)
-            replies = Counter(
-                m.json()["transaction"] for m in client.messages(f"{prefix}/response/#")
-            )
+        replies = wait_for_every_transaction(client, prefix)
         calls = Counter(str((r.json() or {}).get("input")) for r in standin.requests)
         return CrashRun(answered, calls, replies)
     finally:
@@ -204,8 +209,7 @@ def outage_then_kill(
         }
         standin.set_latency(0.0)
         spawn(tmp_path, processes, broker, standin, prefix, config)
-        client.wait_for(f"{prefix}/response/#", TOTAL, timeout=60)
-        replies = Counter(m.json()["transaction"] for m in client.messages(f"{prefix}/response/#"))
+        replies = wait_for_every_transaction(client, prefix)
         calls = Counter(str((r.json() or {}).get("input")) for r in standin.requests)
         return CrashRun(answered, calls, replies)
     finally:
