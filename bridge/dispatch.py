@@ -87,6 +87,7 @@ class Dispatcher:
         )
         self._clock = clock
         self._wall_clock = wall_clock
+        self._started = clock()
         self._sem = asyncio.Semaphore(config.limits.max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -190,7 +191,7 @@ class Dispatcher:
         if (
             key is not None
             and isinstance(decision, Call)
-            and (message.dup or decision.transaction is not render.MISSING)
+            and (message.dup or (decision.transaction is not render.MISSING and self._fresh()))
         ):
             journaled = await self._journaled(key, message.dup)
             if journaled is not None:
@@ -207,6 +208,15 @@ class Dispatcher:
         outcome = await self.deliverer.deliver(message, route, outcome, key)
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
+
+    def _fresh(self) -> bool:
+        """Whether the reply cache may not yet hold every answer of the dedup window.
+
+        A redelivery (DUP) always consults the journal. A repeat with the same transaction only
+        does in the first `dedup_seconds` after start: later, the cache has seen the window, and
+        a disk lookup for every request with a transaction would cost a thread round trip each.
+        """
+        return self._clock() - self._started < self.config.limits.dedup_seconds
 
     async def _journaled(self, key: bytes, dup: bool) -> tuple[bytes, str | None] | None:
         """The journaled reply for a redelivered (any age) or repeated (dedup window) request."""
