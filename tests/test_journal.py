@@ -250,3 +250,12 @@ def test_size_bound_keeps_jobs_still_being_waited_on(tmp_path: Path) -> None:
     assert entry is not None and entry.job == {"operation": "createVideo", "id": "video_1"}
     assert store.get(key(0)) is None
     store.close()
+
+
+async def test_content_type_of_a_plain_or_raw_reply_is_kept(tmp_path: Path) -> None:
+    journal = open_journal(tmp_path / "j.sqlite3", RecordingLog())
+    assert journal is not None
+    assert await journal.record_answer(key(1), "t", b"hello", "text/plain; charset=utf-8")
+    entry = await journal.lookup(key(1))
+    assert entry is not None and entry.content_type == "text/plain; charset=utf-8"
+    await journal.close()
