@@ -241,11 +241,11 @@ async def test_deliver_redacts_publishes_acks_and_remembers() -> None:
     publisher = FakePublisher()
     deliver, cache, stats = deliverer(publisher)
     outcome = render.Outcome("listModels", "t", render.ok("listModels", "t", SECRET))
-    sent = await deliver.deliver(message("x", b"", mid=9), route_for(), outcome, key=42)
+    sent = await deliver.deliver(message("x", b"", mid=9), route_for(), outcome, key=b"k42")
     assert publisher.acked == [9]
     ((topic, payload, _),) = publisher.published
     assert topic == "home/openai/response/listModels" and SECRET.encode() not in payload
-    assert cache.get(42) == (topic, payload, None) and sent.payload == payload
+    assert cache.get(b"k42") == (topic, payload, None) and sent.payload == payload
     deliver.account(message("x", b""), route_for(), sent, 1.5)
     assert (stats.requests_total, stats.errors_total, stats.last_latency_ms) == (1, 0, 1.5)
 
@@ -270,9 +270,9 @@ async def test_deliver_acks_an_unpublished_reply_only_when_retrying_cannot_help(
     publisher.fail = PublishFailed("no", retry_later=retry_later)
     deliver, cache, _ = deliverer(publisher)
     outcome = render.Outcome("listModels", 1, render.ok("listModels", 1, None))
-    await deliver.deliver(message("x", b"", mid=3), route_for(), outcome, key=5)
+    await deliver.deliver(message("x", b"", mid=3), route_for(), outcome, key=b"k5")
     assert publisher.acked == acked
-    assert cache.get(5) is None
+    assert cache.get(b"k5") is None
 
 
 # --- reply options (_bridge) through the stages -------------------------------------------------
@@ -310,13 +310,13 @@ async def test_deliver_publishes_the_chunks_then_the_end_message_and_remembers_n
     deliver, cache, _ = deliverer(publisher)
     body = bytes(range(256)) * 2
     route = route_for("home/openai/request/createSpeech/hall")
-    await deliver.deliver(message("x", b"", mid=2), route, raw_chunked(body, 200), key=8)
+    await deliver.deliver(message("x", b"", mid=2), route, raw_chunked(body, 200), key=b"k8")
     topics = [topic for topic, _, _ in publisher.published]
     base = "home/openai/response/createSpeech/hall"
     assert topics == [f"{base}/0", f"{base}/1", f"{base}/2", base]
     assert b"".join(payload for _, payload, _ in publisher.published[:3]) == body
     assert json.loads(publisher.published[3][1])["chunks"] == 3
-    assert publisher.acked == [2] and cache.get(8) is None
+    assert publisher.acked == [2] and cache.get(b"k8") is None
 
 
 async def test_deliver_answers_a_chunk_too_large_for_the_broker_in_the_raw_error_form() -> None:

@@ -492,13 +492,13 @@ class Standin:
         if content_type is not None and "Content-Type" not in headers:
             headers["Content-Type"] = content_type
         if not reply.cut:
-            response = web.Response(status=reply.status, body=body, headers=headers)
+            whole = web.Response(status=reply.status, body=body, headers=headers)
             # Written here rather than by aiohttp after the handler returns, so that the moment
             # the last byte left can be recorded.
-            await response.prepare(request)
-            await response.write_eof()
+            await whole.prepare(request)
+            await whole.write_eof()
             self._mark_answered(record)
-            return response
+            return whole
         response = web.StreamResponse(status=reply.status, headers=headers)
         response.content_length = len(body)
         await response.prepare(request)
