@@ -89,6 +89,9 @@ class Bridge:
             self.topics.info, self.info_payload(protocol), retain=True
         ).add_done_callback(self._settled)
         self._publish_discovery()
+        if self.config.homeassistant.stats_interval > 0:
+            # At once, so Home Assistant never shows the previous run's counters meanwhile.
+            self._publish_stats()
 
     def _publish_discovery(self) -> None:
         """Publish the retained HA discovery config, or the empty one that removes the device."""
@@ -282,14 +285,17 @@ class Bridge:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _stats_loop(self, interval: float) -> None:
-        """Publish the (not retained) stats document every `interval` s while connected."""
+    def _publish_stats(self) -> None:
+        """Publish the retained stats document now (a starting Home Assistant gets it at once)."""
         assert self.transport is not None and self.dispatcher is not None
-        secrets = self.config.secrets()
+        payload = homeassistant.stats_payload(self.dispatcher.stats, self.config.secrets())
+        publishing = self.transport.publish(self.topics.stats, payload, qos=0, retain=True)
+        publishing.add_done_callback(self._settled)
+
+    async def _stats_loop(self, interval: float) -> None:
+        """Publish the stats document every `interval` s while connected."""
+        assert self.transport is not None
         while True:
             await asyncio.sleep(interval)
             if self.transport.connected.is_set():
-                payload = homeassistant.stats_payload(self.dispatcher.stats, secrets)
-                self.transport.publish(self.topics.stats, payload, qos=0).add_done_callback(
-                    self._settled
-                )
+                self._publish_stats()

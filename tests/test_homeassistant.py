@@ -7,13 +7,14 @@ import re
 from typing import Any
 
 import pytest
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import SecretStr
 from support.bridge_runner import TEST_API_KEY, BridgeThread
 from support.bridges import StartBridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
-from test_ha_examples import HaTemplates
 
 from bridge import __version__, homeassistant
 from bridge.config import BridgeConfig, load_config
@@ -212,11 +213,20 @@ def test_error_text_is_one_short_line() -> None:
     assert text is not None and len(text) == 255 and text.endswith("…")
 
 
+def mqtt_value(template: str, payload: bytes) -> str:
+    """An MQTT entity template on a payload, as Home Assistant renders it: sandboxed Jinja,
+    `value` and `value_json`, its `to_json` filter, the text result not parsed."""
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined)
+    env.filters["to_json"] = lambda value: json.dumps(value, separators=(",", ":"))
+    text = payload.decode()
+    return env.from_string(template).render(value=text, value_json=json.loads(text)).strip()
+
+
 def test_entity_templates_render_the_stats_and_state_documents() -> None:
     config = config_for()
     _, doc = document(config)
     components = doc["cmps"]
-    render = HaTemplates().mqtt_value
+    render = mqtt_value
     stats = Stats(requests_total=5, errors_total=2, in_flight=1, last_latency_ms=812.25)
     stats.last_error = {"code": "rate_limited", "message": "slow down", "retryable": True}
     payload = homeassistant.stats_payload(stats)
@@ -348,7 +358,6 @@ def test_stats_topic_counts_requests_and_errors(
         return bool(json.loads(message.payload)["requests_total"] == 3)
 
     message = client.wait_for_one(stats_topic, where=counted)
-    assert not message.retain
     assert TEST_API_KEY.encode() not in message.payload
     doc = json.loads(message.payload)
     assert doc["errors_total"] == 2 and doc["in_flight"] == 0
@@ -357,6 +366,21 @@ def test_stats_topic_counts_requests_and_errors(
     assert "**********" in doc["last_error"]["message"]
     assert doc["last_error_text"].startswith(doc["last_error"]["code"] + ": ")
     assert isinstance(doc["last_latency_ms"], float | int) and doc["last_latency_ms"] >= 0
+
+
+def test_fresh_stats_are_retained_on_connect_not_after_the_first_interval(
+    start_bridge: StartBridge, mosquitto: MosquittoBroker, topic_prefix: str
+) -> None:
+    stats_topic = f"{topic_prefix}/bridge/test/stats"
+    # An hour's interval: the only stats message this test can see is the one sent on connect.
+    start_bridge(stats_interval=3600.0)
+    # A Home Assistant that starts later (a new subscriber) gets it at once: it is retained.
+    with TestClient.for_broker(mosquitto) as later:
+        later.subscribe(stats_topic)
+        message = later.wait_for_one(stats_topic)
+    doc = json.loads(message.payload)
+    assert (doc["requests_total"], doc["errors_total"], doc["in_flight"]) == (0, 0, 0)
+    assert message.retain
 
 
 def test_discovery_off_removes_the_device(
