@@ -195,6 +195,18 @@ class JournalConfig(_Section):
     """`full`: fsync every commit (survives power loss); `normal`: survives a crash only."""
 
 
+class JobsConfig(_Section):
+    """Waiting for jobs (`_bridge` `wait`): the pool, the polling, the default timeout."""
+
+    max_waiting: Annotated[int, Field(ge=1, le=4096)] = 16
+    """Jobs followed at once, besides `[limits] max_concurrency` (a bounded pool of its own)."""
+    wait_timeout: Annotated[float, Field(gt=0)] = 3600.0
+    """Seconds before `job_timeout` when the request names no `wait.timeout`."""
+    poll_min: Annotated[float, Field(gt=0)] = 1.0
+    """First polling interval (s); it grows by half each poll up to `poll_max`."""
+    poll_max: Annotated[float, Field(gt=0)] = 30.0
+
+
 class BridgeConfig(_Section):
     """The whole configuration."""
 
@@ -206,6 +218,7 @@ class BridgeConfig(_Section):
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     journal: JournalConfig = JournalConfig()
+    jobs: JobsConfig = JobsConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""

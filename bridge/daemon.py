@@ -194,7 +194,8 @@ class Bridge:
             return MqttTransport(
                 mqtt_cfg,
                 subscription=self.topics.subscription,
-                receive_maximum=cfg.limits.max_concurrency,
+                # Waited jobs stay unacknowledged for their whole wait, outside max_concurrency.
+                receive_maximum=cfg.limits.max_concurrency + cfg.jobs.max_waiting,
                 will=(self.topics.state, OFFLINE),
                 on_message=self._submit,
                 on_connected=self._on_connected,

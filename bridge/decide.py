@@ -23,6 +23,7 @@ from bridge.errors import (
     PayloadTooLarge,
     UnknownMethod,
 )
+from bridge.jobs import check_wait
 from bridge.jsoncodec import loads, loads_text
 from bridge.messages import InboundMessage
 from bridge.operations import MethodTable, Operation
@@ -172,6 +173,8 @@ class Decider:
             if not self.access.allows(op.name):
                 raise MethodNotAllowed(f"method {op.name} is not allowed on this bridge")
             stream_topic = route.topic.stream if wants_stream(params, op) else None
+            if options.wait is not None:
+                check_wait(op.name, params, streams=stream_topic is not None)
             request = self.builder.build(op, params)
         except BridgeError as exc:
             return Rejection(method, transaction, exc, options)

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge import render
 from bridge.access import AccessRules
@@ -37,6 +37,7 @@ from bridge.service import ServiceClient
 from bridge.stats import Stats
 from bridge.streaming import TopicStreamSink
 from bridge.topics import Topics
+from bridge.waiting import JobWaiter
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -89,6 +90,19 @@ class Dispatcher:
         self._wall_clock = wall_clock
         self._started = clock()
         self._sem = asyncio.Semaphore(config.limits.max_concurrency)
+        self.waiter = JobWaiter(
+            table=table,
+            builder=self.decider.builder,
+            service=service,
+            publisher=publisher,
+            redactor=self.redactor,
+            journal=journal,
+            config=config.jobs,
+            log=log,
+        )
+        self._wait_slots = asyncio.Semaphore(config.jobs.max_waiting)
+        self._tracked_waits: set[asyncio.Task[Any]] = set()
+        """Waits whose job id is journaled: stopped at once on shutdown, resumed after it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.accepting = True
@@ -128,8 +142,16 @@ class Dispatcher:
             self.idle.set()
 
     async def drain(self, grace: float) -> bool:
-        """Stop accepting and wait up to `grace` s for in-flight requests; True when all done."""
+        """Stop accepting and wait up to `grace` s for in-flight requests; True when all done.
+
+        Waits on jobs whose id is journaled stop at once (their requests stay unacknowledged and
+        the next start resumes polling them); a job may run for hours.
+        """
         self.accepting = False
+        if self._tracked_waits:
+            self.log.info("job waits stopped; resumed after restart", jobs=len(self._tracked_waits))
+        for task in list(self._tracked_waits):
+            task.cancel()
         if not self._tasks:
             return True
         with contextlib.suppress(TimeoutError):
@@ -153,20 +175,24 @@ class Dispatcher:
     # --- one request ------------------------------------------------------------------------------
 
     async def _handle(self, message: InboundMessage) -> None:
-        async with self._sem:
+        slot = _Slot(self._sem)
+        await slot.acquire()
+        try:
             if not self.accepting:
                 return  # queued behind the limit when shutdown began: left for redelivery
             self.stats.in_flight += 1
             try:
-                await self._handle_one(message)
+                await self._handle_one(message, slot)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # one request's failure must not end the others
+            except Exception:
                 self.log.exception("request handling failed", topic=message.topic)
             finally:
                 self.stats.in_flight -= 1
+        finally:
+            slot.release()
 
-    async def _handle_one(self, message: InboundMessage) -> None:
+    async def _handle_one(self, message: InboundMessage, slot: _Slot) -> None:
         started = self._clock()
         route = self.decider.route(message)
         if route is None:
@@ -203,6 +229,8 @@ class Dispatcher:
             outcome = render.failure(
                 decision.method, decision.transaction, decision.error, decision.options
             )
+        elif decision.options.wait is not None:
+            outcome = await self._wait(message, route, decision, key, slot)
         else:
             outcome = await self._execute(message, route, decision)
         outcome = await self.deliverer.deliver(message, route, outcome, key)
@@ -228,6 +256,33 @@ class Dispatcher:
         if not dup and entry.created < self._wall_clock() - self.config.limits.dedup_seconds:
             return None  # a repeat, not a redelivery: the reply cache's window applies
         return entry.answer, entry.content_type
+
+    async def _wait(
+        self, message: InboundMessage, route: Route, call: Call, key: bytes | None, slot: _Slot
+    ) -> render.Outcome:
+        """Follow the job `call` starts in the wait pool, leaving the request slot free."""
+        slot.release()  # a job may take hours: the wait pool bounds these instead
+        task = asyncio.current_task()
+        try:
+            async with self._wait_slots:
+                resumed = await self.waiter.resumable(key)
+
+                def tracked() -> None:
+                    if task is not None and self.journal is not None:
+                        self._tracked_waits.add(task)
+
+                return await self.waiter.follow(call, route, key, resumed, tracked)
+        except BridgeError as exc:
+            return render.failure(call.op.name, call.transaction, exc, call.options)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the request still gets its one reply
+            self.log.exception("unexpected failure", topic=message.topic)
+            error = InternalError(f"internal error: {type(exc).__name__}")
+            return render.failure(call.op.name, call.transaction, error, call.options)
+        finally:
+            if task is not None:
+                self._tracked_waits.discard(task)
 
     async def _execute(self, message: InboundMessage, route: Route, call: Call) -> render.Outcome:
         """Send the call (its events to a sink when it streams) and render the answer."""
@@ -260,3 +315,20 @@ class Dispatcher:
             error = InternalError(f"internal error: {type(exc).__name__}")
             return render.failure(call.op.name, call.transaction, error, options)
         return outcome
+
+
+class _Slot:
+    """One request's hold on the concurrency semaphore, released once (early for waits)."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = False
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()

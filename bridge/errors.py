@@ -238,6 +238,39 @@ class StreamInterrupted(BridgeError):
     retryable = True
 
 
+# --- waited jobs ---------------------------------------------------------------------------------
+
+
+class JobError(BridgeError):
+    """A job waited on (`_bridge` `wait`) did not end well; carries the job's id and status."""
+
+    def __init__(
+        self, message: str, *, job_id: str, job_status: str | None, upstream: Any = None
+    ) -> None:
+        super().__init__(message, upstream=upstream)
+        self.job_id = job_id
+        self.job_status = job_status
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `error` object, with `job_id` and `job_status` so the caller can go on."""
+        out = super().to_dict()
+        out["job_id"] = getattr(self, "job_id", None)
+        out["job_status"] = getattr(self, "job_status", None)
+        return out
+
+
+class JobTimeout(JobError):
+    """The job did not end within the wait's timeout; it goes on upstream (see `job_id`)."""
+
+    code = "job_timeout"
+
+
+class JobFailed(JobError):
+    """The job ended failed, cancelled or expired; `upstream` holds its final object."""
+
+    code = "job_failed"
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the process exits with EX_CONFIG (78)."""
 

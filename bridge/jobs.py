@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.errors import InvalidParameter
+
 
 def _percent(done: Any, total: Any) -> int | None:
     if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
@@ -66,13 +68,11 @@ class JobKind:
         """Every status that ends the wait."""
         return self.succeeded | self.failed
 
-    def retrieve_params(self, job: Mapping[str, Any], request: Mapping[str, Any]) -> dict[str, str]:
-        """Path parameters for the retrieve call, from the job object (else the request)."""
+    def retrieve_params(self, job: Mapping[str, Any]) -> dict[str, str]:
+        """Path parameters for the retrieve call, read from the job object (KeyError: missing)."""
         params: dict[str, str] = {}
         for name, field in self.path.items():
             value = job.get(field)
-            if not isinstance(value, str) or not value:
-                value = request.get(name) if field != "id" else None
             if not isinstance(value, str) or not value:
                 raise KeyError(field)
             params[name] = value
@@ -136,3 +136,20 @@ JOBS: dict[str, JobKind] = {
 def job_kind(operation: str) -> JobKind | None:
     """The job kind an operation starts, or None when it answers at once."""
     return JOBS.get(operation)
+
+
+def check_wait(operation: str, params: Mapping[str, Any], *, streams: bool) -> None:
+    """Raise InvalidParameter unless `_bridge.wait` can apply to this call."""
+    kind = job_kind(operation)
+    if kind is None:
+        names = ", ".join(sorted(JOBS))
+        raise InvalidParameter(
+            "_bridge.wait",
+            f"_bridge.wait applies to job operations only ({names}); {operation} answers at once",
+        )
+    if kind.needs is not None and params.get(kind.needs) is not True:
+        raise InvalidParameter(
+            "_bridge.wait", f'_bridge.wait with {operation} needs "{kind.needs}": true'
+        )
+    if streams:
+        raise InvalidParameter("_bridge.wait", "_bridge.wait and a stream exclude each other")

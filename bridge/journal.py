@@ -201,7 +201,8 @@ class SqliteStore:
         """Record (or update) the waited job for `key`; inside `begin()`/`commit()`."""
         self._db.execute(
             "INSERT INTO entries (key, created, reply_topic, job) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET job = excluded.job",
+            # A job started anew for this key (its earlier answer too old to reuse) replaces it.
+            "ON CONFLICT (key) DO UPDATE SET job = excluded.job, answer = NULL",
             (key, self._clock(), reply_topic, dumps(dict(job))),
         )
 

@@ -32,6 +32,17 @@ MIN_CHUNK_BYTES = 128
 """Smallest `chunk_bytes`: bounds the messages one answer becomes (1 MiB -> at most 8192)."""
 MAX_PACKET_BYTES = 268_435_455
 """MQTT's largest packet; no payload limit can usefully be larger."""
+MAX_WAIT_SECONDS = 7 * 86400.0
+"""Longest `wait.timeout` accepted (a batch may take 24 h; a fine-tuning job longer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitOptions:
+    """`wait`: follow the job the call starts to its end; None fields take the config's values."""
+
+    timeout: float | None = None
+    """Seconds from the call to giving up with `job_timeout` (the job goes on upstream)."""
+
 
 _KNOWN_FUNCTIONS = frozenset(jmespath.functions.Functions.FUNCTION_TABLE)
 
@@ -62,6 +73,8 @@ class BridgeOptions:
     """`plain` only: the largest payload; longer text is cut on a UTF-8 boundary and marked."""
     chunk_bytes: int | None = None
     """`raw` only: send the bytes as numbered chunks of at most this size, then an end message."""
+    wait: WaitOptions | None = None
+    """Job operations only: poll the job to its end, progress on the stream topic, one reply."""
 
     @property
     def is_default(self) -> bool:
@@ -97,10 +110,38 @@ def parse_options(value: Any) -> BridgeOptions:
         raise _invalid("max_bytes", 'applies to "format": "plain" only')
     if chunk_bytes is not None and fmt != "raw":
         raise _invalid("chunk_bytes", 'applies to "format": "raw" only')
-    return BridgeOptions(select=select, format=fmt, max_bytes=max_bytes, chunk_bytes=chunk_bytes)
+    wait = _parse_wait(value.get("wait"))
+    return BridgeOptions(
+        select=select, format=fmt, max_bytes=max_bytes, chunk_bytes=chunk_bytes, wait=wait
+    )
 
 
-_KNOWN_KEYS = frozenset({"select", "format", "max_bytes", "chunk_bytes"})
+_KNOWN_KEYS = frozenset({"select", "format", "max_bytes", "chunk_bytes", "wait"})
+_WAIT_KEYS = frozenset({"timeout"})
+
+
+def _parse_wait(value: Any) -> WaitOptions | None:
+    """`wait`: true, false/null, or an object with `timeout` (seconds)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return WaitOptions()
+    if not isinstance(value, dict):
+        raise _invalid(
+            "wait", f'must be true or an object like {{"timeout": 600}}, got {_json_type(value)}'
+        )
+    unknown = sorted(k for k in value if k not in _WAIT_KEYS)
+    if unknown:
+        names = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise _invalid("wait", f"has unknown key(s) {names}; known: timeout")
+    timeout = value.get("timeout")
+    if timeout is None:
+        return WaitOptions()
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise _invalid("wait.timeout", f"must be a number of seconds, got {_json_type(timeout)}")
+    if not 0 < timeout <= MAX_WAIT_SECONDS:
+        raise _invalid("wait.timeout", f"must be more than 0 and at most {MAX_WAIT_SECONDS:.0f} s")
+    return WaitOptions(timeout=float(timeout))
 
 
 def error_options(value: Any) -> BridgeOptions:

@@ -65,6 +65,8 @@ class ServiceResult:
     request_id: str | None
     streamed: bool = False
     attempts: int = 1
+    poll_after: float | None = None
+    """Seconds the `openai-poll-after-ms` header asks a poller to wait, when it was sent."""
 
 
 _JSON_TYPES = ("application/json", "application/problem+json")
@@ -92,6 +94,17 @@ def _error_message(status: int, reason: str | None, upstream: Any) -> str:
         if isinstance(msg, str) and msg:
             detail = f": {msg}"
     return f"service host answered HTTP {status} {reason or ''}".rstrip() + detail
+
+
+def _poll_after(header: str | None) -> float | None:
+    """The `openai-poll-after-ms` hint in seconds (None when absent or not a number)."""
+    if header is None:
+        return None
+    try:
+        value = float(header) / 1000.0
+    except ValueError:
+        return None
+    return value if 0 <= value < 86400 else None
 
 
 class ServiceClient:
@@ -188,7 +201,9 @@ class ServiceClient:
             return ServiceResult(b"", content_type, status, request_id, streamed=True)
         # content.read() rather than resp.read(): the response would keep its own reference.
         body = await resp.content.read()
-        return ServiceResult(body, content_type, status, request_id)
+        result = ServiceResult(body, content_type, status, request_id)
+        result.poll_after = _poll_after(resp.headers.get("openai-poll-after-ms"))
+        return result
 
     async def _read_stream(self, body: Body, sink: StreamSink | None) -> None:
         """Feed the events to `sink` until the stream ends or the sink stops taking them."""
