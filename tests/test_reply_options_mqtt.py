@@ -425,7 +425,10 @@ BAD_OPTIONS: list[tuple[Any, bytes]] = [
     ({"format": "raw", "chunk_bytes": 0}, b"_bridge.chunk_bytes must be from 128"),
     ({"chunk_bytes": 4096}, b'_bridge.chunk_bytes applies to \\"format\\": \\"raw\\" only'),
     ({"max_bytes": 200}, b"_bridge.max_bytes applies to"),
-    ({"wait": True, "colour": 1}, b"unknown option(s) 'colour', 'wait'"),
+    (
+        {"wait": True, "colour": 1},
+        b"unknown option(s) 'colour'; known: chunk_bytes, format, max_bytes, select, wait",
+    ),
     ("plain", b"_bridge must be a JSON object, got a string"),
 ]
 
