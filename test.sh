@@ -19,7 +19,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 .venv/bin/python -m bridge.tablegen --check
-.venv/bin/ruff check bridge tests bench tools
-.venv/bin/ruff format --check bridge tests bench tools
+.venv/bin/ruff check bridge tests bench tools custom_components
+.venv/bin/ruff format --check bridge tests bench tools custom_components
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

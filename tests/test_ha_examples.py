@@ -8,6 +8,7 @@ every script failed in the real thing. What is left checks the rules learnt ther
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,19 @@ def test_speech_audio_is_saved_by_an_always_subscribed_automation() -> None:
     assert event["event"] == "openai_file_saved"
     [store] = load("openai_bridge.yaml")["template"]
     assert {"trigger": "event", "event_type": "openai_file_saved"} in store["trigger"]
+
+
+def test_the_custom_integration_has_the_hacs_layout() -> None:
+    root = EXAMPLES.parents[2]
+    folder = root / "custom_components" / "openai_mqtt"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["domain"] == folder.name == "openai_mqtt"
+    assert manifest["version"] and manifest["dependencies"] == ["mqtt"]
+    hacs = json.loads((root / "hacs.json").read_text())
+    assert hacs["homeassistant"] == "2024.11.0"
+    services = yaml.safe_load((folder / "services.yaml").read_text())
+    assert set(services) == {"call"} and set(services["call"]["fields"]) == {
+        "method",
+        "request",
+        "timeout",
+    }
