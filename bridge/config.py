@@ -193,6 +193,9 @@ class JournalConfig(_Section):
     """Larger answers are not journaled (a crash before their reply buys them again)."""
     synchronous: Literal["normal", "full"] = "full"
     """`full`: fsync every commit (survives power loss); `normal`: survives a crash only."""
+    url: SecretStr = SecretStr("")
+    """`postgresql://user:password@host/db`: one journal shared by a group (needs asyncpg);
+    empty: the SQLite file at `path`."""
 
 
 class JobsConfig(_Section):
@@ -223,6 +226,7 @@ class BridgeConfig(_Section):
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""
         out = [self.service.api_key.get_secret_value(), self.mqtt.password.get_secret_value()]
+        out.append(_url_password(self.journal.url.get_secret_value()))
         return [s for s in out if s]
 
     def redacted(self) -> dict[str, Any]:
@@ -231,6 +235,15 @@ class BridgeConfig(_Section):
         data["service"]["api_key"] = "**********" if self.service.api_key.get_secret_value() else ""
         data["mqtt"]["password"] = "**********" if self.mqtt.password.get_secret_value() else ""
         return data
+
+
+def _url_password(url: str) -> str:
+    """The password in a URL like `postgresql://user:password@host/db` ("" when none)."""
+    _scheme, sep, rest = url.partition("://")
+    if not sep:
+        return ""
+    credentials, at, _ = rest.rpartition("@")
+    return credentials.partition(":")[2] if at else ""
 
 
 def _read_secret_file(path: str, what: str, warnings: list[str]) -> str:

@@ -15,7 +15,8 @@ from bridge import __version__, compat, homeassistant
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
-from bridge.journal import Journal
+from bridge.journal import Journal, JournalLike
+from bridge.journal_pg import PgJournal
 from bridge.jsoncodec import dumps
 from bridge.logs import get_logger
 from bridge.messages import InboundMessage
@@ -158,9 +159,19 @@ class Bridge:
         self.log.info("stopped")
         return 0
 
-    async def _open_journal(self) -> Journal | None:
+    async def _open_journal(self) -> JournalLike | None:
         """The journal per `[journal]`, or None (said in the log) when off or unusable."""
         cfg = self.config.journal
+        url = cfg.url.get_secret_value()
+        if url:
+            return await PgJournal.open(
+                url,
+                scope=cfg.scope,
+                max_bytes=cfg.max_bytes,
+                max_age=cfg.max_age,
+                max_answer_bytes=cfg.max_answer_bytes,
+                log=self.log,
+            )
         return await asyncio.to_thread(
             Journal.open,
             Path(cfg.path),

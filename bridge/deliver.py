@@ -16,7 +16,7 @@ from bridge.decide import Route
 from bridge.dedup import ReplyCache
 from bridge.errors import ReplyTooLarge
 from bridge.jobs import job_kind
-from bridge.journal import Journal
+from bridge.journal import JournalLike
 from bridge.jsoncodec import dumps
 from bridge.messages import InboundMessage, PublishFailed
 from bridge.redact import Redactor
@@ -60,7 +60,7 @@ class Deliverer:
     stats: Stats
     redactor: Redactor
     log: FilteringBoundLogger
-    journal: Journal | None = None
+    journal: JournalLike | None = None
     """Where upstream answers are committed before their reply is published (None: nowhere)."""
 
     def drop(self, message: InboundMessage) -> None:

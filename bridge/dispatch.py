@@ -28,7 +28,7 @@ from bridge.decide import Call, Decider, Rejection, Route
 from bridge.dedup import ReplyCache, request_key
 from bridge.deliver import Deliverer, Publisher
 from bridge.errors import BridgeError, InternalError
-from bridge.journal import Journal
+from bridge.journal import JournalLike
 from bridge.messages import InboundMessage
 from bridge.operations import MethodTable
 from bridge.redact import Redactor
@@ -56,7 +56,7 @@ class Dispatcher:
         topics: Topics,
         log: FilteringBoundLogger,
         redactor: Redactor | None = None,
-        journal: Journal | None = None,
+        journal: JournalLike | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from bridge.jsoncodec import dumps, loads
 
@@ -54,6 +54,27 @@ def default_path(environ: Mapping[str, str] | None = None) -> Path:
     xdg = env.get("XDG_STATE_HOME", "")
     base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".local" / "state"
     return base / STATE_SUBDIR / FILE_NAME
+
+
+class JournalLike(Protocol):
+    """What the pipeline uses of a journal: SQLite (`Journal`) or PostgreSQL (`PgJournal`)."""
+
+    scope: Scope
+    max_answer_bytes: int
+
+    async def lookup(self, key: bytes) -> JournalEntry | None:
+        """The journaled entry for `key` (None when absent, too old, or on a read error)."""
+
+    async def record_answer(
+        self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
+    ) -> bool:
+        """Commit an answer before its reply goes out; False when it was not journaled."""
+
+    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
+        """Commit a waited job's state; False when not journaled."""
+
+    async def close(self) -> None:
+        """Finish and close; later calls answer as if there were no journal."""
 
 
 class JournalUnavailable(Exception):

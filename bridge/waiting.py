@@ -21,7 +21,7 @@ from bridge.config import JobsConfig
 from bridge.decide import Call, Route
 from bridge.errors import JobFailed, JobTimeout, UpstreamBadResponse
 from bridge.jobs import JobKind, job_kind
-from bridge.journal import Journal, JournalEntry
+from bridge.journal import JournalEntry, JournalLike
 from bridge.jsoncodec import dumps, loads
 from bridge.operations import MethodTable
 from bridge.redact import Redactor
@@ -98,7 +98,7 @@ class JobWaiter:
         service: ServiceClient,
         publisher: StreamPublisher,
         redactor: Redactor,
-        journal: Journal | None,
+        journal: JournalLike | None,
         config: JobsConfig,
         log: Any,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
