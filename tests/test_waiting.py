@@ -371,3 +371,55 @@ def test_job_state_round_trips_through_the_journal_record() -> None:
     state = JobState("createRun", "run_1", {"thread_id": "t", "run_id": "run_1"})
     assert JobState.from_record(state.record()) == state
     assert JobState.from_record({"operation": "createRun"}) is None
+
+
+def test_sigterm_stops_a_wait_at_once_and_the_next_start_resumes_it(
+    tmp_path: Path, own_mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path,
+        broker_port=own_mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        mqtt={"session_expiry": 600},
+        # A grace far longer than the test: only stopping the wait at once lets it end.
+        limits={"shutdown_grace": 600.0},
+        extra={"jobs": FAST_POLLING, "logging": {"level": "info"}},
+    )
+    done = threading.Event()
+    job = {"id": "video_6", "object": "video"}
+
+    def state(record: RecordedRequest) -> Reply:
+        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
+
+    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
+    standin.script("GET", "/videos/video_6", state)
+    client = TestClient.for_broker(
+        own_mosquitto,
+        prefix=topic_prefix,
+        clean=False,
+        session_expiry=600,
+        client_id=f"durable-{topic_prefix}",
+    )
+    client.connect()
+    client.subscribe(f"{topic_prefix}/response/#")
+    bridges = [BridgeProcess(path, env, tmp_path / f"bridge-{n}.log") for n in range(2)]
+    try:
+        bridges[0].start()
+        client.publish(
+            client.topic("request", "createVideo", "v"),
+            {"prompt": "x", "_bridge": {"wait": True}},
+        )
+        standin.wait_for_requests(2)
+        assert bridges[0].terminate(timeout=20) == 0
+        assert '"event": "job waits stopped; resumed after restart"' in bridges[0].log_text()
+        assert client.messages(f"{topic_prefix}/response/#") == []
+        done.set()
+        bridges[1].start()
+        reply = client.wait_for_one(f"{topic_prefix}/response/createVideo/v").json()
+        assert reply["data"]["status"] == "completed"
+        assert [r.method for r in standin.requests].count("POST") == 1
+    finally:
+        for bridge in bridges:
+            bridge.close()
+        client.disconnect()
