@@ -51,7 +51,7 @@ PY = sys.executable
 BRIDGE_EXE = Path(PY).with_name("openai-mqtt-bridge")
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
 SLOW_MS = 200.0
-CONCURRENCY = 128  # the bridge's max_concurrency and max_connections in the bench config
+CONCURRENCY = 128  # requests in flight of the C=128 and 200 ms runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +253,8 @@ class Bench:
     # --- the bridge -------------------------------------------------------------------------------
 
     def bridge_config(self, slow: bool, instance: str) -> Path:
-        """A bench config: own broker, a stand-in upstream, 128 concurrent, warnings only."""
+        """A bench config: own broker, a stand-in upstream, warnings only; the concurrency
+        limits (`max_concurrency`, `max_connections`) are the defaults."""
         path = self.workdir / f"{instance}.toml"
         path.write_text(
             f"""[mqtt]
@@ -265,10 +266,8 @@ client_id = "{instance}"
 
 [service]
 api_base = "{self.api_base(slow)}"
-max_connections = {CONCURRENCY}
 
 [limits]
-max_concurrency = {CONCURRENCY}
 max_request_bytes = {64 * MIB}
 shutdown_grace = 2.0
 
@@ -1179,8 +1178,8 @@ def main() -> int:
         "machine": machine_info(),
         "plan": vars_of(plan),
         "bench_config": {
-            "max_concurrency": CONCURRENCY,
-            "max_connections": CONCURRENCY,
+            "max_concurrency": "default",
+            "max_connections": "default",
             "broker_max_inflight": BROKER_INFLIGHT,
             "slow_upstream_ms": SLOW_MS,
         },

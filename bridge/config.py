@@ -114,7 +114,8 @@ class ServiceConfig(_Section):
     max_retries: Annotated[int, Field(ge=0, le=10)] = 2
     retry_max_delay: Annotated[float, Field(ge=0)] = 20.0
     extra_headers: dict[str, str] = {}
-    max_connections: Annotated[int, Field(ge=1)] = 100
+    max_connections: Annotated[int, Field(ge=1)] = 256
+    """At least `[limits] max_concurrency`, or requests wait for a connection."""
 
     @field_validator("api_base")
     @classmethod
@@ -142,7 +143,8 @@ class ServiceConfig(_Section):
 class LimitsConfig(_Section):
     """Concurrency and size limits."""
 
-    max_concurrency: Annotated[int, Field(ge=1, le=65535)] = 64
+    max_concurrency: Annotated[int, Field(ge=1, le=65535)] = 256
+    """Requests at once, also the Receive Maximum: about 30 KiB each (bench/README.md)."""
     max_request_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
     dedup_entries: Annotated[int, Field(ge=0)] = 1024

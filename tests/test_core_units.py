@@ -41,7 +41,8 @@ def test_defaults_match_the_documented_example(tmp_path: Path) -> None:
     assert load_config(example, environ={}) == load_config(None, environ={})
     defaults = BridgeConfig()
     assert defaults.service.api_base == "https://api.openai.com/v1"
-    assert defaults.limits.max_concurrency == 64
+    assert defaults.limits.max_concurrency == 256
+    assert defaults.service.max_connections >= defaults.limits.max_concurrency
     assert defaults.mqtt.session_expiry == 86400
 
 
