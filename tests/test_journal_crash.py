@@ -63,6 +63,8 @@ def spawn(
         api_base=standin.url,
         prefix=prefix,
         mqtt={"session_expiry": 600},
+        # 64 calls open at once: the stall test waits for 64 journaled answers before the kill.
+        limits={"max_concurrency": 64},
         extra={"journal": journal},
     )
     proc = BridgeProcess(path, env, tmp_path / f"bridge-{len(processes)}.log")
