@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import base64
 import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,16 +22,36 @@ from bridge.errors import EX_CONFIG, ConfigError, InvalidParameter
 from bridge.jsoncodec import dumps, loads
 
 EX_USAGE = 64
+EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_INTERRUPTED = 130
+EX_BROKEN_PIPE = 141
+
+CONFIG_SEARCH = ("config/bridge.toml", "/etc/openai-mqtt-bridge/bridge.toml")
+"""Where a config file is looked for when neither --config nor $OMB_CONFIG names one."""
+
+CALL_EXIT_CODES = """exit status:
+  0   the reply says "ok"           1   the reply is an error reply (printed)
+  64  bad arguments or payload      66  a --file cannot be read
+  69  broker unreachable, or no bridge online on the topic prefix
+  75  no reply within --timeout     78  invalid configuration
+  130 interrupted (Ctrl-C)"""
+
+# How long `call` waits for a bridge's retained `online` state after subscribing; a broker sends
+# retained messages right after the SUBACK, so this only bounds a slow broker.
+PRESENCE_WAIT = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    config_help = "TOML config file (default: $OMB_CONFIG; none means built-in defaults)"
+    config_help = (
+        "TOML config file (default: $OMB_CONFIG, else ./config/bridge.toml, else "
+        "/etc/openai-mqtt-bridge/bridge.toml, else built-in defaults)"
+    )
     parser = argparse.ArgumentParser(
         prog="openai-mqtt-bridge", description="Every OpenAI REST operation over MQTT."
     )
-    parser.add_argument("--config", "-c", default=os.environ.get("OMB_CONFIG"), help=config_help)
+    parser.add_argument("--config", "-c", default=None, help=config_help)
     # Sub-commands accept --config too; SUPPRESS keeps them from resetting a global --config.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
@@ -43,11 +64,30 @@ def _parser() -> argparse.ArgumentParser:
     describe = sub.add_parser("describe", parents=[common], help="describe one method")
     describe.add_argument("method")
     call = sub.add_parser(
-        "call", parents=[common], help="call a method over MQTT and print the reply"
+        "call",
+        parents=[common],
+        help="call a method over MQTT and print the reply",
+        description="Publish one request to a running bridge, wait for its reply, print it.",
+        epilog=CALL_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     call.add_argument("method")
     call.add_argument("payload", nargs="?", default="{}", help="JSON object, or - for stdin")
-    call.add_argument("--timeout", type=float, default=60.0)
+    call.add_argument(
+        "--file",
+        "-f",
+        action="append",
+        default=[],
+        metavar="FIELD=PATH",
+        help="send a local file in FIELD (read, base64-encoded and named for you); repeatable",
+    )
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the reply (default: %(default)g)",
+    )
     call.add_argument("--suffix", default="", help="topic suffix (default: a fresh id)")
     reply = call.add_argument_group("reply options (the request's _bridge key)")
     reply.add_argument("--select", help="JMESPath expression picking the part of the answer")
@@ -58,6 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def find_config(
+    explicit: str | None, environ: Mapping[str, str] | None = None
+) -> tuple[str | None, str]:
+    """The config file and why: --config, $OMB_CONFIG, then `CONFIG_SEARCH`; None: defaults."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return explicit, "--config"
+    if env.get("OMB_CONFIG"):
+        return env["OMB_CONFIG"], "$OMB_CONFIG"
+    for candidate in CONFIG_SEARCH:
+        if os.path.isfile(candidate):
+            return candidate, "found"
+    return None, "no file found"
+
+
+def _config_note(path: str | None, how: str) -> str:
+    """One line saying which configuration is in force."""
+    if path is None:
+        return f"config: built-in defaults (no {' or '.join(CONFIG_SEARCH)})"
+    return f"config: {path} ({how})" if how != "found" else f"config: {path}"
+
+
 def _load(path: str | None) -> tuple[BridgeConfig, list[str]]:
     warnings: list[str] = []
     config = load_config(path, warnings=warnings)
@@ -65,12 +127,23 @@ def _load(path: str | None) -> tuple[BridgeConfig, list[str]]:
 
 
 def _print_problems(exc: ConfigError, path: str | None) -> None:
-    print(f"invalid configuration ({path or 'defaults'}):", file=sys.stderr)
+    if exc.from_env:
+        where = f"{path} and the environment" if path else "the environment"
+    else:
+        where = path or "defaults"
+    print(f"invalid configuration ({where}):", file=sys.stderr)
     for problem in exc.problems:
         print(f"  {problem}", file=sys.stderr)
 
 
-def cmd_run(path: str | None) -> int:
+def _unknown_method(name: str) -> str:
+    """`unknown method 'x'` with the closest method names."""
+    from bridge.operations import default_table
+
+    return default_table().unknown(name)
+
+
+def cmd_run(path: str | None, how: str = "--config") -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from bridge import logs
     from bridge.allocator import pin_mmap_threshold
@@ -81,8 +154,14 @@ def cmd_run(path: str | None) -> int:
     except ConfigError as exc:
         _print_problems(exc, path)
         return EX_CONFIG
-    logs.configure(config.logging.level, config.logging.format, config.secrets())
+    logs.configure(
+        config.logging.level,
+        config.logging.format,
+        config.secrets(),
+        libraries=config.logging.libraries,
+    )
     log = logs.get_logger()
+    log.info(_config_note(path, how))
     for warning in warnings:
         log.warning(warning)
     loop_factory, loop_name = _loop_factory(config.runtime.event_loop)
@@ -93,7 +172,7 @@ def cmd_run(path: str | None) -> int:
     log.debug("event loop", loop=loop_name, mmap_threshold_pinned=pinned)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(Bridge(config).run())
+            return runner.run(Bridge(config, config_source=path).run())
     except StartupError as exc:
         log.error(str(exc))
         return EX_CONFIG
@@ -112,8 +191,9 @@ def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] 
     return uvloop.new_event_loop, "uvloop"
 
 
-def cmd_check_config(path: str | None) -> int:
+def cmd_check_config(path: str | None, how: str = "--config") -> int:
     """Validate the config; print the effective (redacted) config or every problem."""
+    print(_config_note(path, how), file=sys.stderr)
     try:
         config, warnings = _load(path)
     except ConfigError as exc:
@@ -125,20 +205,30 @@ def cmd_check_config(path: str | None) -> int:
     return 0
 
 
-def cmd_methods(group: str | None) -> int:
-    """Print one line per method: name, verb, path."""
+def cmd_methods(group: str | None, path: str | None) -> int:
+    """Print one line per method: name, group, verb, path (the config is checked, not used)."""
     from bridge.operations import default_table
 
+    try:
+        _load(path)
+    except ConfigError as exc:
+        _print_problems(exc, path)
+        return EX_CONFIG
     table = default_table()
     rows = [op for op in table.operations if group is None or op.group == group.lower()]
     if not rows:
         groups = sorted({op.group for op in table.operations})
         print(f"no methods in group {group!r}; groups: {', '.join(groups)}", file=sys.stderr)
         return EX_USAGE
-    width = max(len(op.name) for op in rows)
+    name_width = max(len(op.name) for op in rows)
+    group_width = max(len(op.group) for op in rows)
+    verb_width = max(len(op.verb) for op in rows)
     for op in rows:
         flags = " (retired)" if op.retired else (" (deprecated)" if op.deprecated else "")
-        print(f"{op.name:<{width}}  {op.group:<16} {op.verb:<6} {op.path}{flags}")
+        print(
+            f"{op.name:<{name_width}}  {op.group:<{group_width}}  {op.verb:<{verb_width}}  "
+            f"{op.path}{flags}"
+        )
     return 0
 
 
@@ -149,14 +239,37 @@ def cmd_describe(name: str, path: str | None) -> int:
 
     op = default_table().find(name)
     if op is None:
-        print(f"unknown method {name!r}; see `openai-mqtt-bridge methods`", file=sys.stderr)
+        print(_unknown_method(name), file=sys.stderr)
         return EX_USAGE
-    prefix = "openai"
-    if path:
-        with contextlib.suppress(ConfigError):
-            prefix = _load(path)[0].mqtt.topic_prefix
+    try:
+        prefix = _load(path)[0].mqtt.topic_prefix
+    except ConfigError as exc:
+        _print_problems(exc, path)
+        return EX_CONFIG
     print(describe(op, topic_prefix=prefix))
     return 0
+
+
+def read_files(specs: Sequence[str], multi: Sequence[str]) -> dict[str, Any]:
+    """`FIELD=PATH` options as payload fields: {"base64", "filename"} objects (arrays if repeated).
+
+    Raises ValueError (bad option) or OSError (unreadable file).
+    """
+    fields: dict[str, Any] = {}
+    for spec in specs:
+        field, eq, file_path = spec.partition("=")
+        if not eq or not field or not file_path:
+            raise ValueError(f"--file {spec!r}: expected FIELD=PATH, e.g. file=./hello.wav")
+        data = Path(file_path).expanduser().read_bytes()
+        value = {"base64": base64.b64encode(data).decode("ascii"), "filename": Path(file_path).name}
+        if field in fields:
+            if field not in multi:
+                raise ValueError(f"--file {field}=...: this method takes one file in {field!r}")
+            previous = fields[field]
+            fields[field] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            fields[field] = value
+    return fields
 
 
 def cmd_call(
@@ -165,6 +278,8 @@ def cmd_call(
     timeout: float,
     suffix: str,
     path: str | None,
+    how: str = "--config",
+    files: Sequence[str] = (),
     reply_flags: dict[str, Any] | None = None,
     output: str | None = None,
 ) -> int:
@@ -175,12 +290,19 @@ def cmd_call(
     from paho.mqtt.enums import MQTTProtocolVersion
 
     from bridge.mqtt import new_client
+    from bridge.neterrors import connection_cause
+    from bridge.operations import default_table
 
+    print(_config_note(path, how), file=sys.stderr)
     try:
         config, _ = _load(path)
     except ConfigError as exc:
         _print_problems(exc, path)
         return EX_CONFIG
+    op = default_table().find(method)
+    if op is None:
+        print(_unknown_method(method), file=sys.stderr)
+        return EX_USAGE
     text = sys.stdin.read() if payload_text == "-" else payload_text
     try:
         payload = loads(text.encode("utf-8"))
@@ -190,6 +312,24 @@ def cmd_call(
     if not isinstance(payload, dict):
         print("payload must be a JSON object", file=sys.stderr)
         return EX_USAGE
+    for spec in files:
+        field = spec.partition("=")[0]
+        if field and field not in op.file_fields:
+            takes = ", ".join(op.file_fields) if op.file_fields else "none"
+            print(
+                f"--file {spec!r}: {op.name} has no file field {field!r} (its file fields: "
+                f"{takes})",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+    try:
+        payload.update(read_files(files, op.multi_file_fields))
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_USAGE
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EX_NOINPUT
     try:
         options = options_from_flags(payload, **(reply_flags or {}))
     except InvalidParameter as exc:
@@ -198,23 +338,28 @@ def cmd_call(
     transaction = payload.setdefault("transaction", uuid.uuid4().hex)
     tag = suffix or f"cli-{uuid.uuid4().hex[:12]}"
     prefix = config.mqtt.topic_prefix
-    request_topic = f"{prefix}/request/{method}/{tag}"
-    reply_topic = f"{prefix}/response/{method}/{tag}"
+    request_topic = f"{prefix}/request/{op.name}/{tag}"
+    reply_topic = f"{prefix}/response/{op.name}/{tag}"
     collector = ReplyCollector(reply_topic, transaction, options)
+    state_head = f"{prefix}/bridge/"
+    state_filter = f"{state_head}+/state"
     done = threading.Event()
+    online = threading.Event()
+    states: dict[str, str] = {}
     result: dict[str, Any] = {}
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             result["error"] = f"broker refused the connection: {reason}"
             done.set()
+            online.set()
             return
-        client.subscribe([(topic, 1) for topic in collector.subscriptions])
-
-    def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
-        client.publish(request_topic, dumps(payload), qos=1)
+        client.subscribe([(topic, 1) for topic in collector.subscriptions] + [(state_filter, 1)])
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic.startswith(state_head) and msg.topic.endswith("/state"):
+            on_state(client, msg.topic[len(state_head) : -len("/state")], bytes(msg.payload))
+            return
         if "reply" in result:
             return
         outcome = collector.feed(msg.topic, bytes(msg.payload))
@@ -222,23 +367,51 @@ def cmd_call(
             result["reply"] = outcome
             done.set()
 
+    def on_state(client: Any, instance: str, body: bytes) -> None:
+        try:
+            state = loads(body) if body else {}
+        except ValueError:
+            return
+        if not isinstance(state, dict):
+            return
+        states[instance] = str(state.get("state"))
+        if state.get("state") == "online" and not online.is_set():
+            online.set()
+            client.publish(request_topic, dumps(payload), qos=1)
+
     client, _ = new_client(
         config.mqtt, protocol=MQTTProtocolVersion.MQTTv311, client_id="", persistent=False
     )
     client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
     client.on_message = on_message
     host = config.mqtt.host or "127.0.0.1"
     try:
         client.connect(host, config.mqtt.port, keepalive=30)
     except OSError as exc:
-        print(f"cannot connect to the broker at {host}:{config.mqtt.port}: {exc}", file=sys.stderr)
+        cause = connection_cause(exc)
+        print(
+            f"cannot connect to the broker at {host}:{config.mqtt.port}: {cause}", file=sys.stderr
+        )
         return EX_UNAVAILABLE
     client.loop_start()
     try:
-        if not done.wait(timeout):
+        if not online.wait(min(PRESENCE_WAIT, timeout)) or "error" in result:
+            if "error" not in result:
+                seen = ", ".join(f"{name} {state}" for name, state in sorted(states.items()))
+                detail = f"; last seen: {seen}" if seen else ""
+                print(
+                    f"no bridge online on {prefix} (broker {host}:{config.mqtt.port}{detail}): "
+                    "start one (./start.sh), or check "
+                    f"that [mqtt] host, port and topic_prefix match the bridge's config",
+                    file=sys.stderr,
+                )
+                return EX_UNAVAILABLE
+        elif not done.wait(timeout):
             print(f"no reply on {reply_topic} within {timeout:g} s", file=sys.stderr)
             return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EX_INTERRUPTED
     finally:
         client.disconnect()
         client.loop_stop()
@@ -257,18 +430,18 @@ def cmd_call(
     return outcome.exit_code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `openai-mqtt-bridge` console script."""
+def _dispatch(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "run"
+    path, how = find_config(args.config)
     if command == "run":
-        return cmd_run(args.config)
+        return cmd_run(path, how)
     if command == "check-config":
-        return cmd_check_config(args.config)
+        return cmd_check_config(path, how)
     if command == "methods":
-        return cmd_methods(args.group)
+        return cmd_methods(args.group, path)
     if command == "describe":
-        return cmd_describe(args.method, args.config)
+        return cmd_describe(args.method, path)
     if command == "call":
         reply_flags = {
             "select": args.select,
@@ -281,11 +454,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.payload,
             args.timeout,
             args.suffix,
-            args.config,
+            path,
+            how,
+            args.file,
             reply_flags,
             args.output,
         )
     return EX_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `openai-mqtt-bridge` console script."""
+    try:
+        try:
+            code = _dispatch(argv)
+        finally:  # also after argparse's SystemExit (--help)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+    except BrokenPipeError:
+        # The reader went away (`methods | head`): stop quietly, as `cat` would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EX_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":

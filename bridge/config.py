@@ -163,6 +163,8 @@ class LoggingConfig(_Section):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    libraries: bool = False
+    """With level debug, also the libraries' debug lines (amqtt, transitions, aiohttp, paho)."""
 
 
 class RuntimeConfig(_Section):
@@ -285,15 +287,73 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
+def _section_model(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The model of the table at `loc` (e.g. ("mqtt", "tls") -> TlsConfig), or None."""
+    model: type[BaseModel] = BridgeConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    """ "; did you mean X?" for a misspelt option or section at `loc`, or ""."""
+    import difflib
+
+    model = _section_model(loc[:-1])
+    if model is None or not loc:
+        return ""
+    close = difflib.get_close_matches(loc[-1].lower(), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _env_source(loc: tuple[str, ...], env_sources: dict[tuple[str, ...], str]) -> str | None:
+    """The environment variable that set the value at `loc` (or a table holding it), if any."""
+    for dotted, name in env_sources.items():
+        if dotted[: len(loc)] == loc or loc[: len(dotted)] == dotted:
+            return name
+    return None
+
+
+def _format_errors(
+    exc: ValidationError, env_sources: dict[tuple[str, ...], str] | None = None
+) -> tuple[list[str], bool]:
+    """One line per problem, naming the environment variable when one set the value."""
     problems = []
+    from_env = False
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in err["loc"])
+        where = ".".join(loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown option"
+            msg = ("unknown section" if len(loc) == 1 else "unknown option") + _did_you_mean(loc)
+        source = _env_source(loc, env_sources or {})
+        if source is not None:
+            where = f"{where} (from environment variable {source})"
+            from_env = True
         problems.append(f"{where}: {msg}")
-    return problems
+    return problems, from_env
+
+
+# OMB_ variables that are not option overrides.
+_NOT_OPTIONS = frozenset({"OMB_CONFIG"})
+
+
+def _unmatched_env_warning(key: str) -> str:
+    """The warning for an `OMB_` variable that names no option, with the likely intended name."""
+    rest = key[len(ENV_PREFIX) :].lower()
+    hint = "options are set as OMB_<SECTION>__<OPTION> (two underscores), e.g. OMB_MQTT__HOST"
+    for section in BridgeConfig.model_fields:
+        model = _section_model((section,))
+        if model is None or not rest.startswith(f"{section}_"):
+            continue
+        option = rest[len(section) + 1 :].strip("_")
+        if option in model.model_fields:
+            hint = f"did you mean {ENV_PREFIX}{section.upper()}__{option.upper()}?"
+    return f"environment variable {key} matches no option and is ignored; {hint}"
 
 
 def load_config(
@@ -319,16 +379,27 @@ def load_config(
     if "password" in data.get("mqtt", {}):
         warns.append("mqtt.password is set in the config file; prefer a file or credential")
 
+    env_sources: dict[tuple[str, ...], str] = {}
     for key, raw in sorted(env.items()):
-        if key.startswith(ENV_PREFIX) and "__" in key:
-            dotted = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
-            if len(dotted) >= 2:
-                _set_dotted(data, dotted, _env_value(raw))
+        if not key.startswith(ENV_PREFIX) or key in _NOT_OPTIONS:
+            continue
+        dotted = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if "__" not in key or len(dotted) < 2:
+            warns.append(_unmatched_env_warning(key))
+            continue
+        try:
+            _set_dotted(data, dotted, _env_value(raw))
+        except ConfigError as exc:
+            raise ConfigError(
+                [f"{p} (from environment variable {key})" for p in exc.problems], from_env=True
+            ) from None
+        env_sources[tuple(dotted)] = key
 
     try:
         config = BridgeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        problems, from_env = _format_errors(exc, env_sources)
+        raise ConfigError(problems, from_env=from_env) from None
 
     service_update: dict[str, Any] = {}
     if not config.service.api_key.get_secret_value():

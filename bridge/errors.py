@@ -274,9 +274,11 @@ class JobFailed(JobError):
 class ConfigError(Exception):
     """The configuration is invalid; the process exits with EX_CONFIG (78)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], *, from_env: bool = False) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.from_env = from_env
+        """Whether some problem comes from an `OMB_` environment variable (each names its own)."""
 
 
 EX_CONFIG = 78

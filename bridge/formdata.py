@@ -426,10 +426,34 @@ def _read_file_string(
             f"field {label!r}: URLs are not fetched; send the file's bytes as {_FORMS_HINT}",
         )
     else:
+        _refuse_path(field, label, text)
         data = decode_base64(field, text)
     if not data:
         raise InvalidFile(field, f"field {label!r}: the file is empty")
     return _FileSpec(data, filename, content_type)
+
+
+# A local path given where the file's base64 belongs: "/home/pi/rec/door1", "./a.wav", "~/x",
+# "C:\\x". Only short strings count: real base64 of any plausible file (a JPEG's starts "/9j/")
+# is far longer, and a path is not.
+_PATH_LIKE = re.compile(
+    r"(?:~|\.{1,2})?(?:/[\w.\- ]+)+/?"  # /home/pi/rec/door1, ./a.wav, ../x, ~/rec/a.wav
+    r"|[A-Za-z]:[\\/].*"  # C:\\rec\\a.wav
+    r"|[\w.-]+(?:/[\w.-]+)*\.[A-Za-z0-9]{1,5}"  # rec/a.wav, hello.wav
+)
+_PATH_MAX_CHARS = 256
+
+
+def _refuse_path(field: str, label: str, text: str) -> None:
+    """InvalidFile when `text` reads as a file path rather than base64 (it would decode to junk)."""
+    if len(text) > _PATH_MAX_CHARS or not _PATH_LIKE.fullmatch(text):
+        return
+    raise InvalidFile(
+        field,
+        f"field {label!r}: {text[:80]!r} looks like a file path, but files go in as base64 (the "
+        "bridge cannot read the sender's files): send the file's base64 text, e.g. from "
+        f"`base64 -w0 FILE`, or use `openai-mqtt-bridge call METHOD --file {label}=FILE`",
+    )
 
 
 def _read_data_url(field: str, label: str, text: str) -> tuple[bytes, str | None, str | None]:

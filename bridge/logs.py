@@ -17,11 +17,21 @@ from bridge.redact import Redactor
 
 
 class _StdlibRedactFilter(logging.Filter):
-    def __init__(self, redactor: Redactor) -> None:
+    """Redacts library records and, unless `tracebacks`, folds their traceback into one line."""
+
+    def __init__(self, redactor: Redactor, tracebacks: bool = False) -> None:
         super().__init__()
         self.redactor = redactor
+        self.tracebacks = tracebacks
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not self.tracebacks and (record.exc_info or record.exc_text):
+            exc = record.exc_info[1] if record.exc_info else None
+            summary = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+            record.msg = f"{record.getMessage()}{summary}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
         if self.redactor.secrets:
             record.msg = self.redactor.text(record.getMessage())
             record.args = None
@@ -41,8 +51,13 @@ def configure(
     fmt: str = "auto",
     secrets: list[str] | None = None,
     stream: TextIO | None = None,
+    libraries: bool = False,
 ) -> None:
-    """Set up structlog and stdlib logging for the process (idempotent)."""
+    """Set up structlog and stdlib logging for the process (idempotent).
+
+    The libraries' own lines (aiohttp, paho, amqtt, transitions) show from WARNING up, one line
+    each; with `libraries` and level debug, also their debug lines and tracebacks.
+    """
     out = stream or sys.stderr
     redactor = Redactor(secrets)  # log lines only: replies get their own, from the bridge's config
     json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
@@ -66,7 +81,8 @@ def configure(
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
-    handler.addFilter(_StdlibRedactFilter(redactor))
+    library_debug = libraries and level == "debug"
+    handler.addFilter(_StdlibRedactFilter(redactor, tracebacks=library_debug))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -74,8 +90,9 @@ def configure(
             root.removeHandler(old)
     handler._omb = True  # type: ignore[attr-defined]  # noqa: SLF001  (our own marker attribute)
     root.addHandler(handler)
-    # Library chatter only at WARNING unless we debug; their DEBUG lines may carry URLs.
-    root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # Library chatter (about a dozen amqtt/transitions lines per connection) only when asked for;
+    # their DEBUG lines may carry URLs.
+    root.setLevel(logging.DEBUG if library_debug else logging.WARNING)
 
 
 def get_logger(**context: Any) -> FilteringBoundLogger:

@@ -112,6 +112,14 @@ class MethodTable:
         """The operation named `name` (any case, or an alias), or None."""
         return self._by_key.get(name.lower())
 
+    def suggest(self, name: str, limit: int = 3) -> list[str]:
+        """Method names close to the unknown `name` (most similar first), for "did you mean"."""
+        import difflib
+
+        keys = difflib.get_close_matches(name.lower(), self._by_key, n=limit, cutoff=0.6)
+        names = dict.fromkeys(self._by_key[key].name for key in keys)
+        return list(names)
+
     def __len__(self) -> int:
         return len(self.operations)
 
