@@ -7,12 +7,12 @@ import os
 import re
 import shlex
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.broker import free_port
+from support.lines import OutputLines
 from support.standin import Reply, Standin
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,34 +27,6 @@ def _quick_start_blocks() -> list[list[str]]:
         joined = block.replace("\\\n", " ")
         blocks.append([line for line in joined.splitlines() if line.strip()])
     return blocks
-
-
-class _Lines:
-    """A process's output, line by line, waitable."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        assert proc.stdout is not None
-        stream = proc.stdout
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: object) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-
-    def wait_for(self, needle: str, timeout: float = 60.0) -> str:
-        def found() -> str | None:
-            return next((line for line in self.lines if needle in line), None)
-
-        with self._cond:
-            if not self._cond.wait_for(lambda: found() is not None, timeout):
-                raise TimeoutError(f"{needle!r} not seen in:\n{''.join(self.lines)[-3000:]}")
-            line = found()
-            assert line is not None
-            return line
 
 
 @pytest.fixture
@@ -86,12 +58,12 @@ def test_readme_quick_start_as_written(
         "OMB_HOMEASSISTANT__DISCOVERY": "false",
     }
 
-    def spawn(argv: list[str]) -> _Lines:
+    def spawn(argv: list[str]) -> OutputLines:
         proc = subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         processes.append(proc)
-        return _Lines(proc)
+        return OutputLines(proc)
 
     def mqtt_tool(command: str) -> list[str]:
         argv = shlex.split(command)
@@ -137,5 +109,5 @@ def test_readme_quick_start_as_written(
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "ok"
     assert "config: config/bridge.toml" in out.stderr
-    for text in ["".join(bridge.lines), out.stderr]:
+    for text in [bridge.text(), out.stderr]:
         assert "Traceback" not in text and "sk-..." not in text
