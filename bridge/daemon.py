@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yarl
 
-from bridge import __version__, compat, homeassistant
+from bridge import __version__, compat, homeassistant, startup
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
@@ -41,11 +41,21 @@ class EmbeddedPortBusy(StartupError):
 class Bridge:
     """One running bridge instance; `run()` returns the process exit code."""
 
-    def __init__(self, config: BridgeConfig, table: MethodTable | None = None) -> None:
+    def __init__(
+        self,
+        config: BridgeConfig,
+        table: MethodTable | None = None,
+        *,
+        config_source: str | None = None,
+    ) -> None:
         self.config = config
+        self.config_source = config_source
+        """The config file in use (for the start-up summary), None for built-in defaults."""
         self.table = table or default_table()
         self.log = get_logger(instance=config.mqtt.instance_name)
         self.stop_event = asyncio.Event()
+        self.stop_now = asyncio.Event()
+        """Set by a second stop request: skip the rest of the shutdown grace."""
         self.ready = asyncio.Event()
         self.topics = Topics(
             config.mqtt.topic_prefix, config.mqtt.instance_name, config.mqtt.shared_group
@@ -55,7 +65,9 @@ class Bridge:
         self._ha_status = homeassistant.status_topic(config)
 
     def stop(self) -> None:
-        """Ask the bridge to shut down gracefully (thread-unsafe; call on the loop)."""
+        """Ask the bridge to shut down gracefully; asked again, at once (call on the loop)."""
+        if self.stop_event.is_set():
+            self.stop_now.set()
         self.stop_event.set()
 
     def info_payload(self, protocol: str) -> bytes:
@@ -121,8 +133,14 @@ class Bridge:
         """
         cfg = self.config
         self.log.info(
-            "starting", version=__version__, python=platform.python_version(), config=cfg.redacted()
+            "starting",
+            version=__version__,
+            python=platform.python_version(),
+            **startup.summary(cfg, self.config_source),
         )
+        self.log.debug("effective config", config=cfg.redacted())
+        if (no_key := startup.missing_key_warning(cfg)) is not None:
+            self.log.warning(no_key)
         off = compat.install()  # library internals: each checked against the installed version
         if off:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
@@ -277,9 +295,27 @@ class Bridge:
         assert self.dispatcher is not None and self.transport is not None
         grace = self.config.limits.shutdown_grace
         notify("STOPPING=1\nSTATUS=finishing in-flight requests")
-        self.log.info("stopping", in_flight=self.dispatcher.in_flight, grace_s=grace)
-        finished = await self.dispatcher.drain(grace)
-        if not finished:
+        in_flight = self.dispatcher.in_flight
+        # Only worth saying when there is something to wait for.
+        hint = {"hint": "a second Ctrl-C (or SIGTERM) stops at once"} if in_flight else {}
+        self.log.info("stopping", in_flight=in_flight, grace_s=grace, **hint)
+        drain = asyncio.create_task(self.dispatcher.drain(grace))
+        now = asyncio.create_task(self.stop_now.wait())
+        await asyncio.wait({drain, now}, return_when=asyncio.FIRST_COMPLETED)
+        now.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await now
+        if not drain.done():
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            self.log.warning(
+                "second signal: stopping now; unfinished requests stay unacknowledged and the "
+                "broker redelivers them",
+                unfinished=self.dispatcher.in_flight,
+            )
+            await self.dispatcher.cancel_all()
+        elif not drain.result():
             self.log.warning(
                 "shutdown grace expired; unfinished requests stay unacknowledged for redelivery",
                 unfinished=self.dispatcher.in_flight,

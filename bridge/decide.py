@@ -24,7 +24,7 @@ from bridge.errors import (
     UnknownMethod,
 )
 from bridge.jobs import check_wait
-from bridge.jsoncodec import loads, loads_text
+from bridge.jsoncodec import loads, loads_text, utf8_problem
 from bridge.messages import InboundMessage
 from bridge.operations import MethodTable, Operation
 from bridge.options import DEFAULT_OPTIONS, OPTIONS_KEY, BridgeOptions, error_options, parse_options
@@ -93,6 +93,13 @@ def valid_publish_topic(topic: str) -> bool:
     return bool(topic) and not any(c in topic for c in "+#\0") and len(topic) <= 65535
 
 
+def unknown_method_message(table: MethodTable, name: str) -> str:
+    """`unknown method 'x'`, with the closest method names when there are some."""
+    close = table.suggest(name[:100])
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown method {name[:100]!r}{hint} (see `openai-mqtt-bridge methods`)"
+
+
 def decode(message: InboundMessage, limit: int) -> dict[str, Any]:
     """The request's parameters (a JSON object of at most `limit` bytes).
 
@@ -100,7 +107,7 @@ def decode(message: InboundMessage, limit: int) -> dict[str, Any]:
     """
     payload, message.payload = message.payload, b""
     if len(payload) > limit:
-        raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
+        raise PayloadTooLarge.of(len(payload), limit)
     if not payload or payload.isspace():  # no strip(): that copies a large payload
         raise BadJson("empty payload: publish one JSON object")
     try:
@@ -109,7 +116,10 @@ def decode(message: InboundMessage, limit: int) -> dict[str, Any]:
         else:
             # Bytes to text, drop the bytes, then parse: two payloads' worth alive at the
             # peak instead of the three that parsing the bytes directly would hold.
-            text = str(payload, "utf-8")
+            try:
+                text = str(payload, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(utf8_problem(exc)) from None
             del payload
             params = loads_text(text)
     except ValueError as exc:
@@ -165,7 +175,7 @@ class Decider:
             op = self.table.find(method)
             if op is None:
                 raise UnknownMethod(
-                    f"unknown method {method[:100]!r}; see `openai-mqtt-bridge methods`"
+                    unknown_method_message(self.table, method)
                     if method
                     else "the topic names no method: publish to <prefix>/request/<method>"
                 )

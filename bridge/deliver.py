@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 _LOG_TEXT_LIMIT = 120
+_LOG_MESSAGE_LIMIT = 300
 _MAX_UNACKED_CHUNKS = 256
 """Chunks of a raw reply published before waiting for the broker (bounds what is queued)."""
 
@@ -140,8 +141,11 @@ class Deliverer:
             "attempts": outcome.attempts or None,
             "duration_ms": elapsed_ms,
             "dup": message.dup or None,
+            "message": error.message[:_LOG_MESSAGE_LIMIT] if error else None,
         }
-        self.log.info("request", **{k: v for k, v in fields.items() if v is not None})
+        # An error is worth a look: a warning, with what the reply told the device.
+        log = self.log.warning if error else self.log.info
+        log("request", **{k: v for k, v in fields.items() if v is not None})
 
     async def _send_chunks(
         self, message: InboundMessage, route: Route, outcome: render.Outcome

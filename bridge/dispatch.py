@@ -115,6 +115,13 @@ class Dispatcher:
         """Start handling one inbound message (called from the MQTT callback; never raises)."""
         if not self.accepting:
             return  # left unacked: the broker redelivers it to the next start
+        self.log.debug(
+            "request received",
+            topic=message.topic[:200],
+            bytes=len(message.payload),
+            qos=message.qos,
+            dup=message.dup or None,
+        )
         if message.retain:
             self.log.warning(
                 "retained request ignored",

@@ -176,6 +176,15 @@ class PayloadTooLarge(RequestError):
 
     code = "payload_too_large"
 
+    @classmethod
+    def of(cls, size: int, limit: int) -> PayloadTooLarge:
+        """The error for a payload of `size` bytes over `limit`, in bytes and MiB."""
+        mib = 1024 * 1024
+        return cls(
+            f"payload of {size} bytes ({size / mib:.1f} MiB) exceeds [limits] max_request_bytes "
+            f"= {limit} ({limit / mib:.3g} MiB)"
+        )
+
 
 class ReplyTooLarge(BridgeError):
     """The reply would exceed the largest packet the broker accepts."""

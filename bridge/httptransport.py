@@ -15,6 +15,7 @@ import yarl
 
 from bridge import compat
 from bridge.config import ServiceConfig
+from bridge.neterrors import connection_cause
 from bridge.request import HttpRequest
 
 T = TypeVar("T")
@@ -135,4 +136,5 @@ class AiohttpTransport:
         except aiohttp.ClientPayloadError as exc:
             raise TransportError("cut", type(exc).__name__) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransportError("unreachable", type(exc).__name__) from None
+            # The cause in words ("connection refused"), not aiohttp's class name.
+            raise TransportError("unreachable", connection_cause(exc)) from None

@@ -20,17 +20,29 @@ _LONG_NUMBER = re.compile(rb"\d{20}")
 _EXACT_CHECK_LIMIT = 1 << 20
 
 
+def utf8_problem(exc: UnicodeDecodeError) -> str:
+    """Where and why bytes are not UTF-8: `invalid UTF-8 at byte 14 (0xe9: invalid ...)`."""
+    bad = exc.object[exc.start : exc.start + 1]
+    return f"invalid UTF-8 at byte {exc.start} (0x{bad.hex()}: {exc.reason})"
+
+
 def loads(data: bytes) -> Any:
     """Parse JSON bytes (UTF-8); raise ValueError for anything that is not strict JSON."""
     if len(data) > _EXACT_CHECK_LIMIT or not _LONG_NUMBER.search(data):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
+            # orjson reports any invalid UTF-8 as "surrogates not allowed" at char 0.
+            if "not valid UTF-8" in str(exc):
+                try:
+                    str(data, "utf-8")
+                except UnicodeDecodeError as bad:
+                    raise ValueError(utf8_problem(bad)) from None
             raise ValueError(str(exc)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(utf8_problem(exc)) from None
     return loads_text(text)
 
 

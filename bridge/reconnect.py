@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from bridge.backoff import Backoff
+from bridge.neterrors import connection_cause
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -71,6 +72,15 @@ class Connectable(Protocol):
 
     def describe(self) -> str:
         """`host:port` for log lines."""
+
+
+def still_trying_due(attempt: int) -> bool:
+    """Whether failed attempt number `attempt` is said at warning level: 2, 4, 8, every 16th.
+
+    With the default backoff (up to 60 s) that is within a minute, then about every 16 minutes,
+    so a log that went quiet still says where the bridge is trying to get to.
+    """
+    return attempt in (2, 4, 8) or (attempt > 0 and attempt % 16 == 0)
 
 
 class ReconnectLogic:
@@ -144,13 +154,26 @@ class ReconnectLogic:
             )
             return delay
         delay = self.backoff.next_delay()
-        log = self.log.warning if first and self.backoff.attempt == 1 else self.log.debug
-        log(
-            "cannot connect to broker",
-            broker=self.transport.describe(),
-            error=f"{type(exc).__name__}: {exc}",
-            retry_in=round(delay, 2),
+        attempt = self.backoff.attempt
+        broker = self.transport.describe()
+        cause = (
+            connection_cause(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
         )
+        if first and attempt == 1:
+            self.log.warning(
+                "cannot connect to broker", broker=broker, error=cause, retry_in=round(delay, 2)
+            )
+        elif still_trying_due(attempt):
+            self.log.warning(
+                f"still trying to reach broker {broker}",
+                attempts=attempt,
+                error=cause,
+                retry_in=round(delay, 2),
+            )
+        else:
+            self.log.debug(
+                "cannot connect to broker", broker=broker, error=cause, retry_in=round(delay, 2)
+            )
         return delay
 
     async def _supervise(self) -> None:

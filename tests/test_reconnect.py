@@ -73,8 +73,9 @@ async def test_first_connect_retries_with_backoff_until_connected() -> None:
     await logic.start()
     assert state(logic) is ConnectionState.CONNECTED
     assert (transport.attempts, transport.resets, delays) == (4, 3, [1.0, 2.0, 4.0])
-    # Only the first failure of the first start is a warning; the rest are debug lines.
-    assert [level for level, *_ in log.lines] == ["warning", "debug", "debug"]
+    # The first failure of the first start is a warning, the second says it is still trying,
+    # the third is a debug line (still_trying_due: 2, 4, 8, every 16th).
+    assert [level for level, *_ in log.lines] == ["warning", "warning", "debug"]
     await logic.stop()
     assert state(logic) is ConnectionState.CLOSED
 
