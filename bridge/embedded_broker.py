@@ -23,6 +23,9 @@ _LATE_ACK_TEXTS = (
 )
 # Reported by the bridge itself, in one line (`port_busy_message`).
 _STARTUP_FAILED = "Broker startup failed"
+# At shutdown amqtt drops what it has not delivered yet (typically the bridge's own `offline`
+# state); the trial broker promises nothing across a stop, so that is no news to the user.
+_SHUTDOWN_DROPS = ("messages not broadcasted",)
 
 
 def port_busy_message(port: int) -> str:
@@ -52,7 +55,12 @@ class _AmqttRelay(logging.Handler):
     """Passes amqtt's records on to the root handlers, minus late-ack noise and tracebacks."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if is_late_ack_noise(record) or record.getMessage().startswith(_STARTUP_FAILED):
+        text = record.getMessage()
+        if (
+            is_late_ack_noise(record)
+            or text.startswith(_STARTUP_FAILED)
+            or any(t in text for t in _SHUTDOWN_DROPS)
+        ):
             return
         if record.exc_info or record.exc_text:
             exc = record.exc_info[1] if record.exc_info else None
