@@ -93,13 +93,6 @@ def valid_publish_topic(topic: str) -> bool:
     return bool(topic) and not any(c in topic for c in "+#\0") and len(topic) <= 65535
 
 
-def unknown_method_message(table: MethodTable, name: str) -> str:
-    """`unknown method 'x'`, with the closest method names when there are some."""
-    close = table.suggest(name[:100])
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return f"unknown method {name[:100]!r}{hint} (see `openai-mqtt-bridge methods`)"
-
-
 def decode(message: InboundMessage, limit: int) -> dict[str, Any]:
     """The request's parameters (a JSON object of at most `limit` bytes).
 
@@ -175,7 +168,7 @@ class Decider:
             op = self.table.find(method)
             if op is None:
                 raise UnknownMethod(
-                    unknown_method_message(self.table, method)
+                    self.table.unknown(method[:100])
                     if method
                     else "the topic names no method: publish to <prefix>/request/<method>"
                 )

@@ -120,6 +120,14 @@ class MethodTable:
         names = dict.fromkeys(self._by_key[key].name for key in keys)
         return list(names)
 
+    def unknown(self, name: str) -> str:
+        """The message for an unknown method `name`, with the close names when there are some."""
+        close = self.suggest(name)
+        if len(close) > 1:
+            close[-2:] = [f"{close[-2]} or {close[-1]}"]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"unknown method {name!r}{hint}; see `openai-mqtt-bridge methods`"
+
     def __len__(self) -> int:
         return len(self.operations)
 

@@ -138,12 +138,15 @@ def test_payload_messages_name_the_option_and_no_surrogates(
     ):
         big = c.request("createModeration", b"{" + b" " * (3 * 1024 * 1024) + b"}", suffix="big")
         bad = c.request("createModeration", b'{"input": "caf\xe9"}', suffix="utf8")
+        typo = c.request("listModel", {}, suffix="typo")
     assert big["error"]["code"] == "payload_too_large"
     assert "[limits] max_request_bytes" in big["error"]["message"]
     assert "3.0 MiB" in big["error"]["message"] and "2 MiB" in big["error"]["message"]
     assert bad["error"]["code"] == "bad_json"
     assert "surrogates" not in bad["error"]["message"]
     assert "invalid UTF-8 at byte 14" in bad["error"]["message"]
+    assert typo["error"]["code"] == "unknown_method"
+    assert "(did you mean listModels, " in typo["error"]["message"]
 
 
 # --- the process: reconnecting, stopping ---------------------------------------------------------
