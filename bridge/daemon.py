@@ -14,7 +14,12 @@ import yarl
 from bridge import __version__, compat, homeassistant, startup
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.dispatch import Dispatcher
-from bridge.embedded_broker import EMBEDDED_NOTICE, EmbeddedBroker
+from bridge.embedded_broker import (
+    EMBEDDED_NOTICE,
+    EmbeddedBroker,
+    PortInUse,
+    port_busy_message,
+)
 from bridge.journal import Journal, JournalLike
 from bridge.journal_pg import PgJournal
 from bridge.jsoncodec import dumps
@@ -210,7 +215,9 @@ class Bridge:
                 "no [mqtt] host set and the embedded trial broker is not installed: set [mqtt] "
                 "host, or install it with pip install 'openai-mqtt-bridge[trial]'"
             ) from None
-        except Exception as exc:  # noqa: BLE001  (amqtt wraps the bind error in its own BrokerError)
+        except PortInUse:
+            raise EmbeddedPortBusy(port_busy_message(port)) from None
+        except Exception as exc:  # noqa: BLE001  (amqtt wraps other errors in its BrokerError)
             raise EmbeddedPortBusy(
                 f"cannot start the embedded broker on 127.0.0.1:{port} ({exc}); if a broker "
                 'already runs there, set [mqtt] host = "127.0.0.1" to use it'
