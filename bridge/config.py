@@ -356,28 +356,6 @@ def _unmatched_env_warning(key: str) -> str:
     return f"environment variable {key} matches no option and is ignored; {hint}"
 
 
-def _tls_problems(tls: TlsConfig) -> list[str]:
-    """What is wrong with readable TLS files (not PEM, key not matching), as config problems.
-
-    Found here rather than as a traceback when the broker connection is first made.
-    """
-    import ssl
-
-    if not tls.active:
-        return []
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file or None)
-    except (ssl.SSLError, OSError) as exc:
-        return [f"mqtt.tls.ca_file: not a usable CA certificate file ({exc})"]
-    if tls.cert_file:
-        try:
-            # No password prompt on the terminal: an encrypted key is a problem like any other.
-            context.load_cert_chain(tls.cert_file, tls.key_file or None, password=lambda: "")
-        except (ssl.SSLError, OSError) as exc:
-            return [f"mqtt.tls.cert_file: certificate and key do not load ({exc})"]
-    return []
-
-
 def load_config(
     path: str | os.PathLike[str] | None,
     environ: dict[str, str] | None = None,
@@ -453,8 +431,6 @@ def load_config(
         tls_path = getattr(config.mqtt.tls, name)
         if tls_path and not os.access(tls_path, os.R_OK):
             problems.append(f"mqtt.tls.{name}: cannot read {tls_path!r}")
-    if not problems:
-        problems.extend(_tls_problems(config.mqtt.tls))
     if problems:
         raise ConfigError(problems)
 

@@ -283,19 +283,6 @@ def test_misspelt_option_in_a_file_gets_did_you_mean(tmp_path: Path) -> None:
     assert "environment" not in out.stderr
 
 
-def test_unusable_tls_files_are_config_problems(tmp_path: Path) -> None:
-    junk = tmp_path / "junk.pem"
-    junk.write_text("not a certificate\n")
-    for option in ("ca_file", "cert_file"):
-        path = write_config(
-            tmp_path / "tls.toml", {"mqtt": {"host": "broker.lan"}, "mqtt.tls": {option: str(junk)}}
-        )
-        for command in ("check-config", "run"):
-            out = cli(command, "--config", str(path))
-            assert out.returncode == 78, out.stderr
-            assert "Traceback" not in out.stderr and "mqtt.tls." in out.stderr
-
-
 # --- messages ------------------------------------------------------------------------------------
 
 
