@@ -157,7 +157,10 @@ def test_call_reply_option_flags(
     assert raw.returncode == 0, raw.stderr
     assert (tmp_path / "out.mp3").read_bytes() == audio
     assert error.returncode == 1 and error.stdout == ""
-    assert error.stderr.startswith("ERROR upstream_error: service host answered HTTP 404")
+    # stderr: which config file was used (issue 14), then the ERROR line.
+    assert error.stderr.splitlines()[-1].startswith(
+        "ERROR upstream_error: service host answered HTTP 404"
+    )
     assert bad.returncode == 64 and "_bridge.select is not a JMESPath expression" in bad.stderr
     assert all(b"_bridge" not in r.body for r in standin.requests)
     assert len(standin.requests) == 4  # the bad --select never reached the bridge
