@@ -70,7 +70,7 @@ async def test_untrusted_certificate(self_signed: tuple[Path, Path]) -> None:
 
 
 def test_name_not_resolved_and_others() -> None:
-    key = aiohttp.client_reqrep.ConnectionKey(  # type: ignore[attr-defined]
+    key = aiohttp.client_reqrep.ConnectionKey(
         "api.example.invalid", 443, True, True, None, None, None
     )
     dns = aiohttp.ClientConnectorError(key, socket.gaierror(socket.EAI_NONAME, "Name unknown"))
