@@ -47,7 +47,8 @@ def test_start_summary_instead_of_the_config_dump(
     starting = _one(bridge.log_text(), "starting")
     assert starting["broker"] == f"127.0.0.1:{mosquitto.port}"
     assert starting["prefix"] == topic_prefix and starting["api_key"] == "set"
-    assert starting["service"] == standin.url and starting["concurrency"] == 64
+    assert starting["service"] == standin.url
+    assert starting["concurrency"] == bridge.config.limits.max_concurrency
     assert "check-config" in starting["full_config"]
     assert "config" not in starting
     # The whole config only at debug level, for whoever asks.
