@@ -204,6 +204,7 @@ class Bridge:
             max_answer_bytes=cfg.max_answer_bytes,
             synchronous=cfg.synchronous,
             log=self.log,
+            recent_seconds=self.config.limits.dedup_seconds,
         )
 
     async def _start_embedded(self, embedded: EmbeddedBroker) -> None:

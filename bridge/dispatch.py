@@ -88,7 +88,6 @@ class Dispatcher:
         )
         self._clock = clock
         self._wall_clock = wall_clock
-        self._started = clock()
         self._sem = asyncio.Semaphore(config.limits.max_concurrency)
         self.waiter = JobWaiter(
             table=table,
@@ -224,7 +223,10 @@ class Dispatcher:
         if (
             key is not None
             and isinstance(decision, Call)
-            and (message.dup or (decision.transaction is not render.MISSING and self._fresh()))
+            and (
+                message.dup
+                or (decision.transaction is not render.MISSING and self._maybe_journaled(key))
+            )
         ):
             journaled = await self._journaled(key, message.dup)
             if journaled is not None:
@@ -244,14 +246,17 @@ class Dispatcher:
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
 
-    def _fresh(self) -> bool:
-        """Whether the reply cache may not yet hold every answer of the dedup window.
+    def _maybe_journaled(self, key: bytes) -> bool:
+        """Whether a repeat (not a redelivery) may have its answer in the journal but not the cache.
 
-        A redelivery (DUP) always consults the journal. A repeat with the same transaction only
-        does in the first `dedup_seconds` after start: later, the cache has seen the window, and
-        a disk lookup for every request with a transaction would cost a thread round trip each.
+        A redelivery (DUP) always consults the journal. A repeat with the same transaction does
+        only when its key was answered in the dedup window before this start: anything answered
+        since is in the reply cache, and a disk lookup for every request that carries a
+        transaction would cost a thread round trip each. A journal shared by a group (`recent`
+        None) is always consulted: another member may have answered it.
         """
-        return self._clock() - self._started < self.config.limits.dedup_seconds
+        recent = self.journal.recent if self.journal is not None else frozenset()
+        return recent is None or key in recent
 
     async def _journaled(self, key: bytes, dup: bool) -> tuple[bytes, str | None] | None:
         """The journaled reply for a redelivered (any age) or repeated (dedup window) request."""

@@ -61,6 +61,9 @@ class JournalLike(Protocol):
 
     scope: Scope
     max_answer_bytes: int
+    recent: frozenset[bytes] | None
+    """Keys answered within the dedup window before this start (a repeat of anything newer is
+    in the reply cache); None: any repeat may be in the journal (one shared by a group)."""
 
     async def lookup(self, key: bytes) -> JournalEntry | None:
         """The journaled entry for `key` (None when absent, too old, or on a read error)."""
@@ -276,6 +279,16 @@ class SqliteStore:
         size = db.execute("PRAGMA page_size").fetchone()[0]
         return int((pages - free) * size)
 
+    def recent_keys(self, since: float) -> frozenset[bytes]:
+        """Keys of the answers recorded from `since` (wall clock) on."""
+        rows = self._db.execute(
+            "SELECT key FROM entries WHERE answer IS NOT NULL AND id >= coalesce("
+            "(SELECT id FROM entries WHERE created >= ? ORDER BY id LIMIT 1), "
+            "(SELECT max(id) + 1 FROM entries))",
+            (since,),
+        ).fetchall()
+        return frozenset(row[0] for row in rows)
+
     def stats(self) -> JournalStats:
         """Entry counts and the file size."""
         entries, answers, jobs = self._db.execute(
@@ -324,10 +337,12 @@ class Journal:
         scope: Scope,
         max_answer_bytes: int,
         log: Any,
+        recent: frozenset[bytes] = frozenset(),
     ) -> None:
         self.store = store
         self.scope = scope
         self.max_answer_bytes = max_answer_bytes
+        self.recent: frozenset[bytes] | None = recent
         self.log = log
         self.failed_writes = 0
         self.commits = 0
@@ -347,8 +362,13 @@ class Journal:
         max_answer_bytes: int,
         synchronous: Literal["normal", "full"],
         log: Any,
+        recent_seconds: float = 0.0,
     ) -> Journal | None:
-        """The journal at `path`, or None (after logging why) when it cannot be used."""
+        """The journal at `path`, or None (after logging why) when it cannot be used.
+
+        The keys of answers recorded in the last `recent_seconds` (the dedup window) are read
+        into memory, so that only a repeat of one of those needs to look at the disk.
+        """
         if scope == "off":
             log.info("journal off", hint="[journal] scope = off")
             return None
@@ -362,6 +382,7 @@ class Journal:
             )
             return None
         stats = store.stats()
+        recent = store.recent_keys(time.time() - recent_seconds) if recent_seconds > 0 else None
         log.info(
             "journal open",
             path=str(path),
@@ -369,7 +390,13 @@ class Journal:
             entries=stats.entries,
             file_bytes=stats.file_bytes,
         )
-        return cls(store, scope=scope, max_answer_bytes=max_answer_bytes, log=log)
+        return cls(
+            store,
+            scope=scope,
+            max_answer_bytes=max_answer_bytes,
+            log=log,
+            recent=recent if recent is not None else frozenset(),
+        )
 
     # --- the API -----------------------------------------------------------------------------
 

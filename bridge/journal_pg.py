@@ -62,6 +62,8 @@ class PgJournal:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.max_answer_bytes = max_answer_bytes
+        self.recent: frozenset[bytes] | None = None
+        """Shared by a group: any repeat may have been answered by another member since."""
         self.log = log
         self.failed_writes = 0
         self._clock = clock

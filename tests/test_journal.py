@@ -259,3 +259,20 @@ async def test_content_type_of_a_plain_or_raw_reply_is_kept(tmp_path: Path) -> N
     entry = await journal.lookup(key(1))
     assert entry is not None and entry.content_type == "text/plain; charset=utf-8"
     await journal.close()
+
+
+async def test_keys_of_the_dedup_window_are_known_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    now = [1_000_000.0]
+    store = SqliteStore(path, max_bytes=1 << 20, max_age=3600, clock=lambda: now[0])
+    for i in range(3):  # answered at 1_000_000, 1_000_001, 1_000_002
+        store.begin()
+        store.put_answer(key(i), "t", b"a")
+        store.commit()
+        now[0] += 1
+    assert store.recent_keys(now[0] - 2) == {key(1), key(2)}
+    assert store.recent_keys(now[0] + 1) == frozenset()
+    store.close()
+    journal = open_journal(path, RecordingLog(), recent_seconds=3600 * 24 * 365 * 60)
+    assert journal is not None and journal.recent == frozenset({key(0), key(1), key(2)})
+    await journal.close()

@@ -319,3 +319,23 @@ def test_full_journal_prunes_the_oldest_and_keeps_answering(
         kept = db.execute("SELECT count(*) FROM entries").fetchone()[0]
     db.close()
     assert 0 < kept < 60
+
+
+def test_a_repeat_after_a_restart_is_answered_from_the_journal(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    request = {"transaction": "t-1", "input": "hello"}
+    with TestClient.for_broker(mosquitto, prefix=topic_prefix) as client:
+        with BridgeThread.from_file(path, env):
+            first = client.request("createModeration", request)
+        with BridgeThread.from_file(path, env) as second:
+            # The same request again (not a redelivery): the reply cache died with the first
+            # process; the journal knows it was answered within dedup_seconds.
+            again = client.request("createModeration", request)
+            other = client.request("createModeration", {"transaction": "t-2", "input": "x"})
+    assert again == first and other["status"] == "ok"
+    assert [r.json()["input"] for r in standin.requests] == ["hello", "x"]
+    assert '"status": "journaled"' in second.log_text()
