@@ -496,6 +496,9 @@ class Standin:
             # Written here rather than by aiohttp after the handler returns, so that the moment
             # the last byte left can be recorded.
             await whole.prepare(request)
+            # `done` before the body goes out, as when aiohttp wrote it after the handler: a
+            # client holding the answer may rely on the handler being finished.
+            record.done.set()
             await whole.write_eof()
             self._mark_answered(record)
             return whole
