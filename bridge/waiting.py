@@ -19,7 +19,7 @@ from typing import Any
 from bridge import render
 from bridge.config import JobsConfig
 from bridge.decide import Call, Route
-from bridge.errors import JobFailed, JobTimeout, UpstreamBadResponse
+from bridge.errors import BridgeError, JobFailed, JobTimeout, UpstreamBadResponse
 from bridge.jobs import JobKind, job_kind
 from bridge.journal import JournalEntry, JournalLike
 from bridge.jsoncodec import dumps, loads
@@ -159,9 +159,10 @@ class JobWaiter:
         assert retrieve is not None, kind.retrieve
         poller = Poller(self.config)
         job: dict[str, Any] | None = job_object(result) if result is not None else None
+        polled_ok = True
         while job is None or job.get("status") not in kind.terminal:
-            hint = result.poll_after if result is not None else None
-            delay = poller.delay(hint) if job is not None else 0.0
+            hint = result.poll_after if result is not None and polled_ok else None
+            delay = poller.delay(hint) if job is not None or not polled_ok else 0.0
             remaining = deadline - self._clock()
             if remaining <= delay:
                 raise JobTimeout(
@@ -171,7 +172,19 @@ class JobWaiter:
                     job_status=state.status,
                 )
             await self._sleep(delay)
-            result = await self.service.send(self.builder.build(retrieve, dict(state.params)))
+            try:
+                result = await self.service.send(self.builder.build(retrieve, dict(state.params)))
+            except BridgeError as exc:
+                if not exc.is_retryable:
+                    raise
+                # The job goes on upstream while the service host is briefly unreachable or
+                # overloaded: keep polling until the wait's timeout.
+                polled_ok = False
+                self.log.warning(
+                    "job poll failed; polling on", job_id=state.id, code=exc.code, error=str(exc)
+                )
+                continue
+            polled_ok = True
             job = job_object(result)
             await progress.update(state, job)
         status = str(job.get("status"))

@@ -423,3 +423,20 @@ def test_sigterm_stops_a_wait_at_once_and_the_next_start_resumes_it(
         for bridge in bridges:
             bridge.close()
         client.disconnect()
+
+
+def test_a_service_host_down_while_polling_does_not_end_the_wait(
+    waiting_bridge: BridgeThread, client: TestClient, standin: Standin
+) -> None:
+    job = {"id": "video_4", "object": "video"}
+    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
+    standin.script(
+        "GET",
+        "/videos/video_4",
+        *[Reply.error(503, "overloaded")] * 3,  # one poll's three attempts, all refused
+        Reply(json={**job, "status": "completed"}),
+    )
+    reply = client.request("createVideo", {"prompt": "x", "_bridge": {"wait": True}}, timeout=20)
+    assert reply["status"] == "ok" and reply["data"]["status"] == "completed"
+    assert [r.method for r in standin.requests] == ["POST", "GET", "GET", "GET", "GET"]
+    assert '"event": "job poll failed; polling on"' in waiting_bridge.log_text()
