@@ -196,7 +196,7 @@ class ReplyTooLarge(BridgeError):
 
 
 class UpstreamError(BridgeError):
-    """The service host answered with an HTTP error status."""
+    """The service host answered with a status other than 2xx (after any redirects)."""
 
     code = "upstream_error"
 

@@ -24,6 +24,10 @@ T = TypeVar("T")
 _TEXT_PART_TYPE = "text/plain; charset=utf-8"
 _FILE_PART_TYPE = "application/octet-stream"
 
+MAX_REDIRECTS = 10
+"""Redirects followed for one request (aiohttp's own default); the last one is the answer."""
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
 
 class Body(Protocol):
     """A response body being received."""
@@ -82,6 +86,10 @@ class AiohttpTransport:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
+        self._credentials = frozenset(
+            {"authorization", "proxy-authorization", config.api_key_name.lower()}
+        )
+        """Header names never sent to another origin than the service host's."""
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=config.total_timeout,
@@ -109,28 +117,35 @@ class AiohttpTransport:
             self._session = None
 
     async def exchange(self, request: HttpRequest, read: Callable[[Response], Awaitable[T]]) -> T:
-        """Send `request`; `read` reads the response; aiohttp's failures as TransportError."""
+        """Send `request`, following redirects; `read` reads the final response; aiohttp's
+        failures as TransportError."""
         await self.start()
         assert self._session is not None
-        data: Any = None
-        headers = request.headers
-        if request.form is not None:
-            form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
-            for part in request.form:
-                default_type = _TEXT_PART_TYPE if part.filename is None else _FILE_PART_TYPE
-                part_body = compat.bytes_body(part.value, part.content_type or default_type)
-                form.add_field(part.name, part_body, filename=part.filename)
-            # The session skips automatic Content-Type headers (bodyless requests must not get
-            # one), so the multipart type with its boundary is set here explicitly.
-            data = form()
-            headers = {**headers, "Content-Type": data.content_type}
-        elif request.json_body is not None:
-            data = compat.bytes_body(request.json_body, "application/json")
+        method, url = request.method, yarl.URL(request.url, encoded=True)
+        headers, with_body = dict(request.headers), True
+        origin = url.origin()
+        hops = 0
         try:
-            async with self._session.request(
-                request.method, yarl.URL(request.url, encoded=True), headers=headers, data=data
-            ) as resp:
-                return await read(resp)
+            while True:
+                sent_headers, data = _body(request, headers) if with_body else (headers, None)
+                async with self._session.request(
+                    method, url, headers=sent_headers, data=data, allow_redirects=False
+                ) as resp:
+                    location = resp.headers.get("Location")
+                    last = hops == MAX_REDIRECTS
+                    if resp.status not in _REDIRECT_STATUSES or not location or last:
+                        return await read(resp)
+                hops += 1
+                url = url.join(yarl.URL(location))
+                if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                    method, with_body = "GET", False  # what browsers, httpx and aiohttp do
+                    headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+                if url.origin() != origin:
+                    # The key belongs to the service host alone; httpx drops Authorization the
+                    # same way, and aiohttp would forward a custom key header such as `api-key`.
+                    headers = {
+                        k: v for k, v in headers.items() if k.lower() not in self._credentials
+                    }
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise TransportError("timeout", "no answer in time") from None
         except aiohttp.ClientPayloadError as exc:
@@ -138,3 +153,20 @@ class AiohttpTransport:
         except (aiohttp.ClientError, OSError) as exc:
             # The cause in words ("connection refused"), not aiohttp's class name.
             raise TransportError("unreachable", connection_cause(exc)) from None
+
+
+def _body(request: HttpRequest, headers: dict[str, str]) -> tuple[dict[str, str], Any]:
+    """The headers and aiohttp body for one send of `request` (a form is built anew each time)."""
+    if request.form is not None:
+        form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
+        for part in request.form:
+            default_type = _TEXT_PART_TYPE if part.filename is None else _FILE_PART_TYPE
+            part_body = compat.bytes_body(part.value, part.content_type or default_type)
+            form.add_field(part.name, part_body, filename=part.filename)
+        # The session skips automatic Content-Type headers (bodyless requests must not get
+        # one), so the multipart type with its boundary is set here explicitly.
+        data = form()
+        return {**headers, "Content-Type": data.content_type}, data
+    if request.json_body is not None:
+        return headers, compat.bytes_body(request.json_body, "application/json")
+    return headers, None

@@ -183,11 +183,11 @@ class ServiceClient:
             ) from None
 
     async def _read(self, resp: Response, sink: StreamSink | None) -> ServiceResult:
-        """The answer in `resp`: an UpstreamError for >= 400, the events to `sink` for a stream."""
+        """The answer in `resp`: an UpstreamError unless 2xx, the events to `sink` for a stream."""
         status = resp.status
         request_id = resp.headers.get("x-request-id")
         content_type = resp.headers.get("Content-Type", "").lower()
-        if status >= 400:
+        if status >= 300:  # a 3xx here is a redirect the transport did not follow
             body = await resp.content.read()
             upstream = _upstream_error_object(body, content_type)
             raise UpstreamError(
