@@ -215,19 +215,25 @@ def cmd_methods(group: str | None, path: str | None) -> int:
         _print_problems(exc, path)
         return EX_CONFIG
     table = default_table()
-    rows = [op for op in table.operations if group is None or op.group == group.lower()]
+    every = (*table.operations, *table.extra)
+    rows = [op for op in every if group is None or op.group == group.lower()]
     if not rows:
-        groups = sorted({op.group for op in table.operations})
+        groups = sorted({op.group for op in every})
         print(f"no methods in group {group!r}; groups: {', '.join(groups)}", file=sys.stderr)
         return EX_USAGE
+    # callEndpoint takes its verb and path from the payload.
+    lines = [
+        (op, "ANY", "/<path from the payload>") if op.generic else (op, op.verb, op.path)
+        for op in rows
+    ]
     name_width = max(len(op.name) for op in rows)
     group_width = max(len(op.group) for op in rows)
-    verb_width = max(len(op.verb) for op in rows)
-    for op in rows:
+    verb_width = max(len(verb) for _, verb, _ in lines)
+    for op, verb, op_path in lines:
         flags = " (retired)" if op.retired else (" (deprecated)" if op.deprecated else "")
         print(
-            f"{op.name:<{name_width}}  {op.group:<{group_width}}  {op.verb:<{verb_width}}  "
-            f"{op.path}{flags}"
+            f"{op.name:<{name_width}}  {op.group:<{group_width}}  {verb:<{verb_width}}  "
+            f"{op_path}{flags}"
         )
     return 0
 

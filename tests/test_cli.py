@@ -59,7 +59,10 @@ def test_check_config_reports_every_problem_and_exits_78(tmp_path: Path) -> None
 
 def test_methods_and_groups() -> None:
     out = cli("methods")
-    assert out.returncode == 0 and len(out.stdout.splitlines()) == len(default_table())
+    table = default_table()
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == len(table) + len(table.extra)
+    [generic] = [line for line in out.stdout.splitlines() if line.startswith("callEndpoint ")]
+    assert generic.split()[1:] == ["any-endpoint", "ANY", "/<path", "from", "the", "payload>"]
     audio = cli("methods", "--group", "audio").stdout.splitlines()
     assert any(line.startswith("createSpeech ") for line in audio)
     assert all(" audio " in line for line in audio)
