@@ -162,10 +162,14 @@ def _probe_client() -> paho.Client:
 
 def _check_out_packet() -> bool:
     # paho 2.x queues packets as dicts built in `_packet_queue` and writes them from `pos` on.
-    source = inspect.getsource(paho.Client._packet_queue)  # noqa: SLF001  (the shim's check)
+    code = paho.Client._packet_queue.__code__  # noqa: SLF001  (the shim's check)
+    keys = next((c for c in code.co_consts if isinstance(c, tuple) and "pos" in c), ())
     queue = _probe_client()._out_packet  # noqa: SLF001  (the shim's check)
-    keys = ('"mid": mid', '"pos": 0', '"packet": packet', "self._out_packet.append(")
-    return isinstance(queue, collections.deque) and all(key in source for key in keys)
+    return (
+        isinstance(queue, collections.deque)
+        and "_out_packet" in code.co_names
+        and {"mid", "pos", "packet"} <= set(keys)
+    )
 
 
 def write_large_without_copies(client: paho.Client, mid: int) -> None:
@@ -246,9 +250,9 @@ class TrackingContext(ssl.SSLContext):
 
 
 def _check_tls_tracking() -> bool:
-    # paho wraps its socket with the context given to tls_set_context (its 2.x source).
-    source = inspect.getsource(paho.Client._ssl_wrap_socket)  # noqa: SLF001  (the check)
-    return ".wrap_socket(" in source
+    # paho wraps its socket with the context given to tls_set_context (its 2.x code).
+    code = paho.Client._ssl_wrap_socket.__code__  # noqa: SLF001  (the shim's check)
+    return {"_ssl_context", "wrap_socket"} <= set(code.co_names)
 
 
 def tls_context() -> ssl.SSLContext:
