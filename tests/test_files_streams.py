@@ -1076,7 +1076,7 @@ BIG_REQUEST_LIMIT = 48 * MIB
 # (+77 once with the other core busy), download +67 MiB. At the upload's peak two payload-sized
 # buffers are alive: paho's receive buffer and the payload (bridge/compat.py), then the
 # payload text and its parse (bridge/decide.py), then the parse and the decoded file. The
-# download is sent through a memoryview and its envelope is joined once (bridge/mqtt.py,
+# download is sent through a memoryview and its envelope is joined once (bridge/compat.py,
 # bridge/render.py). Repeating the request checks that freed buffers go back to the system
 # (bridge/allocator.py; without it the third upload peaks at +91). One more copy of either size
 # anywhere fails these bounds.
