@@ -46,7 +46,7 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_readme_quick_start_as_written(
-    standin: Standin, processes: list[subprocess.Popen[str]]
+    standin: Standin, processes: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
     port = str(free_port())
     standin.script("POST", "/chat/completions", Reply(json={"object": "chat.completion"}))
@@ -56,6 +56,9 @@ def test_readme_quick_start_as_written(
         "OMB_MQTT__PORT": port,  # the one change: off 1883, where a system broker may listen
         "OMB_SERVICE__API_BASE": standin.url,
         "OMB_HOMEASSISTANT__DISCOVERY": "false",
+        # A journal of its own: the default one under HOME would answer a second run's request
+        # from the first run's answer, without calling the stand-in.
+        "XDG_STATE_HOME": str(tmp_path),
     }
 
     def spawn(argv: list[str]) -> OutputLines:
