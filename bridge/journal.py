@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from bridge.jsoncodec import dumps, loads
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 Scope = Literal["off", "jobs", "answers"]
 """What is journaled: nothing, waited jobs and job-creating answers only, or every answer."""
@@ -336,7 +339,7 @@ class Journal:
         *,
         scope: Scope,
         max_answer_bytes: int,
-        log: Any,
+        log: FilteringBoundLogger,
         recent: frozenset[bytes] = frozenset(),
     ) -> None:
         self.store = store
@@ -361,7 +364,7 @@ class Journal:
         max_age: float,
         max_answer_bytes: int,
         synchronous: Literal["normal", "full"],
-        log: Any,
+        log: FilteringBoundLogger,
         recent_seconds: float = 0.0,
     ) -> Journal | None:
         """The journal at `path`, or None (after logging why) when it cannot be used.

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yarl
 
 from bridge.journal import JournalEntry, Scope
 from bridge.jsoncodec import dumps, loads
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 _PRUNE_EVERY = 60.0
 _LOCK_ID = 0x4F4D424A  # advisory lock serialising the schema set-up of instances starting at once
@@ -54,7 +57,7 @@ class PgJournal:
         max_bytes: int,
         max_age: float,
         max_answer_bytes: int,
-        log: Any,
+        log: FilteringBoundLogger,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = pool
@@ -79,7 +82,7 @@ class PgJournal:
         max_bytes: int,
         max_age: float,
         max_answer_bytes: int,
-        log: Any,
+        log: FilteringBoundLogger,
     ) -> PgJournal | None:
         """The journal at `url`, or None (after logging why) when it cannot be used."""
         if scope == "off":

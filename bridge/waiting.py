@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import render
 from bridge.config import JobsConfig
@@ -28,6 +28,9 @@ from bridge.redact import Redactor
 from bridge.request import RequestBuilder
 from bridge.service import ServiceClient, ServiceResult
 from bridge.streaming import StreamPublisher
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 PROGRESS_EVENT = "job.progress"
 
@@ -100,7 +103,7 @@ class JobWaiter:
         redactor: Redactor,
         journal: JournalLike | None,
         config: JobsConfig,
-        log: Any,
+        log: FilteringBoundLogger,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
