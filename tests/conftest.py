@@ -28,6 +28,16 @@ def _broker(workdir: Path, **kwargs: object) -> MosquittoBroker:
         pytest.fail(str(exc), pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Bridges started by tests never journal into the state directory of the user running them."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+    patch.delenv("STATE_DIRECTORY", raising=False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """One private Mosquitto for the whole session (never the system one on 1883).

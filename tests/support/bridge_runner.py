@@ -95,6 +95,14 @@ def make_config(
     return path, env
 
 
+def private_state(config_path: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with `XDG_STATE_HOME` beside the config file unless it names a state directory."""
+    out = dict(env)
+    if "XDG_STATE_HOME" not in out and "STATE_DIRECTORY" not in out:
+        out["XDG_STATE_HOME"] = str(config_path.parent / "state")
+    return out
+
+
 class BridgeThread:
     """The bridge on its own event loop in a thread; logs go to `self.log_text()`."""
 
@@ -111,8 +119,12 @@ class BridgeThread:
 
     @classmethod
     def from_file(cls, path: Path, env: Mapping[str, str]) -> Self:
-        """Load `path` with `env` as the environment (nothing from the test process leaks in)."""
-        return cls(load_config(path, environ=dict(env)))
+        """Load `path` with `env` as the environment (nothing from the test process leaks in).
+
+        A config without a `[journal] path` journals next to the config file, never into the
+        state directory of the user running the tests.
+        """
+        return cls(load_config(path, environ=private_state(path, env)))
 
     def start(self, timeout: float = 15.0) -> Self:
         """Start and wait until the bridge is connected and subscribed."""
@@ -193,7 +205,7 @@ class BridgeProcess:
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-            **env,
+            **private_state(config_path, env),
         }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
