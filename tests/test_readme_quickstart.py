@@ -53,9 +53,6 @@ def test_readme_quick_start_as_written(
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
-        # The journal of this run only: the same request from an earlier run, answered from a
-        # shared journal, would never reach the stand-in.
-        "XDG_STATE_HOME": str(tmp_path / "state"),
         "OMB_MQTT__PORT": port,  # the one change: off 1883, where a system broker may listen
         "OMB_SERVICE__API_BASE": standin.url,
         "OMB_HOMEASSISTANT__DISCOVERY": "false",
