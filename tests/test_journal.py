@@ -177,17 +177,51 @@ def test_a_foreign_database_is_not_taken_over(tmp_path: Path) -> None:
     assert "not a bridge journal" in log.lines[-1][2]["reason"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes")
+# Opens a journal in the state directory argv[1] and prints what the bridge would say.
+_OPEN_IN_CHILD = """
+import sys
+from pathlib import Path
+from bridge.journal import Journal
+reasons = []
+class Log:
+    def __getattr__(self, level):
+        return lambda event, **fields: reasons.append(fields.get("reason"))
+journal = Journal.open(Path(sys.argv[1]) / "j.sqlite3", log=Log(), scope="answers",
+    max_bytes=1 << 20, max_age=3600.0, max_answer_bytes=65536, synchronous="full")
+print(journal is None, reasons[-1])
+"""
+
+
 def test_read_only_state_directory_is_reported_and_skipped(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    state.chmod(0o500)
-    try:
-        log = RecordingLog()
-        assert open_journal(state / "j.sqlite3", log) is None
-        assert "not writable" in log.lines[-1][2]["reason"]
-    finally:
-        state.chmod(0o700)
+    if os.geteuid() != 0:
+        state.chmod(0o500)
+        try:
+            log = RecordingLog()
+            assert open_journal(state / "j.sqlite3", log) is None
+            reason = log.lines[-1][2]["reason"]
+        finally:
+            state.chmod(0o700)
+    else:
+        # File modes do not stop root; a read-only mount does. It is made in a mount namespace
+        # of the child's own, so nothing outside the test sees it.
+        script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+        child = [sys.executable, "-c", _OPEN_IN_CHILD, str(state)]
+        done = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script, str(state), *child],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[1],
+            check=False,
+        )
+        if "mount" in done.stderr or "unshare" in done.stderr:
+            pytest.skip(f"root here cannot make a read-only mount: {done.stderr.strip()[:200]}")
+        assert done.returncode == 0, done.stderr
+        refused, reason = done.stdout.strip().split(" ", 1)
+        assert refused == "True"
+    assert "not writable" in reason and str(state) in reason
 
 
 def test_unwritable_state_directory_is_reported_and_skipped(tmp_path: Path) -> None:
