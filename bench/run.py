@@ -290,6 +290,10 @@ stats_interval = 0
         config = self.bridge_config(slow, instance)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMB_")}
         env["OPENAI_API_KEY"] = "sk-bench"
+        # A journal of its own: the requests of every benchmark run have the same topics and
+        # payloads, so a shared one would answer repeats of an earlier run without the upstream.
+        env.pop("STATE_DIRECTORY", None)
+        env["XDG_STATE_HOME"] = str(self.workdir / f"state-{instance}")
         env.update(self.bridge_env)
         argv = [str(BRIDGE_EXE), "--config", str(config)]
         if self.bridge_src is not None:
@@ -1098,6 +1102,11 @@ def main() -> int:
         help="instead of the benchmark: py-spy the bridge under C=128 (bench/profile.svg)",
     )
     parser.add_argument("--profile-concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C frames too (uvloop, the kernel calls, SQLite)",
+    )
     parser.add_argument("--no-echo", action="store_true", help="skip the echo (ceiling) runs")
     parser.add_argument(
         "--slow-levels", help="comma-separated C values for the 200 ms upstream (default 128)"
@@ -1155,7 +1164,7 @@ def main() -> int:
             try:
                 bench.start_broker()
                 bench.start_upstream()
-                return profile(bench, args.profile_concurrency)
+                return profile(bench, args.profile_concurrency, native=args.profile_native)
             finally:
                 bench.close()
         try:
@@ -1214,13 +1223,15 @@ def main() -> int:
     return 0 if all("failed" not in r for r in bench.runs) else 1
 
 
-def profile(bench: Bench, concurrency: int, seconds: float = 10.0) -> int:
+def profile(bench: Bench, concurrency: int, seconds: float = 10.0, native: bool = False) -> int:
     """py-spy the bridge under the instant load at `concurrency`: an SVG and a text summary."""
     spy = Path(PY).with_name("py-spy")
     if not spy.exists():
         raise SystemExit(f"{spy} not found: .venv/bin/pip install -e '.[bench]'")
-    svg = BENCH / ("profile.svg" if concurrency == CONCURRENCY else f"profile-c{concurrency}.svg")
-    raw = RESULTS / f"profile-c{concurrency}.raw.txt"
+    suffix = "" if concurrency == CONCURRENCY else f"-c{concurrency}"
+    suffix += "-native" if native else ""
+    svg = BENCH / f"profile{suffix}.svg"
+    raw = RESULTS / f"profile-c{concurrency}{'-native' if native else ''}.raw.txt"
     count = int(2 * seconds * (1500 if concurrency > 1 else 700)) + 2000
     with bench.bridge("profile") as facts:
         pid = facts["pid"]
@@ -1234,6 +1245,8 @@ def profile(bench: Bench, concurrency: int, seconds: float = 10.0) -> int:
         for fmt_name, path in (("raw", raw), ("flamegraph", svg)):
             # One after the other: two py-spy processes cannot both ptrace the bridge.
             argv = [str(spy), "record", "--pid", str(pid), "--rate", "200"]
+            if native:
+                argv.append("--native")
             argv += ["--duration", str(int(seconds)), "--format", fmt_name, "-o", str(path)]
             with (RESULTS / f"py-spy-{fmt_name}.log").open("wb") as log:
                 try:
@@ -1242,7 +1255,7 @@ def profile(bench: Bench, concurrency: int, seconds: float = 10.0) -> int:
                     print(f"py-spy ({fmt_name}) did not finish in time")
         loader.join(bench.plan.time_limit_s + 150)
     text = summarize_profile(raw, concurrency)
-    summary = BENCH / f"profile-c{concurrency}.txt"
+    summary = BENCH / f"profile-c{concurrency}{'-native' if native else ''}.txt"
     summary.write_text(text)
     print(text)
     print(f"wrote {svg.relative_to(ROOT)} and {summary.relative_to(ROOT)}")
