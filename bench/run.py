@@ -1274,7 +1274,8 @@ def summarize_profile(raw: Path, concurrency: int, top: int = 25) -> str:
             continue
         count = int(count_text)
         raw_frames = stack.split(";")
-        if not raw_frames[0].startswith("<module>") or raw_frames[-1].startswith(_IDLE_LEAVES):
+        python = [f for f in raw_frames if f.startswith("<module>")]
+        if not python or raw_frames[-1].startswith(_IDLE_LEAVES):
             continue  # another thread (the idle resolver pool), or the loop waiting for I/O
         total += count
         frames = [_frame_name(f) for f in raw_frames]
