@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import json
 import math
 import mimetypes
@@ -147,9 +148,16 @@ _EXT_AV_TYPES: dict[str, tuple[str, str]] = {
     "webm": ("audio/webm", "video/webm"),
     "mpeg": ("audio/mpeg", "video/mpeg"),
 }
+
+
 # A private table built from Python's defaults only: `mimetypes.guess_type` also reads
 # /etc/mime.types, which would make the answer depend on the machine.
-_MIME = mimetypes.MimeTypes()
+@functools.cache
+def _mime() -> mimetypes.MimeTypes:
+    """The private MIME table (Python's defaults), built on first use: it costs ~10 ms at start."""
+    return mimetypes.MimeTypes()
+
+
 # Content type -> extension where the inverse of the tables above is ambiguous or missing.
 _TYPE_EXT: dict[str, str] = {
     "audio/wav": "wav",
@@ -191,7 +199,7 @@ def guess_content_type(filename: str, *, video: bool = False) -> str | None:
         return _EXT_TYPES[ext]
     if ext in _EXT_AV_TYPES:
         return _EXT_AV_TYPES[ext][1 if video else 0]
-    return _MIME.guess_type("x." + ext, strict=False)[0]
+    return _mime().guess_type("x." + ext, strict=False)[0]
 
 
 def extension_for(content_type: str) -> str | None:
@@ -199,7 +207,7 @@ def extension_for(content_type: str) -> str | None:
     base = content_type.partition(";")[0].strip().lower()
     if base in _TYPE_EXT:
         return _TYPE_EXT[base]
-    ext = _MIME.guess_extension(base, strict=False)
+    ext = _mime().guess_extension(base, strict=False)
     return ext[1:] if ext else None
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import jmespath
-import jmespath.exceptions
-import jmespath.functions
-import jmespath.parser
+from typing import TYPE_CHECKING, Any, Literal
 
 from bridge.errors import InvalidParameter
+
+if TYPE_CHECKING:
+    import jmespath.parser
 
 OPTIONS_KEY = "_bridge"
 """The reserved payload key holding the options."""
@@ -44,9 +42,6 @@ class WaitOptions:
     """Seconds from the call to giving up with `job_timeout` (the job goes on upstream)."""
 
 
-_KNOWN_FUNCTIONS = frozenset(jmespath.functions.Functions.FUNCTION_TABLE)
-
-
 @dataclass(frozen=True, slots=True)
 class Selection:
     """A compiled JMESPath expression and its source text."""
@@ -56,6 +51,8 @@ class Selection:
 
     def search(self, data: Any) -> Any:
         """The selected value; `None` when nothing matches or the expression fails on `data`."""
+        import jmespath.exceptions  # here, not at the top: only a `select` needs it (start-up)
+
         try:
             return self.compiled.search(data)
         except (jmespath.exceptions.JMESPathError, RecursionError):
@@ -169,6 +166,9 @@ def compile_select(expression: str) -> Selection:
         raise _invalid("select", "must not be empty")
     if len(expression) > MAX_SELECT_CHARS:
         raise _invalid("select", f"is longer than {MAX_SELECT_CHARS} characters")
+    import jmespath  # here, not at the top: only a `select` needs it (start-up)
+    import jmespath.exceptions
+
     try:
         with warnings.catch_warnings():
             # jmespath only warns about the deprecated unquoted `literal`; refuse it instead.
@@ -217,6 +217,9 @@ def _parse_size(name: str, value: Any, minimum: int) -> int | None:
 
 def _unknown_functions(node: Any) -> list[str]:
     """Names of the functions an expression's AST calls that jmespath does not provide."""
+    import jmespath.functions  # here, not at the top: only a `select` needs it (start-up)
+
+    known = jmespath.functions.Functions.FUNCTION_TABLE
     unknown: list[str] = []
     pending = [node]
     while pending:
@@ -225,7 +228,7 @@ def _unknown_functions(node: Any) -> list[str]:
             continue
         if item.get("type") == "function_expression":
             name = str(item.get("value"))
-            if name not in _KNOWN_FUNCTIONS and name not in unknown:
+            if name not in known and name not in unknown:
                 unknown.append(name[:40])
         pending.extend(item.get("children", ()))
     return sorted(unknown)

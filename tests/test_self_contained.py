@@ -52,6 +52,21 @@ def test_the_daemon_never_imports_the_yaml_parser_or_the_generator() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_idle_daemon_loads_neither_jmespath_nor_asyncpg_nor_the_mime_table() -> None:
+    """Start-up cost (issue 13): a `select`, a PostgreSQL journal or a file upload loads them."""
+    code = (
+        "import sys, mimetypes, bridge.daemon, bridge.cli, bridge.dispatch, bridge.operations\n"
+        "bridge.operations.default_table()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jmespath', 'asyncpg')),"
+        " mimetypes.inited)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] False"
+
+
 def test_vendored_specs_are_the_ones_the_source_note_names() -> None:
     note = (REPO_ROOT / "spec" / "README.md").read_text(encoding="utf-8")
     for name in ("openapi-latest.yaml", "openapi-2024-02.yaml"):
