@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
 from support.broker import MosquittoBroker
+from support.cli import cli
 from support.standin import Reply, Standin
 
 from bridge import __version__
 from bridge.operations import default_table
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **(env or {})},
-        check=False,
-    )
 
 
 def test_version() -> None:

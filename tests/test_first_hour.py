@@ -15,6 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config, write_config
 from support.broker import MosquittoBroker, free_port
+from support.cli import cli
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
@@ -23,24 +24,6 @@ from bridge.formdata import encode_form
 from bridge.operations import default_table
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(
-    *args: str,
-    stdin: str | None = None,
-    env: dict[str, str] | None = None,
-    cwd: Path = REPO,
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **(env or {})},
-        check=False,
-    )
 
 
 # --- the embedded trial broker -------------------------------------------------------------------
