@@ -12,7 +12,13 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
-from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.bridge_runner import (
+    TEST_API_KEY,
+    TEST_MQTT_PASSWORD,
+    BridgeProcess,
+    BridgeThread,
+    make_config,
+)
 from support.bridges import StartBridge
 from support.broker import MosquittoBroker, MosquittoNotInstalled
 from support.mqtt_client import TestClient
@@ -117,6 +123,18 @@ def start_bridge(
 def bridge(start_bridge: StartBridge) -> BridgeThread:
     """A bridge with the default test config."""
     return start_bridge()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[BridgeProcess]]:
+    """Bridge subprocesses started by a test; closed after it, logs scanned for both secrets."""
+    started: list[BridgeProcess] = []
+    yield started
+    for proc in started:
+        proc.close()
+        text = proc.log_text()
+        assert TEST_API_KEY not in text
+        assert TEST_MQTT_PASSWORD not in text
 
 
 # ----------------------------------------------------------- leaked asyncio tasks

@@ -7,21 +7,19 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.bridge_runner import (
-    TEST_API_KEY,
     BridgeProcess,
     BridgeThread,
     make_config,
 )
 from support.bridge_runner import _Deadline as Deadline
 from support.broker import MosquittoBroker
-from support.mqtt_client import TestClient
+from support.mqtt_client import TestClient, durable_client
 from support.standin import RecordedRequest, Reply, Standin
 
 TOTAL = 200
@@ -37,16 +35,6 @@ def spread_latency(record: RecordedRequest) -> Reply:
     """
     echo = {"object": "standin", "method": record.method, "path": record.path}
     return Reply(json={**echo, "echo": record.json()}, delay=0.8 + (record.index * 37 % 101) / 125)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[BridgeProcess]]:
-    """Bridge subprocesses started by a test; killed after it, logs scanned for the key."""
-    started: list[BridgeProcess] = []
-    yield started
-    for proc in started:
-        proc.close()
-        assert TEST_API_KEY not in proc.log_text()
 
 
 def spawn(
@@ -108,11 +96,7 @@ def kill_mid_load(
 ) -> CrashRun:
     """200 requests (0.8-1.6 s upstream), kill -9 after 80 were answered, restart, drain."""
     standin.set_default(spread_latency)
-    client = TestClient.for_broker(
-        broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
-    )
-    client.connect()
-    client.subscribe(f"{prefix}/response/#")
+    client = durable_client(broker, prefix)
     try:
         first = spawn(tmp_path, processes, broker, standin, prefix, journal)
         for i in range(TOTAL):
@@ -179,11 +163,7 @@ def outage_then_kill(
 ) -> CrashRun:
     """The broker stalls while 64 calls are open; their answers arrive; kill -9; all resumes."""
     standin.set_latency(0.3)
-    client = TestClient.for_broker(
-        broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
-    )
-    client.connect()
-    client.subscribe(f"{prefix}/response/#")
+    client = durable_client(broker, prefix)
     journal = tmp_path / "outage.sqlite3"
     config = {"scope": scope, "path": str(journal)}
     assert broker.pid is not None

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
 from support.broker import MosquittoBroker
-from support.mqtt_client import TestClient
+from support.mqtt_client import durable_client
 from support.postgres import PostgresServer
 from support.standin import RecordedRequest, Reply, Standin
 from test_journal import RecordingLog
@@ -167,15 +167,7 @@ def test_one_of_three_killed_mid_job_is_replaced_and_the_job_created_once(
         return BridgeProcess(path, env, folder / "bridge.log")
 
     members = {n: bridge(n, f"omb-{topic_prefix}-{n}") for n in ("alpha", "beta", "gamma")}
-    client = TestClient.for_broker(
-        own_mosquitto,
-        prefix=topic_prefix,
-        clean=False,
-        session_expiry=600,
-        client_id=f"durable-{topic_prefix}",
-    )
-    client.connect()
-    client.subscribe(f"{topic_prefix}/response/#")
+    client = durable_client(own_mosquitto, topic_prefix)
     replacement: BridgeProcess | None = None
     try:
         for member in members.values():

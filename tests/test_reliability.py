@@ -12,24 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
+from support.bridge_runner import (
+    TEST_API_KEY,
+    TEST_MQTT_PASSWORD,
+    BridgeProcess,
+    BridgeThread,
+    make_config,
+)
 from support.broker import MosquittoBroker, free_port
-from support.mqtt_client import TestClient
+from support.mqtt_client import TestClient, durable_client
 from support.standin import Reply, Standin
-
-MQTT_PASSWORD = "mqtt-PASSWORD-93e1c0ffee"
-
-
-@pytest.fixture
-def processes() -> Iterator[list[BridgeProcess]]:
-    """Bridge subprocesses started by a test; killed after it, logs scanned for secrets."""
-    started: list[BridgeProcess] = []
-    yield started
-    for proc in started:
-        proc.close()
-        text = proc.log_text()
-        assert TEST_API_KEY not in text
-        assert MQTT_PASSWORD not in text
 
 
 def spawn(
@@ -46,16 +38,6 @@ def spawn(
     proc = BridgeProcess(path, env, tmp_path / f"bridge-{len(processes)}.log")
     processes.append(proc)
     return proc.start()
-
-
-def durable_client(broker: MosquittoBroker, prefix: str) -> TestClient:
-    """A client whose session and reply subscription survive its and the broker's restarts."""
-    client = TestClient.for_broker(
-        broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
-    )
-    client.connect()
-    client.subscribe(f"{prefix}/response/#")
-    return client
 
 
 def inputs_seen(standin: Standin) -> Counter[str]:
@@ -340,18 +322,20 @@ def test_mqtt_password_and_api_key_never_logged(
         prefix=topic_prefix,
         mqtt={"username": "bridge-user"},
     )
-    env = {**env, "MQTT_PASSWORD": MQTT_PASSWORD}
+    env = {**env, "MQTT_PASSWORD": TEST_MQTT_PASSWORD}
     with (
         BridgeThread.from_file(path, env) as running,
         TestClient.for_broker(mosquitto, prefix=topic_prefix) as client,
     ):
-        standin.script("GET", "/models", Reply(json={"leak": f"{TEST_API_KEY} {MQTT_PASSWORD}"}))
+        standin.script(
+            "GET", "/models", Reply(json={"leak": f"{TEST_API_KEY} {TEST_MQTT_PASSWORD}"})
+        )
         reply = client.request_raw("listModels", {})
         client.subscribe(f"{topic_prefix}/bridge/test/info")
         info = client.wait_for_one(f"{topic_prefix}/bridge/test/info")
     text = running.log_text()
     assert '"password": "**********"' in text and '"api_key": "**********"' in text
-    for secret in (TEST_API_KEY, MQTT_PASSWORD):
+    for secret in (TEST_API_KEY, TEST_MQTT_PASSWORD):
         assert secret not in text
         assert secret.encode() not in reply.payload
         assert secret.encode() not in info.payload

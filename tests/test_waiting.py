@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
 from support.broker import MosquittoBroker
-from support.mqtt_client import TestClient
+from support.mqtt_client import TestClient, durable_client
 from support.standin import RecordedRequest, Reply, Standin
 
 from bridge.errors import InvalidParameter
@@ -21,6 +20,19 @@ from bridge.options import parse_options
 from bridge.waiting import JobState, Poller
 
 FAST_POLLING = {"poll_min": 0.05, "poll_max": 0.2}
+
+
+def script_video_job(standin: Standin, job_id: str) -> threading.Event:
+    """Scripts createVideo to start `job_id`, in progress at every poll until the event is set."""
+    done = threading.Event()
+    job = {"id": job_id, "object": "video"}
+
+    def state(record: RecordedRequest) -> Reply:
+        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
+
+    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
+    standin.script("GET", f"/videos/{job_id}", state)
+    return done
 
 
 @pytest.fixture
@@ -267,14 +279,7 @@ def test_waiting_jobs_do_not_hold_request_slots(
         limits={"max_concurrency": 1},
         extra={"jobs": FAST_POLLING},
     )
-    done = threading.Event()
-    job = {"id": "video_5", "object": "video"}
-
-    def state(record: RecordedRequest) -> Reply:
-        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
-
-    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
-    standin.script("GET", "/videos/video_5", state)
+    done = script_video_job(standin, "video_5")
     with (
         BridgeThread.from_file(path, env),
         TestClient.for_broker(mosquitto, prefix=topic_prefix) as client,
@@ -303,23 +308,8 @@ def test_kill_9_while_waiting_resumes_the_job_created_once(
         mqtt={"session_expiry": 600},
         extra={"jobs": FAST_POLLING},
     )
-    done = threading.Event()
-    job = {"id": "video_8", "object": "video"}
-
-    def state(record: RecordedRequest) -> Reply:
-        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
-
-    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
-    standin.script("GET", re.compile(r"/videos/video_8"), state)
-    client = TestClient.for_broker(
-        own_mosquitto,
-        prefix=topic_prefix,
-        clean=False,
-        session_expiry=600,
-        client_id=f"durable-{topic_prefix}",
-    )
-    client.connect()
-    client.subscribe(f"{topic_prefix}/response/#")
+    done = script_video_job(standin, "video_8")
+    client = durable_client(own_mosquitto, topic_prefix)
     bridges = [BridgeProcess(path, env, tmp_path / f"bridge-{n}.log") for n in range(2)]
     try:
         bridges[0].start()
@@ -386,23 +376,8 @@ def test_sigterm_stops_a_wait_at_once_and_the_next_start_resumes_it(
         limits={"shutdown_grace": 600.0},
         extra={"jobs": FAST_POLLING, "logging": {"level": "info"}},
     )
-    done = threading.Event()
-    job = {"id": "video_6", "object": "video"}
-
-    def state(record: RecordedRequest) -> Reply:
-        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
-
-    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
-    standin.script("GET", "/videos/video_6", state)
-    client = TestClient.for_broker(
-        own_mosquitto,
-        prefix=topic_prefix,
-        clean=False,
-        session_expiry=600,
-        client_id=f"durable-{topic_prefix}",
-    )
-    client.connect()
-    client.subscribe(f"{topic_prefix}/response/#")
+    done = script_video_job(standin, "video_6")
+    client = durable_client(own_mosquitto, topic_prefix)
     bridges = [BridgeProcess(path, env, tmp_path / f"bridge-{n}.log") for n in range(2)]
     try:
         bridges[0].start()

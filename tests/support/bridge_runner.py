@@ -18,6 +18,8 @@ from bridge.config import BridgeConfig, load_config
 from bridge.daemon import Bridge
 
 TEST_API_KEY = "sk-test-SECRET-4f7c2a9e8b1d"
+TEST_MQTT_PASSWORD = "mqtt-PASSWORD-93e1c0ffee"
+"""The MQTT password tests give a bridge; like the key, it must never reach a log."""
 """The API key every test bridge uses; no log line or reply may ever contain it."""
 
 

@@ -573,3 +573,14 @@ class TestClient:
     def __repr__(self) -> str:
         version = "5" if self.v5 else "3.1.1"
         return f"<TestClient {self.client_id} MQTT {version} {self.host}:{self.port}>"
+
+
+def durable_client(broker: MosquittoBroker, prefix: str) -> TestClient:
+    """A connected client whose session and reply subscription survive its and the broker's
+    restarts (persistent session, `<prefix>/response/#` subscribed)."""
+    client = TestClient.for_broker(
+        broker, prefix=prefix, clean=False, session_expiry=600, client_id=f"durable-{prefix}"
+    )
+    client.connect()
+    client.subscribe(f"{prefix}/response/#")
+    return client
