@@ -56,15 +56,35 @@ CHAT_COMPLETION: dict[str, Any] = {
 
 @dataclass(frozen=True, slots=True)
 class ProcSample:
-    """CPU seconds (user + system) and memory of one process at one moment."""
+    """CPU seconds (user + system) and memory of a process and its descendants at one moment."""
 
     cpu_s: float
     rss_mib: float
     hwm_mib: float
+    """The sum of each process's own peak (with `[runtime] workers`: an upper bound)."""
+    processes: int = 1
 
 
-def proc_sample(pid: int) -> ProcSample | None:
-    """Read /proc/<pid>/stat and /proc/<pid>/status; None when the process is gone."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers), from /proc/<pid>/task/*/children."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children", "rb") as fh:
+                    todo.extend(int(child) for child in fh.read().split())
+            except OSError:
+                continue
+    return out
+
+
+def _one_sample(pid: int) -> ProcSample | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
@@ -83,6 +103,20 @@ def proc_sample(pid: int) -> ProcSample | None:
     return ProcSample(cpu, rss, hwm)
 
 
+def proc_sample(pid: int) -> ProcSample | None:
+    """CPU and memory of `pid` and its descendants summed; None when `pid` is gone."""
+    top = _one_sample(pid)
+    if top is None:
+        return None
+    samples = [top, *(s for child in process_tree(pid)[1:] if (s := _one_sample(child)))]
+    return ProcSample(
+        sum(s.cpu_s for s in samples),
+        sum(s.rss_mib for s in samples),
+        sum(s.hwm_mib for s in samples),
+        len(samples),
+    )
+
+
 def machine_cpu_s() -> tuple[float, float]:
     """(busy, steal) CPU seconds of all CPUs since boot, from the first line of /proc/stat.
 
@@ -97,10 +131,12 @@ def machine_cpu_s() -> tuple[float, float]:
 
 
 def reset_peak_rss(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux clear_refs 5); False if not allowed."""
+    """Reset VmHWM to the current RSS (Linux clear_refs 5) for `pid` and its descendants;
+    False if not allowed."""
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as fh:
-            fh.write("5")
+        for member in process_tree(pid):
+            with open(f"/proc/{member}/clear_refs", "w") as fh:
+                fh.write("5")
     except OSError:
         return False
     return True

@@ -106,7 +106,14 @@ QUICK = Plan(
 )
 ECHO_PREFIX = "echo"
 """The echo responder's topic prefix: it and the bridge stay up side by side, each run picks one."""
-TARGET_PREFIX = {"echo": ECHO_PREFIX, "bridge": PREFIX, "nodered": node_red.PREFIX}
+WORKERS_PREFIX = "benchw"
+"""The `--workers` bridge's prefix: its shared group must not share requests with the other."""
+TARGET_PREFIX = {
+    "echo": ECHO_PREFIX,
+    "bridge": PREFIX,
+    "workers": WORKERS_PREFIX,
+    "nodered": node_red.PREFIX,
+}
 QUIET_CORES = 0.3
 SCENARIOS = ("instant", "slow", "speech", "transcription")
 
@@ -166,6 +173,8 @@ class Bench:
     slow_levels: list[int] = field(default_factory=lambda: [CONCURRENCY])
     """Requests in flight of the 200 ms upstream runs."""
     with_nodered: bool = True
+    workers: str | None = None
+    """`[runtime] workers` of a second bridge run beside the first in the instant runs."""
     nodered_cache: Path | None = None
     """Where Node-RED is installed on first use (default ~/.cache/openai-mqtt-bridge)."""
     nodered_facts: dict[str, Any] = field(default_factory=dict)
@@ -252,7 +261,7 @@ class Bench:
 
     # --- the bridge -------------------------------------------------------------------------------
 
-    def bridge_config(self, slow: bool, instance: str) -> Path:
+    def bridge_config(self, slow: bool, instance: str, prefix: str = PREFIX) -> Path:
         """A bench config: own broker, a stand-in upstream, warnings only; the concurrency
         limits (`max_concurrency`, `max_connections`) are the defaults."""
         path = self.workdir / f"{instance}.toml"
@@ -260,7 +269,7 @@ class Bench:
             f"""[mqtt]
 host = "127.0.0.1"
 port = {self.broker_port}
-topic_prefix = "{PREFIX}"
+topic_prefix = "{prefix}"
 instance = "{instance}"
 client_id = "{instance}"
 
@@ -283,11 +292,16 @@ stats_interval = 0
         return path
 
     @contextlib.contextmanager
-    def bridge(self, label: str, slow: bool = False) -> Iterator[dict[str, Any]]:
-        """Run a fresh bridge (own instance and session); yields its facts (pid, start, idle)."""
+    def bridge(
+        self, label: str, slow: bool = False, workers: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Run a fresh bridge (own instance and session); yields its facts (pid, start, idle).
+
+        With `workers`, a bridge of that many worker processes on the workers' prefix."""
         self.spawned += 1
         instance = f"bench-{self.spawned}"
-        config = self.bridge_config(slow, instance)
+        prefix = PREFIX if workers is None else WORKERS_PREFIX
+        config = self.bridge_config(slow, instance, prefix)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMB_")}
         env["OPENAI_API_KEY"] = "sk-bench"
         # A journal of its own: the requests of every benchmark run have the same topics and
@@ -295,13 +309,17 @@ stats_interval = 0
         env.pop("STATE_DIRECTORY", None)
         env["XDG_STATE_HOME"] = str(self.workdir / f"state-{instance}")
         env.update(self.bridge_env)
+        if workers is not None:
+            env["OMB_RUNTIME__WORKERS"] = workers
         argv = [str(BRIDGE_EXE), "--config", str(config)]
         if self.bridge_src is not None:
             env["PYTHONPATH"] = str(self.bridge_src)
             argv = [PY, "-m", "bridge", "--config", str(config)]
         facts: dict[str, Any] = {"label": label, "instance": instance, "slow_upstream": slow}
+        if workers is not None:
+            facts["workers"] = workers
         with Prober(
-            self.broker_port, f"{PREFIX}/request/createChatCompletion/{instance}"
+            self.broker_port, f"{prefix}/request/createChatCompletion/{instance}"
         ) as prober:
             started = time.monotonic()
             service = self.spawn(f"bridge-{instance}", argv, env, cwd=self.workdir)
@@ -315,6 +333,7 @@ stats_interval = 0
             time.sleep(self.plan.settle_s)
             sample = proc_sample(service.pid)
             facts["idle_rss_mib"] = round(sample.rss_mib, 1) if sample else None
+            facts["processes"] = sample.processes if sample else None
             yield facts
         finally:
             end = proc_sample(service.pid)
@@ -462,7 +481,14 @@ stats_interval = 0
     def run_instant(self) -> None:
         """Echo, bridge and Node-RED, instant upstream, every C, alternating and repeated (C=1
         also times the upstream directly)."""
-        with self.echo() as echo, self.bridge("instant") as facts, self.nodered() as nodered:
+        with contextlib.ExitStack() as stack:
+            echo = stack.enter_context(self.echo())
+            facts = stack.enter_context(self.bridge("instant"))
+            wfacts = None
+            if self.workers is not None:
+                label = f"instant, workers = {self.workers}"
+                wfacts = stack.enter_context(self.bridge(label, workers=self.workers))
+            nodered = stack.enter_context(self.nodered())
             for c, n in self.plan.chat.items():
                 for rep in range(self.plan.reps):
                     if self.with_echo:
@@ -486,6 +512,16 @@ stats_interval = 0
                         direct_url=self.api_base() + "/chat/completions" if c == 1 else "",
                         rep=rep,
                     )
+                    if wfacts is not None:
+                        self.load(
+                            "workers",
+                            "workers",
+                            self.watch(wfacts["pid"]),
+                            concurrency=c,
+                            count=n,
+                            warmup=self.plan.warmup,
+                            rep=rep,
+                        )
                     if nodered is not None:
                         self.load(
                             "nodered",
@@ -791,6 +827,16 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         reason = doc.get("nodered", {}).get("skipped") or "not run, or failed"
         add(name, None, f"no result ({reason})")
 
+    if entry and entry.get("workers_over_nodered") is not None:
+        ratio = entry["workers_over_nodered"]
+        per_rep = ", ".join(f"{r:.2f}" for r in entry["workers_over_nodered_per_rep"])
+        add(
+            "instant C=128 >= 2.5x Node-RED with workers (median of per-repetition ratios)",
+            ratio >= 2.5,
+            f"{ratio:.2f}x ({per_rep}); {entry['workers']['throughput_rps']:.0f} vs"
+            f" {entry['nodered']['throughput_rps']:.0f} req/s",
+        )
+
     name = "C=1 median <= 1.0 ms over the upstream's own latency"
     bridge1, echo1 = find(rows, "bridge", 1), find(rows, "echo", 1)
     direct = bridge1.get("direct")
@@ -932,19 +978,22 @@ def comparison(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[d
                 run.get("concurrency") == c
                 and "failed" not in run
                 and run.get("rep") is not None
-                and run["label"] in ("echo", "bridge", "nodered")
+                and run["label"] in ("echo", "bridge", "workers", "nodered")
             ):
                 per_rep.setdefault(run["rep"], {})[run["label"]] = run["throughput_rps"]
-        ratios = [
-            round(r["bridge"] / r["nodered"], 3)
-            for _, r in sorted(per_rep.items())
-            if r.get("bridge") and r.get("nodered")
-        ]
-        entry: dict[str, Any] = {"concurrency": c, "bridge_over_nodered_per_rep": ratios}
-        entry["bridge_over_nodered"] = median(ratios) if ratios else None
-        for label in ("echo", "bridge", "nodered"):
+        entry: dict[str, Any] = {"concurrency": c}
+        for label in ("bridge", "workers"):
+            ratios = [
+                round(r[label] / r["nodered"], 3)
+                for _, r in sorted(per_rep.items())
+                if r.get(label) and r.get("nodered")
+            ]
+            entry[f"{label}_over_nodered_per_rep"] = ratios
+            entry[f"{label}_over_nodered"] = median(ratios) if ratios else None
+        for label in ("echo", "bridge", "workers", "nodered"):
             row = find(rows, label, c)
-            proc = (row.get("processes") or {}).get(label, {}) if row else {}
+            proc_name = "bridge" if label == "workers" else label
+            proc = (row.get("processes") or {}).get(proc_name, {}) if row else {}
             entry[label] = {
                 "throughput_rps": row.get("throughput_rps"),
                 "throughput_per_rep": [
@@ -981,6 +1030,17 @@ def comparison_table(doc: dict[str, Any]) -> str:
             f" | {fmt(b['cpu_ms_per_request'], '.3f')} / {fmt(n['cpu_ms_per_request'], '.3f')}"
             f" | {fmt(b['peak_rss_mib'])} / {fmt(n['peak_rss_mib'])} |"
         )
+        w = e.get("workers") or {}
+        if w.get("throughput_rps"):
+            per_rep = ", ".join(f"{r:.2f}" for r in e["workers_over_nodered_per_rep"])
+            lines.append(
+                f"| {e['concurrency']}, workers | | {fmt(w['throughput_rps'], '.0f')}"
+                f" | {fmt(n['throughput_rps'], '.0f')}"
+                f" | **{fmt(e['workers_over_nodered'], '.2f')}x** ({per_rep})"
+                f" | {fmt(w['p50_ms'], '.2f')} / {fmt(n['p50_ms'], '.2f')}"
+                f" | {fmt(w['cpu_ms_per_request'], '.3f')} / {fmt(n['cpu_ms_per_request'], '.3f')}"
+                f" | {fmt(w['peak_rss_mib'])} / {fmt(n['peak_rss_mib'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -1113,6 +1173,11 @@ def main() -> int:
     )
     parser.add_argument("--no-nodered", action="store_true", help="skip the Node-RED runs")
     parser.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="in the instant runs, also a bridge with [runtime] workers = N (its own prefix)",
+    )
+    parser.add_argument(
         "--nodered-dir",
         type=Path,
         help="cache folder for the Node-RED installation (default ~/.cache/openai-mqtt-bridge)",
@@ -1148,7 +1213,7 @@ def main() -> int:
     logdir.mkdir()
     default_name = "quick.json" if args.quick else "latest.json"
     partial = args.bridge_src or bridge_env or args.levels or args.reps or args.no_echo
-    partial = partial or args.no_nodered or args.slow_levels
+    partial = partial or args.no_nodered or args.slow_levels or args.workers
     if partial or set(only) != set(SCENARIOS):
         default_name = "partial.json"
     out = args.out or RESULTS / default_name
@@ -1157,6 +1222,7 @@ def main() -> int:
         bench = Bench(plan, Path(tmp), logdir, bridge_src=args.bridge_src, bridge_env=bridge_env)
         bench.with_echo = not args.no_echo
         bench.with_nodered = not args.no_nodered
+        bench.workers = args.workers
         if args.slow_levels:
             bench.slow_levels = [int(c) for c in args.slow_levels.split(",")]
         bench.nodered_cache = args.nodered_dir

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import os
+import signal
 import sys
 import threading
 import uuid
@@ -56,8 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="{run,check-config,methods,describe,call}")
     sub.add_parser("run", parents=[common], help="run the bridge (the default)")
+    # One of `[runtime] workers`, started by the supervisor (bridge/supervisor.py); not for users.
+    worker = sub.add_parser("worker", parents=[common])
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--control-fd", type=int, required=True)
     sub.add_parser("check-config", parents=[common], help="validate the config and print it")
     methods = sub.add_parser("methods", parents=[common], help="list the methods")
     methods.add_argument("--group", help="only this group (e.g. chat, audio, assistants)")
@@ -148,6 +153,8 @@ def cmd_run(path: str | None, how: str = "--config") -> int:
     from bridge import logs
     from bridge.allocator import pin_mmap_threshold
     from bridge.daemon import Bridge, StartupError
+    from bridge.supervisor import Supervisor
+    from bridge.workers import resolve_workers
 
     try:
         config, warnings = _load(path)
@@ -170,14 +177,53 @@ def cmd_run(path: str | None, how: str = "--config") -> int:
         return EX_CONFIG
     pinned = pin_mmap_threshold()  # a start-up step of its own: before any large request
     log.debug("event loop", loop=loop_name, mmap_threshold_pinned=pinned)
+    count, fewer = resolve_workers(config)
+    if fewer is not None:
+        log.warning(f"running 1 worker, not {config.runtime.workers}: {fewer}")
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
+            if count > 1:
+                return runner.run(Supervisor(config, count, config_source=path).run())
             return runner.run(Bridge(config, config_source=path).run())
     except StartupError as exc:
         log.error(str(exc))
         return EX_CONFIG
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
+    """Run worker `index` of a supervisor, reporting on `control_fd`, until told to stop."""
+    from bridge import logs
+    from bridge.allocator import pin_mmap_threshold
+    from bridge.daemon import Bridge, StartupError
+    from bridge.workerlink import WorkerLink
+    from bridge.workers import worker_config
+
+    # The supervisor relays SIGTERM and Ctrl-C (which reach the whole process group) as commands.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        config = worker_config(load_config(path), index)
+    except ConfigError as exc:
+        _print_problems(exc, path)
+        return EX_CONFIG
+    logs.configure(
+        config.logging.level,
+        config.logging.format,
+        config.secrets(),
+        libraries=config.logging.libraries,
+    )
+    log = logs.get_logger(worker=index)
+    loop_factory, _ = _loop_factory(config.runtime.event_loop)
+    pin_mmap_threshold()
+    bridge = Bridge(config, config_source=path, worker=WorkerLink(index, control_fd))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(bridge.run())
+    except StartupError as exc:
+        log.error(str(exc))
+        return EX_CONFIG
 
 
 def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
@@ -442,6 +488,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     path, how = find_config(args.config)
     if command == "run":
         return cmd_run(path, how)
+    if command == "worker":
+        return cmd_worker(path, args.index, args.control_fd)
     if command == "check-config":
         return cmd_check_config(path, how)
     if command == "methods":

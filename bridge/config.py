@@ -172,6 +172,9 @@ class RuntimeConfig(_Section):
 
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """`auto`: uvloop when installed (about a third less CPU per request), else asyncio."""
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
+    """Worker processes in one shared-subscription group behind one supervisor; `auto`: one per
+    core this process may use, at most 8 (docs/scaling.md#workers-every-core-of-one-machine)."""
 
 
 class HomeAssistantConfig(_Section):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import platform
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import yarl
-
-from bridge import __version__, compat, homeassistant, startup
+from bridge import __version__, compat, startup, workers
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.dispatch import Dispatcher
 from bridge.embedded_broker import (
@@ -22,17 +21,16 @@ from bridge.embedded_broker import (
 )
 from bridge.journal import Journal, JournalLike
 from bridge.journal_pg import PgJournal
-from bridge.jsoncodec import dumps
 from bridge.logs import get_logger
 from bridge.messages import InboundMessage
 from bridge.mqtt import MqttTransport
 from bridge.operations import MethodTable, default_table
 from bridge.service import ServiceClient
+from bridge.stats import Stats
+from bridge.status import OFFLINE, StatusPublisher
 from bridge.systemd import notify, watchdog_interval
 from bridge.topics import Topics
-
-ONLINE = b'{"state":"online"}'
-OFFLINE = b'{"state":"offline"}'
+from bridge.workerlink import WorkerLink
 
 
 class StartupError(Exception):
@@ -44,7 +42,12 @@ class EmbeddedPortBusy(StartupError):
 
 
 class Bridge:
-    """One running bridge instance; `run()` returns the process exit code."""
+    """One running bridge instance; `run()` returns the process exit code.
+
+    With `worker` it is one of several processes behind a supervisor (bridge/supervisor.py): it
+    serves requests but publishes no state, info, stats or discovery (the supervisor does), takes
+    its commands from the supervisor instead of signals and reports to it.
+    """
 
     def __init__(
         self,
@@ -52,12 +55,15 @@ class Bridge:
         table: MethodTable | None = None,
         *,
         config_source: str | None = None,
+        worker: WorkerLink | None = None,
     ) -> None:
         self.config = config
         self.config_source = config_source
         """The config file in use (for the start-up summary), None for built-in defaults."""
         self.table = table or default_table()
-        self.log = get_logger(instance=config.mqtt.instance_name)
+        self.worker = worker
+        context = {"worker": worker.index} if worker is not None else {}
+        self.log = get_logger(instance=config.mqtt.instance_name, **context)
         self.stop_event = asyncio.Event()
         self.stop_now = asyncio.Event()
         """Set by a second stop request: skip the rest of the shutdown grace."""
@@ -67,7 +73,8 @@ class Bridge:
         )
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
-        self._ha_status = homeassistant.status_topic(config)
+        self.status = StatusPublisher(config, self.topics, self.log, self._stats)
+        self._follow: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Ask the bridge to shut down gracefully; asked again, at once (call on the loop)."""
@@ -75,61 +82,21 @@ class Bridge:
             self.stop_now.set()
         self.stop_event.set()
 
-    def info_payload(self, protocol: str) -> bytes:
-        """The retained info document: version, methods, service URL, broker protocol, limits."""
-        cfg = self.config
-        return dumps(
-            {
-                "version": __version__,
-                "instance": cfg.mqtt.instance_name,
-                "methods": len(self.table),
-                # Credentials in the URL (http://user:pass@host) stay out of a retained topic.
-                "service": str(yarl.URL(cfg.service.api_base).with_user(None)),
-                "protocol": protocol,
-                "topic_prefix": cfg.mqtt.topic_prefix,
-                "shared_group": cfg.mqtt.shared_group or None,
-                "limits": cfg.limits.model_dump(mode="json"),
-            }
-        )
+    def _stats(self) -> Stats:
+        assert self.dispatcher is not None
+        return self.dispatcher.stats
 
     def _on_connected(self) -> None:
         assert self.transport is not None
         transport = self.transport
-        protocol = "5" if transport.protocol == 5 else "3.1.1"
         self.log.info(
             "connected to broker",
             broker=f"{transport.config.host}:{transport.config.port}",
-            protocol=protocol,
+            protocol="5" if transport.protocol == 5 else "3.1.1",
             subscription=self.topics.subscription,
         )
-        transport.publish(self.topics.state, ONLINE, retain=True).add_done_callback(self._settled)
-        transport.publish(
-            self.topics.info, self.info_payload(protocol), retain=True
-        ).add_done_callback(self._settled)
-        self._publish_discovery()
-        if self.config.homeassistant.stats_interval > 0:
-            # At once, so Home Assistant never shows the previous run's counters meanwhile.
-            self._publish_stats()
-
-    def _publish_discovery(self) -> None:
-        """Publish the retained HA discovery config, or the empty one that removes the device."""
-        assert self.transport is not None
-        if self.config.homeassistant.discovery:
-            topic, payload = homeassistant.discovery_message(self.config, self.topics, __version__)
-        else:
-            topic, payload = homeassistant.removal_message(self.config)
-        self.transport.publish(topic, payload, retain=True).add_done_callback(self._settled)
-
-    def _on_ha_status(self, message: InboundMessage) -> None:
-        """Re-publish discovery when Home Assistant announces `online` (it restarted)."""
-        assert self.transport is not None
-        self.transport.ack(message)
-        # A retained birth comes with every (re)subscribe, just after the on-connect discovery.
-        if message.retain or message.payload.strip() != b"online":
-            return
-        if self.config.homeassistant.discovery:
-            self.log.info("home assistant is online; discovery re-published")
-            self._publish_discovery()
+        if self.worker is None:
+            self.status.announce(len(self.table))
 
     async def run(self) -> int:
         """Start everything, serve until `stop()` or a signal, shut down gracefully; exit code.
@@ -137,20 +104,23 @@ class Bridge:
         Raises StartupError (exit 78) when a part cannot start; what had started is closed.
         """
         cfg = self.config
-        self.log.info(
-            "starting",
-            version=__version__,
-            python=platform.python_version(),
-            **startup.summary(cfg, self.config_source),
-        )
-        self.log.debug("effective config", config=cfg.redacted())
-        if (no_key := startup.missing_key_warning(cfg)) is not None:
-            self.log.warning(no_key)
+        if self.worker is None:
+            self.log.info(
+                "starting",
+                version=__version__,
+                python=platform.python_version(),
+                **startup.summary(cfg, self.config_source),
+            )
+            self.log.debug("effective config", config=cfg.redacted())
+            if (no_key := startup.missing_key_warning(cfg)) is not None:
+                self.log.warning(no_key)
         off = compat.install()  # library internals: each checked against the installed version
         if off:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
         # Everything started is closed in reverse order, however the start or the run ends.
         async with contextlib.AsyncExitStack() as stack:
+            if self.worker is not None:
+                await self.worker.open()
             mqtt_cfg, protocol = cfg.mqtt, None
             if cfg.mqtt.embedded:
                 embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
@@ -165,6 +135,7 @@ class Bridge:
             await service.start()
             stack.push_async_callback(service.close)
             self.transport = transport = self._make_transport(mqtt_cfg, protocol)
+            self.status.transport = transport
             stack.push_async_callback(transport.close)
             self.dispatcher = Dispatcher(
                 config=cfg,
@@ -175,7 +146,13 @@ class Bridge:
                 log=self.log,
                 journal=journal,
             )
-            stack.enter_context(self._signals_handled())
+            if self.worker is None:
+                stack.enter_context(self._signals_handled())
+            else:
+                # Stop is the supervisor's command (even when it dies), never a signal of ours.
+                stack.push_async_callback(self.worker.close, self.dispatcher.stats)
+                self._follow = asyncio.create_task(self.worker.follow(self.stop))
+                stack.push_async_callback(self._stop_following)
             if await self._connected(transport):
                 await self._serve()
             await self._shutdown()
@@ -233,16 +210,33 @@ class Bridge:
                 subscription=self.topics.subscription,
                 # Waited jobs stay unacknowledged for their whole wait, outside max_concurrency.
                 receive_maximum=cfg.limits.max_concurrency + cfg.jobs.max_waiting,
-                will=(self.topics.state, OFFLINE),
+                will=(self.topics.state, OFFLINE) if self.worker is None else None,
                 on_message=self._submit,
                 on_connected=self._on_connected,
                 log=self.log,
                 protocol=protocol,
                 # Home Assistant announces restarts there; discovery is then published again.
-                extra_subscriptions=[(self._ha_status, 0)] if cfg.homeassistant.discovery else [],
+                extra_subscriptions=self.status.subscriptions() if self.worker is None else [],
+                # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
+                unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
             )
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise StartupError(f"cannot use the [mqtt.tls] files: {exc}") from None
+
+    async def _stop_following(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+
+    def _stale_subscriptions(self) -> list[str]:
+        """Request filters an earlier configuration may have left in our persistent session:
+        the plain one in a group, the workers' group in plain mode. Both left in place would
+        bring each request twice."""
+        request_filter = self.topics.request_filter
+        if self.config.mqtt.shared_group:
+            return [request_filter]
+        return [f"$share/{workers.default_group(self.config)}/{request_filter}"]
 
     @contextlib.contextmanager
     def _signals_handled(self) -> Iterator[None]:
@@ -278,23 +272,30 @@ class Bridge:
     async def _serve(self) -> None:
         """Announce readiness and serve until `stop()`, with the background loops running."""
         cfg = self.config
+        assert self.dispatcher is not None
         self.ready.set()
-        notify("READY=1\nSTATUS=connected, serving requests")
-        self.log.info("ready", methods=len(self.table), instance=cfg.mqtt.instance_name)
         async with asyncio.TaskGroup() as group:
             loops: list[asyncio.Task[None]] = []
-            interval = watchdog_interval()
-            if interval:
-                loops.append(group.create_task(self._watchdog(interval)))
-            if cfg.homeassistant.stats_interval > 0:
-                loops.append(group.create_task(self._stats_loop(cfg.homeassistant.stats_interval)))
+            if self.worker is not None:
+                self.worker.send("ready")
+                self.log.info("worker ready", pid=os.getpid())
+                loops.append(group.create_task(self.worker.heartbeat(self.dispatcher.stats)))
+            else:
+                notify("READY=1\nSTATUS=connected, serving requests")
+                self.log.info("ready", methods=len(self.table), instance=cfg.mqtt.instance_name)
+                interval = watchdog_interval()
+                if interval:
+                    loops.append(group.create_task(self._watchdog(interval)))
+                if cfg.homeassistant.stats_interval > 0:
+                    stats_every = cfg.homeassistant.stats_interval
+                    loops.append(group.create_task(self.status.stats_loop(stats_every)))
             await self.stop_event.wait()
             for task in loops:
                 task.cancel()
 
     def _submit(self, message: InboundMessage) -> None:
-        if message.topic == self._ha_status:
-            self._on_ha_status(message)
+        if message.topic == self.status.ha_status_topic and self.worker is None:
+            self.status.on_ha_status(message)
             return
         assert self.dispatcher is not None
         self.dispatcher.submit(message)
@@ -302,10 +303,15 @@ class Bridge:
     async def _shutdown(self) -> None:
         assert self.dispatcher is not None and self.transport is not None
         grace = self.config.limits.shutdown_grace
-        notify("STOPPING=1\nSTATUS=finishing in-flight requests")
+        if self.worker is None:
+            notify("STOPPING=1\nSTATUS=finishing in-flight requests")
         in_flight = self.dispatcher.in_flight
         # Only worth saying when there is something to wait for.
-        hint = {"hint": "a second Ctrl-C (or SIGTERM) stops at once"} if in_flight else {}
+        hint = (
+            {"hint": "a second Ctrl-C (or SIGTERM) stops at once"}
+            if in_flight and self.worker is None
+            else {}
+        )
         self.log.info("stopping", in_flight=in_flight, grace_s=grace, **hint)
         drain = asyncio.create_task(self.dispatcher.drain(grace))
         now = asyncio.create_task(self.stop_now.wait())
@@ -329,29 +335,10 @@ class Bridge:
                 unfinished=self.dispatcher.in_flight,
             )
             await self.dispatcher.cancel_all()
-        await self.transport.close(final=(self.topics.state, OFFLINE))
-
-    def _settled(self, future: asyncio.Future[None]) -> None:
-        """Done callback for publishes nobody awaits: log a failure instead of losing it."""
-        if not future.cancelled() and (exc := future.exception()) is not None:
-            self.log.warning("status publish failed", error=str(exc)[:200])
+        final = (self.topics.state, OFFLINE) if self.worker is None else None
+        await self.transport.close(final=final)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
-
-    def _publish_stats(self) -> None:
-        """Publish the retained stats document now (a starting Home Assistant gets it at once)."""
-        assert self.transport is not None and self.dispatcher is not None
-        payload = homeassistant.stats_payload(self.dispatcher.stats, self.config.secrets())
-        publishing = self.transport.publish(self.topics.stats, payload, qos=0, retain=True)
-        publishing.add_done_callback(self._settled)
-
-    async def _stats_loop(self, interval: float) -> None:
-        """Publish the stats document every `interval` s while connected."""
-        assert self.transport is not None
-        while True:
-            await asyncio.sleep(interval)
-            if self.transport.connected.is_set():
-                self._publish_stats()

@@ -91,19 +91,23 @@ class MqttTransport:
         self,
         config: MqttConfig,
         *,
-        subscription: str,
+        subscription: str | None,
         receive_maximum: int,
-        will: tuple[str, bytes],
+        will: tuple[str, bytes] | None,
         on_message: Callable[[InboundMessage], None],
         on_connected: Callable[[], None],
         log: FilteringBoundLogger,
         protocol: str | None = None,
         extra_subscriptions: Sequence[tuple[str, int]] = (),
+        unsubscribe: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.subscription = subscription
+        """The requests' filter (QoS 1, Retain As Published); None for a status-only client."""
         self.extra_subscriptions = tuple(extra_subscriptions)
         """More (filter, QoS) pairs; their messages reach `on_message` too, routed by topic."""
+        self.unsubscribe = list(unsubscribe)
+        """Filters to drop from a resumed session (left there by an earlier configuration)."""
         self.receive_maximum = max(1, min(receive_maximum, 65535))
         self.will = will
         self._on_message_cb = on_message
@@ -121,6 +125,7 @@ class MqttTransport:
         self.max_packet_size = config.max_packet_size
         self._pending_pubs: dict[int, asyncio.Future[None]] = {}
         self._connack: asyncio.Future[None] | None = None
+        self._session_present = False
         self._suback: asyncio.Future[None] | None = None
         self._sub_mid: int | None = None
         self._misc_task: asyncio.Task[None] | None = None
@@ -152,8 +157,9 @@ class MqttTransport:
         client.connect_timeout = 10.0
         client.max_queued_messages_set(10_000)
         client.max_inflight_messages_set(20)  # MQTT 5 brokers announce their own in CONNACK
-        topic, payload = self.will
-        client.will_set(topic, payload, qos=1, retain=True)
+        if self.will is not None:
+            topic, payload = self.will
+            client.will_set(topic, payload, qos=1, retain=True)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -229,6 +235,7 @@ class MqttTransport:
                 fut.set_exception(ConnectRefused(int(reason.value), str(reason)))
             return
         session_present = bool(getattr(flags, "session_present", False))
+        self._session_present = session_present
         if not session_present:
             # The broker forgot our unacked requests; their packet ids now mean nothing.
             self.generation += 1
@@ -312,12 +319,15 @@ class MqttTransport:
         fut = self._suback
         if mid != self._sub_mid or fut is None or fut.done():
             return
-        if reasons and reasons[0].is_failure:
-            fut.set_exception(
-                ConnectRefused(int(reasons[0].value), f"subscribe refused: {reasons}")
-            )
-            return
-        for (topic_filter, _), reason in zip(self.extra_subscriptions, reasons[1:], strict=False):
+        extra_reasons = reasons
+        if self.subscription is not None:
+            if reasons and reasons[0].is_failure:
+                fut.set_exception(
+                    ConnectRefused(int(reasons[0].value), f"subscribe refused: {reasons}")
+                )
+                return
+            extra_reasons = reasons[1:]
+        for (topic_filter, _), reason in zip(self.extra_subscriptions, extra_reasons, strict=False):
             if reason.is_failure:
                 self.log.warning("subscription refused", filter=topic_filter, reason=str(reason))
         fut.set_result(None)
@@ -444,20 +454,29 @@ class MqttTransport:
         self._ever_connected = True
         await asyncio.wait_for(self._connack, timeout=15)
         # Subscribe on every connect: the session may be new, and re-subscribing is harmless.
-        self._suback = self._loop.create_future()
-        if self.protocol == MQTTProtocolVersion.MQTTv5:
-            # Retain As Published: a live retained request keeps its flag, so it is never executed.
-            v5_topics: list[tuple[str, SubscribeOptions]] = [
-                (self.subscription, SubscribeOptions(qos=1, retainAsPublished=True))
-            ]
-            v5_topics += [(f, SubscribeOptions(qos=q)) for f, q in self.extra_subscriptions]
-            rc, mid = client.subscribe(v5_topics)
-        else:
-            rc, mid = client.subscribe([(self.subscription, 1), *self.extra_subscriptions])
-        self._sub_mid = mid
-        await asyncio.wait_for(self._suback, timeout=15)
+        if self.subscription is not None or self.extra_subscriptions:
+            await self._subscribe(client)
+        if self.unsubscribe and self._session_present:
+            client.unsubscribe(self.unsubscribe)  # no need to wait: only a duplicate risk
         self.connected.set()
         self._on_connected_cb()
+
+    async def _subscribe(self, client: paho.Client) -> None:
+        """SUBSCRIBE to the requests' filter (first) and the extra ones; wait for the SUBACK."""
+        self._suback = self._loop.create_future()
+        if self.protocol == MQTTProtocolVersion.MQTTv5:
+            v5_topics: list[tuple[str, SubscribeOptions]] = []
+            if self.subscription is not None:
+                # Retain As Published: a live retained request keeps its flag: never executed.
+                options = SubscribeOptions(qos=1, retainAsPublished=True)
+                v5_topics.append((self.subscription, options))
+            v5_topics += [(f, SubscribeOptions(qos=q)) for f, q in self.extra_subscriptions]
+            _rc, mid = client.subscribe(v5_topics)
+        else:
+            requests = [(self.subscription, 1)] if self.subscription is not None else []
+            _rc, mid = client.subscribe([*requests, *self.extra_subscriptions])
+        self._sub_mid = mid
+        await asyncio.wait_for(self._suback, timeout=15)
 
     def _switch_protocol(self) -> None:
         """In `auto` mode flip between MQTT 5 and 3.1.1 after a failure before CONNACK."""

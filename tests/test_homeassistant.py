@@ -18,8 +18,8 @@ from support.standin import Reply, Standin
 
 from bridge import __version__, homeassistant
 from bridge.config import BridgeConfig, load_config
-from bridge.daemon import OFFLINE, ONLINE
 from bridge.stats import Stats
+from bridge.status import OFFLINE, ONLINE
 from bridge.topics import Topics
 
 # What Home Assistant's discovery accepts (homeassistant/components/mqtt: discovery.py,

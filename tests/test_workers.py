@@ -1,0 +1,385 @@
+"""`[runtime] workers`: the pure rules, then a supervisor and real worker processes on Mosquitto."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
+from support.broker import MosquittoBroker, free_port
+from support.mqtt_client import TestClient
+from support.standin import Standin
+
+from bridge import workers
+from bridge.config import BridgeConfig, load_config
+from bridge.errors import ConfigError
+from bridge.stats import Stats
+
+
+def _config(**sections: dict[str, Any]) -> BridgeConfig:
+    return BridgeConfig.model_validate(sections)
+
+
+# --- the pure rules -------------------------------------------------------------------------
+
+
+def test_auto_is_one_worker_per_core_capped_and_a_number_is_taken_as_given() -> None:
+    auto = _config(mqtt={"host": "b"}, runtime={"workers": "auto"})
+    assert workers.resolve_workers(auto, cores=lambda: 4) == (4, None)
+    assert workers.resolve_workers(auto, cores=lambda: 64) == (workers.AUTO_MAX, None)
+    assert workers.resolve_workers(auto, cores=lambda: 1) == (1, None)
+    three = _config(mqtt={"host": "b"}, runtime={"workers": 3})
+    assert workers.resolve_workers(three, cores=lambda: 1) == (3, None)
+
+
+def test_the_embedded_broker_gets_one_worker_with_the_reason() -> None:
+    config = _config(runtime={"workers": 4})
+    assert workers.resolve_workers(config) == (1, workers.EMBEDDED_REASON)
+
+
+def test_workers_config_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "b.toml"
+    path.write_text('[runtime]\nworkers = "auto"\n', encoding="utf-8")
+    assert load_config(path, environ={}).runtime.workers == "auto"
+    assert load_config(path, environ={"OMB_RUNTIME__WORKERS": "3"}).runtime.workers == 3
+    for bad in ("0", "many", "65"):
+        with pytest.raises(ConfigError, match=r"runtime\.workers"):
+            load_config(path, environ={"OMB_RUNTIME__WORKERS": bad})
+
+
+def test_worker_one_keeps_the_single_process_identity_the_others_get_their_own() -> None:
+    config = _config(
+        mqtt={"host": "b", "instance": "pi", "client_id": "omb"},
+        journal={"path": "/var/lib/omb/journal.sqlite3"},
+        runtime={"workers": 3},
+    )
+    first, third = workers.worker_config(config, 1), workers.worker_config(config, 3)
+    assert (first.mqtt.client_id, third.mqtt.client_id) == ("omb", "omb-3")
+    assert first.journal.path == "/var/lib/omb/journal.sqlite3"
+    assert third.journal.path == "/var/lib/omb/journal-3.sqlite3"
+    assert first.mqtt.shared_group == third.mqtt.shared_group == "omb-pi"
+    assert (first.mqtt.instance, third.runtime.workers) == ("pi", 1)
+    assert workers.supervisor_client_id(config) == "omb-supervisor"
+    grouped = config.model_copy(
+        update={"mqtt": config.mqtt.model_copy(update={"shared_group": "site"})}
+    )
+    assert workers.worker_config(grouped, 2).mqtt.shared_group == "site"
+
+
+def test_workers_do_not_inherit_the_systemd_notify_socket() -> None:
+    env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "7", "HOME": "/h"}
+    assert workers.worker_environ(env) == {"HOME": "/h"}
+
+
+def test_report_lines_round_trip_and_garbage_is_not_a_report() -> None:
+    stats = Stats(requests_total=5, errors_total=1, in_flight=2, last_latency_ms=3.5)
+    stats.by_code["timeout"] = 1
+    event, parsed = workers.parse_report(workers.report_line("stats", stats)) or ("", None)
+    assert (event, parsed) == ("stats", stats)
+    assert workers.parse_report(workers.report_line("ready")) == ("ready", None)
+    for garbage in (
+        b"",
+        b"\xff\n",
+        b"[]\n",
+        b'{"event": 1}\n',
+        b'{"event":"s","stats":{"in_flight":"x"}}',
+    ):
+        assert workers.parse_report(garbage) is None
+
+
+def test_totals_sum_the_workers_and_keep_what_a_dead_worker_counted() -> None:
+    totals = workers.StatsTotals()
+    totals.update(
+        1,
+        Stats(
+            requests_total=10,
+            errors_total=2,
+            in_flight=3,
+            last_latency_ms=1.0,
+            by_code={"timeout": 2},
+        ),
+    )
+    totals.update(2, Stats(requests_total=5, in_flight=1, last_latency_ms=2.0))
+    total = totals.total()
+    assert (total.requests_total, total.errors_total, total.in_flight) == (15, 2, 4)
+    assert total.last_latency_ms == 2.0  # worker 2 counted last
+    assert total.by_code == {"timeout": 2}
+    totals.retire(1)  # died; its replacement starts from zero
+    totals.update(
+        1,
+        Stats(
+            requests_total=1,
+            errors_total=1,
+            last_latency_ms=9.0,
+            by_code={"timeout": 1},
+            last_error={"code": "timeout"},
+        ),
+    )
+    total = totals.total()
+    assert (total.requests_total, total.errors_total, total.in_flight) == (16, 3, 1)
+    assert (total.last_latency_ms, total.last_error) == (9.0, {"code": "timeout"})
+    assert total.by_code == {"timeout": 3}
+
+
+# --- a supervisor and its workers on Mosquitto ------------------------------------------------
+
+
+def _start(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    standin: Standin,
+    prefix: str,
+    *,
+    count: int | str = 2,
+    env: dict[str, str] | None = None,
+    stats_interval: float = 0,
+) -> BridgeProcess:
+    path, key_env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=prefix,
+        mqtt={"instance": "pool", "session_expiry": 300},
+        extra={
+            "runtime": {"workers": count},
+            "logging": {"level": "info"},
+            "homeassistant": {"discovery": True, "stats_interval": stats_interval},
+        },
+    )
+    return BridgeProcess(path, {**key_env, **(env or {})}, tmp_path / "bridge.log")
+
+
+def _worker_pids(proc: BridgeProcess) -> dict[int, int]:
+    """The latest pid of each worker, from the supervisor's `worker started` lines."""
+    pids: dict[int, int] = {}
+    for line in proc.log_text().splitlines():
+        if '"event": "worker started"' in line:
+            record = json.loads(line)
+            pids[record["worker"]] = record["pid"]
+    return pids
+
+
+def _handled_by(proc: BridgeProcess) -> Counter[int]:
+    return Counter(
+        json.loads(line)["worker"]
+        for line in proc.log_text().splitlines()
+        if '"event": "request"' in line
+    )
+
+
+def _publish(client: TestClient, first: int, last: int) -> None:
+    for i in range(first, last):
+        client.publish(
+            client.topic("request", "createModeration", f"w{i}"),
+            {"transaction": i, "input": str(i)},
+        )
+
+
+@pytest.fixture
+def pool(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> Iterator[BridgeProcess]:
+    proc = _start(tmp_path, mosquitto, standin, topic_prefix, stats_interval=0.2)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.close()
+        for pid in _worker_pids(proc).values():
+            _kill_quietly(pid)
+        assert TEST_API_KEY not in proc.log_text()
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_two_workers_share_the_requests_and_look_like_one_bridge(
+    pool: BridgeProcess, client: TestClient, standin: Standin, topic_prefix: str
+) -> None:
+    total = 400
+    client.subscribe(f"{topic_prefix}/#")
+    state = client.wait_for_one(f"{topic_prefix}/bridge/+/state")
+    assert state.topic == f"{topic_prefix}/bridge/pool/state" and state.json() == {
+        "state": "online"
+    }
+    info = client.wait_for_one(f"{topic_prefix}/bridge/pool/info").json()
+    assert info["workers"] == 2
+    _publish(client, 0, total)
+    replies = client.wait_for(f"{topic_prefix}/response/#", total, timeout=60)
+    assert Counter(r.json()["transaction"] for r in replies) == Counter(range(total))
+    assert len(standin.requests) == total
+    shares = _handled_by(pool)
+    assert set(shares) == {1, 2} and min(shares.values()) >= total // 5, shares
+    # One bridge to the outside: one state topic, one info, the stats summed over the workers.
+    client.wait_for(
+        f"{topic_prefix}/bridge/pool/stats", where=lambda m: m.json()["requests_total"] == total
+    )
+    assert {m.topic for m in client.messages(f"{topic_prefix}/bridge/#")} == {
+        f"{topic_prefix}/bridge/pool/{name}" for name in ("state", "info", "stats")
+    }
+
+
+def test_a_worker_killed_mid_run_loses_nothing_and_is_replaced(
+    pool: BridgeProcess, client: TestClient, standin: Standin, topic_prefix: str
+) -> None:
+    total = 300
+    standin.set_latency(0.05)
+    client.subscribe(f"{topic_prefix}/response/#")
+    victim = _worker_pids(pool)[2]
+    _publish(client, 0, total // 3)
+    os.kill(victim, signal.SIGKILL)
+    _publish(client, total // 3, total)
+    # At least once: a reply that was out but not acknowledged at the kill may come twice, so
+    # count distinct transactions, allowing a few duplicate replies.
+    seen: set[int] = set()
+    for expected in range(total, total + 50):
+        messages = client.wait_for(f"{topic_prefix}/response/#", expected, timeout=90)
+        seen = {m.json()["transaction"] for m in messages}
+        if seen == set(range(total)):
+            break
+    assert seen == set(range(total))
+    log = pool.log_text()
+    assert '"event": "worker died; starting another"' in log and "killed by SIGKILL" in log
+    assert _worker_pids(pool)[2] != victim
+    # The replacement serves: the supervisor still says online and a new request is answered.
+    assert client.request("createModeration", {"input": "after"}, suffix="after")["status"] == "ok"
+    assert pool.terminate() == 0
+
+
+def test_sigterm_lets_every_worker_finish_its_requests(
+    pool: BridgeProcess, client: TestClient, standin: Standin, topic_prefix: str
+) -> None:
+    standin.set_latency(1.0)
+    client.subscribe(f"{topic_prefix}/#")
+    _publish(client, 0, 8)
+    standin.wait_for_requests(8, timeout=20)
+    assert pool.terminate() == 0
+    replies = client.wait_for(f"{topic_prefix}/response/#", 8, timeout=10)
+    assert {r.json()["transaction"] for r in replies} == set(range(8))
+    assert set(_handled_by(pool)) == {1, 2}
+    state = client.messages(f"{topic_prefix}/bridge/pool/state")[-1]
+    assert state.json() == {"state": "offline"}
+    for pid in _worker_pids(pool).values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(
+    pool: BridgeProcess, client: TestClient, topic_prefix: str
+) -> None:
+    client.subscribe(f"{topic_prefix}/bridge/pool/state")
+    client.wait_for_one(where=lambda m: m.json() == {"state": "online"})
+    pids = _worker_pids(pool)
+    pool.kill()
+    # The last will says offline, and no worker outlives the supervisor (end of file on its link).
+    client.wait_for_one(where=lambda m: m.json() == {"state": "offline"}, timeout=20)
+    for pid in pids.values():
+        _wait_gone(pid, timeout=20)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    gone = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # Another process's exit has no event to wait on (it is not our child): poll briefly.
+        gone.wait(0.05)
+    raise AssertionError(f"worker {pid} still runs {timeout}s after its supervisor died")
+
+
+def test_systemd_hears_ready_once_every_worker_serves_and_the_watchdog_after(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sink:
+        sink.bind(str(notify_path))
+        sink.settimeout(30)
+        proc = _start(
+            tmp_path,
+            mosquitto,
+            standin,
+            topic_prefix,
+            env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"},
+        )
+        try:
+            proc.start()
+            messages = [sink.recv(4096).decode()]
+            assert messages[0].startswith("READY=1"), messages
+            assert proc.log_text().count('"event": "worker ready"') == 2
+            while "WATCHDOG=1" not in messages[-1]:
+                messages.append(sink.recv(4096).decode())
+            assert proc.terminate() == 0
+            while not messages[-1].startswith("STOPPING=1"):
+                messages.append(sink.recv(4096).decode())
+        finally:
+            proc.close()
+    # Only the supervisor speaks to systemd: one READY=1, not one per process.
+    assert sum(m.startswith("READY=1") for m in messages) == 1
+
+
+def test_with_the_embedded_broker_one_process_serves_and_says_why(tmp_path: Path) -> None:
+    path, env = make_config(
+        tmp_path,
+        broker_port=free_port(),
+        api_base="http://127.0.0.1:9",
+        prefix="solo",
+        mqtt={"host": ""},
+        extra={"runtime": {"workers": 2}, "logging": {"level": "info"}},
+    )
+    proc = BridgeProcess(path, env, tmp_path / "solo.log")
+    try:
+        proc.start()
+        log = proc.log_text()
+        assert re.search(r"running 1 worker, not 2: the embedded trial broker has no shared", log)
+        assert '"event": "worker started"' not in log
+        assert proc.terminate() == 0
+    finally:
+        proc.close()
+
+
+def test_turning_workers_on_keeps_the_requests_queued_for_the_single_process(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    client: TestClient,
+) -> None:
+    single = _start(tmp_path, mosquitto, standin, topic_prefix, count=1)
+    single.start()
+    assert single.terminate() == 0
+    client.subscribe(f"{topic_prefix}/response/#")
+    _publish(client, 0, 20)  # queued in the stopped bridge's session
+    pool = BridgeProcess(single.config_path, single.env, tmp_path / "pool.log")
+    pool.config_path.write_text(
+        pool.config_path.read_text(encoding="utf-8").replace("workers = 1", "workers = 2"),
+        encoding="utf-8",
+    )
+    try:
+        pool.start()
+        _publish(client, 20, 60)
+        client.wait_for(f"{topic_prefix}/response/#", 60, timeout=60)
+        assert pool.terminate() == 0
+    finally:
+        pool.close()
+        for pid in _worker_pids(pool).values():
+            _kill_quietly(pid)
+    # Each request once: the old session's plain subscription was dropped, not served twice.
+    replies = Counter(
+        m.json()["transaction"] for m in client.messages(f"{topic_prefix}/response/#")
+    )
+    assert replies == Counter(range(60))
+    assert len(standin.requests) == 60
