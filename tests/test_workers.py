@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
 from support.broker import MosquittoBroker, free_port
-from support.mqtt_client import TestClient
+from support.mqtt_client import TestClient, durable_client
 from support.standin import Standin
 
-from bridge import workers
+from bridge import homeassistant, workers
 from bridge.config import BridgeConfig, load_config
 from bridge.errors import ConfigError
 from bridge.stats import Stats
@@ -229,6 +229,11 @@ def test_two_workers_share_the_requests_and_look_like_one_bridge(
     assert {m.topic for m in client.messages(f"{topic_prefix}/bridge/#")} == {
         f"{topic_prefix}/bridge/pool/{name}" for name in ("state", "info", "stats")
     }
+    # One Home Assistant device, whose availability is the supervisor's state topic.
+    config = load_config(pool.config_path, environ={})
+    client.subscribe(homeassistant.discovery_topic(config))
+    device = client.wait_for_one(homeassistant.discovery_topic(config)).json()
+    assert device["cmps"]["requests"]["availability"][0]["topic"] == state.topic
 
 
 def test_a_worker_killed_mid_run_loses_nothing_and_is_replaced(
@@ -383,3 +388,39 @@ def test_turning_workers_on_keeps_the_requests_queued_for_the_single_process(
     )
     assert replies == Counter(range(60))
     assert len(standin.requests) == 60
+
+
+def test_workers_and_supervisor_ride_out_a_broker_restart(
+    tmp_path: Path, own_mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    total = 40
+    standin.set_latency(1.0)
+    client = durable_client(own_mosquitto, topic_prefix)
+    proc = _start(tmp_path, own_mosquitto, standin, topic_prefix)
+    try:
+        proc.start()
+        client.subscribe(f"{topic_prefix}/bridge/pool/state")
+        _publish(client, 0, total)
+        standin.wait_for_requests(total, timeout=20)
+        before_restart = client.mark()
+        own_mosquitto.restart()  # graceful: Mosquitto saves sessions and in-flight messages
+        client.wait_connected(timeout=15)
+        replies = client.wait_for(f"{topic_prefix}/response/#", total, timeout=60)
+        assert {r.json()["transaction"] for r in replies} == set(range(total))
+        # Every process reconnected: the supervisor says online again, both workers serve.
+        log = proc.log_text()
+        assert log.count('"event": "broker connection lost"') == 3, log[-3000:]
+        client.wait_for(
+            f"{topic_prefix}/bridge/pool/state",
+            after=before_restart,
+            where=lambda m: m.json()["state"] == "online",
+        )
+        after = client.mark()
+        _publish(client, total, total + 20)
+        client.wait_for(f"{topic_prefix}/response/#", 20, timeout=30, after=after)
+        assert proc.terminate() == 0
+    finally:
+        proc.close()
+        client.disconnect()
+        for pid in _worker_pids(proc).values():
+            _kill_quietly(pid)
