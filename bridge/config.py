@@ -175,6 +175,9 @@ class RuntimeConfig(_Section):
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     """Worker processes in one shared-subscription group behind one supervisor; `auto`: one per
     core this process may use, at most 8 (docs/scaling.md#workers-every-core-of-one-machine)."""
+    worker_silence: Annotated[float, Field(ge=2)] = 20.0
+    """Seconds a serving worker may go without reporting (each reports every second) before the
+    supervisor deems it stuck, kills it and starts another."""
 
 
 class HomeAssistantConfig(_Section):

@@ -189,12 +189,17 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 *command, pass_fds=(theirs.fileno(),), env=workers.worker_environ(os.environ)
             )
+        except OSError as exc:  # out of processes or memory: worth another try later
+            ours.close()
+            self.log.error("cannot start a worker", worker=worker.index, error=str(exc))
+            worker.started_at = time.monotonic()
+            return 1
         finally:
             theirs.close()
         worker.process, worker.started_at = process, time.monotonic()
         worker.last_report = worker.started_at
         self.log.info("worker started", worker=worker.index, pid=process.pid)
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=workers.MAX_LINE)
         worker.control = writer
         if self.stop_now.is_set():
             self._send(worker, workers.STOP_NOW)
@@ -213,7 +218,9 @@ class Supervisor:
         while True:
             try:
                 line = await reader.readline()
-            except (ConnectionError, ValueError):
+            except ValueError:  # longer than MAX_LINE (report_line never writes one): skip it
+                continue
+            except ConnectionError:
                 return
             if not line:
                 return
@@ -245,6 +252,7 @@ class Supervisor:
         """Kill a worker that stopped reporting; ping systemd's watchdog while all are well."""
         interval = watchdog_interval()
         last_ping = 0.0
+        limit = self.config.runtime.worker_silence
         while True:
             await asyncio.sleep(workers.HEARTBEAT_SECONDS)
             now = time.monotonic()
@@ -256,15 +264,13 @@ class Supervisor:
                     continue
                 if process is None or process.returncode is not None:
                     continue
-                if silent > workers.HEARTBEAT_MISSED:
+                if silent > limit:
                     self.log.error(
                         "worker stopped reporting; killing it", worker=worker.index, silent_s=silent
                     )
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
-            healthy = all(
-                w.ready and now - w.last_report <= workers.HEARTBEAT_MISSED for w in self.workers
-            )
+            healthy = all(w.ready and now - w.last_report <= limit for w in self.workers)
             if interval and healthy and now - last_ping >= interval:
                 notify("WATCHDOG=1")
                 last_ping = now

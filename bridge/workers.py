@@ -29,10 +29,10 @@ STOP = b"stop\n"
 STOP_NOW = b"stop-now\n"
 """Exit at once; unfinished requests stay unacknowledged and are redelivered."""
 
+MAX_LINE = 1 << 20
+"""The longest report line the supervisor reads."""
 HEARTBEAT_SECONDS = 1.0
 """A worker reports its stats this often; the report doubles as its heartbeat."""
-HEARTBEAT_MISSED = 20.0
-"""A worker silent this long is stuck: the supervisor kills it and starts another."""
 
 
 def cpu_count() -> int:
@@ -114,7 +114,16 @@ def report_line(event: str, stats: Stats | None = None) -> bytes:
             "last_error": stats.last_error,
             "by_code": stats.by_code,
         }
-    return dumps(body) + b"\n"
+    line = dumps(body) + b"\n"
+    if len(line) > MAX_LINE // 2 and stats is not None and stats.last_error is not None:
+        # An upstream's error can be long; the stats topic shows 255 characters of it anyway.
+        error = stats.last_error
+        body["stats"]["last_error"] = {
+            "code": str(error.get("code", "error")),
+            "message": str(error.get("message", ""))[:1000],
+        }
+        line = dumps(body) + b"\n"
+    return line
 
 
 def parse_report(line: bytes) -> tuple[str, Stats | None] | None:

@@ -97,6 +97,16 @@ def test_report_lines_round_trip_and_garbage_is_not_a_report() -> None:
         assert workers.parse_report(garbage) is None
 
 
+def test_a_report_with_a_huge_error_stays_one_readable_line() -> None:
+    stats = Stats(requests_total=1, errors_total=1)
+    stats.last_error = {"code": "upstream_error", "message": "x" * workers.MAX_LINE, "status": 500}
+    line = workers.report_line("stats", stats)
+    assert len(line) < workers.MAX_LINE and line.count(b"\n") == 1
+    _, parsed = workers.parse_report(line) or ("", None)
+    assert parsed is not None and parsed.last_error is not None
+    assert parsed.last_error["code"] == "upstream_error"
+
+
 def test_totals_sum_the_workers_and_keep_what_a_dead_worker_counted() -> None:
     totals = workers.StatsTotals()
     totals.update(
@@ -422,5 +432,32 @@ def test_workers_and_supervisor_ride_out_a_broker_restart(
     finally:
         proc.close()
         client.disconnect()
+        for pid in _worker_pids(proc).values():
+            _kill_quietly(pid)
+
+
+def test_a_stuck_worker_is_killed_and_replaced(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    proc = _start(tmp_path, mosquitto, standin, topic_prefix)
+    text = proc.config_path.read_text(encoding="utf-8")
+    proc.config_path.write_text(
+        text.replace("workers = 2", "workers = 2\nworker_silence = 2.0"), encoding="utf-8"
+    )
+    try:
+        proc.start()
+        stuck = _worker_pids(proc)[1]
+        os.kill(stuck, signal.SIGSTOP)  # a frozen event loop, as far as the supervisor can tell
+        _wait_gone(stuck, timeout=20)
+        with TestClient.for_broker(mosquitto, prefix=topic_prefix) as c:
+            # The replacement takes over worker 1's session and serves.
+            for i in range(4):
+                assert c.request("listModels", {"transaction": i}, suffix=str(i))["status"] == "ok"
+        log = proc.log_text()
+        assert '"event": "worker stopped reporting; killing it"' in log
+        assert _worker_pids(proc)[1] != stuck
+        assert proc.terminate() == 0
+    finally:
+        proc.close()
         for pid in _worker_pids(proc).values():
             _kill_quietly(pid)
