@@ -17,6 +17,14 @@ The shims:
 - `sock_close` (paho `Client._sock_close`): drop a dead socket without a DISCONNECT;
 - `tls_tracking` (an `ssl.SSLContext` subclass paho wraps its socket with): close the socket of a
   failed TLS handshake, which paho leaves to the garbage collector;
+- `lean_matcher` (paho `Client._on_message_filtered`): skip the topic match of every inbound
+  message while no per-filter callback is set (paho builds a self-referencing closure for each
+  match: a reference cycle per request that only the cyclic garbage collector frees);
+- `lean_properties` (paho `Properties.__init__`): share the constant name and type tables among
+  MQTT 5 `Properties` objects instead of building them anew for each (paho makes two to four per
+  request: the inbound PUBLISH, our reply's PUBACK, its callback);
+- `lean_reason_codes` (paho `ReasonCode.__init__`): the same for `ReasonCode` (a copy of its name
+  table and a search of it for every code; two per request, both for the PUBACK);
 - `bytes_body` (aiohttp `Payload.__init__`): send a body over 1 MiB from memory without
   BytesPayload's ResourceWarning (a bridge holds its uploads in memory by design).
 """
@@ -40,8 +48,10 @@ import paho.mqtt.client as paho
 from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket, MQTTException
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.reasoncodes import ReasonCode
 
 
 @dataclass(slots=True)
@@ -272,6 +282,121 @@ def close_failed_tls_socket(context: ssl.SSLContext | None, client: paho.Client)
             sock.close()
 
 
+class LeanMatcher(MQTTMatcher):
+    """paho's topic matcher, answering at once while it holds no filter at all."""
+
+    def iter_match(self, topic: str) -> Any:
+        """paho's matches for `topic`; while empty none, without paho's recursive closure."""
+        root = self._root
+        if root._content is None and not root._children:  # noqa: SLF001
+            return iter(())
+        return super().iter_match(topic)  # type: ignore[no-untyped-call]
+
+
+def _check_lean_matcher() -> bool:
+    matcher = getattr(_probe_client(), "_on_message_filtered", None)
+    root = getattr(matcher, "_root", None)
+    code = paho.Client._handle_on_message.__code__  # noqa: SLF001  (the shim's check)
+    return (
+        type(matcher) is MQTTMatcher
+        and {"_on_message_filtered", "iter_match"} <= set(code.co_names)
+        and getattr(root, "_content", 0) is None
+        and getattr(root, "_children", None) == {}
+    )
+
+
+def lean_filter_matcher(client: paho.Client) -> None:
+    """Let `client` skip matching inbound topics against per-filter callbacks while it has none
+    (with `message_callback_add` it matches as paho does); never raises."""
+    if not SHIMS["lean_matcher"].active:
+        return
+    matcher = getattr(client, "_on_message_filtered", None)
+    if type(matcher) is MQTTMatcher:
+        matcher.__class__ = LeanMatcher
+
+
+PAHO_PROPERTIES_INIT: Callable[..., None] = Properties.__init__
+_PROPERTY_TABLES = ("types", "names", "properties")
+
+
+def _lean_properties_init(self: Properties, packetType: int) -> None:
+    tables = _LEAN_TABLES
+    if not tables:  # first use: paho's own tables, built once
+        PAHO_PROPERTIES_INIT(self, packetType)
+        tables.update({name: vars(self)[name] for name in _PROPERTY_TABLES})
+        return
+    # Straight into the instance dict: paho's __setattr__ lets these four names through as well.
+    vars(self).update(tables)
+    vars(self)["packetType"] = packetType
+
+
+_LEAN_TABLES: dict[str, Any] = {}
+
+
+def _check_lean_properties() -> bool:
+    # The tables are read, never written, by paho 2.x; a version that builds them differently
+    # per packet type, or adds state, keeps its own __init__.
+    if Properties.__init__ not in (PAHO_PROPERTIES_INIT, _lean_properties_init):
+        return False
+    for packet_type in (*PacketTypes.indexes, PacketTypes.WILLMESSAGE):
+        paho_built = Properties.__new__(Properties)
+        PAHO_PROPERTIES_INIT(paho_built, packet_type)
+        lean = Properties.__new__(Properties)
+        _lean_properties_init(lean, packet_type)
+        if vars(paho_built) != vars(lean) or set(vars(lean)) != {"packetType", *_PROPERTY_TABLES}:
+            return False
+    return True
+
+
+def _install_lean_properties(on: bool) -> None:
+    Properties.__init__ = _lean_properties_init if on else PAHO_PROPERTIES_INIT  # type: ignore[method-assign]
+
+
+PAHO_REASON_INIT: Callable[..., None] = ReasonCode.__init__
+_REASON_NAMES: dict[int, Any] = dict(ReasonCode.names)
+"""The one copy of paho's name table that lean ReasonCodes share (paho copies it for each)."""
+_REASON_VALUES: dict[tuple[int, str], int] = {}
+"""(packet type, name) -> code, as paho's own __init__ found it the first time."""
+
+
+def _lean_reason_init(
+    self: ReasonCode,
+    packetType: int,
+    aName: str = "Success",
+    identifier: int = -1,
+) -> None:
+    value = _REASON_VALUES.get((packetType, aName)) if identifier == -1 else None
+    if value is None:
+        PAHO_REASON_INIT(self, packetType, aName, identifier)
+        if identifier == -1:
+            _REASON_VALUES[(packetType, aName)] = self.value
+        return
+    attributes = vars(self)
+    attributes["names"] = _REASON_NAMES
+    attributes["packetType"] = packetType
+    attributes["value"] = value
+
+
+def _check_lean_reason_codes() -> bool:
+    if ReasonCode.__init__ not in (PAHO_REASON_INIT, _lean_reason_init):
+        return False
+    for code, names in ReasonCode.names.items():
+        for name, packet_types in names.items():
+            for packet_type in packet_types:
+                paho_built = ReasonCode.__new__(ReasonCode)
+                PAHO_REASON_INIT(paho_built, packet_type, name)
+                for _ in range(2):  # the first builds the way paho does, the second is lean
+                    lean = ReasonCode.__new__(ReasonCode)
+                    _lean_reason_init(lean, packet_type, name)
+                    if vars(lean) != vars(paho_built) or lean.value != code:
+                        return False
+    return True
+
+
+def _install_lean_reason_codes(on: bool) -> None:
+    ReasonCode.__init__ = _lean_reason_init if on else PAHO_REASON_INIT  # type: ignore[method-assign]
+
+
 # --- aiohttp --------------------------------------------------------------------------------------
 
 
@@ -318,6 +443,9 @@ SHIMS: dict[str, Shim] = {
         Shim("raw_topic", "paho-mqtt", "2.2.0", _check_raw_topic),
         Shim("sock_close", "paho-mqtt", "2.2.0", _check_sock_close),
         Shim("tls_tracking", "paho-mqtt", "2.2.0", _check_tls_tracking),
+        Shim("lean_matcher", "paho-mqtt", "2.2.0", _check_lean_matcher),
+        Shim("lean_properties", "paho-mqtt", "2.2.0", _check_lean_properties),
+        Shim("lean_reason_codes", "paho-mqtt", "2.2.0", _check_lean_reason_codes),
         Shim("bytes_body", "aiohttp", "3.14.5", _check_bytes_body),
     )
 }
@@ -338,6 +466,8 @@ def install() -> list[str]:
         if not shim.active:
             off.append(f"{shim.name} ({shim.library} {_version(shim.library)})")
     _install_decoder(SHIMS["publish_decoder"].active)
+    _install_lean_properties(SHIMS["lean_properties"].active)
+    _install_lean_reason_codes(SHIMS["lean_reason_codes"].active)
     return off
 
 
@@ -346,3 +476,5 @@ def uninstall() -> None:
     for shim in SHIMS.values():
         shim.active = False
     _install_decoder(False)
+    _install_lean_properties(False)
+    _install_lean_reason_codes(False)

@@ -155,6 +155,7 @@ class MqttTransport:
             persistent=True,
         )
         client.connect_timeout = 10.0
+        compat.lean_filter_matcher(client)
         client.max_queued_messages_set(10_000)
         client.max_inflight_messages_set(20)  # MQTT 5 brokers announce their own in CONNACK
         if self.will is not None:

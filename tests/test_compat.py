@@ -7,6 +7,7 @@ test fails as soon as an upgrade changes an internal a shim relies on.
 from __future__ import annotations
 
 import collections
+import gc
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,10 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge import compat
 
@@ -133,3 +138,72 @@ def test_bytes_body_sends_a_large_body_as_it_is_without_a_warning(installed: boo
     assert isinstance(body, aiohttp.payload.BytesPayload)
     assert (body.size, body.content_type) == (2 * MIB, "audio/wav")
     assert isinstance(body, compat.BytesBody) is installed
+
+
+def deliver_publish(c: paho.Client, topic: str) -> list[str]:
+    """Hand `c` an inbound PUBLISH the way its reader does; which callbacks got it."""
+    got: list[str] = []
+    c.on_message = lambda _c, _u, m: got.append(f"any {m.topic}")
+    c._handle_on_message(paho.MQTTMessage(topic=topic.encode()))  # noqa: SLF001  (paho's reader)
+    return got
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_lean_matcher_delivers_every_message_and_leaves_no_garbage_cycle(installed: bool) -> None:
+    if not installed:
+        compat.uninstall()
+    c = client()
+    compat.lean_filter_matcher(c)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        assert deliver_publish(c, "a/request/x") == ["any a/request/x"]
+        cycles = gc.collect()
+    finally:
+        gc.enable()
+    # paho's own matcher builds a self-referencing closure per message; the lean one none.
+    assert (cycles == 0) is installed, (before, cycles)
+    c.message_callback_add("a/+/x", lambda _c, _u, m: None)
+    assert deliver_publish(c, "a/request/x") == []  # a filtered callback took it, as in paho
+    assert deliver_publish(c, "b/request/x") == ["any b/request/x"]
+
+
+def properties(packet_type: int) -> Any:
+    """paho's Properties for `packet_type` (untyped in paho)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_lean_properties_pack_and_unpack_as_paho_does(installed: bool) -> None:
+    if not installed:
+        compat.uninstall()
+    assert (Properties.__init__ is compat.PAHO_PROPERTIES_INIT) is not installed
+    props = properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"\x01\x02"
+    props.ContentType = "text/plain"
+    packed = props.pack()
+    parsed = properties(PacketTypes.PUBLISH)
+    parsed.unpack(packed)
+    assert (parsed.CorrelationData, parsed.ContentType) == (b"\x01\x02", "text/plain")
+    assert not hasattr(properties(PacketTypes.PUBLISH), "ContentType")  # nothing shared but tables
+    with pytest.raises(MQTTException):
+        properties(PacketTypes.PUBACK).ContentType = "text/plain"  # still checked per packet type
+    with pytest.raises(MQTTException):
+        props.NoSuchProperty = 1
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_lean_reason_codes_equal_pahos_own(installed: bool) -> None:
+    if not installed:
+        compat.uninstall()
+    assert (ReasonCode.__init__ is compat.PAHO_REASON_INIT) is not installed
+    for _ in range(2):  # the second is built from what the first found
+        puback = ReasonCode(PacketTypes.PUBACK)
+        assert (puback.value, str(puback), puback.is_failure) == (0, "Success", False)
+        assert ReasonCode(PacketTypes.DISCONNECT).getName() == "Normal disconnection"
+        refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+        assert (refused.value, refused.is_failure) == (135, True)
+        assert ReasonCode(PacketTypes.PUBACK, identifier=16).getName() == "No matching subscribers"
+    with pytest.raises(KeyError):
+        ReasonCode(PacketTypes.PUBACK, "No such reason")
