@@ -104,6 +104,8 @@ class Dispatcher:
         """Waits whose job id is journaled: stopped at once on shutdown, resumed after it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the first request (asyncio.create_task would ask for it every time)."""
         self.accepting = True
         self.idle = asyncio.Event()
         self.idle.set()
@@ -133,7 +135,10 @@ class Dispatcher:
         if message.qos > 0 and key in self._in_flight:
             # The broker redelivered a request we are still working on; the running task acks it.
             return
-        task = asyncio.create_task(self._handle(message))
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(self._handle(message))
         self._tasks.add(task)
         if message.qos > 0:
             self._in_flight[key] = task

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,7 @@ class MqttTransport:
         self._on_connected_cb = on_connected
         self.log = log
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         mode = protocol or config.protocol
         self._protocol_mode = mode
         self.protocol: MQTTProtocolVersion = (
@@ -174,11 +176,9 @@ class MqttTransport:
 
     def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn` on the loop thread: paho calls socket hooks from the connect executor too."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
+        # The thread, not asyncio.get_running_loop(): on Python 3.11 that costs a getpid()
+        # system call, and paho calls these hooks for nearly every packet it sends.
+        if threading.get_ident() == self._loop_thread:
             fn(*args)
         else:
             self._loop.call_soon_threadsafe(fn, *args)
