@@ -192,6 +192,7 @@ class SqliteStore:
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {str(check)[:200]}")
@@ -276,11 +277,11 @@ class SqliteStore:
 
     def used_bytes(self) -> int:
         """Bytes of the database file that hold data (free pages excluded)."""
-        db = self._db
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        free = db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        # One statement: this runs on every commit (the page size is fixed once created).
+        used = self._db.execute(
+            "SELECT page_count - freelist_count FROM pragma_page_count(), pragma_freelist_count()"
+        ).fetchone()[0]
+        return int(used * self._page_size)
 
     def recent_keys(self, since: float) -> frozenset[bytes]:
         """Keys of the answers recorded from `since` (wall clock) on."""
@@ -318,16 +319,21 @@ class _Work:
     loop: asyncio.AbstractEventLoop | None
 
 
-def _settle(work: _Work, value: Any) -> None:
-    if work.future is None or work.loop is None:
-        return
+def _settle(results: list[tuple[_Work, Any]]) -> None:
+    """Hand a batch's results to their loops: one wake-up per loop, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for work, value in results:
+        if work.future is not None and work.loop is not None:
+            by_loop.setdefault(work.loop, []).append((work.future, value))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(_deliver, settled)
 
-    def deliver() -> None:
-        if work.future is not None and not work.future.done():
-            work.future.set_result(value)
 
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-        work.loop.call_soon_threadsafe(deliver)
+def _deliver(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, value in settled:
+        if not future.done():
+            future.set_result(value)
 
 
 class Journal:
@@ -353,6 +359,8 @@ class Journal:
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the results go to (the bridge has one)."""
 
     @classmethod
     def open(
@@ -436,7 +444,10 @@ class Journal:
         await asyncio.to_thread(self._thread.join, 10.0)
 
     def _submit(self, kind: str, *args: Any, force: bool = False) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        # Asked once, not per request: on Python 3.11 get_running_loop() makes a system call.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed and not force:
             future.set_result(False if kind in ("answer", "job") else None)
@@ -462,21 +473,21 @@ class Journal:
         writes = [w for w in batch if w.kind in ("answer", "job")]
         if writes:
             ok = self._write(writes)
-            for work in writes:
-                _settle(work, ok)
+            _settle([(work, ok) for work in writes])  # their replies wait: before the reads
+        results: list[tuple[_Work, Any]] = []
         stop = None
         for work in batch:
             if work.kind == "get":
-                _settle(work, self._read(self.store.get, work.args[0]))
+                results.append((work, self._read(self.store.get, work.args[0])))
             elif work.kind == "stats":
-                _settle(work, self._read(self.store.stats))
+                results.append((work, self._read(self.store.stats)))
             elif work.kind == "stop":
                 stop = work
         if stop is not None:
             self.store.close()
-            _settle(stop, None)
-            return True
-        return False
+            results.append((stop, None))
+        _settle(results)
+        return stop is not None
 
     def _write(self, writes: list[_Work]) -> bool:
         store = self.store

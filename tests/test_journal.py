@@ -95,6 +95,39 @@ async def test_concurrent_writes_are_committed_together(tmp_path: Path) -> None:
     await journal.close()
 
 
+async def test_reads_and_writes_queued_together_each_get_their_own_result(tmp_path: Path) -> None:
+    journal = open_journal(tmp_path / "j.sqlite3", RecordingLog())
+    assert journal is not None
+    assert all(
+        await asyncio.gather(*(journal.record_answer(key(i), "t", b"%d" % i) for i in range(50)))
+    )
+    writes = [journal.record_answer(key(i), "t", b"%d" % i) for i in range(50, 100)]
+    reads = [journal.lookup(key(i)) for i in range(50)]
+    results: list[Any] = await asyncio.gather(*writes, *reads)  # queued in the same batches
+    written, entries = results[:50], results[50:]
+    assert written == [True] * 50
+    assert [e.answer if e is not None else None for e in entries] == [b"%d" % i for i in range(50)]
+    await journal.close()
+
+
+def test_used_bytes_counts_the_pages_that_hold_data(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "j.sqlite3", max_bytes=1 << 30, max_age=3600.0)
+    store.begin()
+    for i in range(300):
+        store.put_answer(key(i), "t", b"x" * 1000)
+    store.commit()
+    store.begin()
+    store._db.execute("DELETE FROM entries WHERE rowid % 2 = 0")  # noqa: SLF001  (frees pages)
+    store.commit()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:
+        pages, free, size = (
+            db.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+    assert free > 0 and store.used_bytes() == (pages - free) * size
+    store.close()
+
+
 async def test_large_answers_are_not_journaled(tmp_path: Path) -> None:
     journal = open_journal(tmp_path / "j.sqlite3", RecordingLog(), max_answer_bytes=1000)
     assert journal is not None
