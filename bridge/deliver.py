@@ -8,6 +8,7 @@ so a request whose reply never went out is redelivered. A chunked raw reply (`_b
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -130,6 +131,8 @@ class Deliverer:
         """Count the answered request and write its one log line."""
         error = outcome.error
         self.stats.count(error, elapsed_ms)
+        if error is None and not self.log.is_enabled_for(logging.INFO):
+            return  # below the configured level: the line would be built only to be dropped
         fields: dict[str, Any] = {
             "method": outcome.method[:100],
             "suffix": route.topic.suffix[:100],

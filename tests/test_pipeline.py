@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from pydantic import SecretStr
@@ -260,6 +261,24 @@ async def test_deliver_replaces_a_reply_too_large_with_an_error_reply() -> None:
     assert sent.request_id == "r" and isinstance(sent.error, ReplyTooLarge)
     deliver.account(message("x", b""), route_for(), sent, 1.0)
     assert stats.by_code == {"reply_too_large": 1}
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_account_logs_one_line_per_request_at_its_level(level: int) -> None:
+    log = FakeLog(level)
+    deliver, _, stats = deliverer(FakePublisher())
+    deliver.log = log.bound
+    ok = render.Outcome("listModels", "t", b"{}", http_status=200, request_id="r1")
+    deliver.account(message("x", b""), route_for(), ok, 2.5)
+    failed = render.failure("listModels", 7, ReplyTooLarge("too large"))
+    deliver.account(message("x", b""), route_for(), failed, 3.0)
+    assert stats.requests_total == 2  # counted whether logged or not
+    fields: dict[str, object] = {"method": "listModels", "suffix": "", "transaction": "t"}
+    fields.update(status="ok", http_status=200, request_id="r1", duration_ms=2.5)
+    ok_line = ("info", "request", fields)
+    error_line = log.lines[-1]
+    assert log.lines[:-1] == ([ok_line] if level == logging.INFO else [])
+    assert error_line[:2] == ("warning", "request") and error_line[2]["code"] == "reply_too_large"
 
 
 @pytest.mark.parametrize(("retry_later", "acked"), [(True, []), (False, [3])])

@@ -44,14 +44,14 @@ class FakePublisher:
 class FakeLog:
     """A real structlog logger (`bound`) whose lines are recorded as (level, event, fields)."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int = logging.DEBUG) -> None:
         self.lines: list[tuple[str, str, dict[str, Any]]] = []
         self.bound = cast(
             FilteringBoundLogger,
             structlog.wrap_logger(
                 None,
                 processors=[self._record],
-                wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+                wrapper_class=structlog.make_filtering_bound_logger(level),
             ),
         )
 
