@@ -20,9 +20,10 @@ The shims:
 - `lean_matcher` (paho `Client._on_message_filtered`): skip the topic match of every inbound
   message while no per-filter callback is set (paho builds a self-referencing closure for each
   match: a reference cycle per request that only the cyclic garbage collector frees);
-- `lean_properties` (paho `Properties.__init__`): share the constant name and type tables among
-  MQTT 5 `Properties` objects instead of building them anew for each (paho makes two to four per
-  request: the inbound PUBLISH, our reply's PUBACK, its callback);
+- `lean_properties` (paho `Properties.__init__`, `clear`): share the constant name and type tables
+  among MQTT 5 `Properties` objects instead of building them anew for each (paho makes two to
+  four per request: the inbound PUBLISH, our reply's PUBACK, its callback), and clear one by its
+  instance dict instead of trying all 27 property names (for every inbound packet's properties);
 - `lean_reason_codes` (paho `ReasonCode.__init__`): the same for `ReasonCode` (a copy of its name
   table and a search of it for every code; two per request, both for the PUBACK);
 - `bytes_body` (aiohttp `Payload.__init__`): send a body over 1 MiB from memory without
@@ -331,6 +332,16 @@ def _lean_properties_init(self: Properties, packetType: int) -> None:
 
 
 _LEAN_TABLES: dict[str, Any] = {}
+PAHO_PROPERTIES_CLEAR: Callable[..., None] = Properties.clear
+_PROPERTIES_STATE = frozenset({"packetType", *_PROPERTY_TABLES})
+
+
+def _lean_properties_clear(self: Properties) -> None:
+    # paho's clear() tries every property name (unpack() calls it for each inbound packet); the
+    # instance holds only its state and the properties set through paho's checked __setattr__.
+    attributes = vars(self)
+    for name in [name for name in attributes if name not in _PROPERTIES_STATE]:
+        del attributes[name]
 
 
 def _check_lean_properties() -> bool:
@@ -338,18 +349,29 @@ def _check_lean_properties() -> bool:
     # per packet type, or adds state, keeps its own __init__.
     if Properties.__init__ not in (PAHO_PROPERTIES_INIT, _lean_properties_init):
         return False
+    if Properties.clear not in (PAHO_PROPERTIES_CLEAR, _lean_properties_clear):
+        return False
     for packet_type in (*PacketTypes.indexes, PacketTypes.WILLMESSAGE):
         paho_built = Properties.__new__(Properties)
         PAHO_PROPERTIES_INIT(paho_built, packet_type)
         lean = Properties.__new__(Properties)
         _lean_properties_init(lean, packet_type)
-        if vars(paho_built) != vars(lean) or set(vars(lean)) != {"packetType", *_PROPERTY_TABLES}:
+        if vars(paho_built) != vars(lean) or set(vars(lean)) != _PROPERTIES_STATE:
             return False
-    return True
+    full = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    full.ContentType, full.CorrelationData, full.MessageExpiryInterval = "a/b", b"c", 5
+    full.UserProperty = ("k", "v")
+    left = dict(vars(full))
+    PAHO_PROPERTIES_CLEAR(full)
+    paho_cleared = dict(vars(full))
+    vars(full).update(left)
+    _lean_properties_clear(full)
+    return vars(full) == paho_cleared and set(paho_cleared) == _PROPERTIES_STATE
 
 
 def _install_lean_properties(on: bool) -> None:
     Properties.__init__ = _lean_properties_init if on else PAHO_PROPERTIES_INIT  # type: ignore[method-assign]
+    Properties.clear = _lean_properties_clear if on else PAHO_PROPERTIES_CLEAR  # type: ignore[method-assign]
 
 
 PAHO_REASON_INIT: Callable[..., None] = ReasonCode.__init__

@@ -179,12 +179,15 @@ def test_lean_properties_pack_and_unpack_as_paho_does(installed: bool) -> None:
     if not installed:
         compat.uninstall()
     assert (Properties.__init__ is compat.PAHO_PROPERTIES_INIT) is not installed
+    assert (Properties.clear is compat.PAHO_PROPERTIES_CLEAR) is not installed
     props = properties(PacketTypes.PUBLISH)
     props.CorrelationData = b"\x01\x02"
     props.ContentType = "text/plain"
     packed = props.pack()
     parsed = properties(PacketTypes.PUBLISH)
-    parsed.unpack(packed)
+    parsed.ResponseTopic = "left/over"
+    parsed.unpack(packed)  # clears what was there first
+    assert not hasattr(parsed, "ResponseTopic")
     assert (parsed.CorrelationData, parsed.ContentType) == (b"\x01\x02", "text/plain")
     assert not hasattr(properties(PacketTypes.PUBLISH), "ContentType")  # nothing shared but tables
     with pytest.raises(MQTTException):
