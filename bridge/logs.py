@@ -6,6 +6,7 @@ through `Redactor`, which replaces each configured secret with `**********`.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, TextIO, cast
@@ -46,6 +47,21 @@ _LEVELS = {
 }
 
 
+def _json_line(event: Any, **kwargs: Any) -> str:
+    """One log line as `json.dumps` writes it, from an encoder made once: `json.dumps` with a
+    `default` builds a new JSONEncoder for every line (a line for every request)."""
+    default = kwargs.pop("default", None)
+    encoder = _ENCODERS.get(default) if not kwargs else None
+    if encoder is None:
+        if kwargs:
+            return json.dumps(event, default=default, **kwargs)
+        encoder = _ENCODERS[default] = json.JSONEncoder(default=default)
+    return encoder.encode(event)
+
+
+_ENCODERS: dict[Any, json.JSONEncoder] = {}
+
+
 def configure(
     level: str = "info",
     fmt: str = "auto",
@@ -62,7 +78,7 @@ def configure(
     redactor = Redactor(secrets)  # log lines only: replies get their own, from the bridge's config
     json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if json_out
         else structlog.dev.ConsoleRenderer(colors=False)
     )

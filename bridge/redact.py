@@ -49,6 +49,10 @@ class Redactor:
     ) -> MutableMapping[str, Any]:
         """structlog processor: redact every value of the event."""
         if self.secrets:
-            for key, val in list(event_dict.items()):
-                event_dict[key] = self.any(val)
+            # Values replaced in place (the keys stay); numbers and None need no look.
+            for key, val in event_dict.items():
+                if type(val) is str:
+                    event_dict[key] = self.text(val)
+                elif isinstance(val, dict | list | tuple | str):
+                    event_dict[key] = self.any(val)
         return event_dict

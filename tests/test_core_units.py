@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import render
+from bridge import logs, render
 from bridge.access import AccessRules
 from bridge.allocator import pin_mmap_threshold
 from bridge.backoff import Backoff, retry_after_seconds
@@ -322,6 +324,23 @@ def test_redactor() -> None:
     assert red.data(b'{"k":"sk-abcdef"}') == b'{"k":"**********"}'
     assert red.any({"a": ["x sk-abcdef"], "b": 1}) == {"a": ["x **********"], "b": 1}
     assert red.text("pw stays") == "pw stays"
+
+
+def test_json_log_lines_are_redacted_and_render_whatever_they_carry() -> None:
+    out = io.StringIO()
+    logs.configure("info", "json", secrets=["sk-abcdef"], stream=out)
+    try:
+        log = logs.get_logger()
+        log.info("request", method="m", transaction="t sk-abcdef é", attempts=2, latency=1.5)
+        log.info("odd", nested={"k": ["sk-abcdef"]}, big=1 << 70, keys={1: "a"}, obj=Path("p"))
+    finally:
+        logs.configure("warning", "json", stream=sys.stderr)
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["transaction"] == "t ********** é" and first["attempts"] == 2
+    assert (first["event"], first["level"], first["latency"]) == ("request", "info", 1.5)
+    assert second["nested"] == {"k": ["**********"]} and second["big"] == 1 << 70
+    assert second["keys"] == {"1": "a"} and second["obj"] == repr(Path("p"))
+    assert "sk-abcdef" not in out.getvalue()
 
 
 def test_sd_notify_and_watchdog_interval(tmp_path: Path) -> None:
