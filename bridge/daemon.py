@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import platform
 import signal
@@ -31,6 +32,9 @@ from bridge.status import OFFLINE, StatusPublisher
 from bridge.systemd import notify, watchdog_interval
 from bridge.topics import Topics
 from bridge.workerlink import WorkerLink
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between young garbage collections (CPython's default: 700)."""
 
 
 class StartupError(Exception):
@@ -115,6 +119,9 @@ class Bridge:
             if (no_key := startup.missing_key_warning(cfg)) is not None:
                 self.log.warning(no_key)
         off = compat.install()  # library internals: each checked against the installed version
+        # With many requests in flight every young collection walks all of their live objects;
+        # CPython's 700 ran one every ~15 requests at C = 128 (bench/README.md, issue 17).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         if off:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
         # Everything started is closed in reverse order, however the start or the run ends.

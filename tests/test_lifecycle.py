@@ -14,7 +14,7 @@ from support.imports import top_level_packages_after
 
 from bridge import logs
 from bridge.config import load_config
-from bridge.daemon import Bridge, StartupError
+from bridge.daemon import GC_YOUNG_THRESHOLD, Bridge, StartupError
 from bridge.errors import EX_CONFIG
 
 
@@ -46,8 +46,14 @@ async def test_an_unusable_tls_file_closes_the_embedded_broker_and_the_http_sess
     config = load_config(broken_tls_config(tmp_path))
     logs.configure("warning", "json", stream=sys.stderr)
     bridge = Bridge(config)
-    with pytest.raises(StartupError, match=r"\[mqtt.tls\]"):
-        await bridge.run()
+    thresholds = gc.get_threshold()
+    try:
+        with pytest.raises(StartupError, match=r"\[mqtt.tls\]"):
+            await bridge.run()
+        # Set before anything is served: young collections every 10,000 allocations, not 700.
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:])
+    finally:
+        gc.set_threshold(*thresholds)
     assert port_is_free(config.mqtt.port)  # the embedded broker stopped listening
     # An unclosed aiohttp session warns when collected, and warnings are errors here.
     gc.collect()
