@@ -152,7 +152,8 @@ def cmd_run(path: str | None, how: str = "--config") -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from bridge import logs
     from bridge.allocator import pin_mmap_threshold
-    from bridge.daemon import Bridge, StartupError
+    from bridge.daemon import Bridge
+    from bridge.errors import StartupError
     from bridge.supervisor import Supervisor
     from bridge.workers import resolve_workers
 
@@ -196,7 +197,8 @@ def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
     """Run worker `index` of a supervisor, reporting on `control_fd`, until told to stop."""
     from bridge import logs
     from bridge.allocator import pin_mmap_threshold
-    from bridge.daemon import Bridge, StartupError
+    from bridge.daemon import Bridge
+    from bridge.errors import StartupError
     from bridge.workerlink import WorkerLink
     from bridge.workers import worker_config
 

@@ -20,6 +20,7 @@ from bridge.embedded_broker import (
     PortInUse,
     port_busy_message,
 )
+from bridge.errors import StartupError
 from bridge.journal import Journal, JournalLike
 from bridge.journal_pg import PgJournal
 from bridge.logs import get_logger
@@ -35,10 +36,6 @@ from bridge.workerlink import WorkerLink
 
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young garbage collections (CPython's default: 700)."""
-
-
-class StartupError(Exception):
-    """A part of the bridge cannot start for a reason the operator must fix (exit 78)."""
 
 
 class EmbeddedPortBusy(StartupError):
@@ -211,24 +208,21 @@ class Bridge:
 
     def _make_transport(self, mqtt_cfg: MqttConfig, protocol: str | None) -> MqttTransport:
         cfg = self.config
-        try:
-            return MqttTransport(
-                mqtt_cfg,
-                subscription=self.topics.subscription,
-                # Waited jobs stay unacknowledged for their whole wait, outside max_concurrency.
-                receive_maximum=cfg.limits.max_concurrency + cfg.jobs.max_waiting,
-                will=(self.topics.state, OFFLINE) if self.worker is None else None,
-                on_message=self._submit,
-                on_connected=self._on_connected,
-                log=self.log,
-                protocol=protocol,
-                # Home Assistant announces restarts there; discovery is then published again.
-                extra_subscriptions=self.status.subscriptions() if self.worker is None else [],
-                # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
-                unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
-            )
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise StartupError(f"cannot use the [mqtt.tls] files: {exc}") from None
+        return MqttTransport(
+            mqtt_cfg,
+            subscription=self.topics.subscription,
+            # Waited jobs stay unacknowledged for their whole wait, outside max_concurrency.
+            receive_maximum=cfg.limits.max_concurrency + cfg.jobs.max_waiting,
+            will=(self.topics.state, OFFLINE) if self.worker is None else None,
+            on_message=self._submit,
+            on_connected=self._on_connected,
+            log=self.log,
+            protocol=protocol,
+            # Home Assistant announces restarts there; discovery is then published again.
+            extra_subscriptions=self.status.subscriptions() if self.worker is None else [],
+            # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
+            unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
+        )
 
     async def _stop_following(self) -> None:
         if self._follow is not None:

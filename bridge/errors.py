@@ -292,6 +292,11 @@ class ConfigError(Exception):
 
 EX_CONFIG = 78
 
+
+class StartupError(Exception):
+    """A part of the bridge cannot start for a reason the operator must fix (exit 78)."""
+
+
 # HTTP statuses worth retrying: rate limits and transient server errors; other 4xx never are.
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 

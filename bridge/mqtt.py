@@ -27,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from bridge import compat
 from bridge.backoff import Backoff
 from bridge.config import MqttConfig, TlsConfig
+from bridge.errors import StartupError
 from bridge.messages import InboundMessage, PublishFailed
 from bridge.reconnect import (
     UNSUPPORTED_PROTOCOL,
@@ -86,7 +87,10 @@ def new_client(
 
 
 class MqttTransport:
-    """One broker connection with a persistent session and manual acknowledgement."""
+    """One broker connection with a persistent session and manual acknowledgement.
+
+    Raises StartupError (exit 78) when the `[mqtt.tls]` files cannot be used.
+    """
 
     def __init__(
         self,
@@ -136,7 +140,10 @@ class MqttTransport:
         self.supervisor = ReconnectLogic(
             self, Backoff(config.reconnect_min, config.reconnect_max), log
         )
-        self._client = self._make_client()
+        try:
+            self._client = self._make_client()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise StartupError(f"cannot use the [mqtt.tls] files: {exc}") from None
 
     @property
     def state(self) -> ConnectionState:

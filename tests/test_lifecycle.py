@@ -14,8 +14,8 @@ from support.imports import top_level_packages_after
 
 from bridge import logs
 from bridge.config import load_config
-from bridge.daemon import GC_YOUNG_THRESHOLD, Bridge, StartupError
-from bridge.errors import EX_CONFIG
+from bridge.daemon import GC_YOUNG_THRESHOLD, Bridge
+from bridge.errors import EX_CONFIG, StartupError
 
 
 def broken_tls_config(tmp_path: Path) -> Path:

@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from support.standin import Standin
 
 from bridge import homeassistant, workers
 from bridge.config import BridgeConfig, load_config
-from bridge.errors import ConfigError
+from bridge.errors import EX_CONFIG, ConfigError
 from bridge.stats import Stats
 
 
@@ -364,6 +366,32 @@ def test_with_the_embedded_broker_one_process_serves_and_says_why(tmp_path: Path
         assert proc.terminate() == 0
     finally:
         proc.close()
+
+
+def test_an_unusable_tls_file_stops_the_supervisor_with_78_and_one_line(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    path, env = make_config(
+        tmp_path,
+        broker_port=free_port(),
+        api_base="http://127.0.0.1:9",
+        prefix="tls",
+        extra={"runtime": {"workers": 2}, "mqtt.tls": {"ca_file": str(ca)}},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", "-m", "bridge", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env, "XDG_STATE_HOME": str(tmp_path / "state")},
+    )
+    assert proc.returncode == EX_CONFIG
+    output = proc.stdout + proc.stderr
+    assert "cannot use the [mqtt.tls] files" in output
+    assert '"event": "worker started"' not in output  # no worker was started for nothing
+    for leak in ("Traceback", "Unclosed", "was destroyed but it is pending", "ResourceWarning"):
+        assert leak not in output
 
 
 def test_turning_workers_on_keeps_the_requests_queued_for_the_single_process(
