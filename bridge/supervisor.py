@@ -35,6 +35,8 @@ from bridge.topics import Topics
 
 STABLE_SECONDS = 60.0
 """A worker that ran this long before dying is restarted after the shortest delay again."""
+STOP_NOW_SECONDS = 5.0
+"""After `stop-now`, a worker still running this much later is killed (a stuck event loop)."""
 
 
 @dataclass(slots=True)
@@ -84,6 +86,8 @@ class Supervisor:
     def stop(self, code: int = 0) -> None:
         """Stop every worker gracefully; asked again, at once (call on the loop)."""
         if self.stop_event.is_set():
+            if not self.stop_now.is_set():
+                asyncio.get_running_loop().call_later(STOP_NOW_SECONDS, self._kill_remaining)
             self.stop_now.set()
             self._command(workers.STOP_NOW)
         else:
@@ -104,7 +108,9 @@ class Supervisor:
         )
         if (no_key := startup.missing_key_warning(cfg)) is not None:
             self.log.warning(no_key)
-        compat.install()
+        off = compat.install()  # for the status connection; each worker checks its own
+        if off:
+            self.log.info("library internals differ; their own behaviour is used", shims=off)
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(self._signals_handled())
             mqtt_cfg = cfg.mqtt.model_copy(update={"client_id": workers.supervisor_client_id(cfg)})
@@ -123,7 +129,7 @@ class Supervisor:
             async with asyncio.TaskGroup() as group:
                 keepers = [group.create_task(self._keep(w)) for w in self.workers]
                 connecting = group.create_task(self._connect(transport))
-                group.create_task(self._announce_when_ready())
+                announcing = group.create_task(self._announce_when_ready())
                 watch = group.create_task(self._watch())
                 stats = None
                 if cfg.homeassistant.stats_interval > 0:
@@ -134,7 +140,7 @@ class Supervisor:
                 notify("STOPPING=1\nSTATUS=workers finishing in-flight requests")
                 self.log.info("stopping", workers=self.count)
                 await asyncio.gather(*keepers)
-                for task in (connecting, watch, stats):
+                for task in (connecting, announcing, watch, stats):
                     if task is not None:
                         task.cancel()
             if transport.connected.is_set():
@@ -238,6 +244,14 @@ class Supervisor:
     def _check_all_ready(self) -> None:
         if all(w.ready for w in self.workers) and not self.all_ready.is_set():
             self.all_ready.set()
+
+    def _kill_remaining(self) -> None:
+        for worker in self.workers:
+            process = worker.process
+            if process is not None and process.returncode is None:
+                self.log.warning("worker did not stop; killing it", worker=worker.index)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
 
     def _command(self, line: bytes) -> None:
         for worker in self.workers:

@@ -181,6 +181,16 @@ def _worker_pids(proc: BridgeProcess) -> dict[int, int]:
     return pids
 
 
+def _logged(proc: BridgeProcess, event: str, **fields: Any) -> bool:
+    """Whether `proc` logged a JSON line with this event and these fields."""
+    for line in proc.log_text().splitlines():
+        if f'"event": "{event}"' in line:
+            record = json.loads(line)
+            if all(record.get(k) == v for k, v in fields.items()):
+                return True
+    return False
+
+
 def _handled_by(proc: BridgeProcess) -> Counter[int]:
     return Counter(
         json.loads(line)["worker"]
@@ -293,6 +303,19 @@ def test_sigterm_lets_every_worker_finish_its_requests(
             os.kill(pid, 0)
 
 
+def test_a_second_sigterm_kills_a_worker_that_cannot_stop(
+    pool: BridgeProcess, client: TestClient, topic_prefix: str
+) -> None:
+    frozen = _worker_pids(pool)[2]
+    os.kill(frozen, signal.SIGSTOP)  # a stuck event loop: it cannot act on `stop` or `stop-now`
+    assert pool.proc is not None
+    pool.proc.send_signal(signal.SIGTERM)
+    _await(lambda: _logged(pool, "stopping", role="supervisor"), timeout=20)
+    assert pool.terminate(timeout=30) == 0  # the second: stop now, and kill what does not stop
+    assert _logged(pool, "worker did not stop; killing it", worker=2)
+    _wait_gone(frozen, timeout=10)
+
+
 def test_workers_stop_when_their_supervisor_is_killed(
     pool: BridgeProcess, client: TestClient, topic_prefix: str
 ) -> None:
@@ -346,6 +369,41 @@ def test_systemd_hears_ready_once_every_worker_serves_and_the_watchdog_after(
             proc.close()
     # Only the supervisor speaks to systemd: one READY=1, not one per process.
     assert sum(m.startswith("READY=1") for m in messages) == 1
+
+
+def test_stopped_before_its_workers_could_connect_the_supervisor_still_exits(
+    tmp_path: Path,
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=free_port(), api_base="http://127.0.0.1:9", prefix="nobroker"
+    )
+    path.write_text(path.read_text(encoding="utf-8") + "\n[runtime]\nworkers = 2\n")
+    proc = BridgeProcess(path, env, tmp_path / "nobroker.log")
+    with (tmp_path / "nobroker.log").open("wb") as log:  # the child keeps its own descriptor
+        proc.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "--config", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=proc.env,
+        )
+    try:
+        # Nothing listens on the broker port: no worker ever serves; stop comes first.
+        pids = _await(lambda: len(_worker_pids(proc)) == 2 and _worker_pids(proc), timeout=20)
+        assert proc.terminate(timeout=20) == 0
+        for pid in pids.values():
+            _wait_gone(pid, timeout=20)
+    finally:
+        proc.close()
+
+
+def _await(condition: Any, timeout: float) -> Any:
+    """`condition()` once truthy, polling another process's log (bounded)."""
+    pause = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if value := condition():
+            return value
+        pause.wait(0.05)  # no event to wait on in another process's log file
+    raise AssertionError(f"not within {timeout}s")
 
 
 def test_with_the_embedded_broker_one_process_serves_and_says_why(tmp_path: Path) -> None:
