@@ -162,12 +162,7 @@ def cmd_run(path: str | None, how: str = "--config") -> int:
     except ConfigError as exc:
         _print_problems(exc, path)
         return EX_CONFIG
-    logs.configure(
-        config.logging.level,
-        config.logging.format,
-        config.secrets(),
-        libraries=config.logging.libraries,
-    )
+    _configure_logs(config)
     log = logs.get_logger()
     log.info(_config_note(path, how))
     for warning in warnings:
@@ -210,12 +205,7 @@ def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
     except ConfigError as exc:
         _print_problems(exc, path)
         return EX_CONFIG
-    logs.configure(
-        config.logging.level,
-        config.logging.format,
-        config.secrets(),
-        libraries=config.logging.libraries,
-    )
+    _configure_logs(config)
     log = logs.get_logger(worker=index)
     loop_factory, _ = _loop_factory(config.runtime.event_loop)
     pin_mmap_threshold()
@@ -226,6 +216,18 @@ def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
     except StartupError as exc:
         log.error(str(exc))
         return EX_CONFIG
+
+
+def _configure_logs(config: BridgeConfig) -> None:
+    """Logging per `[logging]`, with every secret in `config` redacted."""
+    from bridge import logs
+
+    logs.configure(
+        config.logging.level,
+        config.logging.format,
+        config.secrets(),
+        libraries=config.logging.libraries,
+    )
 
 
 def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gc
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from support.broker import free_port
+from support.cli import LEAKS, cli
 from support.imports import top_level_packages_after
 
 from bridge import logs
@@ -61,17 +61,11 @@ async def test_an_unusable_tls_file_closes_the_embedded_broker_and_the_http_sess
 
 def test_the_command_exits_78_with_one_clear_line_and_no_traceback(tmp_path: Path) -> None:
     path = broken_tls_config(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-m", "bridge", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = cli("--config", str(path), dev=True, env={"HOME": str(tmp_path)})
     assert proc.returncode == EX_CONFIG
     output = proc.stdout + proc.stderr
     assert "cannot use the [mqtt.tls] files" in output
-    for leak in ("Traceback", "Unclosed", "was destroyed but it is pending", "ResourceWarning"):
+    for leak in LEAKS:
         assert leak not in output
 
 

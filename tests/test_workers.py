@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
 from support.broker import MosquittoBroker, free_port
+from support.cli import LEAKS, cli
 from support.mqtt_client import TestClient, durable_client
 from support.standin import Standin
 
@@ -436,19 +437,12 @@ def test_an_unusable_tls_file_stops_the_supervisor_with_78_and_one_line(tmp_path
         prefix="tls",
         extra={"runtime": {"workers": 2}, "mqtt.tls": {"ca_file": str(ca)}},
     )
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-m", "bridge", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **env, "XDG_STATE_HOME": str(tmp_path / "state")},
-    )
+    proc = cli("--config", str(path), dev=True, env={**env, "HOME": str(tmp_path)})
     assert proc.returncode == EX_CONFIG
     output = proc.stdout + proc.stderr
     assert "cannot use the [mqtt.tls] files" in output
     assert '"event": "worker started"' not in output  # no worker was started for nothing
-    for leak in ("Traceback", "Unclosed", "was destroyed but it is pending", "ResourceWarning"):
+    for leak in LEAKS:
         assert leak not in output
 
 
