@@ -7,8 +7,6 @@ import contextlib
 import gc
 import os
 import platform
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 from bridge import __version__, compat, startup, workers
@@ -28,6 +26,7 @@ from bridge.messages import InboundMessage
 from bridge.mqtt import MqttTransport
 from bridge.operations import MethodTable, default_table
 from bridge.service import ServiceClient
+from bridge.signals import stop_on_signals
 from bridge.stats import Stats
 from bridge.status import OFFLINE, StatusPublisher
 from bridge.systemd import notify, watchdog_interval
@@ -93,7 +92,7 @@ class Bridge:
         self.log.info(
             "connected to broker",
             broker=f"{transport.config.host}:{transport.config.port}",
-            protocol="5" if transport.protocol == 5 else "3.1.1",
+            protocol=transport.protocol_label,
             subscription=self.topics.subscription,
         )
         if self.worker is None:
@@ -151,7 +150,7 @@ class Bridge:
                 journal=journal,
             )
             if self.worker is None:
-                stack.enter_context(self._signals_handled())
+                stack.enter_context(stop_on_signals(self.stop))
             else:
                 # Stop is the supervisor's command (even when it dies), never a signal of ours.
                 stack.push_async_callback(self.worker.close, self.dispatcher.stats)
@@ -238,20 +237,6 @@ class Bridge:
         if self.config.mqtt.shared_group:
             return [request_filter]
         return [f"$share/{workers.default_group(self.config)}/{request_filter}"]
-
-    @contextlib.contextmanager
-    def _signals_handled(self) -> Iterator[None]:
-        """SIGTERM and SIGINT call `stop()` while inside."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self.stop)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.remove_signal_handler(sig)
 
     async def _connected(self, transport: MqttTransport) -> bool:
         """Connect, unless `stop()` comes first; whether connected."""

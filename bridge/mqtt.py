@@ -151,6 +151,11 @@ class MqttTransport:
         return self.supervisor.state
 
     @property
+    def protocol_label(self) -> str:
+        """The MQTT version in use as the info topic and the log say it: `5` or `3.1.1`."""
+        return "5" if self.protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+
+    @property
     def _closing(self) -> bool:
         return self.supervisor.closed
 

@@ -75,7 +75,7 @@ class StatusPublisher:
     def announce(self, methods: int, *, online: bool = True) -> None:
         """On (re)connect: state (`online` unless told otherwise), info, discovery, stats."""
         transport = self._transport()
-        protocol = "5" if transport.protocol == 5 else "3.1.1"
+        protocol = transport.protocol_label
         if online:
             self.publish_state(ONLINE)
         self._settle(

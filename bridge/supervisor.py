@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bridge import __version__, compat, startup, workers
@@ -29,6 +28,7 @@ from bridge.logs import get_logger
 from bridge.messages import InboundMessage
 from bridge.mqtt import MqttTransport
 from bridge.operations import default_table
+from bridge.signals import stop_on_signals
 from bridge.status import OFFLINE, ONLINE, StatusPublisher
 from bridge.systemd import notify, watchdog_interval
 from bridge.topics import Topics
@@ -112,7 +112,7 @@ class Supervisor:
         if off:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
         async with contextlib.AsyncExitStack() as stack:
-            stack.enter_context(self._signals_handled())
+            stack.enter_context(stop_on_signals(self.stop))
             mqtt_cfg = cfg.mqtt.model_copy(update={"client_id": workers.supervisor_client_id(cfg)})
             self.transport = transport = MqttTransport(
                 mqtt_cfg,
@@ -128,7 +128,7 @@ class Supervisor:
             stack.push_async_callback(transport.close)
             async with asyncio.TaskGroup() as group:
                 keepers = [group.create_task(self._keep(w)) for w in self.workers]
-                connecting = group.create_task(self._connect(transport))
+                connecting = group.create_task(transport.start())
                 announcing = group.create_task(self._announce_when_ready())
                 watch = group.create_task(self._watch())
                 stats = None
@@ -291,9 +291,6 @@ class Supervisor:
 
     # --- the status connection ----------------------------------------------------------------
 
-    async def _connect(self, transport: MqttTransport) -> None:
-        await transport.start()
-
     async def _announce_when_ready(self) -> None:
         await self.all_ready.wait()
         notify(f"READY=1\nSTATUS=serving requests with {self.count} workers")
@@ -323,18 +320,6 @@ class Supervisor:
             self.status.on_ha_status(message)
         elif self.transport is not None:
             self.transport.ack(message)
-
-    @contextlib.contextmanager
-    def _signals_handled(self) -> Iterator[None]:
-        """SIGTERM and SIGINT call `stop()` while inside."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
 
 
 def _describe_exit(code: int) -> str:

@@ -330,16 +330,27 @@ def test_workers_stop_when_their_supervisor_is_killed(
         _wait_gone(pid, timeout=20)
 
 
-def _wait_gone(pid: int, timeout: float) -> None:
-    gone = threading.Event()
+def _await(condition: Any, timeout: float, what: str = "condition") -> Any:
+    """`condition()` once truthy, polling another process (bounded): its log file and its exit
+    (it is not our child) have no event to wait on."""
+    pause = threading.Event()
     for _ in range(int(timeout / 0.05)):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        # Another process's exit has no event to wait on (it is not our child): poll briefly.
-        gone.wait(0.05)
-    raise AssertionError(f"worker {pid} still runs {timeout}s after its supervisor died")
+        if value := condition():
+            return value
+        pause.wait(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    _await(lambda: _gone(pid), timeout, f"process {pid} gone")
 
 
 def test_systemd_hears_ready_once_every_worker_serves_and_the_watchdog_after(
@@ -395,16 +406,6 @@ def test_stopped_before_its_workers_could_connect_the_supervisor_still_exits(
             _wait_gone(pid, timeout=20)
     finally:
         proc.close()
-
-
-def _await(condition: Any, timeout: float) -> Any:
-    """`condition()` once truthy, polling another process's log (bounded)."""
-    pause = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if value := condition():
-            return value
-        pause.wait(0.05)  # no event to wait on in another process's log file
-    raise AssertionError(f"not within {timeout}s")
 
 
 def test_with_the_embedded_broker_one_process_serves_and_says_why(tmp_path: Path) -> None:
