@@ -26,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
-.venv/bin/python -m bridge.tablegen --check
+.venv/bin/python -m tools.tablegen --check
 .venv/bin/ruff check bridge tests bench tools custom_components
 .venv/bin/ruff format --check bridge tests bench tools custom_components
 .venv/bin/mypy

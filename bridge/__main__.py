@@ -1,5 +1,5 @@
 """`python -m bridge` runs the command line."""
 
-from bridge.cli import main
+from bridge.cli.main import main
 
 raise SystemExit(main())

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bridge.errors import ConfigError
-from bridge.journal import default_path as default_journal_path
+from bridge.journal.sqlite import default_path as default_journal_path
 
 ENV_PREFIX = "OMB_"
 """Environment overrides: `OMB_<SECTION>__<KEY>=value`, e.g. `OMB_MQTT__INSTANCE=pi2`."""

@@ -17,9 +17,9 @@ from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
-from bridge.decide import LARGE_PAYLOAD
 from bridge.errors import ERROR_CODES
-from bridge.operations import default_table
+from bridge.methods.model import default_table
+from bridge.pipeline.decide import LARGE_PAYLOAD
 
 
 def assert_no_secret(client: TestClient) -> None:
@@ -279,7 +279,8 @@ def test_every_request_error_code(
 
 
 def test_large_request_errors(bridge: BridgeThread, client: TestClient, standin: Standin) -> None:
-    # From 1 MiB on the payload is parsed as text with its bytes dropped first (bridge/decide.py):
+    # From 1 MiB on the payload is parsed as text with its bytes dropped first
+    # (bridge/pipeline/decide.py):
     # the same refusals must hold on that path.
     filler = "A" * (LARGE_PAYLOAD + 10)
     cases: list[tuple[bytes, str, str]] = [
@@ -468,7 +469,7 @@ def test_embedded_amqtt_round_trip(tmp_path: Path, standin: Standin) -> None:
 def test_embedded_port_taken_exits_with_config_error(tmp_path: Path, standin: Standin) -> None:
     import socket
 
-    from bridge.cli import main
+    from bridge.cli.main import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -21,11 +21,11 @@ from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
 from bridge.config import ServiceConfig
-from bridge.describe import describe
-from bridge.endpoint import CALL_ENDPOINT
 from bridge.errors import BridgeError
-from bridge.operations import default_table
-from bridge.request import RequestBuilder
+from bridge.methods.describe import describe
+from bridge.methods.endpoint import CALL_ENDPOINT
+from bridge.methods.model import default_table
+from bridge.pipeline.build import RequestBuilder
 
 KEY = "sk-unit-KEY-0123456789"
 PREFIX = "anyep"

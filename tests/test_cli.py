@@ -11,7 +11,7 @@ from support.cli import cli
 from support.standin import Reply, Standin
 
 from bridge import __version__
-from bridge.operations import default_table
+from bridge.methods.model import default_table
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import logs, render
-from bridge.access import AccessRules
-from bridge.allocator import pin_mmap_threshold
 from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import BridgeConfig, load_config
-from bridge.dedup import ReplyCache, request_key
 from bridge.errors import (
     ERROR_CODES,
     EX_CONFIG,
@@ -31,8 +27,13 @@ from bridge.errors import (
     UpstreamTimeout,
 )
 from bridge.jsoncodec import dumps, loads, loads_text
+from bridge.pipeline import render
+from bridge.pipeline.access import AccessRules
+from bridge.pipeline.dedup import ReplyCache, request_key
 from bridge.redact import Redactor
-from bridge.systemd import notify, watchdog_interval
+from bridge.runtime import logs
+from bridge.runtime.allocator import pin_mmap_threshold
+from bridge.runtime.systemd import notify, watchdog_interval
 from bridge.topics import Topics
 
 # --- config ----------

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bridge.describe import describe, example_payload, summary
-from bridge.operations import Operation, QueryParam, default_table
+from bridge.methods.describe import describe, example_payload, summary
+from bridge.methods.model import Operation, QueryParam, default_table
 
 
 def op_named(name: str) -> Operation:

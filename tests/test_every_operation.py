@@ -14,8 +14,8 @@ from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
-from bridge.describe import example_payload
-from bridge.operations import Operation, default_table
+from bridge.methods.describe import example_payload
+from bridge.methods.model import Operation, default_table
 
 PREFIX = "every"
 FILE_B64 = base64.b64encode(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(64))).decode()

@@ -259,7 +259,7 @@ UPLOADS: list[tuple[str, dict[str, Any], str, list[Part]]] = [
     ),
     (
         # 1.5 MiB: over aiohttp's 1 MiB large-body warning, and a large request for the decoders
-        # (bridge/compat.py, bridge/decide.py).
+        # (bridge/compat/__init__.py, bridge/pipeline/decide.py).
         "createTranscription",
         {"file": {"base64": b64(LONG_WAV), "filename": "long.wav"}, "model": "whisper-1"},
         "/audio/transcriptions",
@@ -1074,11 +1074,12 @@ BIG_REQUEST_LIMIT = 48 * MIB
 # Peak resident memory the bridge may add for a 25 MiB file, sent REPEATS times in a row, as
 # multiples of the file size. Measured (paho-mqtt 2.2, Python 3.11, 2 vCPU): upload +67 to +70 MiB
 # (+77 once with the other core busy), download +67 MiB. At the upload's peak two payload-sized
-# buffers are alive: paho's receive buffer and the payload (bridge/compat.py), then the
-# payload text and its parse (bridge/decide.py), then the parse and the decoded file. The
-# download is sent through a memoryview and its envelope is joined once (bridge/compat.py,
-# bridge/render.py). Repeating the request checks that freed buffers go back to the system
-# (bridge/allocator.py; without it the third upload peaks at +91). One more copy of either size
+# buffers are alive: paho's receive buffer and the payload (bridge/compat/__init__.py), then the
+# payload text and its parse (bridge/pipeline/decide.py), then the parse and the decoded file. The
+# download is sent through a memoryview and its envelope is joined once (bridge/compat/__init__.py,
+# bridge/pipeline/render.py). Repeating the request checks that freed buffers go back to the system
+# (bridge/runtime/allocator.py; without it the third upload peaks at +91). One more copy of either
+# size
 # anywhere fails these bounds.
 REPEATS = 3
 UPLOAD_PEAK_FACTOR = 3.5

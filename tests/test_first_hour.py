@@ -20,8 +20,8 @@ from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
 from bridge.errors import InvalidFile
-from bridge.formdata import encode_form
-from bridge.operations import default_table
+from bridge.methods.model import default_table
+from bridge.pipeline.multipart import encode_form
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
 from bridge.config import load_config
-from bridge.startup import is_local_host, missing_key_warning
+from bridge.runtime.startup import is_local_host, missing_key_warning
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""bridge.formdata: payload fields -> multipart parts, base64 decoding, file naming and typing."""
+"""bridge.pipeline.multipart: payload fields -> multipart parts, base64, file names and types."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import InvalidBase64, InvalidFile, InvalidParameter, MissingParameter
-from bridge.formdata import (
+from bridge.methods.model import Operation
+from bridge.pipeline.multipart import (
     FormPart,
     decode_base64,
     encode_form,
@@ -19,7 +20,6 @@ from bridge.formdata import (
     guess_content_type,
     sniff_file_type,
 )
-from bridge.operations import Operation
 
 
 def make_op(

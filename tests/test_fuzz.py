@@ -17,7 +17,7 @@ from support.mqtt_client import TestClient
 from support.standin import Standin
 
 from bridge.errors import ERROR_CODES
-from bridge.operations import default_table
+from bridge.methods.model import default_table
 
 PREFIX = f"fuzz-{uuid.uuid4().hex[:8]}"
 METHOD_NAMES = [op.name for op in default_table().operations]

@@ -16,10 +16,11 @@ from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
-from bridge import __version__, homeassistant
+from bridge import __version__
 from bridge.config import BridgeConfig, load_config
-from bridge.stats import Stats
-from bridge.status import OFFLINE, ONLINE
+from bridge.ha import discovery as homeassistant
+from bridge.ha.status import OFFLINE, ONLINE
+from bridge.pipeline.stats import Stats
 from bridge.topics import Topics
 
 # What Home Assistant's discovery accepts (homeassistant/components/mqtt: discovery.py,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bridge.dedup import request_key
-from bridge.journal import Journal, JournalEntry, SqliteStore, default_path
+from bridge.journal.sqlite import Journal, JournalEntry, SqliteStore, default_path
+from bridge.pipeline.dedup import request_key
 
 
 class RecordingLog:
@@ -214,7 +214,7 @@ def test_a_foreign_database_is_not_taken_over(tmp_path: Path) -> None:
 _OPEN_IN_CHILD = """
 import sys
 from pathlib import Path
-from bridge.journal import Journal
+from bridge.journal.sqlite import Journal
 reasons = []
 class Log:
     def __getattr__(self, level):
@@ -274,7 +274,7 @@ def test_scope_off_opens_nothing(tmp_path: Path) -> None:
 
 
 def test_request_key_is_the_same_in_every_process() -> None:
-    code = "from bridge.dedup import request_key; print(request_key('a/b', b'{}').hex())"
+    code = "from bridge.pipeline.dedup import request_key; print(request_key('a/b', b'{}').hex())"
     root = Path(__file__).resolve().parents[1]
     out = {
         subprocess.run(

@@ -23,8 +23,8 @@ from support.standin import RecordedRequest, Reply, Standin
 from test_journal import RecordingLog
 
 from bridge.config import load_config
-from bridge.dedup import request_key
-from bridge.journal_pg import PgJournal
+from bridge.journal.postgres import PgJournal
+from bridge.pipeline.dedup import request_key
 
 
 @pytest.fixture(scope="module")

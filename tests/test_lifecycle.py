@@ -12,10 +12,10 @@ from support.broker import free_port
 from support.cli import LEAKS, cli
 from support.imports import top_level_packages_after
 
-from bridge import logs
 from bridge.config import load_config
-from bridge.daemon import GC_YOUNG_THRESHOLD, Bridge
 from bridge.errors import EX_CONFIG, StartupError
+from bridge.runtime import logs
+from bridge.runtime.daemon import GC_YOUNG_THRESHOLD, Bridge
 
 
 def broken_tls_config(tmp_path: Path) -> Path:
@@ -82,5 +82,7 @@ async def test_without_the_trial_broker_installed_the_embedded_mode_says_what_to
 
 
 def test_the_daemon_does_not_import_the_trial_broker() -> None:
-    loaded = top_level_packages_after("import bridge.cli, bridge.daemon, bridge.logs")
+    loaded = top_level_packages_after(
+        "import bridge.cli.main, bridge.runtime.daemon, bridge.runtime.logs"
+    )
     assert not loaded & {"amqtt", "typer", "psutil"}

@@ -12,24 +12,24 @@ from support.fakehttp import Clock, FakeResponse, FakeTransport, answer
 from support.fakes import FakeLog, FakePublisher, message
 from support.imports import top_level_packages_after
 
-from bridge import render
-from bridge.access import AccessRules
 from bridge.config import BridgeConfig, ServiceConfig
-from bridge.decide import Call, Decider, Rejection, Route
-from bridge.dedup import ReplyCache
-from bridge.deliver import Deliverer
-from bridge.dispatch import Dispatcher
 from bridge.errors import ReplyTooLarge, StreamInterrupted, UpstreamError
-from bridge.httptransport import TransportError
 from bridge.messages import PublishFailed
-from bridge.operations import default_table
-from bridge.options import parse_options
+from bridge.methods.model import default_table
+from bridge.pipeline import render
+from bridge.pipeline.access import AccessRules
+from bridge.pipeline.build import RequestBuilder
+from bridge.pipeline.decide import Call, Decider, Rejection, Route
+from bridge.pipeline.dedup import ReplyCache
+from bridge.pipeline.deliver import Deliverer
+from bridge.pipeline.dispatch import Dispatcher
+from bridge.pipeline.options import parse_options
+from bridge.pipeline.sink import TopicStreamSink
+from bridge.pipeline.stats import Stats
 from bridge.redact import Redactor
-from bridge.request import RequestBuilder
-from bridge.service import ServiceClient, ServiceResult
-from bridge.sse import SseEvent
-from bridge.stats import Stats
-from bridge.streaming import TopicStreamSink
+from bridge.service.aiohttp_transport import TransportError
+from bridge.service.client import ServiceClient, ServiceResult
+from bridge.service.sse import SseEvent
 from bridge.topics import Topics
 
 TABLE = default_table()
@@ -362,7 +362,7 @@ async def test_deliver_stops_after_a_chunk_is_refused(retry_later: bool, acked: 
 
 
 def test_home_assistant_module_imports_no_transport_or_logging_library() -> None:
-    loaded = top_level_packages_after("import bridge.homeassistant")
+    loaded = top_level_packages_after("import bridge.ha.discovery")
     assert not loaded & {"paho", "aiohttp", "structlog"}
 
 

@@ -7,7 +7,7 @@ import asyncio
 from support.fakes import FakeLog
 
 from bridge.backoff import Backoff
-from bridge.reconnect import (
+from bridge.mqtt.reconnect import (
     ConnectionLost,
     ConnectionState,
     ConnectRefused,

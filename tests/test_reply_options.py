@@ -1,4 +1,4 @@
-"""bridge.options and bridge.replyformat: the `_bridge` key and the reply forms it asks for."""
+"""bridge.pipeline.options and .replyformat: the `_bridge` key and the reply forms it asks for."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import render
-from bridge.callreply import CallOutcome, ReplyCollector, options_from_flags
+from bridge.cli.callreply import CallOutcome, ReplyCollector, options_from_flags
 from bridge.errors import ERROR_CODES, InvalidParameter, UpstreamError
-from bridge.operations import Operation, default_table
-from bridge.options import (
+from bridge.methods.model import Operation, default_table
+from bridge.pipeline import render
+from bridge.pipeline.options import (
     DEFAULT_OPTIONS,
     MIN_MAX_BYTES,
     OPTIONS_KEY,
@@ -24,7 +24,7 @@ from bridge.options import (
     parse_options,
     pop_options,
 )
-from bridge.replyformat import (
+from bridge.pipeline.replyformat import (
     CUT_MARKER,
     JSON_TYPE,
     PLAIN_TYPE,
@@ -39,7 +39,7 @@ from bridge.replyformat import (
     text_delta,
     utf8_boundary,
 )
-from bridge.service import ServiceResult
+from bridge.service.client import ServiceResult
 
 CHAT = {
     "id": "chatcmpl-1",

@@ -18,8 +18,8 @@ from support.mqtt_client import MQTTv311, Received, TestClient
 from support.standin import RecordedRequest, Reply, Standin
 from test_files_streams import RESPONSE_EVENTS, random_binary, sse
 
-from bridge.describe import example_payload
-from bridge.operations import default_table
+from bridge.methods.describe import example_payload
+from bridge.methods.model import default_table
 
 PREFIX = "small"
 ANSWER = "Grüße aus Köln: 20 °C, leichter Regen 🌧, am Abend klar."

@@ -12,12 +12,12 @@ from pydantic import SecretStr
 from support import openapi_spec
 
 from bridge.config import ServiceConfig
-from bridge.decide import wants_stream
 from bridge.errors import InvalidParameter, MissingParameter, UnknownParameter
-from bridge.operations import Operation, default_table
-from bridge.request import RequestBuilder, path_segment
-from bridge.specfacts import SEED_GROUPS
-from bridge.tablegen import BETA_OVERRIDES
+from bridge.methods.model import Operation, default_table
+from bridge.pipeline.build import RequestBuilder, path_segment
+from bridge.pipeline.decide import wants_stream
+from tools.tablegen.generate import BETA_OVERRIDES
+from tools.tablegen.specfacts import SEED_GROUPS
 
 KEY = "sk-unit-KEY-0123456789"
 TABLE = default_table()

@@ -14,7 +14,7 @@ from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
-from bridge.specfacts import SEED_EXAMPLES, SEED_GROUPS
+from tools.tablegen.specfacts import SEED_EXAMPLES, SEED_GROUPS
 
 SEED_NAMES = sorted(name for _, names in SEED_GROUPS for name in names.split())
 PREFIX = "seed"

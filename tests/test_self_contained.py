@@ -40,10 +40,11 @@ def test_no_tracked_file_names_the_old_spec_folder_outside_the_repo() -> None:
 
 def test_the_daemon_never_imports_the_yaml_parser_or_the_generator() -> None:
     code = (
-        "import sys, bridge.daemon, bridge.cli, bridge.dispatch, bridge.operations\n"
-        "bridge.operations.default_table()\n"
+        "import sys, bridge.runtime.daemon, bridge.cli.main, bridge.pipeline.dispatch,"
+        " bridge.methods.model\n"
+        "bridge.methods.model.default_table()\n"
         "print(sorted(m for m in sys.modules if m == 'yaml' or m.startswith("
-        "('yaml.', 'bridge.tablegen', 'bridge.specfacts'))))"
+        "('yaml.', 'tools.tablegen', 'tools.tablegen.specfacts'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
@@ -55,8 +56,9 @@ def test_the_daemon_never_imports_the_yaml_parser_or_the_generator() -> None:
 def test_the_idle_daemon_loads_neither_jmespath_nor_asyncpg_nor_the_mime_table() -> None:
     """Start-up cost (issue 13): a `select`, a PostgreSQL journal or a file upload loads them."""
     code = (
-        "import sys, mimetypes, bridge.daemon, bridge.cli, bridge.dispatch, bridge.operations\n"
-        "bridge.operations.default_table()\n"
+        "import sys, mimetypes, bridge.runtime.daemon, bridge.cli.main,"
+        " bridge.pipeline.dispatch, bridge.methods.model\n"
+        "bridge.methods.model.default_table()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jmespath', 'asyncpg')),"
         " mimetypes.inited)"
     )
@@ -91,7 +93,7 @@ def test_a_clone_alone_in_an_empty_folder_generates_and_collects(tmp_path: Path)
     env = {**os.environ, "PYTHONPATH": str(clone)}
     env.pop("PYTEST_ADDOPTS", None)
     check = subprocess.run(
-        [sys.executable, "-m", "bridge.tablegen", "--check"],
+        [sys.executable, "-m", "tools.tablegen", "--check"],
         cwd=clone,
         env=env,
         capture_output=True,

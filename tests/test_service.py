@@ -15,10 +15,10 @@ from bridge.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from bridge.httptransport import TransportError
-from bridge.request import HttpRequest
-from bridge.service import ServiceClient
-from bridge.sse import SseEvent
+from bridge.pipeline.build import HttpRequest
+from bridge.service.aiohttp_transport import TransportError
+from bridge.service.client import ServiceClient
+from bridge.service.sse import SseEvent
 
 REQUEST = HttpRequest("POST", "http://upstream.invalid/v1/chat/completions", {}, b"{}")
 

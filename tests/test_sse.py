@@ -1,4 +1,4 @@
-"""bridge.sse: the event-stream parser and the assemblers that rebuild non-streamed answers."""
+"""bridge.service.sse: the event-stream parser and the assemblers of non-streamed answers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import StreamInterrupted, UpstreamBadResponse
-from bridge.sse import (
+from bridge.service.sse import (
     ChatCompletionAssembler,
     CompletionAssembler,
     GenericAssembler,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.allocator import MMAP_THRESHOLD, pin_mmap_threshold
 from bridge.config import LimitsConfig, load_config
 from bridge.errors import EX_CONFIG
+from bridge.runtime.allocator import MMAP_THRESHOLD, pin_mmap_threshold
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "openai-mqtt-bridge.service"

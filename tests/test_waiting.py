@@ -15,9 +15,9 @@ from support.mqtt_client import TestClient, durable_client
 from support.standin import RecordedRequest, Reply, Standin
 
 from bridge.errors import InvalidParameter
-from bridge.jobs import JOBS
-from bridge.options import parse_options
-from bridge.waiting import JobState, Poller
+from bridge.methods.jobs import JOBS
+from bridge.pipeline.options import parse_options
+from bridge.pipeline.waiting import JobState, Poller
 
 FAST_POLLING = {"poll_min": 0.05, "poll_max": 0.2}
 

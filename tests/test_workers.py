@@ -23,10 +23,11 @@ from support.cli import LEAKS, cli
 from support.mqtt_client import TestClient, durable_client
 from support.standin import Standin
 
-from bridge import homeassistant, workers
 from bridge.config import BridgeConfig, load_config
 from bridge.errors import EX_CONFIG, ConfigError
-from bridge.stats import Stats
+from bridge.ha import discovery as homeassistant
+from bridge.pipeline.stats import Stats
+from bridge.workers import protocol as workers
 
 
 def _config(**sections: dict[str, Any]) -> BridgeConfig:

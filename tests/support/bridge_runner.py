@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from bridge import logs
 from bridge.config import BridgeConfig, load_config
-from bridge.daemon import Bridge
+from bridge.runtime import logs
+from bridge.runtime.daemon import Bridge
 
 TEST_API_KEY = "sk-test-SECRET-4f7c2a9e8b1d"
 TEST_MQTT_PASSWORD = "mqtt-PASSWORD-93e1c0ffee"

@@ -20,7 +20,7 @@ Both releases would fit CI's 15 minutes, but a run depends on PyPI, a Debian mir
 unpinned requirements of old releases (2024.11.3 needs `josepy<2` today), and 2024.11.3 needs
 a Python 3.12 that CI does not have: any of them would fail CI for reasons that are not ours.
 Run it after changing the examples, the patterns in docs/home-assistant.md,
-bridge/homeassistant.py or the custom integration.
+bridge/ha/discovery.py or the custom integration.
 """
 
 from __future__ import annotations

@@ -1,0 +1,108 @@
+"""What `openai-mqtt-bridge call` makes of the reply messages, in each `_bridge` reply format.
+
+Pure: the CLI feeds every message it receives on the reply topics and prints the outcome.
+JSON envelopes are matched by `transaction`; plain and raw replies by their topic (the CLI's
+topic suffix is unique); a chunked raw reply is reassembled from `<reply topic>/<n>` once its end
+message arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.jsoncodec import dumps, loads
+from bridge.pipeline.options import OPTIONS_KEY, BridgeOptions, parse_options
+from bridge.pipeline.replyformat import ERROR_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """The CLI's result: exit status, bytes for stdout, text for stderr."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: str = ""
+
+
+def options_from_flags(
+    payload: dict[str, Any],
+    *,
+    select: str | None,
+    reply_format: str | None,
+    max_bytes: int | None,
+    chunk_bytes: int | None,
+) -> BridgeOptions:
+    """Merge the flags into `payload["_bridge"]`; the options (raise InvalidParameter if bad)."""
+    given = {
+        "select": select,
+        "format": reply_format,
+        "max_bytes": max_bytes,
+        "chunk_bytes": chunk_bytes,
+    }
+    flags = {name: value for name, value in given.items() if value is not None}
+    if flags:
+        existing = payload.get(OPTIONS_KEY)
+        payload[OPTIONS_KEY] = {**(existing if isinstance(existing, dict) else {}), **flags}
+    return parse_options(payload.get(OPTIONS_KEY))
+
+
+@dataclass
+class ReplyCollector:
+    """Turns the reply messages of one call into its outcome."""
+
+    reply_topic: str
+    transaction: Any
+    options: BridgeOptions
+    _chunks: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic filters to subscribe to before publishing the request."""
+        if self.options.chunk_bytes is not None:
+            return [self.reply_topic, f"{self.reply_topic}/+"]
+        return [self.reply_topic]
+
+    def feed(self, topic: str, payload: bytes) -> CallOutcome | None:
+        """Take one message; the outcome once the reply is complete, else None."""
+        if topic != self.reply_topic:
+            tail = topic[len(self.reply_topic) + 1 :]
+            if topic.startswith(self.reply_topic + "/") and tail.isdigit():
+                self._chunks[int(tail)] = payload
+            return None
+        if self.options.format == "json" or _is_envelope_error(payload):
+            return self._envelope(payload)
+        if payload.startswith(ERROR_PREFIX):
+            return CallOutcome(1, stderr=payload.decode("utf-8", "replace"))
+        if self.options.format == "plain":
+            return CallOutcome(0, payload + b"\n")
+        if self.options.chunk_bytes is None:
+            return CallOutcome(0, payload)
+        return self._assembled(payload)
+
+    def _envelope(self, payload: bytes) -> CallOutcome | None:
+        try:
+            reply = loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(reply, dict) or reply.get("transaction") != self.transaction:
+            return None
+        return CallOutcome(0 if reply.get("status") == "ok" else 1, dumps(reply) + b"\n")
+
+    def _assembled(self, payload: bytes) -> CallOutcome | None:
+        try:
+            end = loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(end, dict) or end.get("transaction") != self.transaction:
+            return None
+        count = end.get("chunks")
+        if not isinstance(count, int) or any(n not in self._chunks for n in range(count)):
+            got = len(self._chunks)
+            return CallOutcome(1, stderr=f"incomplete reply: {got} of {count} chunks arrived")
+        return CallOutcome(0, b"".join(self._chunks[n] for n in range(count)))
+
+
+def _is_envelope_error(payload: bytes) -> bool:
+    """A JSON error envelope: what a refused request gets before its options were read."""
+    return payload.startswith(b'{"status":"error"')

@@ -1,0 +1,353 @@
+"""The request pipeline's orchestrator: decide -> execute -> render -> deliver, one task each.
+
+`Dispatcher.submit` is called for every message on the request subscription. It runs each request
+as its own task (bounded by `[limits] max_concurrency`) through the stages:
+
+- decide (bridge/pipeline/decide.py): topic, size, JSON, `transaction`, `_bridge` reply options,
+method,
+  access, request building;
+- execute (bridge/service/client.py): the HTTP request to the service host, with retries;
+- render (bridge/pipeline/render.py): the reply data and the envelope around it;
+- deliver (bridge/pipeline/deliver.py): redact, size, publish, PUBACK, then ack; cache, stats, log
+line.
+
+Streamed events go out through the sink (bridge/pipeline/sink.py) while execute reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from bridge.config import BridgeConfig
+from bridge.errors import BridgeError, InternalError
+from bridge.journal.sqlite import JournalLike
+from bridge.messages import InboundMessage
+from bridge.methods.model import MethodTable
+from bridge.pipeline import render
+from bridge.pipeline.access import AccessRules
+from bridge.pipeline.build import RequestBuilder
+from bridge.pipeline.decide import Call, Decider, Rejection, Route
+from bridge.pipeline.dedup import ReplyCache, request_key
+from bridge.pipeline.deliver import Deliverer, Publisher
+from bridge.pipeline.sink import TopicStreamSink
+from bridge.pipeline.stats import Stats
+from bridge.pipeline.waiting import JobWaiter
+from bridge.redact import Redactor
+from bridge.service.client import ServiceClient
+from bridge.topics import Topics
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+
+class Dispatcher:
+    """Turns request messages into API calls and replies; owns the per-request tasks."""
+
+    def __init__(
+        self,
+        *,
+        config: BridgeConfig,
+        table: MethodTable,
+        service: ServiceClient,
+        publisher: Publisher,
+        topics: Topics,
+        log: FilteringBoundLogger,
+        redactor: Redactor | None = None,
+        journal: JournalLike | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.publisher = publisher
+        self.log = log
+        self.redactor = redactor or Redactor(config.secrets())
+        """Scrubs replies and stream events: this bridge's own secrets, from its config."""
+        self.cache = ReplyCache(config.limits.dedup_entries, config.limits.dedup_seconds)
+        self.journal = journal
+        """Answers and job ids on disk; None when off or unusable (said at start)."""
+        self.stats = Stats()
+        self.decider = Decider(
+            topics=topics,
+            table=table,
+            access=AccessRules(config.access.allow_methods, config.access.deny_methods),
+            builder=RequestBuilder(config.service),
+            max_request_bytes=config.limits.max_request_bytes,
+            log=log,
+        )
+        self.deliverer = Deliverer(
+            publisher=publisher,
+            cache=self.cache,
+            stats=self.stats,
+            redactor=self.redactor,
+            log=log,
+            journal=journal,
+        )
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sem = asyncio.Semaphore(config.limits.max_concurrency)
+        self.waiter = JobWaiter(
+            table=table,
+            builder=self.decider.builder,
+            service=service,
+            publisher=publisher,
+            redactor=self.redactor,
+            journal=journal,
+            config=config.jobs,
+            log=log,
+        )
+        self._wait_slots = asyncio.Semaphore(config.jobs.max_waiting)
+        self._tracked_waits: set[asyncio.Task[Any]] = set()
+        """Waits whose job id is journaled: stopped at once on shutdown, resumed after it."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the first request (asyncio.create_task would ask for it every time)."""
+        self.accepting = True
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # --- intake -----------------------------------------------------------------------------------
+
+    def submit(self, message: InboundMessage) -> None:
+        """Start handling one inbound message (called from the MQTT callback; never raises)."""
+        if not self.accepting:
+            return  # left unacked: the broker redelivers it to the next start
+        self.log.debug(
+            "request received",
+            topic=message.topic[:200],
+            bytes=len(message.payload),
+            qos=message.qos,
+            dup=message.dup or None,
+        )
+        if message.retain:
+            self.log.warning(
+                "retained request ignored",
+                topic=message.topic,
+                hint="requests are never executed from retained messages; publish without retain",
+            )
+            self.publisher.ack(message)
+            return
+        key = (message.generation, message.mid)
+        if message.qos > 0 and key in self._in_flight:
+            # The broker redelivered a request we are still working on; the running task acks it.
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(self._handle(message))
+        self._tasks.add(task)
+        if message.qos > 0:
+            self._in_flight[key] = task
+        self.idle.clear()
+        task.add_done_callback(functools.partial(self._done, key=key))
+
+    def _done(self, task: asyncio.Task[None], *, key: tuple[int, int]) -> None:
+        self._tasks.discard(task)
+        if self._in_flight.get(key) is task:
+            del self._in_flight[key]
+        if not self._tasks:
+            self.idle.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting and wait up to `grace` s for in-flight requests; True when all done.
+
+        Waits on jobs whose id is journaled stop at once (their requests stay unacknowledged and
+        the next start resumes polling them); a job may run for hours.
+        """
+        self.accepting = False
+        if self._tracked_waits:
+            self.log.info("job waits stopped; resumed after restart", jobs=len(self._tracked_waits))
+        for task in list(self._tracked_waits):
+            task.cancel()
+        if not self._tasks:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), grace)
+        return not self._tasks
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered (including those queued behind the limit)."""
+        return len(self._tasks)
+
+    async def cancel_all(self) -> None:
+        """Cancel unfinished requests (left unacked, so the broker redelivers them)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- one request ------------------------------------------------------------------------------
+
+    async def _handle(self, message: InboundMessage) -> None:
+        slot = _Slot(self._sem)
+        await slot.acquire()
+        try:
+            if not self.accepting:
+                return  # queued behind the limit when shutdown began: left for redelivery
+            self.stats.in_flight += 1
+            try:
+                await self._handle_one(message, slot)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("request handling failed", topic=message.topic)
+            finally:
+                self.stats.in_flight -= 1
+        finally:
+            slot.release()
+
+    async def _handle_one(self, message: InboundMessage, slot: _Slot) -> None:
+        started = self._clock()
+        route = self.decider.route(message)
+        if route is None:
+            self.deliverer.drop(message)
+            return
+        # Redelivered (DUP) or repeated-with-the-same-transaction requests are answered from the
+        # cache of recent replies instead of calling the API twice.
+        key = (
+            request_key(message.topic, message.payload)
+            if self.cache.entries > 0 or self.journal is not None
+            else None
+        )
+        cached = self.cache.get(key) if key is not None else None
+        if cached is not None and message.dup:
+            await self.deliverer.replay(message, route, cached[1], cached[2])
+            return
+
+        decision = self.decider.decide(message, route)
+        if cached is not None and decision.transaction is not render.MISSING:
+            await self.deliverer.replay(message, route, cached[1], cached[2])
+            return
+        if (
+            key is not None
+            and isinstance(decision, Call)
+            and (
+                message.dup
+                or (decision.transaction is not render.MISSING and self._maybe_journaled(key))
+            )
+        ):
+            journaled = await self._journaled(key, message.dup)
+            if journaled is not None:
+                payload, content_type = journaled
+                self.cache.put(key, route.reply_topic, payload, content_type)
+                await self.deliverer.replay(message, route, payload, content_type, "journal")
+                return
+        if isinstance(decision, Rejection):
+            outcome = render.failure(
+                decision.method, decision.transaction, decision.error, decision.options
+            )
+        elif decision.options.wait is not None:
+            outcome = await self._wait(message, route, decision, key, slot)
+        else:
+            outcome = await self._execute(message, route, decision)
+        outcome = await self.deliverer.deliver(message, route, outcome, key)
+        elapsed_ms = round((self._clock() - started) * 1000, 2)
+        self.deliverer.account(message, route, outcome, elapsed_ms)
+
+    def _maybe_journaled(self, key: bytes) -> bool:
+        """Whether a repeat (not a redelivery) may have its answer in the journal but not the cache.
+
+        A redelivery (DUP) always consults the journal. A repeat with the same transaction does
+        only when its key was answered in the dedup window before this start: anything answered
+        since is in the reply cache, and a disk lookup for every request that carries a
+        transaction would cost a thread round trip each. A journal shared by a group (`recent`
+        None) is always consulted: another member may have answered it.
+        """
+        recent = self.journal.recent if self.journal is not None else frozenset()
+        return recent is None or key in recent
+
+    async def _journaled(self, key: bytes, dup: bool) -> tuple[bytes, str | None] | None:
+        """The journaled reply for a redelivered (any age) or repeated (dedup window) request."""
+        if self.journal is None:
+            return None
+        entry = await self.journal.lookup(key)
+        if entry is None or entry.answer is None:
+            return None
+        if not dup and entry.created < self._wall_clock() - self.config.limits.dedup_seconds:
+            return None  # a repeat, not a redelivery: the reply cache's window applies
+        return entry.answer, entry.content_type
+
+    async def _wait(
+        self, message: InboundMessage, route: Route, call: Call, key: bytes | None, slot: _Slot
+    ) -> render.Outcome:
+        """Follow the job `call` starts in the wait pool, leaving the request slot free."""
+        slot.release()  # a job may take hours: the wait pool bounds these instead
+        task = asyncio.current_task()
+        try:
+            async with self._wait_slots:
+                resumed = await self.waiter.resumable(key)
+
+                def tracked() -> None:
+                    if task is not None and self.journal is not None:
+                        self._tracked_waits.add(task)
+
+                return await self.waiter.follow(call, route, key, resumed, tracked)
+        except BridgeError as exc:
+            return render.failure(call.op.name, call.transaction, exc, call.options)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the request still gets its one reply
+            self.log.exception("unexpected failure", topic=message.topic)
+            error = InternalError(f"internal error: {type(exc).__name__}")
+            return render.failure(call.op.name, call.transaction, error, call.options)
+        finally:
+            if task is not None:
+                self._tracked_waits.discard(task)
+
+    async def _execute(self, message: InboundMessage, route: Route, call: Call) -> render.Outcome:
+        """Send the call (its events to a sink when it streams) and render the answer."""
+        sink = (
+            TopicStreamSink(
+                call.op.name,
+                self.publisher,
+                call.stream_topic,
+                call.transaction,
+                route.correlation,
+                self.redactor,
+                call.options,
+            )
+            if call.stream_topic is not None
+            else None
+        )
+        options = call.options
+        try:
+            result = await self.service.send(call.take_request(), sink)
+            if options.chunk_bytes is not None:
+                # Redacted whole: a secret must not slip through by straddling two chunks.
+                result.body = self.redactor.data(result.body)
+            outcome = render.answer(call.op, call.transaction, result, sink, options)
+            if sink is not None:
+                await sink.flushed()
+        except BridgeError as exc:
+            return render.failure(call.op.name, call.transaction, exc, options)
+        except Exception as exc:  # the request still gets its one reply
+            self.log.exception("unexpected failure", topic=message.topic)
+            error = InternalError(f"internal error: {type(exc).__name__}")
+            return render.failure(call.op.name, call.transaction, error, options)
+        return outcome
+
+
+class _Slot:
+    """One request's hold on the concurrency semaphore, released once (early for waits)."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = False
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()

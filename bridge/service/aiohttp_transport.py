@@ -1,0 +1,173 @@
+"""The HTTP transport: the bridge's only use of aiohttp (one pooled session), behind a seam.
+
+`ServiceClient` (bridge/service/client.py) decides what to send again and how to read an answer;
+this
+adapter only makes one exchange and reports failures below HTTP as `TransportError`. Tests put a
+fake transport in its place (tests/test_service.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Literal, Protocol, TypeVar
+
+import aiohttp
+import yarl
+
+from bridge import compat
+from bridge.config import ServiceConfig
+from bridge.neterrors import connection_cause
+from bridge.pipeline.build import HttpRequest
+
+T = TypeVar("T")
+
+# Part types when the form names none: what aiohttp gives a str and a bytes value.
+_TEXT_PART_TYPE = "text/plain; charset=utf-8"
+_FILE_PART_TYPE = "application/octet-stream"
+
+MAX_REDIRECTS = 10
+"""Redirects followed for one request (aiohttp's own default); the last one is the answer."""
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class Body(Protocol):
+    """A response body being received."""
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        """The body in chunks as they arrive."""
+
+
+class Response(Protocol):
+    """An HTTP response whose head has arrived (aiohttp's ClientResponse is one)."""
+
+    @property
+    def status(self) -> int:
+        """The status code."""
+
+    @property
+    def reason(self) -> str | None:
+        """The reason phrase."""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The headers (case-insensitive lookups)."""
+
+    @property
+    def content(self) -> Body:
+        """The body."""
+
+
+class TransportError(Exception):
+    """An exchange failed below HTTP: `timeout`, `cut` (the body broke off) or `unreachable`."""
+
+    def __init__(self, kind: Literal["timeout", "cut", "unreachable"], detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class HttpTransport(Protocol):
+    """Makes one HTTP exchange at a time; pooled connections live between `start` and `close`."""
+
+    async def start(self) -> None:
+        """Open the connection pool (idempotent)."""
+
+    async def close(self) -> None:
+        """Close the pool."""
+
+    async def exchange(self, request: HttpRequest, read: Callable[[Response], Awaitable[T]]) -> T:
+        """Send `request` and return what `read` makes of the response, read while it lasts;
+        raise TransportError when the exchange fails below HTTP."""
+
+
+class AiohttpTransport:
+    """`HttpTransport` over one pooled aiohttp.ClientSession."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self._credentials = frozenset(
+            {"authorization", "proxy-authorization", config.api_key_name.lower()}
+        )
+        """Header names never sent to another origin than the service host's."""
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.total_timeout,
+            connect=config.connect_timeout,
+            sock_read=config.read_timeout,
+        )
+
+    async def start(self) -> None:
+        """Open the pooled session (idempotent)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=False
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=True,
+                skip_auto_headers=("Content-Type",),
+            )
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def exchange(self, request: HttpRequest, read: Callable[[Response], Awaitable[T]]) -> T:
+        """Send `request`, following redirects; `read` reads the final response; aiohttp's
+        failures as TransportError."""
+        await self.start()
+        assert self._session is not None
+        method, url = request.method, yarl.URL(request.url, encoded=True)
+        headers, with_body = dict(request.headers), True
+        origin = url.origin()
+        hops = 0
+        try:
+            while True:
+                sent_headers, data = _body(request, headers) if with_body else (headers, None)
+                async with self._session.request(
+                    method, url, headers=sent_headers, data=data, allow_redirects=False
+                ) as resp:
+                    location = resp.headers.get("Location")
+                    last = hops == MAX_REDIRECTS
+                    if resp.status not in _REDIRECT_STATUSES or not location or last:
+                        return await read(resp)
+                hops += 1
+                url = url.join(yarl.URL(location))
+                if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                    method, with_body = "GET", False  # what browsers, httpx and aiohttp do
+                    headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+                if url.origin() != origin:
+                    # The key belongs to the service host alone; httpx drops Authorization the
+                    # same way, and aiohttp would forward a custom key header such as `api-key`.
+                    headers = {
+                        k: v for k, v in headers.items() if k.lower() not in self._credentials
+                    }
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise TransportError("timeout", "no answer in time") from None
+        except aiohttp.ClientPayloadError as exc:
+            raise TransportError("cut", type(exc).__name__) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            # The cause in words ("connection refused"), not aiohttp's class name.
+            raise TransportError("unreachable", connection_cause(exc)) from None
+
+
+def _body(request: HttpRequest, headers: dict[str, str]) -> tuple[dict[str, str], Any]:
+    """The headers and aiohttp body for one send of `request` (a form is built anew each time)."""
+    if request.form is not None:
+        form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
+        for part in request.form:
+            default_type = _TEXT_PART_TYPE if part.filename is None else _FILE_PART_TYPE
+            part_body = compat.bytes_body(part.value, part.content_type or default_type)
+            form.add_field(part.name, part_body, filename=part.filename)
+        # The session skips automatic Content-Type headers (bodyless requests must not get
+        # one), so the multipart type with its boundary is set here explicitly.
+        data = form()
+        return {**headers, "Content-Type": data.content_type}, data
+    if request.json_body is not None:
+        return headers, compat.bytes_body(request.json_body, "application/json")
+    return headers, None

@@ -1,0 +1,1 @@
+"""The method-table generator: development only, not in the wheel."""
