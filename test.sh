@@ -30,4 +30,5 @@ fi
 .venv/bin/ruff check bridge tests bench tools custom_components
 .venv/bin/ruff format --check bridge tests bench tools custom_components
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

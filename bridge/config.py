@@ -10,13 +10,17 @@ import os
 import socket
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bridge.errors import ConfigError
-from bridge.journal.sqlite import default_path as default_journal_path
+
+STATE_SUBDIR = "openai-mqtt-bridge"
+JOURNAL_FILE_NAME = "journal.sqlite3"
+
 
 ENV_PREFIX = "OMB_"
 """Environment overrides: `OMB_<SECTION>__<KEY>=value`, e.g. `OMB_MQTT__INSTANCE=pi2`."""
@@ -450,3 +454,18 @@ def load_config(
             "journal": config.journal.model_copy(update=journal_update),
         }
     )
+
+
+def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the journal lives when `[journal] path` is empty.
+
+    systemd's `StateDirectory=` sets `$STATE_DIRECTORY`; elsewhere `$XDG_STATE_HOME` or
+    `~/.local/state` (the XDG default), each with an `openai-mqtt-bridge` folder.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / JOURNAL_FILE_NAME
+    xdg = env.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    return base / STATE_SUBDIR / JOURNAL_FILE_NAME

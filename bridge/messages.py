@@ -1,8 +1,11 @@
-"""What the MQTT transport hands to the request pipeline, and what its publishes fail with."""
+"""The MQTT transport as the other layers see it: what it hands them, what they may ask of it,
+and what its publishes fail with."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -28,3 +31,42 @@ class PublishFailed(Exception):
         super().__init__(message)
         self.retry_later = retry_later
         """True when the failure is local and passing (e.g. the offline queue is full)."""
+
+
+class StreamPublisher(Protocol):
+    """The publish half of the MQTT transport (MqttTransport implements it)."""
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+        content_type: str | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue a publish; the future completes on the broker's PUBACK.
+
+        Correlation Data and Content Type are MQTT 5 properties (dropped over MQTT 3.1.1).
+        """
+
+    def fits(self, topic: str, payload_size: int) -> bool:
+        """Whether the broker accepts a packet this large."""
+
+
+class Publisher(StreamPublisher, Protocol):
+    """What delivery needs from the MQTT transport: publishing, plus acknowledging."""
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a request message."""
+
+
+class StatusTransport(Publisher, Protocol):
+    """What the status publisher needs: publishing and acknowledging, plus the connection."""
+
+    connected: asyncio.Event
+
+    @property
+    def protocol_label(self) -> str:
+        """The MQTT protocol in use, e.g. `MQTT 5`."""

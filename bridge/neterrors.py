@@ -1,7 +1,7 @@
 """Connection errors in words: what went wrong reaching a host, instead of a library class name.
 
-Pure: no I/O. `connection_cause` turns an aiohttp or OS error into a short cause such as
-`connection refused`, `name not resolved` or `TLS certificate not trusted`.
+Pure: no I/O, no client library. `connection_cause` turns an OS or TLS error into a short cause
+such as `connection refused`, `name not resolved` or `TLS certificate not trusted`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-
-import aiohttp
 
 _ERRNO_CAUSES = {
     errno.ECONNREFUSED: "connection refused",
@@ -31,8 +29,8 @@ _DNS_ERRNOS = {
 }
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError under `exc`: aiohttp's `os_error`, the exception itself, or its cause."""
+def _os_error(exc: BaseException, wrappers: tuple[type[BaseException], ...]) -> OSError | None:
+    """The OSError under `exc`: a wrapper's `os_error`, the exception itself, or its cause."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -40,7 +38,7 @@ def _os_error(exc: BaseException) -> OSError | None:
         inner = getattr(current, "os_error", None)
         if isinstance(inner, OSError):
             return inner
-        if isinstance(current, OSError) and not isinstance(current, aiohttp.ClientError):
+        if isinstance(current, OSError) and not isinstance(current, wrappers):
             return current
         current = current.__cause__ or current.__context__
     return None
@@ -48,9 +46,7 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 def _tls_cause(exc: BaseException) -> str | None:
     cert = getattr(exc, "certificate_error", None)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError) or isinstance(
-        cert, ssl.SSLCertVerificationError
-    ):
+    if isinstance(cert, ssl.SSLCertVerificationError):
         detail = getattr(cert, "verify_message", "") or ""
         return (
             f"TLS certificate not trusted ({detail})" if detail else ("TLS certificate not trusted")
@@ -60,21 +56,20 @@ def _tls_cause(exc: BaseException) -> str | None:
         return (
             f"TLS certificate not trusted ({detail})" if detail else ("TLS certificate not trusted")
         )
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, ssl.SSLError):
         return "TLS handshake failed"
     return None
 
 
-def connection_cause(exc: BaseException) -> str:
-    """A short cause for a failed connection, e.g. `connection refused` or `name not resolved`."""
+def connection_cause(exc: BaseException, wrappers: tuple[type[BaseException], ...] = ()) -> str:
+    """A short cause for a failed connection, e.g. `connection refused` or `name not resolved`.
+
+    `wrappers` are a client library's OSError subclasses that only wrap the real error.
+    """
     tls = _tls_cause(exc)
     if tls is not None:
         return tls
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
-    if isinstance(exc, aiohttp.InvalidURL):
-        return "invalid URL"
-    os_error = _os_error(exc)
+    os_error = _os_error(exc, wrappers)
     if os_error is not None:
         tls = _tls_cause(os_error)
         if tls is not None:

@@ -25,6 +25,7 @@ from support.mqtt_client import TestClient
 from support.standin import Standin
 
 _LOG_TAIL_LINES = 40
+_LAYERS = ("unit", "system", "docs")
 
 
 def _broker(workdir: Path, **kwargs: object) -> MosquittoBroker:
@@ -180,6 +181,14 @@ def _asyncio_task_leak_check(request: pytest.FixtureRequest) -> None:
     """
     if _test_loop_scope(request.node) == "function":
         request.getfixturevalue("_no_leaked_tasks")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its layer, the folder it lives in (tests/unit, system, docs)."""
+    for item in items:
+        layer = item.path.parent.name
+        if layer in _LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 # ------------------------------------------------------------ diagnostics on failure

@@ -1,8 +1,7 @@
 """The bridge as others see it: the retained state, info, stats and Home Assistant discovery.
 
-One bridge publishes these itself; with workers (bridge/workers/supervisor.py) only the supervisor
-does,
-so the outside sees one bridge whatever the number of processes behind it.
+One bridge publishes these itself; with workers (bridge/runtime/supervisor.py) only the supervisor
+does, so the outside sees one bridge whatever the number of processes behind it.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ from bridge import __version__
 from bridge.config import BridgeConfig
 from bridge.ha import discovery as homeassistant
 from bridge.jsoncodec import dumps
-from bridge.messages import InboundMessage
+from bridge.messages import InboundMessage, StatusTransport
 from bridge.pipeline.stats import Stats
 from bridge.topics import Topics
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
-
-    from bridge.mqtt.client import MqttTransport
 
 ONLINE = b'{"state":"online"}'
 OFFLINE = b'{"state":"offline"}'
@@ -50,7 +47,7 @@ class StatusPublisher:
         """The counters to publish, read at each publish."""
         self.workers = workers
         self.ha_status_topic = homeassistant.status_topic(config)
-        self.transport: MqttTransport | None = None
+        self.transport: StatusTransport | None = None
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """The (filter, QoS) pairs to subscribe to: Home Assistant's birth topic, if discovery."""
@@ -122,7 +119,7 @@ class StatusPublisher:
             if self._transport().connected.is_set():
                 self.publish_stats()
 
-    def _transport(self) -> MqttTransport:
+    def _transport(self) -> StatusTransport:
         assert self.transport is not None, "StatusPublisher used before its transport was set"
         return self.transport
 

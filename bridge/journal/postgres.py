@@ -2,11 +2,10 @@
 
 Selected by `[journal] url = "postgresql://..."`. Same contract as the SQLite journal
 (bridge/journal/sqlite.py): answers and job ids per request key, committed before the reply goes
-out,
-bounded by age and size, and a database that cannot be reached at start is reported and then
-skipped. Because every instance reads the same table, a request redelivered to *another* member
-of a shared group (a replacement host, a broker that re-dispatches) is still answered from it
-and a waited job is still resumed, never created twice.
+out, bounded by age and size, and a database that cannot be reached at start is reported and then
+skipped. Because every instance reads the same table, a request redelivered to *another* member of a
+shared group (a replacement host, a broker that re-dispatches) is still answered from it and a
+waited job is still resumed, never created twice.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import yarl
 
-from bridge.journal.sqlite import JournalEntry, Scope
 from bridge.jsoncodec import dumps, loads
+from bridge.pipeline.model import JournalEntry, Scope
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger

@@ -24,83 +24,26 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from bridge.jsoncodec import dumps, loads
+from bridge.pipeline.model import JournalEntry, Scope
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-Scope = Literal["off", "jobs", "answers"]
 """What is journaled: nothing, waited jobs and job-creating answers only, or every answer."""
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4F4D424A  # "OMBJ": a file that is not ours is refused, not overwritten
-STATE_SUBDIR = "openai-mqtt-bridge"
-FILE_NAME = "journal.sqlite3"
 _BATCH = 256
 """Most queued operations handled per commit."""
 _PRUNE_EVERY = 60.0
 """Seconds between age prunings (size is checked on every commit)."""
 
 
-def default_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where the journal lives when `[journal] path` is empty.
-
-    systemd's `StateDirectory=` sets `$STATE_DIRECTORY`; elsewhere `$XDG_STATE_HOME` or
-    `~/.local/state` (the XDG default), each with an `openai-mqtt-bridge` folder.
-    """
-    env = os.environ if environ is None else environ
-    state = env.get("STATE_DIRECTORY", "").split(":")[0]
-    if state:
-        return Path(state) / FILE_NAME
-    xdg = env.get("XDG_STATE_HOME", "")
-    base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".local" / "state"
-    return base / STATE_SUBDIR / FILE_NAME
-
-
-class JournalLike(Protocol):
-    """What the pipeline uses of a journal: SQLite (`Journal`) or PostgreSQL (`PgJournal`)."""
-
-    scope: Scope
-    max_answer_bytes: int
-    recent: frozenset[bytes] | None
-    """Keys answered within the dedup window before this start (a repeat of anything newer is
-    in the reply cache); None: any repeat may be in the journal (one shared by a group)."""
-
-    async def lookup(self, key: bytes) -> JournalEntry | None:
-        """The journaled entry for `key` (None when absent, too old, or on a read error)."""
-
-    async def record_answer(
-        self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
-    ) -> bool:
-        """Commit an answer before its reply goes out; False when it was not journaled."""
-
-    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
-        """Commit a waited job's state; False when not journaled."""
-
-    async def close(self) -> None:
-        """Finish and close; later calls answer as if there were no journal."""
-
-
 class JournalUnavailable(Exception):
     """The journal cannot be used; the message says why (it is logged, the bridge goes on)."""
-
-
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """What the journal holds for one request key."""
-
-    key: bytes
-    created: float
-    """Wall-clock time (Unix seconds) of the first record for this key."""
-    reply_topic: str
-    answer: bytes | None
-    """The reply payload as published, once the answer arrived."""
-    content_type: str | None
-    """The reply's MQTT 5 Content Type (plain and raw formats), None for the JSON envelope."""
-    job: dict[str, Any] | None
-    """A waited job: at least `operation` and `id`, once the job was created."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge import compat
 from bridge.backoff import Backoff
+from bridge.compat import paho as compat
 from bridge.config import MqttConfig, TlsConfig
 from bridge.errors import StartupError
 from bridge.messages import InboundMessage, PublishFailed

@@ -1,14 +1,12 @@
 """Pure request building: (operation, payload parameters, service config) -> one `HttpRequest`.
 
 Nothing here touches a socket; `bridge/service/client.py` turns the value into an aiohttp call. Ids
-go
-into the path as exactly one percent-encoded segment each, so no payload value can change the
+go into the path as exactly one percent-encoded segment each, so no payload value can change the
 host, the path, the query or the headers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -18,20 +16,8 @@ from bridge.errors import InvalidParameter, MissingParameter, UnknownParameter
 from bridge.jsoncodec import dumps
 from bridge.methods.endpoint import form_operation, parse_call
 from bridge.methods.model import Operation, QueryParam
-from bridge.pipeline.multipart import FormPart, encode_form
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """One HTTP request to the service host, ready to send."""
-
-    method: str
-    url: str
-    """Absolute URL, already percent-encoded (send it without re-quoting)."""
-    headers: dict[str, str]
-    json_body: bytes | None = None
-    form: tuple[FormPart, ...] | None = None
-
+from bridge.pipeline.multipart import encode_form
+from bridge.service.models import HttpRequest
 
 # RFC 3986 pchar minus the sub-delims: ':' and '@' stay readable (fine-tuned ids are `ft:...`).
 _SEGMENT_SAFE = ":@"

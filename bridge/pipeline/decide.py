@@ -27,7 +27,8 @@ from bridge.methods import endpoint
 from bridge.methods.jobs import check_wait
 from bridge.methods.model import MethodTable, Operation
 from bridge.pipeline.access import AccessRules
-from bridge.pipeline.build import HttpRequest, RequestBuilder
+from bridge.pipeline.build import RequestBuilder
+from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import (
     DEFAULT_OPTIONS,
     OPTIONS_KEY,
@@ -35,7 +36,7 @@ from bridge.pipeline.options import (
     error_options,
     parse_options,
 )
-from bridge.pipeline.render import MISSING
+from bridge.service.models import HttpRequest
 from bridge.topics import RequestTopic, Topics
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class Call:
     request: HttpRequest | None
     """None once execute has taken it (a large upload is freed as soon as it is sent)."""
     transaction: Any
-    """The request's `transaction` value, or `render.MISSING` when it had none."""
+    """The request's `transaction` value, or `MISSING` when it had none."""
     stream_topic: str | None
     """Where the events go when the call asked for a stream; None for a plain call."""
     options: BridgeOptions = DEFAULT_OPTIONS

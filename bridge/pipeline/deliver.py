@@ -10,18 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from bridge.errors import ReplyTooLarge
-from bridge.journal.sqlite import JournalLike
 from bridge.jsoncodec import dumps
-from bridge.messages import InboundMessage, PublishFailed
+from bridge.messages import InboundMessage, Publisher, PublishFailed
 from bridge.methods.jobs import job_kind
 from bridge.pipeline import render
 from bridge.pipeline.decide import Route
 from bridge.pipeline.dedup import ReplyCache
+from bridge.pipeline.model import MISSING, JournalLike
 from bridge.pipeline.replyformat import chunk_topic
-from bridge.pipeline.sink import StreamPublisher
 from bridge.pipeline.stats import Stats
 from bridge.redact import Redactor
 
@@ -34,16 +33,9 @@ _MAX_UNACKED_CHUNKS = 256
 """Chunks of a raw reply published before waiting for the broker (bounds what is queued)."""
 
 
-class Publisher(StreamPublisher, Protocol):
-    """What delivery needs from the MQTT transport: publishing, plus acknowledging."""
-
-    def ack(self, message: InboundMessage) -> None:
-        """Acknowledge a request message."""
-
-
 def log_transaction(value: Any) -> Any:
     """A transaction as the request line shows it: scalars as they are, at most 120 characters."""
-    if value is render.MISSING:
+    if value is MISSING:
         return None
     if isinstance(value, str | int | float | bool) or value is None:
         if not isinstance(value, str) or len(value) <= _LOG_TEXT_LIMIT:

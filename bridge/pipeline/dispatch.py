@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.config import BridgeConfig
 from bridge.errors import BridgeError, InternalError
-from bridge.journal.sqlite import JournalLike
-from bridge.messages import InboundMessage
+from bridge.messages import InboundMessage, Publisher
 from bridge.methods.model import MethodTable
 from bridge.pipeline import render
 from bridge.pipeline.access import AccessRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
 from bridge.pipeline.dedup import ReplyCache, request_key
-from bridge.pipeline.deliver import Deliverer, Publisher
+from bridge.pipeline.deliver import Deliverer
+from bridge.pipeline.model import MISSING, JournalLike
 from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
 from bridge.pipeline.waiting import JobWaiter
@@ -224,15 +224,14 @@ class Dispatcher:
             return
 
         decision = self.decider.decide(message, route)
-        if cached is not None and decision.transaction is not render.MISSING:
+        if cached is not None and decision.transaction is not MISSING:
             await self.deliverer.replay(message, route, cached[1], cached[2])
             return
         if (
             key is not None
             and isinstance(decision, Call)
             and (
-                message.dup
-                or (decision.transaction is not render.MISSING and self._maybe_journaled(key))
+                message.dup or (decision.transaction is not MISSING and self._maybe_journaled(key))
             )
         ):
             journaled = await self._journaled(key, message.dup)

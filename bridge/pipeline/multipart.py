@@ -26,25 +26,15 @@ from typing import Any
 
 from bridge.errors import InvalidBase64, InvalidFile, InvalidParameter, MissingParameter
 from bridge.methods.model import Operation
+from bridge.service.models import FormPart
 
 __all__ = [
-    "FormPart",
     "decode_base64",
     "encode_form",
     "extension_for",
     "guess_content_type",
     "sniff_file_type",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class FormPart:
-    """One multipart part; `filename`/`content_type` are set for files and typed text parts."""
-
-    name: str
-    value: bytes
-    filename: str | None = None
-    content_type: str | None = None
 
 
 # The spec's multipart Encoding Objects (operationId -> field -> contentType). Only

@@ -18,6 +18,7 @@ import orjson
 from bridge.errors import BridgeError, UpstreamBadResponse
 from bridge.jsoncodec import dumps
 from bridge.methods.model import Operation
+from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import DEFAULT_OPTIONS, BridgeOptions
 from bridge.pipeline.replyformat import Answer, format_error, format_ok, selected
 
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from bridge.pipeline.sink import TopicStreamSink
     from bridge.service.client import ServiceResult
 
-_MISSING: Any = object()
-"""Marks a request without a `transaction` key (null is a valid transaction)."""
 
 _TEXT_TYPES = ("text/", "application/sdp")
 _JSON_TYPES = ("application/json", "application/problem+json")
@@ -34,7 +33,7 @@ _JSON_TYPES = ("application/json", "application/problem+json")
 
 def _head(status: bytes, method: str, transaction: Any) -> bytes:
     head = b'{"status":' + status + b',"method":' + dumps(method)
-    if transaction is not _MISSING:
+    if transaction is not MISSING:
         head += b',"transaction":' + dumps(transaction)
     return head
 
@@ -58,9 +57,6 @@ def ok(method: str, transaction: Any, data: Any) -> bytes:
 def error(method: str, transaction: Any, exc: BridgeError) -> bytes:
     """An error envelope rendering `exc` as the `error` object."""
     return _head(b'"error"', method, transaction) + b',"error":' + dumps(exc.to_dict()) + b"}"
-
-
-MISSING = _MISSING
 
 
 def binary_data(body: bytes, content_type: str) -> list[bytes]:
@@ -184,4 +180,4 @@ def failure(
 
 
 def _transaction_json(transaction: Any) -> bytes | None:
-    return None if transaction is _MISSING else dumps(transaction)
+    return None if transaction is MISSING else dumps(transaction)

@@ -1,8 +1,7 @@
 """Pure reply rendering for the `_bridge` options: select, plain text, raw bytes, chunks, deltas.
 
 Nothing here does I/O. The render stage (bridge/pipeline/render.py) wraps the JSON format in the
-envelope
-and hands the plain and raw formats to `format_ok` / `format_error`; the stream sink uses
+envelope and hands the plain and raw formats to `format_ok` / `format_error`; the stream sink uses
 `plain_stream_payloads`.
 
 Wire forms (docs/protocol.md, "Reply options"):

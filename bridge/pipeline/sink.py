@@ -8,40 +8,19 @@ when the answer is rendered, raises the reason.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any
 
 from bridge.errors import BridgeError, ReplyTooLarge
 from bridge.jsoncodec import dumps, loads
+from bridge.messages import StreamPublisher
+from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import DEFAULT_OPTIONS, BridgeOptions
-from bridge.pipeline.render import MISSING
 from bridge.pipeline.replyformat import PLAIN_TYPE, plain_stream_payloads
 from bridge.redact import Redactor
 from bridge.service.sse import SseEvent, assembler_for, is_done
 
 # Events published but not yet acknowledged before we wait for the broker (bounds memory).
 _MAX_UNACKED_EVENTS = 256
-
-
-class StreamPublisher(Protocol):
-    """The publish half of the MQTT transport (MqttTransport implements it)."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        retain: bool = False,
-        qos: int = 1,
-        correlation_data: bytes | None = None,
-        content_type: str | None = None,
-    ) -> asyncio.Future[None]:
-        """Queue a publish; the future completes on the broker's PUBACK.
-
-        Correlation Data and Content Type are MQTT 5 properties (dropped over MQTT 3.1.1).
-        """
-
-    def fits(self, topic: str, payload_size: int) -> bool:
-        """Whether the broker accepts a packet this large."""
 
 
 def _event_data(event: SseEvent) -> Any:

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.config import JobsConfig
 from bridge.errors import BridgeError, JobFailed, JobTimeout, UpstreamBadResponse
-from bridge.journal.sqlite import JournalEntry, JournalLike
 from bridge.jsoncodec import dumps, loads
+from bridge.messages import StreamPublisher
 from bridge.methods.jobs import JobKind, job_kind
 from bridge.methods.model import MethodTable
 from bridge.pipeline import render
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Route
-from bridge.pipeline.sink import StreamPublisher
+from bridge.pipeline.model import MISSING, JournalEntry, JournalLike
 from bridge.redact import Redactor
 from bridge.service.client import ServiceClient, ServiceResult
 
@@ -221,7 +221,7 @@ class _ProgressTopic:
         self.correlation = route.correlation
         self.seq = 0
         head = b'{"seq":'
-        if transaction is not render.MISSING:
+        if transaction is not MISSING:
             head = b'{"transaction":' + dumps(transaction) + b',"seq":'
         self._head = head
 

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import platform
 from pathlib import Path
 
-from bridge import __version__, compat
+from bridge import __version__
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.errors import StartupError
 from bridge.ha.status import OFFLINE, StatusPublisher
 from bridge.journal.postgres import PgJournal
-from bridge.journal.sqlite import Journal, JournalLike
+from bridge.journal.sqlite import Journal
 from bridge.messages import InboundMessage
-from bridge.methods.model import MethodTable, default_table
+from bridge.methods.catalog import default_table
+from bridge.methods.model import MethodTable
 from bridge.mqtt.client import MqttTransport
 from bridge.mqtt.trial_broker import (
     EMBEDDED_NOTICE,
@@ -25,18 +25,17 @@ from bridge.mqtt.trial_broker import (
     port_busy_message,
 )
 from bridge.pipeline.dispatch import Dispatcher
+from bridge.pipeline.model import JournalLike
 from bridge.pipeline.stats import Stats
-from bridge.runtime import startup
+from bridge.runtime import process, startup
 from bridge.runtime.logs import get_logger
 from bridge.runtime.signals import stop_on_signals
 from bridge.runtime.systemd import notify, watchdog_interval
+from bridge.service.aiohttp_transport import AiohttpTransport
 from bridge.service.client import ServiceClient
 from bridge.topics import Topics
 from bridge.workers import protocol as workers
 from bridge.workers.link import WorkerLink
-
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations between young garbage collections (CPython's default: 700)."""
 
 
 class EmbeddedPortBusy(StartupError):
@@ -45,9 +44,8 @@ class EmbeddedPortBusy(StartupError):
 
 class Bridge:
     """One running bridge instance; `run()` returns the process exit code.
-
     With `worker` it is one of several processes behind a supervisor
-    (bridge/workers/supervisor.py): it
+    (bridge/runtime/supervisor.py): it
     serves requests but publishes no state, info, stats or discovery (the supervisor does), takes
     its commands from the supervisor instead of signals and reports to it.
     """
@@ -117,10 +115,7 @@ class Bridge:
             self.log.debug("effective config", config=cfg.redacted())
             if (no_key := startup.missing_key_warning(cfg)) is not None:
                 self.log.warning(no_key)
-        off = compat.install()  # library internals: each checked against the installed version
-        # With many requests in flight every young collection walks all of their live objects;
-        # CPython's 700 ran one every ~15 requests at C = 128 (bench/README.md, issue 17).
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        off = process.prepare_bridge()  # library internals: each checked against its version
         if off:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
         # Everything started is closed in reverse order, however the start or the run ends.
@@ -137,7 +132,7 @@ class Bridge:
             journal = await self._open_journal()
             if journal is not None:
                 stack.push_async_callback(journal.close)
-            service = ServiceClient(cfg.service)
+            service = ServiceClient(cfg.service, AiohttpTransport(cfg.service))
             await service.start()
             stack.push_async_callback(service.close)
             self.transport = transport = self._make_transport(mqtt_cfg, protocol)

@@ -1,23 +1,23 @@
-"""The HTTP transport: the bridge's only use of aiohttp (one pooled session), behind a seam.
+"""The aiohttp HTTP transport: the bridge's only use of aiohttp (one pooled session).
 
 `ServiceClient` (bridge/service/client.py) decides what to send again and how to read an answer;
-this
-adapter only makes one exchange and reports failures below HTTP as `TransportError`. Tests put a
-fake transport in its place (tests/test_service.py).
+this adapter only makes one exchange and reports failures below HTTP as `TransportError`. Tests put
+a fake transport in its place (tests/unit/test_service.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Literal, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import yarl
 
-from bridge import compat
+from bridge.compat import aiohttp as compat
 from bridge.config import ServiceConfig
 from bridge.neterrors import connection_cause
-from bridge.pipeline.build import HttpRequest
+from bridge.service.models import HttpRequest
+from bridge.service.transport import Response, TransportError
 
 T = TypeVar("T")
 
@@ -28,58 +28,6 @@ _FILE_PART_TYPE = "application/octet-stream"
 MAX_REDIRECTS = 10
 """Redirects followed for one request (aiohttp's own default); the last one is the answer."""
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-
-
-class Body(Protocol):
-    """A response body being received."""
-
-    async def read(self) -> bytes:
-        """The rest of the body."""
-
-    def iter_any(self) -> AsyncIterator[bytes]:
-        """The body in chunks as they arrive."""
-
-
-class Response(Protocol):
-    """An HTTP response whose head has arrived (aiohttp's ClientResponse is one)."""
-
-    @property
-    def status(self) -> int:
-        """The status code."""
-
-    @property
-    def reason(self) -> str | None:
-        """The reason phrase."""
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        """The headers (case-insensitive lookups)."""
-
-    @property
-    def content(self) -> Body:
-        """The body."""
-
-
-class TransportError(Exception):
-    """An exchange failed below HTTP: `timeout`, `cut` (the body broke off) or `unreachable`."""
-
-    def __init__(self, kind: Literal["timeout", "cut", "unreachable"], detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-
-
-class HttpTransport(Protocol):
-    """Makes one HTTP exchange at a time; pooled connections live between `start` and `close`."""
-
-    async def start(self) -> None:
-        """Open the connection pool (idempotent)."""
-
-    async def close(self) -> None:
-        """Close the pool."""
-
-    async def exchange(self, request: HttpRequest, read: Callable[[Response], Awaitable[T]]) -> T:
-        """Send `request` and return what `read` makes of the response, read while it lasts;
-        raise TransportError when the exchange fails below HTTP."""
 
 
 class AiohttpTransport:
@@ -153,7 +101,22 @@ class AiohttpTransport:
             raise TransportError("cut", type(exc).__name__) from None
         except (aiohttp.ClientError, OSError) as exc:
             # The cause in words ("connection refused"), not aiohttp's class name.
-            raise TransportError("unreachable", connection_cause(exc)) from None
+            raise TransportError("unreachable", aiohttp_cause(exc)) from None
+
+
+def aiohttp_cause(exc: BaseException) -> str:
+    """A short cause for a failed aiohttp request (bridge/neterrors.py for OS and TLS errors)."""
+    wrappers = (aiohttp.ClientError,)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = connection_cause(exc, wrappers)
+        return cause if cause.startswith("TLS certificate") else "TLS certificate not trusted"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid URL"
+    return connection_cause(exc, wrappers)
 
 
 def _body(request: HttpRequest, headers: dict[str, str]) -> tuple[dict[str, str], Any]:

@@ -1,9 +1,8 @@
 """The execute stage: sends an `HttpRequest` to the service host, retrying, and reads the answer.
 
-Retries with backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never
-for other 4xx and never once a stream has started to be forwarded. The exchange itself goes
-through an `HttpTransport` (bridge/service/aiohttp_transport.py: aiohttp, one pooled session per
-process).
+Retries with backoff for connection errors, timeouts, 429 and 5xx (honouring Retry-After), never for
+other 4xx and never once a stream has started to be forwarded. The exchange itself goes through an
+`HttpTransport` (bridge/service/transport.py; aiohttp's is bridge/service/aiohttp_transport.py).
 """
 
 from __future__ import annotations
@@ -28,15 +27,9 @@ from bridge.errors import (
     UpstreamUnavailable,
 )
 from bridge.jsoncodec import loads
-from bridge.pipeline.build import HttpRequest
-from bridge.service.aiohttp_transport import (
-    AiohttpTransport,
-    Body,
-    HttpTransport,
-    Response,
-    TransportError,
-)
+from bridge.service.models import HttpRequest
 from bridge.service.sse import SseEvent, SseParser
+from bridge.service.transport import Body, HttpTransport, Response, TransportError
 
 
 class StreamSink(Protocol):
@@ -114,12 +107,12 @@ class ServiceClient:
     def __init__(
         self,
         config: ServiceConfig,
-        transport: HttpTransport | None = None,
+        transport: HttpTransport,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.transport: HttpTransport = transport or AiohttpTransport(config)
+        self.transport = transport
         self._sleep = sleep
         self._clock = clock
         host = yarl.URL(config.api_base)

@@ -1,9 +1,8 @@
 """Workers (`[runtime] workers`): how many, each one's config, the control lines, summed stats.
 
-Pure: no processes, no sockets. The supervisor (bridge/workers/supervisor.py) starts the worker
+Pure: no processes, no sockets. The supervisor (bridge/runtime/supervisor.py) starts the worker
 processes; each is an ordinary bridge (bridge/runtime/daemon.py) in one shared-subscription group
-that
-publishes no state of its own and reports to the supervisor over a socket pair, one JSON object
+that publishes no state of its own and reports to the supervisor over a socket pair, one JSON object
 per line.
 """
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from bridge.pipeline.build import HttpRequest
-from bridge.service.aiohttp_transport import Response, TransportError
+from bridge.service.models import HttpRequest
+from bridge.service.transport import Response, TransportError
 
 T = TypeVar("T")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import MutableMapping
 from typing import Any, NoReturn, cast
 
+import pytest
 import structlog
 from structlog.typing import FilteringBoundLogger
 
@@ -82,3 +84,27 @@ def message(
         response_topic=response_topic,
         correlation_data=correlation_data,
     )
+
+
+class RecordingLog:
+    """A structlog-shaped logger that keeps (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        def log(event: str, **fields: Any) -> None:
+            self.lines.append((level, event, fields))
+
+        return log
+
+    def events(self, level: str | None = None) -> list[str]:
+        return [e for lvl, e, _ in self.lines if level is None or lvl == level]
+
+
+def random_binary(size: int) -> bytes:
+    """Random bytes that are certainly not UTF-8 (a lone continuation byte, 0xff, 0xfe)."""
+    data = b"\x80\xff\xfe\xc3" + os.urandom(size - 4)
+    with pytest.raises(UnicodeDecodeError):
+        data.decode("utf-8")
+    return data

@@ -5,11 +5,10 @@ The documents are in spec/.
 Run `python -m tools.tablegen [--spec FILE] [--check]` (needs PyYAML, the `test` extra). It reads
 `spec/openapi-latest.yaml` and `spec/openapi-2024-02.yaml` (vendored, unmodified; see
 spec/README.md) through `tools/tablegen/specfacts.py`; no network, nothing outside the repository,
-and the
-output is byte-for-byte deterministic. `--spec FILE` refreshes the table from a newer official
-document: FILE is copied unmodified over spec/openapi-latest.yaml first. With `--check` nothing is
-written: the exit status is 1 when a committed file differs from what would be generated (each
-such file is named on stderr), 0 otherwise.
+and the output is byte-for-byte deterministic. `--spec FILE` refreshes the table from a newer
+official document: FILE is copied unmodified over spec/openapi-latest.yaml first. With `--check`
+nothing is written: the exit status is 1 when a committed file differs from what would be generated
+(each such file is named on stderr), 0 otherwise.
 
 Rules, applied per operation (the seed is the 50 methods of the node this project descends from):
 

@@ -1,8 +1,7 @@
 """Facts the table generator needs, read from an official OpenAPI document (3.0 or 3.1).
 
 Development-time only: `tools/tablegen/generate.py` imports it, the daemon never does, and PyYAML
-(the
-`test` extra) is imported when a YAML file is read. Only local `#/...` references are resolved.
+(the `test` extra) is imported when a YAML file is read. Only local `#/...` references are resolved.
 For every operation it records: operationId, verb, path, tags, x-oaiMeta group, deprecated flag,
 path/query/header parameters, the `OpenAI-Beta` header its curl examples show (the specs do not
 declare that header on most operations), request contents (kind, required and known top-level

@@ -1,0 +1,56 @@
+"""Values and ports the pipeline's stages share: what a journal offers the pipeline.
+
+The journal itself (bridge/journal/) implements `JournalLike`; the pipeline never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+MISSING: Any = object()
+"""Marks a request without a `transaction` key (null is a valid transaction)."""
+
+Scope = Literal["off", "jobs", "answers"]
+"""What the journal records: nothing, waited jobs only, or answers too."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """What the journal holds for one request key."""
+
+    key: bytes
+    created: float
+    """Wall-clock time (Unix seconds) of the first record for this key."""
+    reply_topic: str
+    answer: bytes | None
+    """The reply payload as published, once the answer arrived."""
+    content_type: str | None
+    """The reply's MQTT 5 Content Type (plain and raw formats), None for the JSON envelope."""
+    job: dict[str, Any] | None
+    """A waited job: at least `operation` and `id`, once the job was created."""
+
+
+class JournalLike(Protocol):
+    """What the pipeline uses of a journal: SQLite (`Journal`) or PostgreSQL (`PgJournal`)."""
+
+    scope: Scope
+    max_answer_bytes: int
+    recent: frozenset[bytes] | None
+    """Keys answered within the dedup window before this start (a repeat of anything newer is
+    in the reply cache); None: any repeat may be in the journal (one shared by a group)."""
+
+    async def lookup(self, key: bytes) -> JournalEntry | None:
+        """The journaled entry for `key` (None when absent, too old, or on a read error)."""
+
+    async def record_answer(
+        self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
+    ) -> bool:
+        """Commit an answer before its reply goes out; False when it was not journaled."""
+
+    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
+        """Commit a waited job's state; False when not journaled."""
+
+    async def close(self) -> None:
+        """Finish and close; later calls answer as if there were no journal."""

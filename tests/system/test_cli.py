@@ -1,0 +1,153 @@
+"""The command line, run as a user would: `python -m bridge ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.broker import MosquittoBroker
+from support.cli import cli
+from support.standin import Reply, Standin
+
+from bridge import __version__
+from bridge.methods.catalog import default_table
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_version() -> None:
+    out = cli("--version")
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_check_config_ok_prints_the_redacted_config() -> None:
+    out = cli(
+        "check-config", "--config", "config/bridge.toml", env={"OPENAI_API_KEY": TEST_API_KEY}
+    )
+    assert out.returncode == 0, out.stderr
+    effective = json.loads(out.stdout)
+    assert effective["service"]["api_key"] == "**********"
+    assert TEST_API_KEY not in out.stdout + out.stderr
+
+
+def test_check_config_reports_every_problem_and_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nport = "x"\ncolour = 1\n[service]\napi_key_name = "a b"\n')
+    out = cli("--config", str(bad), "check-config")
+    assert out.returncode == 78
+    for where in ("mqtt.port", "mqtt.colour", "service.api_key_name"):
+        assert where in out.stderr
+    assert cli("run", "--config", str(bad)).returncode == 78
+
+
+def test_methods_and_groups() -> None:
+    out = cli("methods")
+    table = default_table()
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == len(table) + len(table.extra)
+    [generic] = [line for line in out.stdout.splitlines() if line.startswith("callEndpoint ")]
+    assert generic.split()[1:] == ["any-endpoint", "ANY", "/<path", "from", "the", "payload>"]
+    audio = cli("methods", "--group", "audio").stdout.splitlines()
+    assert any(line.startswith("createSpeech ") for line in audio)
+    assert all(" audio " in line for line in audio)
+    assert cli("methods", "--group", "nope").returncode == 64
+
+
+def test_describe_answers_what_goes_in_the_payload() -> None:
+    out = cli("describe", "createtranscription")
+    assert out.returncode == 0
+    text = out.stdout
+    for needle in (
+        "POST",
+        "/audio/transcriptions",
+        "file",
+        "model",
+        "openai/request/createTranscription",
+    ):
+        assert needle in text
+    assert cli("describe", "nope").returncode == 64
+
+
+def test_call_round_trip(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    standin.script("POST", "/moderations", Reply(json={"flagged": False}))
+    with BridgeThread.from_file(path, env):
+        out = cli("call", "createModeration", '{"input": "hi"}', "--config", str(path))
+        piped = cli("call", "getThread", "-", "--config", str(path), stdin="{}")
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["status"] == "ok" and reply["data"] == {"flagged": False}
+    assert isinstance(reply["transaction"], str) and reply["transaction"]
+    assert piped.returncode == 1
+    assert json.loads(piped.stdout)["error"]["code"] == "missing_parameter"
+
+
+def test_call_without_a_bridge_says_so(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    path, _ = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base="http://127.0.0.1:9/v1", prefix="nobody"
+    )
+    out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
+    assert out.returncode == 69 and "no bridge online on nobody" in out.stderr
+
+
+def test_call_reply_option_flags(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    chat = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Grüße!"}}]}
+    audio = bytes(range(256)) * 40
+    standin.script("POST", "/chat/completions", Reply(json=chat))
+    standin.script("POST", "/audio/speech", Reply(body=audio, content_type="audio/mpeg"))
+    standin.script("GET", "/models/nope", Reply.error(404, "The model 'nope' does not exist"))
+    question = '{"model": "m", "messages": []}'
+    speech = '{"model": "tts-1", "voice": "alloy", "input": "hi"}'
+    select = ("--select", "choices[0].message.content")
+    with BridgeThread.from_file(path, env):
+        plain = cli(
+            "call",
+            "createChatCompletion",
+            question,
+            *select,
+            "--format",
+            "plain",
+            "--max-bytes",
+            "32",
+            "--config",
+            str(path),
+        )
+        selected = cli("call", "createChatCompletion", question, *select, "--config", str(path))
+        raw = cli(
+            "call",
+            "createSpeech",
+            speech,
+            "--format",
+            "raw",
+            "--chunk-bytes",
+            "1000",
+            "--output",
+            str(tmp_path / "out.mp3"),
+            "--config",
+            str(path),
+        )
+        error = cli(
+            "call", "retrieveModel", '{"model": "nope"}', "--format", "plain", "--config", str(path)
+        )
+        bad = cli("call", "listModels", "--select", "a[", "--config", str(path))
+    assert (plain.returncode, plain.stdout) == (0, "Grüße!\n"), plain.stderr
+    assert json.loads(selected.stdout)["data"] == "Grüße!"
+    assert raw.returncode == 0, raw.stderr
+    assert (tmp_path / "out.mp3").read_bytes() == audio
+    assert error.returncode == 1 and error.stdout == ""
+    # stderr: which config file was used (issue 14), then the ERROR line.
+    assert error.stderr.splitlines()[-1].startswith(
+        "ERROR upstream_error: service host answered HTTP 404"
+    )
+    assert bad.returncode == 64 and "_bridge.select is not a JMESPath expression" in bad.stderr
+    assert all(b"_bridge" not in r.body for r in standin.requests)
+    assert len(standin.requests) == 4  # the bad --select never reached the bridge

@@ -1,0 +1,202 @@
+"""The journal on PostgreSQL: its contract, and a group of three that loses one member mid-job.
+
+The tests start their own PostgreSQL cluster (Debian's binaries, a free port, trust auth) and
+never use a server already running on the machine; each test gets a fresh database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
+from support.broker import MosquittoBroker
+from support.fakes import RecordingLog
+from support.mqtt_client import durable_client
+from support.postgres import PostgresServer
+from support.standin import RecordedRequest, Reply, Standin
+
+from bridge.config import load_config
+from bridge.journal.postgres import PgJournal
+from bridge.pipeline.dedup import request_key
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A fresh database on the private server."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(postgres.url)
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def key(i: int) -> bytes:
+    return request_key("openai/request/createVideo", f'{{"prompt": "{i}"}}'.encode())
+
+
+async def open_pg(url: str, log: RecordingLog, **overrides: Any) -> PgJournal | None:
+    options: dict[str, Any] = {
+        "scope": "answers",
+        "max_bytes": 1 << 20,
+        "max_age": 3600.0,
+        "max_answer_bytes": 64 * 1024,
+        **overrides,
+    }
+    return await PgJournal.open(url, log=log, **options)
+
+
+async def test_answers_and_jobs_round_trip_between_two_instances(pg_url: str) -> None:
+    first = await open_pg(pg_url, RecordingLog())
+    second = await open_pg(pg_url, RecordingLog())
+    assert first is not None and second is not None
+    assert await first.record_job(key(1), "t", {"operation": "createVideo", "id": "video_1"})
+    entry = await second.lookup(key(1))  # another instance sees it at once
+    assert entry is not None and entry.job == {"operation": "createVideo", "id": "video_1"}
+    assert entry.answer is None
+    assert await first.record_answer(key(1), "t", b"final", "text/plain")
+    entry = await second.lookup(key(1))
+    assert entry is not None and (entry.answer, entry.content_type) == (b"final", "text/plain")
+    assert not await first.record_answer(key(2), "t", b"x" * (64 * 1024 + 1))  # too large
+    assert await second.lookup(key(2)) is None
+    await first.close()
+    await second.close()
+    assert await first.lookup(key(1)) is None  # closed: as if there were none
+
+
+async def test_old_entries_and_overflow_are_pruned(pg_url: str) -> None:
+    opened = await open_pg(pg_url, RecordingLog())
+    assert opened is not None
+    now = [1_000_000.0]
+    journal = PgJournal(
+        opened.pool,
+        scope="answers",
+        max_bytes=256 * 1024,
+        max_age=100,
+        max_answer_bytes=1 << 20,
+        log=RecordingLog(),
+        clock=lambda: now[0],
+    )
+    assert await journal.record_answer(key(0), "t", b"old")
+    now[0] += 150
+    assert await journal.lookup(key(0)) is None  # too old to answer
+    for i in range(1, 200):
+        now[0] += 61  # every write may prune
+        assert await journal.record_answer(key(i), "t", bytes(8000))
+    size = await journal.pool.fetchval("SELECT pg_total_relation_size('omb_journal')")
+    count = await journal.pool.fetchval("SELECT count(*) FROM omb_journal")
+    assert count < 199 and size <= 2 * 256 * 1024
+    assert await journal.lookup(key(199)) is not None
+    await journal.close()
+
+
+async def test_unreachable_database_is_reported_without_its_password() -> None:
+    log = RecordingLog()
+    url = "postgresql://omb:s3cret-pw@127.0.0.1:1/none"
+    assert await open_pg(url, log) is None
+    level, event, fields = log.lines[-1]
+    assert (level, event) == ("error", "journal unavailable; running without it")
+    assert "127.0.0.1:1" in fields["reason"] and "s3cret-pw" not in fields["reason"]
+
+
+def test_the_url_password_is_a_secret(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[journal]\nurl = "postgresql://omb:s3cret-pw@db.lan/omb"\n')
+    config = load_config(path, environ={})
+    assert "s3cret-pw" in config.secrets()
+    assert "s3cret-pw" not in str(config.redacted())
+
+
+# --- a group of three, one killed mid-job ----------
+
+
+def test_one_of_three_killed_mid_job_is_replaced_and_the_job_created_once(
+    tmp_path: Path,
+    own_mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    pg_url: str,
+) -> None:
+    done = threading.Event()
+    job = {"id": "video_42", "object": "video"}
+
+    def state(record: RecordedRequest) -> Reply:
+        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
+
+    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
+    standin.script("GET", "/videos/video_42", state)
+
+    def bridge(name: str, client_id: str) -> BridgeProcess:
+        folder = tmp_path / name
+        folder.mkdir()
+        path, env = make_config(
+            folder,
+            broker_port=own_mosquitto.port,
+            api_base=standin.url,
+            prefix=topic_prefix,
+            mqtt={
+                "shared_group": "workers",
+                "instance": name,
+                "client_id": client_id,
+                "session_expiry": 600,
+            },
+            extra={
+                "journal": {"url": pg_url},
+                "jobs": {"poll_min": 0.05, "poll_max": 0.2},
+                "logging": {"level": "info"},
+            },
+        )
+        return BridgeProcess(path, env, folder / "bridge.log")
+
+    members = {n: bridge(n, f"omb-{topic_prefix}-{n}") for n in ("alpha", "beta", "gamma")}
+    client = durable_client(own_mosquitto, topic_prefix)
+    replacement: BridgeProcess | None = None
+    try:
+        for member in members.values():
+            member.start()
+        client.publish(
+            client.topic("request", "createVideo", "v"),
+            {"prompt": "x", "transaction": "v", "_bridge": {"wait": True}},
+        )
+        standin.wait_for_requests(3)  # created, then polled twice by whoever took it
+        (holder,) = [n for n, m in members.items() if '"event": "job started"' in m.log_text()]
+        members[holder].kill()
+        # Its host is gone for good: a new machine takes over its identity (client id, hence
+        # the broker session holding the unacknowledged request) with its own name and disk.
+        done.set()
+        replacement = bridge("delta", f"omb-{topic_prefix}-{holder}").start()
+        for i in range(30):  # the group keeps answering meanwhile
+            client.publish(
+                client.topic("request", "createModeration", f"m{i}"),
+                {"transaction": i, "input": f"in-{i}"},
+            )
+        video = client.wait_for_one(f"{topic_prefix}/response/createVideo/v").json()
+        assert video["status"] == "ok" and video["data"]["status"] == "completed"
+        client.wait_for(f"{topic_prefix}/response/createModeration/#", 30, timeout=30)
+        assert [r.method for r in standin.requests if r.path == "/videos"] == ["POST"]
+        assert '"event": "job resumed"' in replacement.log_text()
+        moderations = [r for r in standin.requests if r.path == "/moderations"]
+        assert len(moderations) == 30
+    finally:
+        client.disconnect()
+        for member in [*members.values(), *([replacement] if replacement else [])]:
+            member.close()
+            assert TEST_API_KEY not in member.log_text()

@@ -1,0 +1,214 @@
+"""bridge.compat: every shim fits the installed paho-mqtt and aiohttp, and each falls back safely.
+
+With the newest releases the version ranges admit installed (`.ci/newest` does that), the first
+test fails as soon as an upgrade changes an internal a shim relies on.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt import _packet
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bridge.compat import aiohttp as compat_aiohttp
+from bridge.compat import paho as compat
+from bridge.compat import shims
+
+MIB = 1 << 20
+
+
+CHECKS = {name: shim.check for name, shim in shims.SHIMS.items()}
+
+
+@pytest.fixture(autouse=True)
+def _shims_restored() -> Iterator[None]:
+    """Every test starts and ends with the shims as start-up installs them."""
+    assert shims.install() == []
+    yield
+    for shim in shims.SHIMS.values():
+        shim.check = CHECKS[shim.name]
+    assert shims.install() == []
+
+
+def client() -> paho.Client:
+    """A fresh, unconnected paho client."""
+    return paho.Client(CallbackAPIVersion.VERSION2)
+
+
+def test_every_shim_fits_the_installed_libraries() -> None:
+    assert {name: shim.active for name, shim in shims.SHIMS.items()} == dict.fromkeys(
+        shims.SHIMS, True
+    )
+    assert _packet.decode_publish is compat.decode_publish
+
+
+def test_a_check_that_fails_or_raises_leaves_its_shim_off_and_says_so() -> None:
+    def broken() -> bool:
+        raise AttributeError("internal renamed")
+
+    shims.SHIMS["out_packet_view"].check = broken
+    shims.SHIMS["publish_decoder"].check = lambda: False
+    off = shims.install()
+    assert [item.split(" ")[0] for item in off] == ["publish_decoder", "out_packet_view"]
+    assert all("paho-mqtt 2." in item for item in off)
+    assert _packet.decode_publish is compat.PAHO_DECODER  # paho's own decoder again
+
+
+def queued(c: paho.Client, mid: int, packet: bytes) -> dict[str, Any]:
+    """Queue `packet` the way paho 2.2's `_packet_queue` does; the queued entry."""
+    entry: dict[str, Any] = {"command": 0x32, "mid": mid, "qos": 1, "pos": 0}
+    entry.update(to_process=len(packet), packet=bytearray(packet), info=None)
+    c._out_packet.append(entry)  # type: ignore[arg-type]  # noqa: SLF001  (the shim's subject)
+    return entry
+
+
+def test_out_packet_view_swaps_in_a_memoryview_and_falls_back_to_a_copy() -> None:
+    c = client()
+    entry = queued(c, 7, b"x" * 10)
+    compat.write_large_without_copies(c, 7)
+    assert isinstance(entry["packet"], memoryview)
+    shims.uninstall()
+    other = queued(c, 8, b"y" * 10)
+    compat.write_large_without_copies(c, 8)
+    assert isinstance(other["packet"], bytearray)
+
+
+def test_out_packet_view_never_raises_when_paho_changed_its_queue() -> None:
+    c = client()
+    changed: collections.deque[Any] = collections.deque([("not", "a", "dict")])
+    c._out_packet = changed  # noqa: SLF001  (paho changed its queue)
+    compat.write_large_without_copies(c, 1)  # the reply is still published, just with copies
+    assert not shims.SHIMS["out_packet_view"].active
+
+
+def test_max_inflight_is_raised_past_the_guard_only_with_the_shim() -> None:
+    c = client()
+    compat.set_max_inflight(c, 500)
+    assert c.max_inflight_messages == 500
+    shims.uninstall()
+    compat.set_max_inflight(c, 900)
+    assert c.max_inflight_messages == 500
+
+
+def test_a_topic_that_is_not_utf8_is_read_with_replacements_or_rejected() -> None:
+    message = paho.MQTTMessage(topic=b"a/request/\xff")
+    assert compat.message_topic(message) == "a/request/\ufffd"
+    shims.uninstall()
+    assert compat.message_topic(message) == "\ufffd"
+    assert compat.message_topic(paho.MQTTMessage(topic=b"a/b")) == "a/b"
+
+
+def test_close_socket_closes_with_and_without_the_shim() -> None:
+    for installed in (True, False):
+        if not installed:
+            shims.uninstall()
+        c = client()
+        left, right = socket.socketpair()
+        c._sock = left  # noqa: SLF001  (a connected socket without a broker)
+        compat.close_socket(c)
+        assert left.fileno() == -1
+        right.close()
+        compat.close_socket(client())  # no socket: nothing to do, no error
+
+
+def test_tls_context_tracks_its_sockets_only_with_the_shim() -> None:
+    assert isinstance(compat.tls_context(), compat.TrackingContext)
+    shims.uninstall()
+    context = compat.tls_context()
+    assert not isinstance(context, compat.TrackingContext)
+    compat.close_failed_tls_socket(context, client())  # nothing tracked: nothing to do
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_bytes_body_sends_a_large_body_as_it_is_without_a_warning(installed: bool) -> None:
+    if not installed:
+        shims.uninstall()
+    value = b"z" * (2 * MIB)  # over aiohttp's 1 MiB warning threshold (warnings are errors here)
+    body = compat_aiohttp.bytes_body(value, "audio/wav")
+    assert isinstance(body, aiohttp.payload.BytesPayload)
+    assert (body.size, body.content_type) == (2 * MIB, "audio/wav")
+    assert isinstance(body, compat_aiohttp.BytesBody) is installed
+
+
+def deliver_publish(c: paho.Client, topic: str) -> list[str]:
+    """Hand `c` an inbound PUBLISH the way its reader does; which callbacks got it."""
+    got: list[str] = []
+    c.on_message = lambda _c, _u, m: got.append(f"any {m.topic}")
+    c._handle_on_message(paho.MQTTMessage(topic=topic.encode()))  # noqa: SLF001  (paho's reader)
+    return got
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_lean_matcher_delivers_every_message_and_leaves_no_garbage_cycle(installed: bool) -> None:
+    if not installed:
+        shims.uninstall()
+    c = client()
+    compat.lean_filter_matcher(c)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        assert deliver_publish(c, "a/request/x") == ["any a/request/x"]
+        cycles = gc.collect()
+    finally:
+        gc.enable()
+    # paho's own matcher builds a self-referencing closure per message; the lean one none.
+    assert (cycles == 0) is installed, (before, cycles)
+    c.message_callback_add("a/+/x", lambda _c, _u, m: None)
+    assert deliver_publish(c, "a/request/x") == []  # a filtered callback took it, as in paho
+    assert deliver_publish(c, "b/request/x") == ["any b/request/x"]
+
+
+def properties(packet_type: int) -> Any:
+    """paho's Properties for `packet_type` (untyped in paho)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_lean_properties_pack_and_unpack_as_paho_does(installed: bool) -> None:
+    if not installed:
+        shims.uninstall()
+    assert (Properties.__init__ is compat.PAHO_PROPERTIES_INIT) is not installed
+    assert (Properties.clear is compat.PAHO_PROPERTIES_CLEAR) is not installed
+    props = properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"\x01\x02"
+    props.ContentType = "text/plain"
+    packed = props.pack()
+    parsed = properties(PacketTypes.PUBLISH)
+    parsed.ResponseTopic = "left/over"
+    parsed.unpack(packed)  # clears what was there first
+    assert not hasattr(parsed, "ResponseTopic")
+    assert (parsed.CorrelationData, parsed.ContentType) == (b"\x01\x02", "text/plain")
+    assert not hasattr(properties(PacketTypes.PUBLISH), "ContentType")  # nothing shared but tables
+    with pytest.raises(MQTTException):
+        properties(PacketTypes.PUBACK).ContentType = "text/plain"  # still checked per packet type
+    with pytest.raises(MQTTException):
+        props.NoSuchProperty = 1
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_lean_reason_codes_equal_pahos_own(installed: bool) -> None:
+    if not installed:
+        shims.uninstall()
+    assert (ReasonCode.__init__ is compat.PAHO_REASON_INIT) is not installed
+    for _ in range(2):  # the second is built from what the first found
+        puback = ReasonCode(PacketTypes.PUBACK)
+        assert (puback.value, str(puback), puback.is_failure) == (0, "Success", False)
+        assert ReasonCode(PacketTypes.DISCONNECT).getName() == "Normal disconnection"
+        refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+        assert (refused.value, refused.is_failure) == (135, True)
+        assert ReasonCode(PacketTypes.PUBACK, identifier=16).getName() == "No matching subscribers"
+    with pytest.raises(KeyError):
+        ReasonCode(PacketTypes.PUBACK, "No such reason")
