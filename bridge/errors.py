@@ -291,6 +291,8 @@ class ConfigError(Exception):
 
 
 EX_CONFIG = 78
+EX_SOFTWARE = 70
+"""sysexits: an internal error stopped the process (systemd restarts it)."""
 
 
 class StartupError(Exception):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bridge import __version__
 from bridge.backoff import Backoff
 from bridge.config import BridgeConfig
-from bridge.errors import EX_CONFIG
+from bridge.errors import EX_CONFIG, EX_SOFTWARE
 from bridge.ha.status import OFFLINE, ONLINE, StatusPublisher
 from bridge.messages import InboundMessage
 from bridge.methods.catalog import default_table
@@ -128,28 +128,44 @@ class Supervisor:
             )
             self.status.transport = transport
             stack.push_async_callback(transport.close)
-            async with asyncio.TaskGroup() as group:
-                keepers = [group.create_task(self._keep(w)) for w in self.workers]
-                connecting = group.create_task(transport.start())
-                announcing = group.create_task(self._announce_when_ready())
-                watch = group.create_task(self._watch())
-                stats = None
-                if cfg.homeassistant.stats_interval > 0:
-                    stats = group.create_task(
-                        self.status.stats_loop(cfg.homeassistant.stats_interval)
-                    )
-                await self.stop_event.wait()
-                notify("STOPPING=1\nSTATUS=workers finishing in-flight requests")
-                self.log.info("stopping", workers=self.count)
-                await asyncio.gather(*keepers)
-                for task in (connecting, announcing, watch, stats):
-                    if task is not None:
-                        task.cancel()
-            if transport.connected.is_set():
-                self.status.publish_stats()
-            await transport.close(final=(self.topics.state, OFFLINE))
+            stack.push_async_callback(self._final_state)  # every way out leaves `offline`
+            try:
+                await self._serve(transport)
+            except* Exception as failure:  # noqa: BLE001  (any bug: stop, never hang)
+                self.log.error(
+                    "internal error: stopping",
+                    error="; ".join(f"{type(e).__name__}: {e}" for e in failure.exceptions),
+                )
+                self.exit_code = EX_SOFTWARE
         self.log.info("stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    async def _serve(self, transport: MqttTransport) -> None:
+        """Keep the workers and the status connection until stopped, then drain the workers."""
+        cfg = self.config
+        async with asyncio.TaskGroup() as group:
+            keepers = [group.create_task(self._keep(w)) for w in self.workers]
+            connecting = group.create_task(transport.start())
+            announcing = group.create_task(self._announce_when_ready())
+            watch = group.create_task(self._watch())
+            stats = None
+            if cfg.homeassistant.stats_interval > 0:
+                stats = group.create_task(self.status.stats_loop(cfg.homeassistant.stats_interval))
+            await self.stop_event.wait()
+            notify("STOPPING=1\nSTATUS=workers finishing in-flight requests")
+            self.log.info("stopping", workers=self.count)
+            await asyncio.gather(*keepers)
+            for task in (connecting, announcing, watch, stats):
+                if task is not None:
+                    task.cancel()
+
+    async def _final_state(self) -> None:
+        """The summed counters and the retained `offline`, then disconnect."""
+        transport = self.transport
+        assert transport is not None
+        if transport.connected.is_set():
+            self.status.publish_stats()
+        await transport.close(final=(self.topics.state, OFFLINE))
 
     # --- the workers --------------------------------------------------------------------------
 
