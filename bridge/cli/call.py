@@ -25,7 +25,7 @@ from bridge.cli.common import (
 from bridge.errors import EX_CONFIG, ConfigError, InvalidParameter
 from bridge.jsoncodec import dumps, loads
 from bridge.mqtt.oneshot import BrokerUnreachable, request_reply
-from bridge.pipeline.options import BridgeOptions as ReplyOptions
+from bridge.pipeline.options import ReplyOptions
 
 CALL_EXIT_CODES = """exit status:
   0   the reply says "ok"           1   the reply is an error reply (printed)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.jsoncodec import dumps, loads
-from bridge.pipeline.options import OPTIONS_KEY, BridgeOptions, parse_options
+from bridge.pipeline.options import OPTIONS_KEY, ReplyOptions, parse_options
 from bridge.pipeline.replyformat import ERROR_PREFIX
 
 
@@ -32,7 +32,7 @@ def options_from_flags(
     reply_format: str | None,
     max_bytes: int | None,
     chunk_bytes: int | None,
-) -> BridgeOptions:
+) -> ReplyOptions:
     """Merge the flags into `payload["_bridge"]`; the options (raise InvalidParameter if bad)."""
     given = {
         "select": select,
@@ -53,7 +53,7 @@ class ReplyCollector:
 
     reply_topic: str
     transaction: Any
-    options: BridgeOptions
+    options: ReplyOptions
     _chunks: dict[int, bytes] = field(default_factory=dict)
 
     @property

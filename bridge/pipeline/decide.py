@@ -32,7 +32,7 @@ from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import (
     DEFAULT_OPTIONS,
     OPTIONS_KEY,
-    BridgeOptions,
+    ReplyOptions,
     error_options,
     parse_options,
 )
@@ -67,7 +67,7 @@ class Call:
     """The request's `transaction` value, or `MISSING` when it had none."""
     stream_topic: str | None
     """Where the events go when the call asked for a stream; None for a plain call."""
-    options: BridgeOptions = DEFAULT_OPTIONS
+    options: ReplyOptions = DEFAULT_OPTIONS
     """The request's `_bridge` reply options."""
 
     def take_request(self) -> HttpRequest:
@@ -84,7 +84,7 @@ class Rejection:
     method: str
     transaction: Any
     error: BridgeError
-    options: BridgeOptions = DEFAULT_OPTIONS
+    options: ReplyOptions = DEFAULT_OPTIONS
     """The reply options to answer in (as far as they were readable)."""
 
 

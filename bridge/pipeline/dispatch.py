@@ -1,17 +1,19 @@
-"""The request pipeline's orchestrator: decide -> execute -> render -> deliver, one task each.
+"""The request pipeline's orchestrator: decide -> recall -> execute -> render -> deliver.
 
 `Dispatcher.submit` is called for every message on the request subscription. It runs each request
-as its own task (bounded by `[limits] max_concurrency`) through the stages:
+as its own task (bounded by `[limits] max_concurrency`) through the stages, each its own module:
 
-- decide (bridge/pipeline/decide.py): topic, size, JSON, `transaction`, `_bridge` reply options,
-method,
-  access, request building;
-- execute (bridge/service/client.py): the HTTP request to the service host, with retries;
-- render (bridge/pipeline/render.py): the reply data and the envelope around it;
-- deliver (bridge/pipeline/deliver.py): redact, size, publish, PUBACK, then ack; cache, stats, log
-line.
+- decide (decide.py): topic, size, JSON, `transaction`, `_bridge` reply options, method, access,
+  request building;
+- recall (recall.py): the reply a repeated or redelivered request already had, from the reply
+  cache or the journal;
+- execute (bridge/service/client.py, or waiting.py for `_bridge.wait`): the HTTP request to the
+  service host, with retries;
+- render (render.py): the reply data and the envelope around it;
+- deliver (deliver.py): redact, size, publish, PUBACK, then ack; cache, journal, stats, log line.
 
-Streamed events go out through the sink (bridge/pipeline/sink.py) while execute reads them.
+Streamed events go out through the sink (sink.py) while execute reads them. Whatever fails on
+the way becomes the request's one error reply (`_outcome`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from bridge.pipeline import render
 from bridge.pipeline.access import AccessRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
-from bridge.pipeline.dedup import ReplyCache, request_key
+from bridge.pipeline.dedup import ReplyCache
 from bridge.pipeline.deliver import Deliverer
-from bridge.pipeline.model import MISSING, JournalLike
+from bridge.pipeline.model import JournalLike
+from bridge.pipeline.recall import Recall
 from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
 from bridge.pipeline.waiting import JobWaiter
@@ -69,6 +72,7 @@ class Dispatcher:
         self.redactor = redactor or Redactor(config.secrets())
         """Scrubs replies and stream events: this bridge's own secrets, from its config."""
         self.cache = ReplyCache(config.limits.dedup_entries, config.limits.dedup_seconds)
+        self.recall = Recall(self.cache, journal, config.limits.dedup_seconds, wall_clock)
         self.journal = journal
         """Answers and job ids on disk; None when off or unusable (said at start)."""
         self.stats = Stats()
@@ -89,7 +93,6 @@ class Dispatcher:
             journal=journal,
         )
         self._clock = clock
-        self._wall_clock = wall_clock
         self._sem = asyncio.Semaphore(config.limits.max_concurrency)
         self.waiter = JobWaiter(
             table=table,
@@ -211,72 +214,53 @@ class Dispatcher:
         if route is None:
             self.deliverer.drop(message)
             return
-        # Redelivered (DUP) or repeated-with-the-same-transaction requests are answered from the
-        # cache of recent replies instead of calling the API twice.
-        key = (
-            request_key(message.topic, message.payload)
-            if self.cache.entries > 0 or self.journal is not None
-            else None
-        )
-        cached = self.cache.get(key) if key is not None else None
-        if cached is not None and message.dup:
-            await self.deliverer.replay(message, route, cached[1], cached[2])
-            return
-
-        decision = self.decider.decide(message, route)
-        if cached is not None and decision.transaction is not MISSING:
-            await self.deliverer.replay(message, route, cached[1], cached[2])
-            return
-        if (
-            key is not None
-            and isinstance(decision, Call)
-            and (
-                message.dup or (decision.transaction is not MISSING and self._maybe_journaled(key))
+        key = self.recall.key(message)
+        recalled = self.recall.redelivered(key, message)
+        if recalled is None:
+            decision = self.decider.decide(message, route)
+            recalled = await self.recall.repeated(
+                key,
+                message,
+                route.reply_topic,
+                decision.transaction,
+                journaled=isinstance(decision, Call),
             )
-        ):
-            journaled = await self._journaled(key, message.dup)
-            if journaled is not None:
-                payload, content_type = journaled
-                self.cache.put(key, route.reply_topic, payload, content_type)
-                await self.deliverer.replay(message, route, payload, content_type, "journal")
-                return
-        if isinstance(decision, Rejection):
-            outcome = render.failure(
-                decision.method, decision.transaction, decision.error, decision.options
+        if recalled is not None:
+            await self.deliverer.replay(
+                message, route, recalled.payload, recalled.content_type, recalled.source
             )
-        elif decision.options.wait is not None:
-            outcome = await self._wait(message, route, decision, key, slot)
-        else:
-            outcome = await self._execute(message, route, decision)
+            return
+        outcome = await self._outcome(message, route, decision, key, slot)
         outcome = await self.deliverer.deliver(message, route, outcome, key)
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
 
-    def _maybe_journaled(self, key: bytes) -> bool:
-        """Whether a repeat (not a redelivery) may have its answer in the journal but not the cache.
-
-        A redelivery (DUP) always consults the journal. A repeat with the same transaction does
-        only when its key was answered in the dedup window before this start: anything answered
-        since is in the reply cache, and a disk lookup for every request that carries a
-        transaction would cost a thread round trip each. A journal shared by a group (`recent`
-        None) is always consulted: another member may have answered it.
-        """
-        recent = self.journal.recent if self.journal is not None else frozenset()
-        return recent is None or key in recent
-
-    async def _journaled(self, key: bytes, dup: bool) -> tuple[bytes, str | None] | None:
-        """The journaled reply for a redelivered (any age) or repeated (dedup window) request."""
-        if self.journal is None:
-            return None
-        entry = await self.journal.lookup(key)
-        if entry is None or entry.answer is None:
-            return None
-        if not dup and entry.created < self._wall_clock() - self.config.limits.dedup_seconds:
-            return None  # a repeat, not a redelivery: the reply cache's window applies
-        return entry.answer, entry.content_type
+    async def _outcome(
+        self,
+        message: InboundMessage,
+        route: Route,
+        decision: Call | Rejection,
+        key: bytes | None,
+        slot: _Slot,
+    ) -> render.Outcome:
+        """Execute (or follow the job of) a call; any failure becomes the request's error reply."""
+        if isinstance(decision, Rejection):
+            return render.failure(
+                decision.method, decision.transaction, decision.error, decision.options
+            )
+        try:
+            if decision.options.wait is not None:
+                return await self._wait(route, decision, key, slot)
+            return await self._execute(route, decision)
+        except BridgeError as exc:
+            return render.failure(decision.op.name, decision.transaction, exc, decision.options)
+        except Exception as exc:  # the request still gets its one reply
+            self.log.exception("unexpected failure", topic=message.topic)
+            error = InternalError(f"internal error: {type(exc).__name__}")
+            return render.failure(decision.op.name, decision.transaction, error, decision.options)
 
     async def _wait(
-        self, message: InboundMessage, route: Route, call: Call, key: bytes | None, slot: _Slot
+        self, route: Route, call: Call, key: bytes | None, slot: _Slot
     ) -> render.Outcome:
         """Follow the job `call` starts in the wait pool, leaving the request slot free."""
         slot.release()  # a job may take hours: the wait pool bounds these instead
@@ -290,19 +274,11 @@ class Dispatcher:
                         self._tracked_waits.add(task)
 
                 return await self.waiter.follow(call, route, key, resumed, tracked)
-        except BridgeError as exc:
-            return render.failure(call.op.name, call.transaction, exc, call.options)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the request still gets its one reply
-            self.log.exception("unexpected failure", topic=message.topic)
-            error = InternalError(f"internal error: {type(exc).__name__}")
-            return render.failure(call.op.name, call.transaction, error, call.options)
         finally:
             if task is not None:
                 self._tracked_waits.discard(task)
 
-    async def _execute(self, message: InboundMessage, route: Route, call: Call) -> render.Outcome:
+    async def _execute(self, route: Route, call: Call) -> render.Outcome:
         """Send the call (its events to a sink when it streams) and render the answer."""
         sink = (
             TopicStreamSink(
@@ -317,21 +293,13 @@ class Dispatcher:
             if call.stream_topic is not None
             else None
         )
-        options = call.options
-        try:
-            result = await self.service.send(call.take_request(), sink)
-            if options.chunk_bytes is not None:
-                # Redacted whole: a secret must not slip through by straddling two chunks.
-                result.body = self.redactor.data(result.body)
-            outcome = render.answer(call.op, call.transaction, result, sink, options)
-            if sink is not None:
-                await sink.flushed()
-        except BridgeError as exc:
-            return render.failure(call.op.name, call.transaction, exc, options)
-        except Exception as exc:  # the request still gets its one reply
-            self.log.exception("unexpected failure", topic=message.topic)
-            error = InternalError(f"internal error: {type(exc).__name__}")
-            return render.failure(call.op.name, call.transaction, error, options)
+        result = await self.service.send(call.take_request(), sink)
+        if call.options.chunk_bytes is not None:
+            # Redacted whole: a secret must not slip through by straddling two chunks.
+            result.body = self.redactor.data(result.body)
+        outcome = render.answer(call.op, call.transaction, result, sink, call.options)
+        if sink is not None:
+            await sink.flushed()
         return outcome
 
 

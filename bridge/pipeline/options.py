@@ -2,7 +2,7 @@
 
 A request may carry `"_bridge": {...}`. The key is removed from the payload like `transaction`
 (never sent upstream; no API field starts with an underscore) and turned into a frozen
-`BridgeOptions`. Every problem is `invalid_parameter`, raised before any HTTP request.
+`ReplyOptions`. Every problem is `invalid_parameter`, raised before any HTTP request.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Selection:
 
 
 @dataclass(frozen=True, slots=True)
-class BridgeOptions:
+class ReplyOptions:
     """What the request asked the bridge to do with the reply (defaults: the JSON envelope)."""
 
     select: Selection | None = None
@@ -79,17 +79,17 @@ class BridgeOptions:
         return self == DEFAULT_OPTIONS
 
 
-DEFAULT_OPTIONS = BridgeOptions()
+DEFAULT_OPTIONS = ReplyOptions()
 
 
-def pop_options(params: dict[str, Any]) -> BridgeOptions:
+def pop_options(params: dict[str, Any]) -> ReplyOptions:
     """Remove `_bridge` from `params` and return the options it holds (defaults when absent)."""
     if OPTIONS_KEY not in params:
         return DEFAULT_OPTIONS
     return parse_options(params.pop(OPTIONS_KEY))
 
 
-def parse_options(value: Any) -> BridgeOptions:
+def parse_options(value: Any) -> ReplyOptions:
     """The options in a `_bridge` value; raise InvalidParameter for anything not accepted."""
     if value is None:
         return DEFAULT_OPTIONS
@@ -108,7 +108,7 @@ def parse_options(value: Any) -> BridgeOptions:
     if chunk_bytes is not None and fmt != "raw":
         raise _invalid("chunk_bytes", 'applies to "format": "raw" only')
     wait = _parse_wait(value.get("wait"))
-    return BridgeOptions(
+    return ReplyOptions(
         select=select, format=fmt, max_bytes=max_bytes, chunk_bytes=chunk_bytes, wait=wait
     )
 
@@ -141,7 +141,7 @@ def _parse_wait(value: Any) -> WaitOptions | None:
     return WaitOptions(timeout=float(timeout))
 
 
-def error_options(value: Any) -> BridgeOptions:
+def error_options(value: Any) -> ReplyOptions:
     """The options to render the error about a refused `_bridge` value in: its valid parts.
 
     A device that asked for plain text gets the error as plain text even when, say, its
@@ -157,7 +157,7 @@ def error_options(value: Any) -> BridgeOptions:
         max_bytes = _parse_size("max_bytes", value.get("max_bytes"), MIN_MAX_BYTES)
     except InvalidParameter:
         max_bytes = None
-    return BridgeOptions(format=fmt, max_bytes=max_bytes if fmt == "plain" else None)
+    return ReplyOptions(format=fmt, max_bytes=max_bytes if fmt == "plain" else None)
 
 
 def compile_select(expression: str) -> Selection:

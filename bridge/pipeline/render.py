@@ -19,7 +19,7 @@ from bridge.errors import BridgeError, UpstreamBadResponse
 from bridge.jsoncodec import dumps
 from bridge.methods.model import Operation
 from bridge.pipeline.model import MISSING
-from bridge.pipeline.options import DEFAULT_OPTIONS, BridgeOptions
+from bridge.pipeline.options import DEFAULT_OPTIONS, ReplyOptions
 from bridge.pipeline.replyformat import Answer, format_error, format_ok, selected
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class Outcome:
     chunks: tuple[bytes, ...] = ()
     """Raw chunks published before `payload` (the end message) on `<reply topic>/<n>`."""
     chunk_type: str | None = None
-    options: BridgeOptions = field(default=DEFAULT_OPTIONS)
+    options: ReplyOptions = field(default=DEFAULT_OPTIONS)
     """The request's reply options, so that deliver can render a replacement error alike."""
 
 
@@ -127,7 +127,7 @@ def answer(
     transaction: Any,
     result: ServiceResult,
     sink: TopicStreamSink | None,
-    options: BridgeOptions = DEFAULT_OPTIONS,
+    options: ReplyOptions = DEFAULT_OPTIONS,
 ) -> Outcome:
     """The success reply for `result`; takes the body off it, so the reply holds the only copy.
 
@@ -166,7 +166,7 @@ def answer(
 
 
 def failure(
-    method: str, transaction: Any, exc: BridgeError, options: BridgeOptions = DEFAULT_OPTIONS
+    method: str, transaction: Any, exc: BridgeError, options: ReplyOptions = DEFAULT_OPTIONS
 ) -> Outcome:
     """The error reply for `exc`, in the format the request asked for."""
     outcome = Outcome(method, transaction, b"", exc, exc.http_status, None, exc.attempts)

@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge.errors import BridgeError
 from bridge.jsoncodec import dumps, loads
-from bridge.pipeline.options import BridgeOptions
+from bridge.pipeline.options import ReplyOptions
 
 CUT_MARKER = b"..."
 """Ends a plain payload that `max_bytes` cut short."""
@@ -137,14 +137,14 @@ def _joined(data_json: bytes | list[bytes]) -> bytes:
     return data_json if isinstance(data_json, bytes) else b"".join(data_json)
 
 
-def selected(options: BridgeOptions, answer: Answer) -> Any:
+def selected(options: ReplyOptions, answer: Answer) -> Any:
     """The answer's `data` after `select` (the whole `data` without one)."""
     data = loads(_joined(answer.data_json))
     return options.select.search(data) if options.select is not None else data
 
 
 def format_ok(
-    options: BridgeOptions, answer: Answer, transaction_json: bytes | None
+    options: ReplyOptions, answer: Answer, transaction_json: bytes | None
 ) -> FormattedReply:
     """A successful reply in the plain or raw format (`transaction_json`: for the end message)."""
     if options.format == "plain":
@@ -159,7 +159,7 @@ def format_ok(
     return FormattedReply(end, JSON_TYPE, chunks, content_type)
 
 
-def raw_payload(options: BridgeOptions, answer: Answer) -> tuple[bytes, str]:
+def raw_payload(options: ReplyOptions, answer: Answer) -> tuple[bytes, str]:
     """The raw format's bytes and content type: the answer's bytes, or a selection as text."""
     if options.select is not None:
         value = selected(options, answer)
@@ -169,7 +169,7 @@ def raw_payload(options: BridgeOptions, answer: Answer) -> tuple[bytes, str]:
     return _joined(answer.data_json), JSON_TYPE
 
 
-def format_error(options: BridgeOptions, exc: BridgeError) -> FormattedReply:
+def format_error(options: ReplyOptions, exc: BridgeError) -> FormattedReply:
     """An error reply in the plain or raw format: `ERROR <code>: <message>`."""
     return FormattedReply(plain_error(exc, options.max_bytes), PLAIN_TYPE)
 

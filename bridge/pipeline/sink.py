@@ -14,7 +14,7 @@ from bridge.errors import BridgeError, ReplyTooLarge
 from bridge.jsoncodec import dumps, loads
 from bridge.messages import StreamPublisher
 from bridge.pipeline.model import MISSING
-from bridge.pipeline.options import DEFAULT_OPTIONS, BridgeOptions
+from bridge.pipeline.options import DEFAULT_OPTIONS, ReplyOptions
 from bridge.pipeline.replyformat import PLAIN_TYPE, plain_stream_payloads
 from bridge.redact import Redactor
 from bridge.service.sse import SseEvent, assembler_for, is_done
@@ -45,7 +45,7 @@ class TopicStreamSink:
         transaction: Any,
         correlation_data: bytes | None,
         redactor: Redactor,
-        options: BridgeOptions = DEFAULT_OPTIONS,
+        options: ReplyOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.publisher = publisher
         self.options = options

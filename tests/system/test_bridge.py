@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,22 +92,6 @@ def test_round_trip_one_method_of_each_seed_group(
     else:
         assert "OpenAI-Beta" not in seen.headers
     assert_no_secret(client)
-
-
-def test_the_readme_example(bridge: BridgeThread, client: TestClient, standin: Standin) -> None:
-    completion = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
-    standin.set_default(Reply(json=completion))
-    reply = client.request(
-        "createChatCompletion",
-        {"transaction": 7, "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        suffix="kitchen",
-    )
-    assert reply == {
-        "status": "ok",
-        "method": "createChatCompletion",
-        "transaction": 7,
-        "data": completion,
-    }
 
 
 def test_suffix_levels_are_mirrored_and_method_case_is_free(
@@ -463,29 +446,3 @@ def test_embedded_amqtt_round_trip(tmp_path: Path, standin: Standin) -> None:
         "data": {"object": "standin", "method": "GET", "path": "/models", "echo": None},
     }
     assert TEST_API_KEY not in bridge.log_text()
-
-
-def test_embedded_port_taken_exits_with_config_error(tmp_path: Path, standin: Standin) -> None:
-    import socket
-
-    from bridge.cli.main import main
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        path, _ = make_config(
-            tmp_path, broker_port=port, api_base=standin.url, prefix="busy", mqtt={"host": ""}
-        )
-        done = threading.Event()
-        result: list[int] = []
-
-        def run() -> None:
-            result.append(main(["--config", str(path)]))
-            done.set()
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        assert done.wait(20)
-        thread.join()
-    assert result == [78]

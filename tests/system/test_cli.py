@@ -86,14 +86,6 @@ def test_call_round_trip(
     assert json.loads(piped.stdout)["error"]["code"] == "missing_parameter"
 
 
-def test_call_without_a_bridge_says_so(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
-    path, _ = make_config(
-        tmp_path, broker_port=mosquitto.port, api_base="http://127.0.0.1:9/v1", prefix="nobody"
-    )
-    out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
-    assert out.returncode == 69 and "no bridge online on nobody" in out.stderr
-
-
 def test_call_reply_option_flags(
     tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
 ) -> None:

@@ -20,7 +20,7 @@ from bridge.pipeline.options import (
     DEFAULT_OPTIONS,
     MIN_MAX_BYTES,
     OPTIONS_KEY,
-    BridgeOptions,
+    ReplyOptions,
     compile_select,
     error_options,
     parse_options,
@@ -51,7 +51,7 @@ CHAT = {
 }
 
 
-def opts(**kwargs: Any) -> BridgeOptions:
+def opts(**kwargs: Any) -> ReplyOptions:
     return parse_options(kwargs)
 
 
@@ -254,7 +254,7 @@ def result(body: bytes, content_type: str = "application/json") -> ServiceResult
 
 
 def answer(
-    options: BridgeOptions,
+    options: ReplyOptions,
     body: bytes,
     content_type: str = "application/json",
     op: Operation | None = None,
@@ -351,11 +351,11 @@ def test_errors_in_each_format() -> None:
 
 
 def test_error_options_keep_the_readable_format() -> None:
-    assert error_options({"format": "plain", "select": "a[", "max_bytes": 64}) == BridgeOptions(
+    assert error_options({"format": "plain", "select": "a[", "max_bytes": 64}) == ReplyOptions(
         format="plain", max_bytes=64
     )
     assert error_options({"format": "plain", "max_bytes": "x"}).max_bytes is None
-    assert error_options({"format": "raw", "chunk_bytes": 1}) == BridgeOptions(format="raw")
+    assert error_options({"format": "raw", "chunk_bytes": 1}) == ReplyOptions(format="raw")
     assert error_options({"format": "nope"}) is DEFAULT_OPTIONS
     assert error_options(["plain"]) is DEFAULT_OPTIONS
 
