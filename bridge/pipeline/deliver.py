@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bridge.errors import ReplyTooLarge
 from bridge.jsoncodec import dumps
 from bridge.messages import InboundMessage, Publisher, PublishFailed
 from bridge.methods.jobs import job_kind
@@ -84,16 +83,8 @@ class Deliverer:
         if not self.publisher.fits(route.reply_topic, len(payload)) or (
             outcome.chunks and not self.publisher.fits(last_chunk, largest)
         ):
-            size = max(len(payload), largest)
-            too_large = ReplyTooLarge(
-                f"the reply ({size} bytes) exceeds the broker's maximum packet size"
-                + ("; a smaller chunk_bytes fits" if outcome.chunks else "")
-            )
-            replaced = render.failure(
-                outcome.method, outcome.transaction, too_large, outcome.options
-            )
-            replaced.request_id, replaced.attempts = outcome.request_id, outcome.attempts
-            outcome, payload = replaced, replaced.payload
+            outcome = render.too_large(outcome, max(len(payload), largest))
+            payload = outcome.payload
         outcome.payload = payload
         chunked = bool(outcome.chunks)
         if key is not None and outcome.error is None and not chunked:

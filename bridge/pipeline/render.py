@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import binascii
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from bridge.errors import BridgeError, UpstreamBadResponse
+from bridge.errors import BridgeError, ReplyTooLarge, UpstreamBadResponse
 from bridge.jsoncodec import dumps
 from bridge.methods.model import Operation
 from bridge.pipeline.model import MISSING
@@ -23,7 +23,6 @@ from bridge.pipeline.options import DEFAULT_OPTIONS, ReplyOptions
 from bridge.pipeline.replyformat import Answer, format_error, format_ok, selected
 
 if TYPE_CHECKING:
-    from bridge.pipeline.sink import TopicStreamSink
     from bridge.service.client import ServiceResult
 
 
@@ -101,6 +100,41 @@ def reply_data(op: Operation, body: bytes, content_type: str) -> bytes | list[by
     return binary_data(body, media or "application/octet-stream")
 
 
+class StreamAnswer(Protocol):
+    """A streamed answer reassembled from its events (the stream sink is one)."""
+
+    def finish(self) -> Any:
+        """The whole answer, as the API would have sent it unstreamed."""
+
+
+class StreamFramer:
+    """The messages of one request's stream topic: events and job progress, numbered by `seq`.
+
+    Each is `{"transaction": ..., "seq": n, "event": ..., "data": ...}` (no `transaction` key
+    when the request had none).
+    """
+
+    def __init__(self, transaction: Any) -> None:
+        head = b'{"seq":'
+        if transaction is not MISSING:
+            head = b'{"transaction":' + dumps(transaction) + b',"seq":'
+        self._head = head
+
+    def frame(self, seq: int, event: Any, data: Any) -> bytes:
+        """One stream message as bytes."""
+        return b"".join(
+            (
+                self._head,
+                str(seq).encode(),
+                b',"event":',
+                dumps(event),
+                b',"data":',
+                dumps(data),
+                b"}",
+            )
+        )
+
+
 @dataclass(slots=True)
 class Outcome:
     """One rendered reply and what the request line logs about it."""
@@ -126,7 +160,7 @@ def answer(
     op: Operation,
     transaction: Any,
     result: ServiceResult,
-    sink: TopicStreamSink | None,
+    sink: StreamAnswer | None,
     options: ReplyOptions = DEFAULT_OPTIONS,
 ) -> Outcome:
     """The success reply for `result`; takes the body off it, so the reply holds the only copy.
@@ -181,3 +215,14 @@ def failure(
 
 def _transaction_json(transaction: Any) -> bytes | None:
     return None if transaction is MISSING else dumps(transaction)
+
+
+def too_large(outcome: Outcome, size: int) -> Outcome:
+    """The error reply that replaces `outcome` when the broker would refuse its `size` bytes."""
+    error = ReplyTooLarge(
+        f"the reply ({size} bytes) exceeds the broker's maximum packet size"
+        + ("; a smaller chunk_bytes fits" if outcome.chunks else "")
+    )
+    replaced = failure(outcome.method, outcome.transaction, error, outcome.options)
+    replaced.request_id, replaced.attempts = outcome.request_id, outcome.attempts
+    return replaced

@@ -11,10 +11,10 @@ import asyncio
 from typing import Any
 
 from bridge.errors import BridgeError, ReplyTooLarge
-from bridge.jsoncodec import dumps, loads
+from bridge.jsoncodec import loads
 from bridge.messages import StreamPublisher
-from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import DEFAULT_OPTIONS, ReplyOptions
+from bridge.pipeline.render import StreamFramer
 from bridge.pipeline.replyformat import PLAIN_TYPE, plain_stream_payloads
 from bridge.redact import Redactor
 from bridge.service.sse import SseEvent, assembler_for, is_done
@@ -56,10 +56,7 @@ class TopicStreamSink:
         self._failure: BridgeError | None = None
         self._pending: list[asyncio.Future[None]] = []
         self._assembler = assembler_for(method)
-        head = b'{"seq":'
-        if transaction is not MISSING:
-            head = b'{"transaction":' + dumps(transaction) + b',"seq":'
-        self._head = head
+        self._framer = StreamFramer(transaction)
 
     @property
     def forwarded(self) -> bool:
@@ -82,17 +79,7 @@ class TopicStreamSink:
                     if not await self._publish(self.redactor.data(text), PLAIN_TYPE):
                         return
         elif not is_done(event):
-            payload = b"".join(
-                (
-                    self._head,
-                    str(self.seq).encode(),
-                    b',"event":',
-                    dumps(event.event),
-                    b',"data":',
-                    dumps(_event_data(event)),
-                    b"}",
-                )
-            )
+            payload = self._framer.frame(self.seq, event.event, _event_data(event))
             if not await self._publish(self.redactor.data(payload), None):
                 return
         self._assembler.feed(event)

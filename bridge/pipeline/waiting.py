@@ -25,7 +25,7 @@ from bridge.methods.model import MethodTable
 from bridge.pipeline import render
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Route
-from bridge.pipeline.model import MISSING, JournalEntry, JournalLike
+from bridge.pipeline.model import JournalEntry, JournalLike
 from bridge.redact import Redactor
 from bridge.service.client import ServiceClient, ServiceResult
 
@@ -220,10 +220,7 @@ class _ProgressTopic:
         self.topic = route.topic.stream
         self.correlation = route.correlation
         self.seq = 0
-        head = b'{"seq":'
-        if transaction is not MISSING:
-            head = b'{"transaction":' + dumps(transaction) + b',"seq":'
-        self._head = head
+        self._framer = render.StreamFramer(transaction)
 
     async def update(self, state: JobState, job: dict[str, Any]) -> None:
         kind = job_kind(state.operation)
@@ -237,17 +234,7 @@ class _ProgressTopic:
         data: dict[str, Any] = {"id": state.id, "status": status}
         if percent is not None:
             data["progress"] = percent
-        payload = b"".join(
-            (
-                self._head,
-                str(self.seq).encode(),
-                b',"event":',
-                dumps(PROGRESS_EVENT),
-                b',"data":',
-                dumps(data),
-                b"}",
-            )
-        )
+        payload = self._framer.frame(self.seq, PROGRESS_EVENT, data)
         self.seq += 1
         payload = self.waiter.redactor.data(payload)
         # Progress is best effort: a lost progress message must not fail the wait.
