@@ -118,6 +118,8 @@ class BridgeThread:
         self._finished = threading.Event()
         self.exit_code: int | None = None
         self.error: BaseException | None = None
+        self.tasks_left: list[str] | None = None
+        """The tasks still on the bridge's loop when `Bridge.run` returned (none expected)."""
 
     @classmethod
     def from_file(cls, path: Path, env: Mapping[str, str]) -> Self:
@@ -147,6 +149,12 @@ class BridgeThread:
             try:
                 return await self._bridge.run()
             finally:
+                ours = {asyncio.current_task(), waiter}
+                self.tasks_left = sorted(
+                    getattr(task.get_coro(), "__qualname__", task.get_name())
+                    for task in asyncio.all_tasks()
+                    if task not in ours
+                )
                 waiter.cancel()
 
         try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
-from support.bridge_runner import BridgeThread
+from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
 from support.bridges import StartBridge
+from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
@@ -64,7 +67,61 @@ def test_a_failing_background_loop_stops_the_bridge_offline_with_its_requests_ca
     assert bridge.stop() == EX_SOFTWARE
     assert retained_state(client, state) == {"state": "offline"}
     assert cancelled == [1]  # the held request was cancelled, not left running
+    assert bridge.tasks_left == []
     assert standin.last.client_gone.wait(10)  # its upstream call was abandoned
     log = bridge.log_text()
     assert "internal error: stopping" in log and "stats loop broke" in log
     assert "Traceback" not in log
+
+
+def test_a_stop_while_a_request_is_held_leaves_offline_and_no_task(
+    start_bridge: StartBridge, client: TestClient, standin: Standin, topic_prefix: str
+) -> None:
+    standin.script("GET", "/models", Reply(hang=True))
+    state = f"{topic_prefix}/bridge/test/state"
+    client.subscribe(state)
+    bridge = start_bridge(limits={"shutdown_grace": 0.2})
+    client.wait_for_one(state, where=lambda m: m.json() == {"state": "online"})
+    client.publish(client.topic("request", "listModels", "held"), {"transaction": 1})
+    standin.wait_for_requests(1)
+    assert bridge.stop() == 0
+    assert retained_state(client, state) == {"state": "offline"}
+    assert standin.last.client_gone.wait(10)  # the held upstream call was abandoned
+    assert bridge.tasks_left == []
+    assert "shutdown grace expired" in bridge.log_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_a_request_is_held_leaves_offline_and_the_process_gone(
+    sig: signal.Signals,
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    client: TestClient,
+    standin: Standin,
+    topic_prefix: str,
+) -> None:
+    standin.script("GET", "/models", Reply(hang=True))
+    state = f"{topic_prefix}/bridge/test/state"
+    path, env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        limits={"shutdown_grace": 0.2},
+        extra={"logging": {"level": "info"}},
+    )
+    process = BridgeProcess(path, env, tmp_path / "bridge.log").start()
+    try:
+        client.publish(client.topic("request", "listModels", "held"), {"transaction": 1})
+        standin.wait_for_requests(1)
+        assert process.proc is not None
+        process.proc.send_signal(sig)
+        assert process.wait(20) == 0
+    finally:
+        if process.proc is not None and process.proc.poll() is None:
+            process.kill()
+    assert retained_state(client, state) == {"state": "offline"}
+    assert standin.last.client_gone.wait(10)
+    log = process.log_text()
+    assert "shutdown grace expired" in log and '"event": "stopped"' in log
+    assert "Traceback" not in log and TEST_API_KEY not in log
