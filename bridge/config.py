@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bridge.errors import ConfigError
+from bridge.topics import valid_filter
 
 STATE_SUBDIR = "openai-mqtt-bridge"
 JOURNAL_FILE_NAME = "journal.sqlite3"
@@ -160,6 +161,17 @@ class AccessConfig(_Section):
 
     allow_methods: list[str] = ["*"]
     deny_methods: list[str] = []
+    reply_topics: list[str] = []
+    """MQTT filters where a request's Response Topic may send its reply besides
+    `<prefix>/response/#` (never the bridge's request, state or discovery topics)."""
+
+    @field_validator("reply_topics")
+    @classmethod
+    def _valid_filters(cls, value: list[str]) -> list[str]:
+        bad = [f for f in value if not valid_filter(f)]
+        if bad:
+            raise ValueError(f"not MQTT topic filters: {', '.join(repr(f) for f in bad)}")
+        return value
 
 
 class LoggingConfig(_Section):

@@ -145,6 +145,12 @@ class InvalidBody(InvalidParameter):
     code = "invalid_body"
 
 
+class ReplyTopicNotAllowed(RequestError):
+    """The request's MQTT 5 Response Topic is outside the topics replies may go to."""
+
+    code = "reply_topic_refused"
+
+
 class UnknownParameter(RequestError):
     """An operation without a body got keys that are neither path nor query parameters."""
 
@@ -184,6 +190,12 @@ class PayloadTooLarge(RequestError):
             f"payload of {size} bytes ({size / mib:.1f} MiB) exceeds [limits] max_request_bytes "
             f"= {limit} ({limit / mib:.3g} MiB)"
         )
+
+
+class SelectTooLarge(RequestError):
+    """`_bridge.select` would produce more than the bridge builds for one reply."""
+
+    code = "select_too_large"
 
 
 class ReplyTooLarge(BridgeError):

@@ -31,6 +31,7 @@ class Topics:
         self.subscription = (
             f"$share/{shared_group}/{self.request_filter}" if shared_group else self.request_filter
         )
+        self.response_filter = f"{prefix}/response/#"
         base = f"{prefix}/bridge/{instance}"
         self.state = f"{base}/state"
         self.info = f"{base}/info"
@@ -52,3 +53,32 @@ class Topics:
             reply=f"{self.prefix}/response{tail}",
             stream=f"{self.prefix}/stream{tail}",
         )
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` matches the MQTT filter `topic_filter` (`+` one level, `#` the rest).
+
+    As brokers match: a filter starting with a wildcard never matches a `$` topic.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    levels, wanted = topic.split("/"), topic_filter.split("/")
+    for i, part in enumerate(wanted):
+        if part == "#":
+            return True
+        if i >= len(levels) or (part != "+" and part != levels[i]):
+            return False
+    return len(levels) == len(wanted)
+
+
+def valid_filter(topic_filter: str) -> bool:
+    """Whether `topic_filter` is a valid MQTT filter (`#` only last, wildcards whole levels)."""
+    if not topic_filter or "\0" in topic_filter or len(topic_filter) > 65535:
+        return False
+    parts = topic_filter.split("/")
+    for i, part in enumerate(parts):
+        if "#" in part and (part != "#" or i != len(parts) - 1):
+            return False
+        if "+" in part and part != "+":
+            return False
+    return True

@@ -1,8 +1,11 @@
-"""Which operations devices may call: allow/deny glob patterns from `[access]`."""
+"""What devices may make the bridge do (`[access]`): which operations, which reply topics."""
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
+
+from bridge.topics import Topics, filter_matches
 
 
 class AccessRules:
@@ -23,3 +26,32 @@ class AccessRules:
             )
             self._verdicts[name] = verdict
         return verdict
+
+
+class ReplyTopicRules:
+    """Where an MQTT 5 Response Topic may send a reply.
+
+    By default only to the requester's own reply topics: under `<prefix>/response/<method>/`
+    followed by the request topic's suffix (the levels a broker ACL ties to a device, e.g.
+    `edge/response/+/%u/#`), so no device can have the bridge forge another's answer. Filters in
+    `[access] reply_topics` add more. Never the bridge's request, state or discovery topics, nor a
+    `$` topic, whatever the filters say.
+    """
+
+    def __init__(
+        self, topics: Topics, extra: Sequence[str] = (), protected: Sequence[str] = ()
+    ) -> None:
+        self.response_head = f"{topics.prefix}/response/"
+        self.extra = tuple(extra)
+        self.protected = (topics.request_filter, f"{topics.prefix}/bridge/#", *protected)
+
+    def allows(self, topic: str, suffix: str) -> bool:
+        """Whether the bridge may publish the reply to a request with `suffix` on `topic`."""
+        if topic.startswith("$") or any(filter_matches(f, topic) for f in self.protected):
+            return False
+        if any(filter_matches(f, topic) for f in self.extra):
+            return True
+        if not topic.startswith(self.response_head):
+            return False
+        own = suffix.split("/") if suffix else []
+        return topic[len(self.response_head) :].split("/")[1 : 1 + len(own)] == own

@@ -19,6 +19,7 @@ from bridge.errors import (
     MethodNotAllowed,
     NotAnObject,
     PayloadTooLarge,
+    ReplyTopicNotAllowed,
     UnknownMethod,
 )
 from bridge.jsoncodec import loads, loads_text, utf8_problem
@@ -26,7 +27,7 @@ from bridge.messages import InboundMessage
 from bridge.methods import endpoint
 from bridge.methods.jobs import check_wait
 from bridge.methods.model import MethodTable, Operation
-from bridge.pipeline.access import AccessRules
+from bridge.pipeline.access import AccessRules, ReplyTopicRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import (
@@ -54,6 +55,9 @@ class Route:
     reply_topic: str
     """The request's MQTT 5 response topic when it names one, else `<prefix>/response/...`."""
     correlation: bytes | None
+    refused_reply_topic: str | None = None
+    """A response topic the request named where replies may not go (it is answered on the
+    default reply topic with `reply_topic_refused`)."""
 
 
 @dataclass(slots=True)
@@ -139,6 +143,12 @@ class Decider:
     builder: RequestBuilder
     max_request_bytes: int
     log: FilteringBoundLogger
+    reply_topics: ReplyTopicRules | None = None
+    """Where Response Topics may point; None: under the response prefix only."""
+
+    def __post_init__(self) -> None:
+        if self.reply_topics is None:
+            self.reply_topics = ReplyTopicRules(self.topics)
 
     def route(self, message: InboundMessage) -> Route | None:
         """Where the answer goes; None (logged) for a message that gets no answer at all."""
@@ -155,6 +165,9 @@ class Decider:
                     response_topic=message.response_topic[:200],
                 )
                 return None
+            assert self.reply_topics is not None
+            if not self.reply_topics.allows(message.response_topic, parsed.suffix):
+                return Route(parsed, reply_topic, message.correlation_data, message.response_topic)
             reply_topic = message.response_topic
         return Route(parsed, reply_topic, message.correlation_data)
 
@@ -172,6 +185,12 @@ class Decider:
             except BridgeError:
                 options = error_options(raw_options)
                 raise
+            if route.refused_reply_topic is not None:
+                raise ReplyTopicNotAllowed(
+                    f"response topic {route.refused_reply_topic[:200]!r} is not one of this "
+                    f"request's reply topics: use {route.reply_topic} or a topic below it (or "
+                    "add a filter to [access] reply_topics)"
+                )
             op = self.table.find(method)
             if op is None:
                 raise UnknownMethod(

@@ -30,7 +30,7 @@ from bridge.errors import BridgeError, InternalError
 from bridge.messages import InboundMessage, Publisher
 from bridge.methods.model import MethodTable
 from bridge.pipeline import render
-from bridge.pipeline.access import AccessRules
+from bridge.pipeline.access import AccessRules, ReplyTopicRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
 from bridge.pipeline.dedup import ReplyCache
@@ -83,6 +83,12 @@ class Dispatcher:
             builder=RequestBuilder(config.service),
             max_request_bytes=config.limits.max_request_bytes,
             log=log,
+            reply_topics=ReplyTopicRules(
+                topics,
+                config.access.reply_topics,
+                # Discovery: a forged config could add or delete Home Assistant entities.
+                protected=[f"{config.homeassistant.discovery_prefix}/#"],
+            ),
         )
         self.deliverer = Deliverer(
             publisher=publisher,

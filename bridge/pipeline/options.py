@@ -7,11 +7,13 @@ A request may carry `"_bridge": {...}`. The key is removed from the payload like
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from bridge.errors import InvalidParameter
+from bridge.errors import InvalidParameter, SelectTooLarge
 
 if TYPE_CHECKING:
     import jmespath.parser
@@ -24,6 +26,11 @@ FORMATS: tuple[ReplyFormat, ...] = ("json", "plain", "raw")
 
 MAX_SELECT_CHARS = 1024
 """Longest accepted `select` expression (bounds the parser's recursion)."""
+MAX_SELECT_RESULT_BYTES = 4 << 20
+"""What a `select` may produce (its JSON size, counted before anything is built); more is
+`select_too_large`: a short expression can otherwise double its output at every level."""
+BOOLEAN_FUNCTIONS = frozenset({"contains", "starts_with", "ends_with"})
+"""Functions whose result is true or false, so that a literal argument never reaches the reply."""
 MIN_MAX_BYTES = 32
 """Smallest `max_bytes`: the longest `ERROR <code>: ` plus the cut marker still fits."""
 MIN_CHUNK_BYTES = 128
@@ -50,14 +57,19 @@ class Selection:
     compiled: jmespath.parser.ParsedResult
 
     def search(self, data: Any) -> Any:
-        """The selected value; `None` when nothing matches or the expression fails on `data`."""
+        """The selected value; `None` when nothing matches or the expression fails on `data`.
+
+        Raises SelectTooLarge when the value would be larger than MAX_SELECT_RESULT_BYTES.
+        """
         import jmespath.exceptions  # here, not at the top: only a `select` needs it (start-up)
 
         try:
-            return self.compiled.search(data)
+            found = self.compiled.search(data, options=_bounded_options())
         except (jmespath.exceptions.JMESPathError, RecursionError):
             # A type error on this answer's data must not hide a paid answer behind an error.
             return None
+        _check_size(found, MAX_SELECT_RESULT_BYTES)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +196,83 @@ def compile_select(expression: str) -> Selection:
     unknown = _unknown_functions(compiled.parsed)
     if unknown:
         raise _invalid("select", f"calls unknown JMESPath function(s) {', '.join(unknown)}")
+    if _literal_in_output(compiled.parsed):
+        raise _invalid(
+            "select",
+            "may not put a literal ('text' or `json`) into the reply: select from the answer; "
+            "literals are allowed in comparisons and in contains/starts_with/ends_with",
+        )
     return Selection(expression, compiled)
+
+
+def _literal_in_output(node: Any) -> bool:
+    """Whether a literal can reach the result: anywhere but under a comparison or a function
+    whose result is a boolean (a reply of the requester's own text, under the bridge's name)."""
+    pending = [node]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "literal":
+            return True
+        if kind == "comparator" or (
+            kind == "function_expression" and item.get("value") in BOOLEAN_FUNCTIONS
+        ):
+            continue
+        pending.extend(item.get("children", ()))
+    return False
+
+
+def _check_size(value: Any, limit: int) -> None:
+    """Raise SelectTooLarge when `value` as JSON would exceed `limit` bytes (a bounded walk:
+    shared references count at each place, as they would once serialized)."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, dict):
+            total += 2 + 2 * len(item)
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            total += 2 + len(item)
+            pending.extend(item)
+        else:
+            total += 8
+        if total > limit:
+            raise SelectTooLarge(
+                f"select would produce more than {limit} bytes; select less of the answer"
+            )
+
+
+@functools.cache
+def _bounded_options() -> Any:
+    """jmespath options whose string-building functions check their output size first."""
+    import jmespath
+    import jmespath.functions
+
+    class BoundedFunctions(jmespath.functions.Functions):
+        @jmespath.functions.signature({"types": []})
+        def _func_to_string(self, arg: Any) -> Any:
+            _check_size(arg, MAX_SELECT_RESULT_BYTES)
+            # As jmespath's own to_string writes it.
+            return (
+                arg if isinstance(arg, str) else json.dumps(arg, separators=(",", ":"), default=str)
+            )
+
+        @jmespath.functions.signature({"types": ["string"]}, {"types": ["array-string"]})
+        def _func_join(self, separator: str, array: list[str]) -> str:
+            size = len(separator) * max(len(array) - 1, 0) + sum(map(len, array))
+            if size > MAX_SELECT_RESULT_BYTES:
+                raise SelectTooLarge(
+                    f"select would produce more than {MAX_SELECT_RESULT_BYTES} bytes; "
+                    "select less of the answer"
+                )
+            return separator.join(array)
+
+    return jmespath.Options(custom_functions=BoundedFunctions())
 
 
 def _parse_select(value: Any) -> Selection | None:

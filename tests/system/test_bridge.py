@@ -129,9 +129,10 @@ def test_both_spellings_of_submit_tool_outputs(
 
 
 def test_mqtt5_response_topic_and_correlation_data(
-    bridge: BridgeThread, client: TestClient
+    start_bridge: StartBridge, client: TestClient
 ) -> None:
     own = f"{client.prefix}-replies/me"
+    start_bridge(access={"reply_topics": [f"{client.prefix}-replies/#"]})
     received = client.request_raw(
         "listModels", {}, response_topic=own, correlation_data=b"\x00corr\xff"
     )

@@ -862,8 +862,9 @@ def test_error_event_mid_stream_is_an_error_reply(
 
 
 def test_stream_with_mqtt5_response_topic_and_correlation_data(
-    bridge: BridgeThread, client: TestClient, standin: Standin
+    start_bridge: StartBridge, client: TestClient, standin: Standin
 ) -> None:
+    start_bridge(access={"reply_topics": [f"{client.prefix}-replies/#"]})
     standin.script("POST", "/chat/completions", Reply(sse=sse([(None, c) for c in CHAT_CHUNKS])))
     own = f"{client.prefix}-replies/me"
     client.subscribe(f"{client.prefix}/response/#")

@@ -265,7 +265,8 @@ def test_one_mib_of_audio_in_4_kib_chunks(dev: tuple[TestClient, Standin]) -> No
     options = {"format": "raw", "chunk_bytes": 4096}
     kwargs: dict[str, Any] = {}
     if client.v5:
-        reply_topic = f"{PREFIX}-inbox/speaker-{client.protocol}"
+        # A Response Topic below the request's own reply topic (the bridge refuses others).
+        reply_topic = client.topic("response", "createSpeech", f"speaker-{client.protocol}/inbox")
         kwargs = {"response_topic": reply_topic, "correlation_data": b"\x00\x07"}
     else:
         reply_topic = client.topic("response", "createSpeech", f"speaker-{client.protocol}")

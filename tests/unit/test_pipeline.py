@@ -17,7 +17,7 @@ from bridge.errors import ReplyTooLarge, StreamInterrupted, UpstreamError
 from bridge.messages import PublishFailed
 from bridge.methods.catalog import default_table
 from bridge.pipeline import render
-from bridge.pipeline.access import AccessRules
+from bridge.pipeline.access import AccessRules, ReplyTopicRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
 from bridge.pipeline.dedup import ReplyCache
@@ -67,12 +67,59 @@ def test_route_drops_foreign_topics_and_unusable_response_topics() -> None:
     assert d.route(message("elsewhere/request/listModels", b"{}")) is None
     bad = message("home/openai/request/listModels", b"{}", response_topic="a/+/b")
     assert d.route(bad) is None
+    own = "home/openai/response/listModels/k/me"
     good = message(
-        "home/openai/request/listModels/k", b"{}", response_topic="me/r", correlation_data=b"c"
+        "home/openai/request/listModels/k", b"{}", response_topic=own, correlation_data=b"c"
     )
     route = d.route(good)
     assert route is not None
-    assert (route.reply_topic, route.correlation, route.topic.suffix) == ("me/r", b"c", "k")
+    assert (route.reply_topic, route.correlation, route.topic.suffix) == (own, b"c", "k")
+    assert route.refused_reply_topic is None
+
+
+@pytest.mark.parametrize(
+    "response_topic",
+    [
+        "me/r",  # outside the response prefix
+        "home/openai/response/listModels/hall",  # another device's reply topic
+        "home/openai/request/listModels/k",  # a request topic: one request would become many
+        "home/openai/bridge/test/state",  # the bridge's own state
+        "homeassistant/lock/x/config",  # discovery (protected when the dispatcher sets it up)
+        "$SYS/broker/x",
+    ],
+)
+def test_a_response_topic_outside_the_reply_topics_is_answered_on_the_default_one(
+    response_topic: str,
+) -> None:
+    d = decider()
+    d.reply_topics = ReplyTopicRules(TOPICS, ["homeassistant/#"], protected=["homeassistant/#"])
+    route = d.route(
+        message("home/openai/request/listModels/k", b"{}", response_topic=response_topic)
+    )
+    assert route is not None
+    assert (route.reply_topic, route.refused_reply_topic) == (
+        "home/openai/response/listModels/k",
+        response_topic,
+    )
+    decision = d.decide(message("home/openai/request/listModels/k", b'{"transaction": 3}'), route)
+    assert isinstance(decision, Rejection)
+    assert (decision.error.code, decision.transaction) == ("reply_topic_refused", 3)
+
+
+def test_extra_reply_topics_come_from_the_config_filters() -> None:
+    rules = ReplyTopicRules(TOPICS, ["replies/+/me", "dev/#"])
+    assert rules.allows("replies/x/me", "k") and rules.allows("dev/a/b", "k")
+    assert not rules.allows("replies/x/you", "k") and not rules.allows("home/openai/request/m", "")
+
+
+def test_by_default_a_device_may_name_only_its_own_reply_topics() -> None:
+    rules = ReplyTopicRules(TOPICS)
+    assert rules.allows("home/openai/response/listModels/kitchen", "kitchen")
+    assert rules.allows("home/openai/response/createSpeech/kitchen/1/x", "kitchen/1")
+    assert not rules.allows("home/openai/response/listModels/hall", "kitchen")
+    assert not rules.allows("home/openai/response/listModels/kitchen", "kitchen/1")
+    assert not rules.allows("home/openai/response/listModels", "kitchen")
+    assert rules.allows("home/openai/response/anything/at/all", "")  # no suffix: the prefix
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -11,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.cli.callreply import CallOutcome, ReplyCollector, options_from_flags
-from bridge.errors import ERROR_CODES, InvalidParameter, UpstreamError
+from bridge.errors import ERROR_CODES, InvalidParameter, SelectTooLarge, UpstreamError
 from bridge.methods.catalog import default_table
 from bridge.methods.model import Operation
 from bridge.pipeline import render
 from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import (
     DEFAULT_OPTIONS,
+    MAX_SELECT_RESULT_BYTES,
     MIN_MAX_BYTES,
     OPTIONS_KEY,
     ReplyOptions,
@@ -427,3 +429,54 @@ def test_call_collector_in_each_format() -> None:
     assert default.feed("r/t", b'{"status":"ok","transaction":1}') == CallOutcome(
         0, b'{"status":"ok","transaction":1}\n'
     )
+
+
+# --- select cannot forge a reply or blow up ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "'Door code accepted: unlocking the front door'",
+        '`"forged"`',
+        "not_null(missing, 'forged')",
+        "[choices[0].message.content, 'and more']",
+        "{text: 'forged'}",
+        "join(' unlocking ', [id, id])",
+    ],
+)
+def test_a_select_that_can_put_a_literal_into_the_reply_is_refused(expression: str) -> None:
+    with pytest.raises(InvalidParameter, match="literal"):
+        compile_select(expression)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "choices[?finish_reason=='stop'].message.content | [0]",
+        "data[?starts_with(id, 'gpt')].id",
+        "contains(keys(@), 'usage')",
+    ],
+)
+def test_literals_in_comparisons_and_boolean_functions_stay_allowed(expression: str) -> None:
+    compile_select(expression)
+
+
+def test_a_select_that_doubles_at_every_level_is_refused_before_memory_grows() -> None:
+    # 24 stages of 17 characters, each doubling its input: 2**24 copies of the answer.
+    selection = compile_select(" | ".join(["to_string([@,@])"] * 24))
+    tracemalloc.start()
+    try:
+        with pytest.raises(SelectTooLarge):
+            selection.search({"text": "x" * 1000})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * MAX_SELECT_RESULT_BYTES  # bounded by the limit, not by 2**levels
+
+
+def test_a_select_of_shared_references_is_measured_as_it_would_be_sent() -> None:
+    wide = "[" + ",".join(["@"] * 40) + "]"
+    selection = compile_select(f"[{wide}, {wide}, {wide}]")
+    with pytest.raises(SelectTooLarge):
+        selection.search({"blob": "y" * 60_000})  # 120 references to 60 KB: 7 MB as JSON

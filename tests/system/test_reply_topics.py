@@ -1,0 +1,127 @@
+"""A device gets its own answer and nothing more: Response Topics against the documented ACL.
+
+The broker is a real Mosquitto with the password file and the ACL of docs/security.md (read from
+the document itself); the bridge runs as its `bridge` user on the `edge` prefix, and the devices
+`kitchen` and `hall` are confined to their suffixes as the ACL says.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.bridge_runner import TEST_MQTT_PASSWORD, BridgeThread, make_config
+from support.broker import MosquittoBroker
+from support.mqtt_client import TestClient
+from support.standin import Reply, Standin
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE_PASSWORD = "device-pass-51c7"
+FORGED = {"format": "plain", "select": "choices[0].message.content"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "_bridge": FORGED}
+
+
+def documented_acl() -> str:
+    """The ACL block that docs/security.md tells users to save as /etc/mosquitto/acl."""
+    text = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+    after = text.split("Save the ACL as `/etc/mosquitto/acl`", 1)[1]
+    match = re.search(r"```\n(.*?)```", after, re.S)
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    passwd.touch()
+    for user, password in (("bridge", TEST_MQTT_PASSWORD), ("kitchen", DEVICE_PASSWORD)):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "hall", DEVICE_PASSWORD], check=True)
+    acl.write_text(documented_acl())
+    for path in (passwd, acl):
+        path.chmod(0o644)  # read after Mosquitto drops privileges
+    broker = MosquittoBroker(
+        tmp_path / "mosquitto", extra_config=[f"password_file {passwd}", f"acl_file {acl}"]
+    )
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+def device(broker: MosquittoBroker, name: str) -> TestClient:
+    client = TestClient(broker.host, broker.port, prefix="edge")
+    client.paho.username_pw_set(name, DEVICE_PASSWORD)
+    return client
+
+
+@pytest.fixture
+def edge_bridge(
+    tmp_path: Path, acl_broker: MosquittoBroker, standin: Standin
+) -> Iterator[BridgeThread]:
+    path, env = make_config(
+        tmp_path,
+        broker_port=acl_broker.port,
+        api_base=standin.url,
+        prefix="edge",
+        mqtt={"username": "bridge"},
+        access={"allow_methods": ["createChatCompletion"]},
+    )
+    env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
+    standin.set_default(
+        Reply(json={"object": "chat.completion", "choices": [{"message": {"content": "OK"}}]})
+    )
+    with BridgeThread.from_file(path, env) as bridge:
+        yield bridge
+
+
+@pytest.mark.parametrize(
+    "response_topic",
+    [
+        "edge/response/createChatCompletion/hall",  # another device's answer
+        "openai/response/createChatCompletion/ha",  # the other bridge's (Home Assistant's)
+        "edge/bridge/test/state",  # the bridge's own retained state
+        "homeassistant/lock/front_door/config",  # a discovery config (a new lock entity)
+        "edge/request/createChatCompletion/kitchen",  # a request topic: one call becomes many
+    ],
+)
+def test_a_device_cannot_have_the_bridge_publish_outside_its_own_reply_topics(
+    edge_bridge: BridgeThread, acl_broker: MosquittoBroker, standin: Standin, response_topic: str
+) -> None:
+    with device(acl_broker, "hall") as hall, device(acl_broker, "kitchen") as kitchen:
+        hall.subscribe("edge/response/+/hall/#")
+        hall.subscribe("edge/bridge/test/state")
+        hall.wait_for_one("edge/bridge/test/state", where=lambda m: m.json()["state"] == "online")
+        own = "edge/response/createChatCompletion/kitchen"
+        kitchen.subscribe(own)
+        kitchen.publish(
+            "edge/request/createChatCompletion/kitchen",
+            {"transaction": 5, **CHAT},
+            response_topic=response_topic,
+        )
+        # Answered on its own default reply topic, as an error that names the problem.
+        reply = kitchen.wait_for_one(own)
+        assert reply.text().startswith("ERROR reply_topic_refused: ")
+        assert standin.requests == []  # nothing was bought
+        # The bridge published nowhere else: hall saw only the bridge's own `online`.
+        mark = len(hall.messages())
+        kitchen.request_raw("createChatCompletion", {"transaction": 6, **CHAT}, suffix="kitchen")
+        assert [m.topic for m in hall.messages(after=mark)] == []
+        states: list[Any] = [m.json() for m in hall.messages("edge/bridge/test/state")]
+        assert states == [{"state": "online"}]
+
+
+def test_a_device_may_name_a_reply_topic_below_its_own(
+    edge_bridge: BridgeThread, acl_broker: MosquittoBroker
+) -> None:
+    with device(acl_broker, "kitchen") as kitchen:
+        own = "edge/response/createChatCompletion/kitchen/q7"
+        reply = kitchen.request_raw(
+            "createChatCompletion", CHAT, suffix="kitchen", response_topic=own
+        )
+        assert (reply.topic, reply.text()) == (own, "OK")
