@@ -61,6 +61,8 @@ class MqttConfig(_Section):
     keepalive: Annotated[int, Field(ge=5, le=65535)] = 60
     session_expiry: Annotated[int, Field(ge=0)] = 86400
     shared_group: str = ""
+    shared_group_check: bool = True
+    """Check on MQTT 3.1.1 brokers that a `$share` subscription delivers (a probe message)."""
     max_packet_size: Annotated[int, Field(ge=1024)] = 268_435_455
     reconnect_min: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max: Annotated[float, Field(gt=0)] = 60.0

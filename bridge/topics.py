@@ -33,9 +33,14 @@ class Topics:
         )
         self.response_filter = f"{prefix}/response/#"
         base = f"{prefix}/bridge/{instance}"
+        self._base = base
         self.state = f"{base}/state"
         self.info = f"{base}/info"
         self.stats = f"{base}/stats"
+
+    def probe(self, client_id: str) -> str:
+        """The topic a client with this id checks a shared subscription with (never a request)."""
+        return f"{self._base}/probe/{client_id}"
 
     def parse(self, topic: str) -> RequestTopic | None:
         """The parts of a request topic, or None when `topic` is not under `<prefix>/request`."""

@@ -164,10 +164,13 @@ def error_text(error: dict[str, Any] | None) -> str | None:
     return text if len(text) <= STATE_MAX else text[: STATE_MAX - 1] + "…"
 
 
-def stats_payload(stats: Stats, secrets: Sequence[str] = ()) -> bytes:
-    """The `<prefix>/bridge/<instance>/stats` document, with every secret redacted."""
+def stats_payload(
+    stats: Stats, secrets: Sequence[str] = (), broker_warnings: Sequence[str] = ()
+) -> bytes:
+    """The `<prefix>/bridge/<instance>/stats` document, with every secret redacted; the
+    promises the broker weakens under `broker_warnings` when there are any."""
     error = Redactor(list(secrets)).any(stats.last_error)
-    document = {
+    document: dict[str, Any] = {
         "requests_total": stats.requests_total,
         "errors_total": stats.errors_total,
         "in_flight": stats.in_flight,
@@ -176,4 +179,6 @@ def stats_payload(stats: Stats, secrets: Sequence[str] = ()) -> bytes:
         "last_error_text": error_text(error),
         "by_code": dict(stats.by_code),
     }
+    if broker_warnings:
+        document["broker_warnings"] = list(broker_warnings)
     return dumps(document)

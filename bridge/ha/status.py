@@ -48,6 +48,10 @@ class StatusPublisher:
         self.workers = workers
         self.ha_status_topic = homeassistant.status_topic(config)
         self.transport: StatusTransport | None = None
+        self.broker: dict[str, Any] = {}
+        """What the broker's CONNACK stated (bridge/mqtt/grants.py), shown in the info document."""
+        self.broker_warnings: list[str] = []
+        """The promises the broker weakens, shown in the info and stats documents."""
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """The (filter, QoS) pairs to subscribe to: Home Assistant's birth topic, if discovery."""
@@ -69,6 +73,10 @@ class StatusPublisher:
         }
         if self.workers > 1:
             document["workers"] = self.workers
+        if self.broker:
+            document["broker"] = self.broker
+        if self.broker_warnings:
+            document["broker_warnings"] = self.broker_warnings
         return dumps(document)
 
     def announce(self, methods: int, *, online: bool = True) -> None:
@@ -99,7 +107,9 @@ class StatusPublisher:
 
     def publish_stats(self) -> None:
         """Publish the retained stats document now (a starting Home Assistant gets it at once)."""
-        payload = homeassistant.stats_payload(self.stats(), self.config.secrets())
+        payload = homeassistant.stats_payload(
+            self.stats(), self.config.secrets(), self.broker_warnings
+        )
         self._settle(self._transport().publish(self.topics.stats, payload, qos=0, retain=True))
 
     def on_ha_status(self, message: InboundMessage) -> None:

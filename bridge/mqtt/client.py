@@ -29,6 +29,7 @@ from bridge.compat import paho as compat
 from bridge.config import MqttConfig, TlsConfig
 from bridge.errors import StartupError
 from bridge.messages import InboundMessage, PublishFailed
+from bridge.mqtt.grants import SHARED_REFUSAL, BrokerGrants
 from bridge.mqtt.reconnect import (
     UNSUPPORTED_PROTOCOL,
     ConnectionLost,
@@ -45,6 +46,16 @@ _LARGE_PAYLOAD = 1 << 20
 
 # Bytes beyond topic and payload in a PUBLISH packet: fixed header, lengths, packet id, properties.
 PUBLISH_OVERHEAD = 64
+
+SHARED_NOT_SUPPORTED = 158
+"""The SUBACK reason code `Shared Subscriptions not supported`."""
+
+SHARED_PROBE_SECONDS = 5.0
+"""How long a probe message may take through a `$share` subscription before sharing is refused."""
+
+
+class SharedUnavailable(StartupError):
+    """The broker cannot deliver through a shared subscription (exit 78)."""
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -105,6 +116,7 @@ class MqttTransport:
         protocol: str | None = None,
         extra_subscriptions: Sequence[tuple[str, int]] = (),
         unsubscribe: Sequence[str] = (),
+        shared_probe: str | None = None,
     ) -> None:
         self.config = config
         self.subscription = subscription
@@ -113,6 +125,9 @@ class MqttTransport:
         """More (filter, QoS) pairs; their messages reach `on_message` too, routed by topic."""
         self.unsubscribe = list(unsubscribe)
         """Filters to drop from a resumed session (left there by an earlier configuration)."""
+        self.shared_probe = shared_probe
+        """A topic to check a `$share` subscription with on the first connect, when the CONNACK
+        cannot say (MQTT 3.1.1); None: trust the broker."""
         self.receive_maximum = max(1, min(receive_maximum, 65535))
         self.will = will
         self._on_message_cb = on_message
@@ -134,6 +149,11 @@ class MqttTransport:
         self._session_present = False
         self._suback: asyncio.Future[None] | None = None
         self._sub_mid: int | None = None
+        self._other_subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._probe: tuple[str, asyncio.Future[None]] | None = None
+        self._shared_checked = False
+        self.grants = BrokerGrants(self.protocol_label)
+        """What the broker granted in its last CONNACK."""
         self._misc_task: asyncio.Task[None] | None = None
         self._ever_connected = False
         self._tls_context: ssl.SSLContext | None = None
@@ -249,6 +269,7 @@ class MqttTransport:
             return
         session_present = bool(getattr(flags, "session_present", False))
         self._session_present = session_present
+        self.grants = BrokerGrants.from_connack(self.protocol_label, properties)
         if not session_present:
             # The broker forgot our unacked requests; their packet ids now mean nothing.
             self.generation += 1
@@ -276,9 +297,13 @@ class MqttTransport:
     def _connection_lost(self, reason: Any = None) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
-        for fut in (self._connack, self._suback):
+        lost = ConnectionLost(str(reason) if reason is not None else "closed")
+        waiting = [self._connack, self._suback, *self._other_subacks.values()]
+        if self._probe is not None:
+            waiting.append(self._probe[1])
+        for fut in waiting:
             if fut is not None and not fut.done():
-                fut.set_exception(ConnectionLost(str(reason) if reason is not None else "closed"))
+                fut.set_exception(lost)
         if was_connected and not self._closing:
             self.log.warning("broker connection lost", reason=str(reason) if reason else None)
         self.lost.set()
@@ -286,6 +311,12 @@ class MqttTransport:
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
             topic = compat.message_topic(message)
+            if self._probe is not None and topic == self._probe[0]:
+                if message.qos == 1:
+                    client.ack(message.mid, 1)
+                if not self._probe[1].done():
+                    self._probe[1].set_result(None)
+                return
             props = message.properties
             response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
             correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -329,6 +360,10 @@ class MqttTransport:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
+        other = self._other_subacks.pop(mid, None)
+        if other is not None and not other.done():
+            other.set_result(list(reasons))
+            return
         fut = self._suback
         if mid != self._sub_mid or fut is None or fut.done():
             return
@@ -466,9 +501,17 @@ class MqttTransport:
             raise ConnectionLost(f"connect failed: {paho.error_string(rc)}")
         self._ever_connected = True
         await asyncio.wait_for(self._connack, timeout=15)
+        if not self._shared_checked:
+            await self._check_shared(client)
+            self._shared_checked = True
         # Subscribe on every connect: the session may be new, and re-subscribing is harmless.
         if self.subscription is not None or self.extra_subscriptions:
-            await self._subscribe(client)
+            try:
+                await self._subscribe(client)
+            except ConnectRefused as exc:
+                if exc.code == SHARED_NOT_SUPPORTED:
+                    self._refuse_shared("refused the $share subscription (reason 158)")
+                raise
         if self.unsubscribe and self._session_present:
             client.unsubscribe(self.unsubscribe)  # no need to wait: only a duplicate risk
         self.connected.set()
@@ -490,6 +533,64 @@ class MqttTransport:
             _rc, mid = client.subscribe([*requests, *self.extra_subscriptions])
         self._sub_mid = mid
         await asyncio.wait_for(self._suback, timeout=15)
+
+    async def _check_shared(self, client: paho.Client) -> None:
+        """Raise SharedUnavailable when the requests' `$share` filter would receive nothing: the
+        CONNACK says so (MQTT 5), or a probe through a `$share` filter of the same group does not
+        come back (MQTT 3.1.1 brokers accept such a SUBSCRIBE and then deliver nothing)."""
+        if self.subscription is None or not self.subscription.startswith("$share/"):
+            return
+        if self.grants.shared_available is False:
+            self._refuse_shared("has no shared subscriptions (its CONNACK says so)")
+        if self.grants.shared_available is not None or self.shared_probe is None:
+            return
+        group = self.subscription.split("/", 2)[1]
+        probe_filter = f"$share/{group}/{self.shared_probe}"
+        suback: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        arrived: asyncio.Future[None] = self._loop.create_future()
+        self._probe = (self.shared_probe, arrived)
+        try:
+            await self._probe_shared(client, probe_filter, suback, arrived)
+        except ConnectionLost:
+            self._refuse_shared("closed the connection on a $share subscription")
+        finally:
+            self._probe = None
+            if self._has_socket():
+                client.unsubscribe(probe_filter)
+        self.log.debug("shared subscriptions checked", probe=self.shared_probe)
+
+    def _has_socket(self) -> bool:
+        """Whether the client has a socket (an UNSUBSCRIBE can go out)."""
+        return self._client.socket() is not None
+
+    async def _probe_shared(
+        self,
+        client: paho.Client,
+        probe_filter: str,
+        suback: asyncio.Future[list[ReasonCode]],
+        arrived: asyncio.Future[None],
+    ) -> None:
+        """SUBSCRIBE the probe filter, publish the probe, wait for it to come back."""
+        assert self.shared_probe is not None
+        _rc, mid = client.subscribe([(probe_filter, 1)])
+        if mid is None:
+            raise ConnectionLost("subscribe failed")
+        self._other_subacks[mid] = suback
+        reasons = await asyncio.wait_for(suback, timeout=15)
+        if not reasons or reasons[0].is_failure:
+            self._refuse_shared(f"refused a $share subscription ({reasons})")
+        await asyncio.wait_for(self.publish(self.shared_probe, b"probe"), timeout=15)
+        try:
+            await asyncio.wait_for(asyncio.shield(arrived), SHARED_PROBE_SECONDS)
+        except TimeoutError:
+            self._refuse_shared(
+                f"accepted a $share subscription but delivered nothing through it within "
+                f"{SHARED_PROBE_SECONDS:g} s (probe on {self.shared_probe}; "
+                "[mqtt] shared_group_check = false skips this check)"
+            )
+
+    def _refuse_shared(self, why: str) -> None:
+        raise SharedUnavailable(SHARED_REFUSAL.format(broker=self.describe(), why=why))
 
     def _switch_protocol(self) -> None:
         """In `auto` mode flip between MQTT 5 and 3.1.1 after a failure before CONNACK."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from bridge.config import BridgeConfig, MqttConfig
 from bridge.errors import EX_SOFTWARE, StartupError
@@ -69,6 +70,10 @@ class Bridge:
         )
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
+        self.broker_warnings: list[str] = []
+        """What the broker's last CONNACK weakens (bridge/mqtt/grants.py), said once each."""
+        self.broker_info: dict[str, Any] = {}
+        """What the broker's last CONNACK stated, for the info document."""
         self.role: Role = Standalone(self) if worker is None else Worker(self, worker)
 
     def stop(self) -> None:
@@ -96,6 +101,12 @@ class Bridge:
             protocol=transport.protocol_label,
             subscription=self.topics.subscription,
         )
+        warnings = transport.grants.weakened(self.config)
+        if warnings != self.broker_warnings:
+            for warning in warnings:
+                self.log.warning(warning)
+        self.broker_warnings = warnings
+        self.broker_info = transport.grants.as_info()
         self.role.connected(transport)
 
     async def run(self) -> int:
@@ -166,6 +177,11 @@ class Bridge:
             extra_subscriptions=self.role.subscriptions(),
             # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
             unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
+            shared_probe=(
+                self.topics.probe(mqtt_cfg.effective_client_id)
+                if cfg.mqtt.shared_group_check
+                else None
+            ),
         )
 
     def _stale_subscriptions(self) -> list[str]:

@@ -38,6 +38,8 @@ class Bridge(Protocol):
     table: MethodTable
     topics: Topics
     log: FilteringBoundLogger
+    broker_info: dict[str, Any]
+    broker_warnings: list[str]
 
     def stop(self) -> None:
         """Ask the bridge to stop (again: at once)."""
@@ -113,6 +115,10 @@ class Standalone:
     def connected(self, transport: StatusTransport) -> None:
         """Publish state, info and discovery on the new connection."""
         self.status.transport = transport
+        self.status.broker, self.status.broker_warnings = (
+            self.bridge.broker_info,
+            self.bridge.broker_warnings,
+        )
         self.status.announce(len(self.bridge.table))
 
     def serving(self, group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:

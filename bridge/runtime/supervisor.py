@@ -328,6 +328,12 @@ class Supervisor:
             broker=self.transport.describe(),
             client_id=workers.supervisor_client_id(self.config),
         )
+        warnings = self.transport.grants.weakened(self.config)
+        if warnings != self.status.broker_warnings:
+            for warning in warnings:
+                self.log.warning(warning)
+        self.status.broker = self.transport.grants.as_info()
+        self.status.broker_warnings = warnings
         # Online only once every worker serves; until then the last will's `offline` stands.
         self.status.announce(self.methods, online=self.all_ready.is_set())
         if not self.all_ready.is_set():
