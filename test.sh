@@ -20,6 +20,17 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   # The package starts a system cluster on 5432; the tests start their own on free ports.
 fi
 
+if ! command -v npm >/dev/null 2>&1; then
+  echo "installing nodejs and npm (Debian packages) for the aedes broker tests" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+# aedes (the broker of node-red-contrib-aedes) goes into the ignored .cache/, never system-wide.
+if [ ! -f .cache/aedes/node_modules/aedes/package.json ]; then
+  npm install --silent --no-audit --no-fund --prefix=.cache/aedes aedes@1 >/dev/null
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
