@@ -156,6 +156,9 @@ class LimitsConfig(_Section):
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
     dedup_entries: Annotated[int, Field(ge=0)] = 1024
     dedup_seconds: Annotated[float, Field(ge=0)] = 600.0
+    max_select_steps: Annotated[int, Field(ge=100)] = 100_000
+    """Nodes one `_bridge.select` may evaluate on one answer (per element inside a projection);
+    more is `select_too_costly`."""
 
 
 class AccessConfig(_Section):

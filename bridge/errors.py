@@ -198,6 +198,12 @@ class SelectTooLarge(RequestError):
     code = "select_too_large"
 
 
+class SelectTooCostly(RequestError):
+    """`_bridge.select` needs more evaluation steps than `[limits] max_select_steps` allows."""
+
+    code = "select_too_costly"
+
+
 class ReplyTooLarge(BridgeError):
     """The reply would exceed the largest packet the broker accepts."""
 

@@ -32,6 +32,7 @@ from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.model import MISSING
 from bridge.pipeline.options import (
     DEFAULT_OPTIONS,
+    MAX_SELECT_STEPS,
     OPTIONS_KEY,
     ReplyOptions,
     error_options,
@@ -143,6 +144,8 @@ class Decider:
     builder: RequestBuilder
     max_request_bytes: int
     log: FilteringBoundLogger
+    max_select_steps: int = MAX_SELECT_STEPS
+    """`[limits] max_select_steps`: what one `select` may evaluate on one answer."""
     reply_topics: ReplyTopicRules | None = None
     """Where Response Topics may point; None: under the response prefix only."""
 
@@ -181,7 +184,7 @@ class Decider:
             transaction = params.pop("transaction", MISSING)
             raw_options = params.pop(OPTIONS_KEY, None)
             try:
-                options = parse_options(raw_options)
+                options = parse_options(raw_options, self.max_select_steps)
             except BridgeError:
                 options = error_options(raw_options)
                 raise

@@ -83,6 +83,7 @@ class Dispatcher:
             builder=RequestBuilder(config.service),
             max_request_bytes=config.limits.max_request_bytes,
             log=log,
+            max_select_steps=config.limits.max_select_steps,
             reply_topics=ReplyTopicRules(
                 topics,
                 config.access.reply_topics,

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from bridge.errors import InvalidParameter, SelectTooLarge
+from bridge.errors import InvalidParameter, SelectTooCostly, SelectTooLarge
 
 if TYPE_CHECKING:
     import jmespath.parser
@@ -29,6 +29,9 @@ MAX_SELECT_CHARS = 1024
 MAX_SELECT_RESULT_BYTES = 4 << 20
 """What a `select` may produce (its JSON size, counted before anything is built); more is
 `select_too_large`: a short expression can otherwise double its output at every level."""
+MAX_SELECT_STEPS = 100_000
+"""Default `[limits] max_select_steps`: AST nodes a `select` may evaluate on one answer (a node
+inside a projection counts once per element), which bounds its time and what it builds."""
 BOOLEAN_FUNCTIONS = frozenset({"contains", "starts_with", "ends_with"})
 """Functions whose result is true or false, so that a literal argument never reaches the reply."""
 MIN_MAX_BYTES = 32
@@ -55,16 +58,20 @@ class Selection:
 
     expression: str
     compiled: jmespath.parser.ParsedResult
+    max_steps: int = MAX_SELECT_STEPS
+    """Evaluation steps allowed on one answer; more is SelectTooCostly."""
 
     def search(self, data: Any) -> Any:
         """The selected value; `None` when nothing matches or the expression fails on `data`.
 
-        Raises SelectTooLarge when the value would be larger than MAX_SELECT_RESULT_BYTES.
+        Raises SelectTooLarge when the value would be larger than MAX_SELECT_RESULT_BYTES, and
+        SelectTooCostly when evaluating it takes more than `max_steps` steps.
         """
         import jmespath.exceptions  # here, not at the top: only a `select` needs it (start-up)
 
         try:
-            found = self.compiled.search(data, options=_bounded_options())
+            interpreter = _counting_interpreter()(_bounded_options(), self.max_steps)
+            found = interpreter.visit(self.compiled.parsed, data)
         except (jmespath.exceptions.JMESPathError, RecursionError):
             # A type error on this answer's data must not hide a paid answer behind an error.
             return None
@@ -101,7 +108,7 @@ def pop_options(params: dict[str, Any]) -> ReplyOptions:
     return parse_options(params.pop(OPTIONS_KEY))
 
 
-def parse_options(value: Any) -> ReplyOptions:
+def parse_options(value: Any, max_select_steps: int = MAX_SELECT_STEPS) -> ReplyOptions:
     """The options in a `_bridge` value; raise InvalidParameter for anything not accepted."""
     if value is None:
         return DEFAULT_OPTIONS
@@ -111,7 +118,7 @@ def parse_options(value: Any) -> ReplyOptions:
     if unknown:
         names = ", ".join(repr(k[:40]) for k in unknown[:5])
         raise _invalid("", f"unknown option(s) {names}; known: {', '.join(sorted(_KNOWN_KEYS))}")
-    select = _parse_select(value.get("select"))
+    select = _parse_select(value.get("select"), max_select_steps)
     fmt = _parse_format(value.get("format"))
     max_bytes = _parse_size("max_bytes", value.get("max_bytes"), MIN_MAX_BYTES)
     chunk_bytes = _parse_size("chunk_bytes", value.get("chunk_bytes"), MIN_CHUNK_BYTES)
@@ -172,7 +179,7 @@ def error_options(value: Any) -> ReplyOptions:
     return ReplyOptions(format=fmt, max_bytes=max_bytes if fmt == "plain" else None)
 
 
-def compile_select(expression: str) -> Selection:
+def compile_select(expression: str, max_steps: int = MAX_SELECT_STEPS) -> Selection:
     """Compile a JMESPath expression; raise InvalidParameter when it is not one we can run."""
     if not expression:
         raise _invalid("select", "must not be empty")
@@ -202,7 +209,7 @@ def compile_select(expression: str) -> Selection:
             "may not put a literal ('text' or `json`) into the reply: select from the answer; "
             "literals are allowed in comparisons and in contains/starts_with/ends_with",
         )
-    return Selection(expression, compiled)
+    return Selection(expression, compiled, max_steps)
 
 
 def _literal_in_output(node: Any) -> bool:
@@ -248,6 +255,34 @@ def _check_size(value: Any, limit: int) -> None:
 
 
 @functools.cache
+def _counting_interpreter() -> Any:
+    """jmespath's interpreter counting every node it visits, stopping at a budget.
+
+    A projection visits its right side once per element, so the budget bounds the elements a
+    select can make as well as its time: `[@,@] | [*].[@,@] | []`, repeated, doubles a list at
+    every stage (20 stages: a million elements, 128 MiB and seconds of CPU from a 2-byte answer).
+    """
+    import jmespath.visitor
+
+    class CountingInterpreter(jmespath.visitor.TreeInterpreter):
+        def __init__(self, options: Any, budget: int) -> None:
+            super().__init__(options)
+            self._budget = budget
+            self._left = budget
+
+        def visit(self, node: Any, *args: Any, **kwargs: Any) -> Any:
+            self._left -= 1
+            if self._left < 0:
+                raise SelectTooCostly(
+                    f"select needs more than [limits] max_select_steps = {self._budget} steps "
+                    "on this answer; select less of it"
+                )
+            return super().visit(node, *args, **kwargs)
+
+    return CountingInterpreter
+
+
+@functools.cache
 def _bounded_options() -> Any:
     """jmespath options whose string-building functions check their output size first."""
     import jmespath
@@ -275,12 +310,12 @@ def _bounded_options() -> Any:
     return jmespath.Options(custom_functions=BoundedFunctions())
 
 
-def _parse_select(value: Any) -> Selection | None:
+def _parse_select(value: Any, max_steps: int) -> Selection | None:
     if value is None:
         return None
     if not isinstance(value, str):
         raise _invalid("select", f"must be a JMESPath expression string, got {_json_type(value)}")
-    return compile_select(value)
+    return compile_select(value, max_steps)
 
 
 def _parse_format(value: Any) -> ReplyFormat:

@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.cli.callreply import CallOutcome, ReplyCollector, options_from_flags
-from bridge.errors import ERROR_CODES, InvalidParameter, SelectTooLarge, UpstreamError
+from bridge.errors import (
+    ERROR_CODES,
+    InvalidParameter,
+    SelectTooCostly,
+    SelectTooLarge,
+    UpstreamError,
+)
 from bridge.methods.catalog import default_table
 from bridge.methods.model import Operation
 from bridge.pipeline import render
@@ -473,6 +479,27 @@ def test_a_select_that_doubles_at_every_level_is_refused_before_memory_grows() -
     finally:
         tracemalloc.stop()
     assert peak < 3 * MAX_SELECT_RESULT_BYTES  # bounded by the limit, not by 2**levels
+
+
+def test_a_select_that_doubles_a_list_at_every_stage_is_stopped_by_its_step_budget() -> None:
+    # 345 characters: each stage doubles a list of references (2**21 of them after 20 stages:
+    # 128 MiB and 26 s of CPU from a two-byte answer before the step budget).
+    selection = compile_select("[@,@] | " + " | ".join(["[*].[@,@] | []"] * 20))
+    assert len(selection.expression) < 400
+    tracemalloc.start()
+    try:
+        with pytest.raises(SelectTooCostly, match="max_select_steps = 100000"):
+            selection.search({"a": 1})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    small = compile_select("[@,@] | [*].[@,@] | []", max_steps=100)
+    assert small.search({"a": 1}) == [{"a": 1}] * 4
+    with pytest.raises(SelectTooCostly):
+        compile_select("data[*].id", max_steps=100).search(
+            {"data": [{"id": i} for i in range(200)]}
+        )
 
 
 def test_a_select_of_shared_references_is_measured_as_it_would_be_sent() -> None:
