@@ -387,10 +387,6 @@ class MqttTransport:
         await self.supervisor.start()
         self._misc_task = asyncio.create_task(self._misc_loop(), name="mqtt-misc")
 
-    async def wait_connected(self) -> None:
-        """Return once connected and subscribed."""
-        await self.connected.wait()
-
     def publish(
         self,
         topic: str,

@@ -50,7 +50,6 @@ class _Worker:
     ready: bool = False
     last_report: float = 0.0
     started_at: float = 0.0
-    restarts: int = 0
 
 
 class Supervisor:
@@ -129,6 +128,7 @@ class Supervisor:
             self.status.transport = transport
             stack.push_async_callback(transport.close)
             stack.push_async_callback(self._final_state)  # every way out leaves `offline`
+            stack.push_async_callback(self._reap_workers)  # ... and no worker running
             try:
                 await self._serve(transport)
             except* Exception as failure:  # noqa: BLE001  (any bug: stop, never hang)
@@ -159,6 +159,21 @@ class Supervisor:
                 if task is not None:
                     task.cancel()
 
+    async def _reap_workers(self) -> None:
+        """Wait for the workers still running (an internal error closed their links: each
+        drains as on `stop`); kill those left after the shutdown grace and STOP_NOW_SECONDS."""
+        processes = [worker.process for worker in self.workers]
+        running = [p for p in processes if p is not None and p.returncode is None]
+        if not running:
+            return
+        waits = asyncio.gather(*(process.wait() for process in running))
+        bound = self.config.limits.shutdown_grace + STOP_NOW_SECONDS
+        try:
+            await asyncio.wait_for(asyncio.shield(waits), bound)
+        except TimeoutError:
+            self._kill_remaining()
+            await waits
+
     async def _final_state(self) -> None:
         """The summed counters and the retained `offline`, then disconnect."""
         transport = self.transport
@@ -184,7 +199,6 @@ class Supervisor:
                 worker.backoff.reset()
             delay = worker.backoff.next_delay()
             worker.ready = False
-            worker.restarts += 1
             self.log.warning(
                 "worker died; starting another",
                 worker=worker.index,

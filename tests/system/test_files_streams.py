@@ -252,7 +252,7 @@ UPLOADS: list[tuple[str, dict[str, Any], str, list[Part]]] = [
     ),
     (
         # 1.5 MiB: over aiohttp's 1 MiB large-body warning, and a large request for the decoders
-        # (bridge/compat/__init__.py, bridge/pipeline/decide.py).
+        # (bridge/compat/paho.py, bridge/pipeline/decide.py).
         "createTranscription",
         {"file": {"base64": b64(LONG_WAV), "filename": "long.wav"}, "model": "whisper-1"},
         "/audio/transcriptions",

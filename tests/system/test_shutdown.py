@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
+from support.bridge_runner import (
+    TEST_API_KEY,
+    BridgeProcess,
+    BridgeThread,
+    make_config,
+    private_state,
+)
 from support.bridges import StartBridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
+from bridge.config import load_config
 from bridge.errors import EX_SOFTWARE
 from bridge.ha.status import StatusPublisher
 from bridge.pipeline.dispatch import Dispatcher
+from bridge.runtime import logs
+from bridge.runtime.supervisor import Supervisor
 
 
 def retained_state(client: TestClient, topic: str) -> Any:
@@ -27,6 +38,15 @@ def retained_state(client: TestClient, topic: str) -> Any:
         message = fresh.wait_for_one(topic)
         assert message.retain
         return message.json()
+
+
+def config_file(
+    tmp_path: Path, broker: MosquittoBroker, standin: Standin, prefix: str, **overrides: Any
+) -> tuple[Path, dict[str, str]]:
+    """A bridge's config file on `broker` and `standin`, and its environment."""
+    return make_config(
+        tmp_path, broker_port=broker.port, api_base=standin.url, prefix=prefix, **overrides
+    )
 
 
 def test_a_failing_background_loop_stops_the_bridge_offline_with_its_requests_cancelled(
@@ -102,11 +122,11 @@ def test_a_signal_while_a_request_is_held_leaves_offline_and_the_process_gone(
 ) -> None:
     standin.script("GET", "/models", Reply(hang=True))
     state = f"{topic_prefix}/bridge/test/state"
-    path, env = make_config(
+    path, env = config_file(
         tmp_path,
-        broker_port=mosquitto.port,
-        api_base=standin.url,
-        prefix=topic_prefix,
+        mosquitto,
+        standin,
+        topic_prefix,
         limits={"shutdown_grace": 0.2},
         extra={"logging": {"level": "info"}},
     )
@@ -125,3 +145,67 @@ def test_a_signal_while_a_request_is_held_leaves_offline_and_the_process_gone(
     log = process.log_text()
     assert "shutdown grace expired" in log and '"event": "stopped"' in log
     assert "Traceback" not in log and TEST_API_KEY not in log
+
+
+def test_a_failing_supervisor_loop_stops_it_offline_with_its_workers_gone(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    client: TestClient,
+    standin: Standin,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path, env = config_file(
+        tmp_path,
+        mosquitto,
+        standin,
+        topic_prefix,
+        mqtt={"instance": "pool"},
+        extra={"homeassistant": {"stats_interval": 60}},
+    )
+    for name, value in private_state(path, env).items():
+        monkeypatch.setenv(name, value)  # the workers' environment is the supervisor's
+    config = load_config(path)
+    all_ready = threading.Event()
+
+    async def failing_stats_loop(self: StatusPublisher, interval: float) -> None:
+        await asyncio.to_thread(all_ready.wait, 30)
+        raise RuntimeError("stats loop broke")
+
+    monkeypatch.setattr(StatusPublisher, "stats_loop", failing_stats_loop)
+    state = f"{topic_prefix}/bridge/pool/state"
+    client.subscribe(state)
+    log = io.StringIO()
+    logs.configure("info", "json", config.secrets(), stream=log)
+    supervisor = Supervisor(config, 2, config_source=str(path))
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        async def main() -> int:
+            try:
+                return await supervisor.run()
+            finally:
+                outcome["tasks_left"] = [
+                    t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+                ]
+
+        outcome["code"] = asyncio.run(main())
+
+    thread = threading.Thread(target=run, name="supervisor", daemon=True)
+    thread.start()
+    client.wait_for_one(state, where=lambda m: m.json() == {"state": "online"}, timeout=30)
+    pids = [w.process.pid for w in supervisor.workers if w.process is not None]
+    mark = client.mark()
+    all_ready.set()
+    client.wait_for_one(state, after=mark, where=lambda m: m.json() == {"state": "offline"})
+    thread.join(30)
+    assert not thread.is_alive()
+    assert outcome == {"code": EX_SOFTWARE, "tasks_left": []}
+    assert retained_state(client, state) == {"state": "offline"}
+    assert len(pids) == 2
+    for pid in pids:  # reaped by the supervisor: no worker outlives it
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    text = log.getvalue()
+    assert "internal error: stopping" in text and "stats loop broke" in text
+    assert "Traceback" not in text
