@@ -156,6 +156,9 @@ class LimitsConfig(_Section):
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
     dedup_entries: Annotated[int, Field(ge=0)] = 1024
     dedup_seconds: Annotated[float, Field(ge=0)] = 600.0
+    max_answer_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * 1024 * 1024
+    """The largest service-host answer read into memory; larger ones get `answer_too_large`
+    (streamed answers are forwarded piecewise and not bounded by it)."""
     max_select_steps: Annotated[int, Field(ge=100)] = 100_000
     """Nodes one `_bridge.select` may evaluate on one answer (per element inside a projection);
     more is `select_too_costly`."""

@@ -204,6 +204,12 @@ class SelectTooCostly(RequestError):
     code = "select_too_costly"
 
 
+class AnswerTooLarge(BridgeError):
+    """The service host's answer is larger than `[limits] max_answer_bytes`; not read further."""
+
+    code = "answer_too_large"
+
+
 class ReplyTooLarge(BridgeError):
     """The reply would exceed the largest packet the broker accepts."""
 

@@ -135,7 +135,11 @@ class Bridge:
             journal = await self._open_journal()
             if journal is not None:
                 stack.push_async_callback(journal.close)
-            service = ServiceClient(cfg.service, AiohttpTransport(cfg.service))
+            service = ServiceClient(
+                cfg.service,
+                AiohttpTransport(cfg.service),
+                max_answer_bytes=cfg.limits.max_answer_bytes,
+            )
             await service.start()
             stack.push_async_callback(service.close)
             self.transport = transport = self._make_transport(mqtt_cfg, protocol)

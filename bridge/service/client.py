@@ -19,6 +19,7 @@ from bridge.backoff import Backoff, retry_after_seconds
 from bridge.config import ServiceConfig
 from bridge.errors import (
     RETRYABLE_STATUSES,
+    AnswerTooLarge,
     BridgeError,
     StreamInterrupted,
     UpstreamBadResponse,
@@ -65,6 +66,11 @@ class ServiceResult:
 
 _JSON_TYPES = ("application/json", "application/problem+json")
 _UPSTREAM_TEXT_LIMIT = 2000
+MAX_ANSWER_BYTES = 32 << 20
+"""Default `[limits] max_answer_bytes`: the largest answer read into memory (the systemd unit
+allows the whole bridge 256 MiB; an answer is held about twice while its reply is built)."""
+ERROR_BODY_BYTES = 64 << 10
+"""What is read of a non-2xx answer: enough for any error object, never a whole large body."""
 
 
 def _upstream_error_object(body: bytes, content_type: str) -> Any:
@@ -110,9 +116,11 @@ class ServiceClient:
         transport: HttpTransport,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.config = config
         self.transport = transport
+        self.max_answer_bytes = max_answer_bytes
         self._sleep = sleep
         self._clock = clock
         host = yarl.URL(config.api_base)
@@ -182,7 +190,7 @@ class ServiceClient:
         request_id = resp.headers.get("x-request-id")
         content_type = resp.headers.get("Content-Type", "").lower()
         if status >= 300:  # a 3xx here is a redirect the transport did not follow
-            body = await resp.content.read()
+            body = (await _read_at_most(resp.content, ERROR_BODY_BYTES))[:ERROR_BODY_BYTES]
             upstream = _upstream_error_object(body, content_type)
             raise UpstreamError(
                 _error_message(status, resp.reason, upstream),
@@ -193,11 +201,29 @@ class ServiceClient:
         if content_type.startswith("text/event-stream"):
             await self._read_stream(resp.content, sink)
             return ServiceResult(b"", content_type, status, request_id, streamed=True)
-        # content.read() rather than resp.read(): the response would keep its own reference.
-        body = await resp.content.read()
+        body = await self._read_bounded(resp)
         result = ServiceResult(body, content_type, status, request_id)
         result.poll_after = _poll_after(resp.headers.get("openai-poll-after-ms"))
         return result
+
+    async def _read_bounded(self, resp: Response) -> bytes:
+        """The whole body of `resp`, or AnswerTooLarge as soon as it is known to exceed
+        `max_answer_bytes` (from Content-Length before reading, else when reading passes it)."""
+        limit = self.max_answer_bytes
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(f"{int(declared)} bytes")
+        body = await _read_at_most(resp.content, limit + 1)
+        if len(body) > limit:
+            raise self._too_large(f"more than {limit} bytes")
+        return body
+
+    def _too_large(self, size: str) -> AnswerTooLarge:
+        return AnswerTooLarge(
+            f"service host {self.host_label} answered {size}, more than [limits] "
+            f"max_answer_bytes = {self.max_answer_bytes}; the rest was not read (ask for less, "
+            "or raise the limit within the memory the bridge may use)"
+        )
 
     async def _read_stream(self, body: Body, sink: StreamSink | None) -> None:
         """Feed the events to `sink` until the stream ends or the sink stops taking them."""
@@ -212,3 +238,16 @@ class ServiceClient:
         # A final event without its blank line still counts (some servers end on `[DONE]`).
         for event in parser.close(flush=True):
             await sink.on_event(event)
+
+
+async def _read_at_most(body: Body, limit: int) -> bytes:
+    """The body up to the chunk that reaches `limit` bytes (all of it when shorter); the rest
+    stays unread."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in body.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)

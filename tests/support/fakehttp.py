@@ -18,6 +18,8 @@ class FakeBody:
 
     chunks: list[bytes]
     cut: bool = False
+    taken: int = 0
+    """Chunks handed out so far (a reader that stops early leaves the rest)."""
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -28,6 +30,7 @@ class FakeBody:
     async def iter_any(self) -> AsyncIterator[bytes]:
         """The chunks, then the cut."""
         for chunk in self.chunks:
+            self.taken += 1
             yield chunk
         if self.cut:
             raise TransportError("cut", "ClientPayloadError")

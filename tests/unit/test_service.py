@@ -9,6 +9,7 @@ from support.fakehttp import Clock, FakeBody, FakeResponse, FakeTransport, answe
 
 from bridge.config import ServiceConfig
 from bridge.errors import (
+    AnswerTooLarge,
     StreamInterrupted,
     UpstreamBadResponse,
     UpstreamError,
@@ -33,6 +34,7 @@ def client(
         transport=transport,
         sleep=clock.sleep,
         clock=clock,
+        max_answer_bytes=1000,
     )
     return service, transport, clock
 
@@ -157,3 +159,34 @@ async def test_a_plain_body_cut_short_is_retried_as_unavailable() -> None:
     service, _, _ = client([cut, answer(200, b"[]")])
     result = await service.send(REQUEST)
     assert (result.body, result.attempts, result.content_type) == (b"[]", 2, "application/json")
+
+
+async def test_an_answer_declared_larger_than_the_limit_is_refused_unread() -> None:
+    body = FakeBody([b"x" * 600, b"x" * 600])
+    big = FakeResponse(200, body, {"Content-Type": "audio/mpeg", "Content-Length": "1200"})
+    service, transport, _ = client([big])
+    with pytest.raises(AnswerTooLarge, match="answered 1200 bytes, more than") as caught:
+        await service.send(REQUEST)
+    assert (body.taken, len(transport.sent), caught.value.is_retryable) == (0, 1, False)
+    assert caught.value.code == "answer_too_large"
+
+
+async def test_an_undeclared_answer_is_read_only_until_it_passes_the_limit() -> None:
+    body = FakeBody([b"x" * 400] * 10)  # chunked: 4000 bytes, no Content-Length
+    service, _, _ = client([FakeResponse(200, body, {"Content-Type": "application/json"})])
+    with pytest.raises(AnswerTooLarge, match="more than 1000 bytes"):
+        await service.send(REQUEST)
+    assert body.taken == 3
+
+
+async def test_an_answer_of_exactly_the_limit_is_read_and_an_error_body_is_cut() -> None:
+    service, _, _ = client([answer(200, b"y" * 1000)])
+    assert len((await service.send(REQUEST)).body) == 1000
+    huge_error = FakeResponse(
+        400, FakeBody([b"e" * (1 << 20)] * 100), {"Content-Type": "text/plain"}
+    )
+    service, _, _ = client([huge_error])
+    with pytest.raises(UpstreamError) as caught:
+        await service.send(REQUEST)
+    assert caught.value.http_status == 400
+    assert huge_error.content.taken == 1
