@@ -4,6 +4,7 @@ and what its publishes fail with."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,9 @@ class InboundMessage:
     """Connection generation it arrived on; an ack is only valid while the session lives."""
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    ack_with: Callable[[InboundMessage], None] | None = None
+    """Set when it came on another connection than the publisher's (a dormant worker's session
+    being drained): acknowledging goes there."""
 
 
 class PublishFailed(Exception):

@@ -58,21 +58,31 @@ def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
     from bridge.runtime.daemon import Bridge
     from bridge.runtime.process import pin_mmap_threshold
     from bridge.workers.link import WorkerLink
-    from bridge.workers.protocol import worker_config
+    from bridge.workers.protocol import resolve_workers, worker_config
 
     # The supervisor relays SIGTERM and Ctrl-C (which reach the whole process group) as commands.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        config = worker_config(load_config(path), index)
+        loaded = load_config(path)
     except ConfigError as exc:
         print_problems(exc, path)
         return EX_CONFIG
+    config = worker_config(loaded, index)
+    # Worker 1 takes over the sessions of workers beyond the count (reduced since the last run);
+    # in a group the user named, other hosts may use such ids: left alone there.
+    count, _ = resolve_workers(loaded)
+    dormant_from = count + 1 if index == 1 and not loaded.mqtt.shared_group else None
     configure_logs(config)
     log = logs.get_logger(worker=index)
     loop_factory, _ = event_loop_factory(config.runtime.event_loop)
     pin_mmap_threshold()
-    bridge = Bridge(config, config_source=path, worker=WorkerLink(index, control_fd))
+    bridge = Bridge(
+        config,
+        config_source=path,
+        worker=WorkerLink(index, control_fd),
+        dormant_from=dormant_from,
+    )
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(bridge.run())

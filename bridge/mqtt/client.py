@@ -14,7 +14,7 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
@@ -117,6 +117,7 @@ class MqttTransport:
         extra_subscriptions: Sequence[tuple[str, int]] = (),
         unsubscribe: Sequence[str] = (),
         shared_probe: str | None = None,
+        before_first_subscribe: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.subscription = subscription
@@ -128,6 +129,8 @@ class MqttTransport:
         self.shared_probe = shared_probe
         """A topic to check a `$share` subscription with on the first connect, when the CONNACK
         cannot say (MQTT 3.1.1); None: trust the broker."""
+        self.before_first_subscribe = before_first_subscribe
+        """Awaited once, after the first CONNACK and before the first SUBSCRIBE."""
         self.receive_maximum = max(1, min(receive_maximum, 65535))
         self.will = will
         self._on_message_cb = on_message
@@ -150,8 +153,11 @@ class MqttTransport:
         self._suback: asyncio.Future[None] | None = None
         self._sub_mid: int | None = None
         self._other_subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        """SUBACKs and UNSUBACKs awaited by packet id (beside the requests' SUBACK)."""
         self._probe: tuple[str, asyncio.Future[None]] | None = None
         self._shared_checked = False
+        self._acking = False
+        """Between a CONNACK and the loss of that connection (acks may go out before SUBACK)."""
         self.grants = BrokerGrants(self.protocol_label)
         """What the broker granted in its last CONNACK."""
         self._misc_task: asyncio.Task[None] | None = None
@@ -204,6 +210,7 @@ class MqttTransport:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         return client
 
     def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -270,6 +277,7 @@ class MqttTransport:
         session_present = bool(getattr(flags, "session_present", False))
         self._session_present = session_present
         self.grants = BrokerGrants.from_connack(self.protocol_label, properties)
+        self._acking = True
         if not session_present:
             # The broker forgot our unacked requests; their packet ids now mean nothing.
             self.generation += 1
@@ -297,6 +305,7 @@ class MqttTransport:
     def _connection_lost(self, reason: Any = None) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self._acking = False
         lost = ConnectionLost(str(reason) if reason is not None else "closed")
         waiting = [self._connack, self._suback, *self._other_subacks.values()]
         if self._probe is not None:
@@ -380,6 +389,18 @@ class MqttTransport:
                 self.log.warning("subscription refused", filter=topic_filter, reason=str(reason))
         fut.set_result(None)
 
+    def _on_unsubscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        waiter = self._other_subacks.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(list(reasons))
+
     # --- public API -------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -429,17 +450,49 @@ class MqttTransport:
             self._pending_pubs[info.mid] = fut
         return fut
 
+    async def subscribe_now(self, filters: Sequence[tuple[str, int]]) -> list[ReasonCode]:
+        """SUBSCRIBE to (filter, QoS) pairs beside the configured ones; the SUBACK's reasons."""
+        _rc, mid = self._client.subscribe(list(filters))
+        return await self._acked(mid)
+
+    async def unsubscribe_now(self, filters: Sequence[str]) -> list[ReasonCode]:
+        """UNSUBSCRIBE `filters`; the UNSUBACK's reasons (empty over MQTT 3.1.1)."""
+        _rc, mid = self._client.unsubscribe(list(filters))
+        return await self._acked(mid)
+
+    async def _acked(self, mid: int | None) -> list[ReasonCode]:
+        if mid is None:
+            raise ConnectionLost("not connected")
+        waiter: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._other_subacks[mid] = waiter
+        return await asyncio.wait_for(waiter, timeout=15)
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the last CONNACK resumed a session the broker kept for this client id."""
+        return self._session_present
+
     def fits(self, topic: str, payload_size: int) -> bool:
         """Whether a PUBLISH of this size is within the broker's maximum packet size."""
         return len(topic.encode("utf-8")) + payload_size + PUBLISH_OVERHEAD <= self.max_packet_size
 
     def ack(self, message: InboundMessage) -> None:
-        """Acknowledge a QoS 1 request, unless its session is gone (then its id is meaningless)."""
-        if message.qos == 1 and message.generation == self.generation and self.connected.is_set():
+        """Acknowledge a QoS 1 request, unless its session is gone (then its id is meaningless);
+        one that came on another connection is acknowledged there."""
+        if message.ack_with is not None:
+            message.ack_with(message)
+        elif message.qos == 1 and message.generation == self.generation and self._acking:
             self._client.ack(message.mid, 1)
 
-    async def close(self, final: tuple[str, bytes] | None = None, wait: float = 5.0) -> None:
-        """Publish `final` (e.g. the retained offline state), disconnect and stop reconnecting."""
+    async def close(
+        self,
+        final: tuple[str, bytes] | None = None,
+        wait: float = 5.0,
+        *,
+        end_session: bool = False,
+    ) -> None:
+        """Publish `final` (e.g. the retained offline state), disconnect and stop reconnecting;
+        `end_session` asks the broker to forget the session at once (MQTT 5)."""
         connected = self.connected.is_set()
         await self.supervisor.stop()
         if final is not None and connected:
@@ -450,7 +503,11 @@ class MqttTransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._misc_task
         with contextlib.suppress(Exception):  # closing: a dead socket may fail in any way
-            self._client.disconnect()
+            props = None
+            if end_session and self.protocol == MQTTProtocolVersion.MQTTv5:
+                props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 0
+            self._client.disconnect(properties=props)
             # With socket hooks paho only queues the DISCONNECT; write it now, or the broker sees
             # a dropped connection and publishes our last will on top of the `offline` above.
             self._client.loop_write()
@@ -460,6 +517,7 @@ class MqttTransport:
         self._pending_pubs.clear()
         self._drop_socket()
         self.connected.clear()
+        self._acking = False
 
     # --- connection management --------------------------------------------------------------------
 
@@ -500,6 +558,8 @@ class MqttTransport:
         if not self._shared_checked:
             await self._check_shared(client)
             self._shared_checked = True
+            if self.before_first_subscribe is not None:
+                await self.before_first_subscribe()
         # Subscribe on every connect: the session may be new, and re-subscribing is harmless.
         if self.subscription is not None or self.extra_subscriptions:
             try:
@@ -542,11 +602,10 @@ class MqttTransport:
             return
         group = self.subscription.split("/", 2)[1]
         probe_filter = f"$share/{group}/{self.shared_probe}"
-        suback: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
         arrived: asyncio.Future[None] = self._loop.create_future()
         self._probe = (self.shared_probe, arrived)
         try:
-            await self._probe_shared(client, probe_filter, suback, arrived)
+            await self._probe_shared(probe_filter, arrived)
         except ConnectionLost:
             self._refuse_shared("closed the connection on a $share subscription")
         finally:
@@ -559,20 +618,10 @@ class MqttTransport:
         """Whether the client has a socket (an UNSUBSCRIBE can go out)."""
         return self._client.socket() is not None
 
-    async def _probe_shared(
-        self,
-        client: paho.Client,
-        probe_filter: str,
-        suback: asyncio.Future[list[ReasonCode]],
-        arrived: asyncio.Future[None],
-    ) -> None:
+    async def _probe_shared(self, probe_filter: str, arrived: asyncio.Future[None]) -> None:
         """SUBSCRIBE the probe filter, publish the probe, wait for it to come back."""
         assert self.shared_probe is not None
-        _rc, mid = client.subscribe([(probe_filter, 1)])
-        if mid is None:
-            raise ConnectionLost("subscribe failed")
-        self._other_subacks[mid] = suback
-        reasons = await asyncio.wait_for(suback, timeout=15)
+        reasons = await self.subscribe_now([(probe_filter, 1)])
         if not reasons or reasons[0].is_failure:
             self._refuse_shared(f"refused a $share subscription ({reasons})")
         await asyncio.wait_for(self.publish(self.shared_probe, b"probe"), timeout=15)
@@ -616,6 +665,7 @@ class MqttTransport:
     def reset(self) -> None:
         """Drop the socket of a failed or lost connection (and a failed TLS handshake's)."""
         self.connected.clear()
+        self._acking = False
         self._drop_socket()
         compat.close_failed_tls_socket(self._tls_context, self._client)
 

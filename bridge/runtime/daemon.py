@@ -27,6 +27,7 @@ from bridge.pipeline.stats import Stats
 from bridge.runtime import process
 from bridge.runtime.logs import get_logger
 from bridge.runtime.roles import Role, Standalone, Worker
+from bridge.runtime.takeover import DormantSession, take_over
 from bridge.service.aiohttp_transport import AiohttpTransport
 from bridge.service.client import ServiceClient
 from bridge.topics import Topics
@@ -54,6 +55,7 @@ class Bridge:
         *,
         config_source: str | None = None,
         worker: WorkerLink | None = None,
+        dormant_from: int | None = None,
     ) -> None:
         self.config = config
         self.config_source = config_source
@@ -70,6 +72,12 @@ class Bridge:
         )
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
+        if dormant_from is None and worker is None and not config.mqtt.shared_group:
+            dormant_from = 2
+        self.dormant_from = None if config.mqtt.embedded else dormant_from
+        """The first worker index whose session this bridge takes over at its first connect
+        (bridge/runtime/takeover.py); None: none (a worker but the first, or a user's group)."""
+        self._dormant: list[DormantSession] = []
         self.broker_warnings: list[str] = []
         """What the broker's last CONNACK weakens (bridge/mqtt/grants.py), said once each."""
         self.broker_info: dict[str, Any] = {}
@@ -181,12 +189,30 @@ class Bridge:
             extra_subscriptions=self.role.subscriptions(),
             # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
             unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
+            before_first_subscribe=self._take_over_dormant if self.dormant_from else None,
             shared_probe=(
                 self.topics.probe(mqtt_cfg.effective_client_id)
                 if cfg.mqtt.shared_group_check
                 else None
             ),
         )
+
+    async def _take_over_dormant(self) -> None:
+        """Drain and end the sessions of workers that no longer run, before subscribing."""
+        assert self.transport is not None and self.dormant_from is not None
+        self._dormant = await take_over(
+            self.config,
+            self.dormant_from,
+            self.transport.protocol_label,
+            self._submit,
+            self.log,
+        )
+        if self._dormant:
+            self.log.info(
+                "taking over the sessions of workers that no longer run",
+                workers=[s.index for s in self._dormant],
+                requests=sum(s.handed_over for s in self._dormant),
+            )
 
     def _stale_subscriptions(self) -> list[str]:
         """Request filters an earlier configuration may have left in our persistent session:
@@ -259,6 +285,8 @@ class Bridge:
                 unfinished=self.dispatcher.in_flight,
             )
         await self.dispatcher.cancel_all()  # nothing of a request outlives the bridge
+        for session in self._dormant:
+            await session.close()
         await self.transport.close(final=self.role.final_state)
 
     async def _open_journal(self) -> JournalLike | None:

@@ -543,3 +543,46 @@ def test_a_stuck_worker_is_killed_and_replaced(
         proc.close()
         for pid in _worker_pids(proc).values():
             _kill_quietly(pid)
+
+
+def test_switching_workers_off_on_off_runs_every_request_exactly_once(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    client: TestClient,
+) -> None:
+    """Requests sent while nothing runs, while one bridge runs and while workers run: each one is
+    executed once and answered once, across workers off, on, off (issue 23)."""
+    pool = _start(tmp_path, mosquitto, standin, topic_prefix, count=2)
+    config = pool.config_path
+    client.subscribe(f"{topic_prefix}/response/#")
+
+    def run(count: int, name: str, during: tuple[int, int], expect: int) -> None:
+        config.write_text(
+            re.sub(r"workers = \d+", f"workers = {count}", config.read_text(encoding="utf-8")),
+            encoding="utf-8",
+        )
+        proc = BridgeProcess(config, pool.env, tmp_path / f"{name}.log")
+        try:
+            proc.start()
+            _publish(client, *during)
+            client.wait_for(f"{topic_prefix}/response/#", expect, timeout=60)
+            assert proc.terminate() == 0
+        finally:
+            proc.close()
+            for pid in _worker_pids(proc).values():
+                _kill_quietly(pid)
+
+    run(2, "workers-1", (0, 10), 10)
+    _publish(client, 10, 20)  # nothing runs: queued in the group, in both workers' sessions
+    run(1, "single-1", (20, 30), 30)  # the single bridge takes over worker 2's session
+    _publish(client, 30, 40)  # queued for the single bridge's session
+    run(2, "workers-2", (40, 50), 50)
+    _publish(client, 50, 60)
+    run(1, "single-2", (60, 70), 70)
+    replies = Counter(
+        m.json()["transaction"] for m in client.messages(f"{topic_prefix}/response/#")
+    )
+    assert replies == Counter(range(70))
+    assert len(standin.requests) == 70
