@@ -369,9 +369,7 @@ class MqttTransport:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        other = self._other_subacks.pop(mid, None)
-        if other is not None and not other.done():
-            other.set_result(list(reasons))
+        if self._settle_other(mid, reasons):
             return
         fut = self._suback
         if mid != self._sub_mid or fut is None or fut.done():
@@ -390,16 +388,18 @@ class MqttTransport:
         fut.set_result(None)
 
     def _on_unsubscribe(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reasons: list[ReasonCode],
-        properties: Properties | None,
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
     ) -> None:
+        self._settle_other(mid, reasons)
+
+    def _settle_other(self, mid: int, reasons: list[ReasonCode]) -> bool:
+        """Hand a SUBACK or UNSUBACK to its subscribe_now or unsubscribe_now; whether it was one."""
         waiter = self._other_subacks.pop(mid, None)
-        if waiter is not None and not waiter.done():
+        if waiter is None:
+            return False
+        if not waiter.done():
             waiter.set_result(list(reasons))
+        return True
 
     # --- public API -------------------------------------------------------------------------------
 
