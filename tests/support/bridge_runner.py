@@ -16,6 +16,7 @@ from typing import Any, Self
 from bridge.config import BridgeConfig, load_config
 from bridge.runtime import logs
 from bridge.runtime.daemon import Bridge
+from support.broker import free_port
 
 TEST_API_KEY = "sk-test-SECRET-4f7c2a9e8b1d"
 TEST_MQTT_PASSWORD = "mqtt-PASSWORD-93e1c0ffee"
@@ -294,3 +295,15 @@ class _Deadline:
     def pause(self) -> None:
         # Another process writes the file: there is no event to wait on, so poll briefly.
         self._event.wait(0.02)
+
+
+def broken_tls_config(tmp_path: Path) -> Path:
+    """Embedded broker on a free port, and a CA file that exists but is not a certificate."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        f'[mqtt]\nhost = ""\nport = {free_port()}\n\n[mqtt.tls]\nca_file = "{ca}"\n\n'
+        '[service]\napi_base = "http://127.0.0.1:9/v1"\n\n[homeassistant]\ndiscovery = false\n'
+    )
+    return path

@@ -8,27 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.bridge_runner import broken_tls_config
 from support.broker import free_port
-from support.cli import LEAKS, cli
-from support.imports import top_level_packages_after
 
 from bridge.config import load_config
-from bridge.errors import EX_CONFIG, StartupError
+from bridge.errors import StartupError
 from bridge.runtime import logs
 from bridge.runtime.daemon import Bridge
 from bridge.runtime.process import GC_YOUNG_THRESHOLD
-
-
-def broken_tls_config(tmp_path: Path) -> Path:
-    """Embedded broker on a free port, and a CA file that exists but is not a certificate."""
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
-    path = tmp_path / "bridge.toml"
-    path.write_text(
-        f'[mqtt]\nhost = ""\nport = {free_port()}\n\n[mqtt.tls]\nca_file = "{ca}"\n\n'
-        '[service]\napi_base = "http://127.0.0.1:9/v1"\n\n[homeassistant]\ndiscovery = false\n'
-    )
-    return path
 
 
 def port_is_free(port: int) -> bool:
@@ -60,16 +47,6 @@ async def test_an_unusable_tls_file_closes_the_embedded_broker_and_the_http_sess
     gc.collect()
 
 
-def test_the_command_exits_78_with_one_clear_line_and_no_traceback(tmp_path: Path) -> None:
-    path = broken_tls_config(tmp_path)
-    proc = cli("--config", str(path), dev=True, env={"HOME": str(tmp_path)})
-    assert proc.returncode == EX_CONFIG
-    output = proc.stdout + proc.stderr
-    assert "cannot use the [mqtt.tls] files" in output
-    for leak in LEAKS:
-        assert leak not in output
-
-
 async def test_without_the_trial_broker_installed_the_embedded_mode_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -80,10 +57,3 @@ async def test_without_the_trial_broker_installed_the_embedded_mode_says_what_to
     logs.configure("warning", "json", stream=sys.stderr)
     with pytest.raises(StartupError, match=r"openai-mqtt-bridge\[trial\]"):
         await Bridge(load_config(path)).run()
-
-
-def test_the_daemon_does_not_import_the_trial_broker() -> None:
-    loaded = top_level_packages_after(
-        "import bridge.cli.main, bridge.runtime.daemon, bridge.runtime.logs"
-    )
-    assert not loaded & {"amqtt", "typer", "psutil"}
