@@ -99,7 +99,13 @@ def cmd_call(
     tag = suffix or f"cli-{uuid.uuid4().hex[:12]}"
     request_topic = f"{prefix}/request/{prepared.method}/{tag}"
     reply_topic = f"{prefix}/response/{prepared.method}/{tag}"
-    collector = ReplyCollector(reply_topic, prepared.payload["transaction"], prepared.options)
+    collector = ReplyCollector(
+        reply_topic,
+        prepared.payload["transaction"],
+        prepared.options,
+        stream_topic=f"{prefix}/stream/{prepared.method}/{tag}",
+        on_event=print_event,
+    )
     host = config.mqtt.host or "127.0.0.1"
     broker = f"{host}:{config.mqtt.port}"
     try:
@@ -107,6 +113,7 @@ def cmd_call(
             config.mqtt,
             host=host,
             state_prefix=f"{prefix}/bridge/",
+            instance=config.mqtt.instance_name,
             subscriptions=collector.subscriptions,
             request_topic=request_topic,
             payload=dumps(prepared.payload),
@@ -182,6 +189,12 @@ def prepare(
         return EX_USAGE
     payload.setdefault("transaction", uuid.uuid4().hex)
     return PreparedCall(op.name, payload, options)
+
+
+def print_event(event: bytes) -> None:
+    """Print one stream event (or job progress) as it arrives: a JSON line on stdout."""
+    sys.stdout.buffer.write(event.rstrip(b"\n") + b"\n")
+    sys.stdout.flush()
 
 
 def show(outcome: CallOutcome, output: str | None) -> int:

@@ -8,6 +8,7 @@ message arrives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,17 +55,27 @@ class ReplyCollector:
     reply_topic: str
     transaction: Any
     options: ReplyOptions
+    stream_topic: str = ""
+    """Where stream events and job progress of this call arrive ("": not watched)."""
+    on_event: Callable[[bytes], None] | None = None
+    """Called with each stream event of this call as it arrives."""
     _chunks: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def subscriptions(self) -> list[str]:
         """The topic filters to subscribe to before publishing the request."""
+        topics = [self.reply_topic]
         if self.options.chunk_bytes is not None:
-            return [self.reply_topic, f"{self.reply_topic}/+"]
-        return [self.reply_topic]
+            topics.append(f"{self.reply_topic}/+")
+        if self.stream_topic:
+            topics.append(self.stream_topic)
+        return topics
 
     def feed(self, topic: str, payload: bytes) -> CallOutcome | None:
         """Take one message; the outcome once the reply is complete, else None."""
+        if topic == self.stream_topic:
+            self._event(payload)
+            return None
         if topic != self.reply_topic:
             tail = topic[len(self.reply_topic) + 1 :]
             if topic.startswith(self.reply_topic + "/") and tail.isdigit():
@@ -85,9 +96,26 @@ class ReplyCollector:
             reply = loads(payload)
         except ValueError:
             return None
-        if not isinstance(reply, dict) or reply.get("transaction") != self.transaction:
+        if not isinstance(reply, dict) or not self._ours(reply):
             return None
         return CallOutcome(0 if reply.get("status") == "ok" else 1, dumps(reply) + b"\n")
+
+    def _ours(self, reply: dict[str, Any]) -> bool:
+        """Whether an envelope on the reply topic answers this call: its transaction, or an error
+        without one (the bridge could not read the request, e.g. payload_too_large; the topic's
+        suffix is this call's own)."""
+        if "transaction" not in reply:
+            return reply.get("status") == "error"
+        return bool(reply["transaction"] == self.transaction)
+
+    def _event(self, payload: bytes) -> None:
+        try:
+            event = loads(payload)
+        except ValueError:
+            return
+        ours = isinstance(event, dict) and event.get("transaction") == self.transaction
+        if ours and self.on_event is not None:
+            self.on_event(payload)
 
     def _assembled(self, payload: bytes) -> CallOutcome | None:
         try:

@@ -43,6 +43,7 @@ def request_reply(
     *,
     host: str,
     state_prefix: str,
+    instance: str,
     subscriptions: Sequence[str],
     request_topic: str,
     payload: bytes,
@@ -51,6 +52,9 @@ def request_reply(
     timeout: float,
 ) -> Exchange[T]:
     """Publish `payload` once a bridge under `state_prefix` is online; feed the replies.
+
+    The state is watched on `<state_prefix>+/state` and on `instance`'s exact state topic: some
+    brokers (RabbitMQ) send retained messages only to exact-topic subscriptions.
 
     Raises BrokerUnreachable when the broker cannot be reached.
     """
@@ -65,7 +69,8 @@ def request_reply(
             done.set()
             online.set()
             return
-        client.subscribe([(topic, 1) for topic in subscriptions] + [(state_filter, 1)])
+        states = [(state_filter, 1), (f"{state_prefix}{instance}/state", 1)]
+        client.subscribe([(topic, 1) for topic in subscriptions] + states)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         topic = msg.topic

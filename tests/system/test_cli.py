@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
@@ -143,3 +146,68 @@ def test_call_reply_option_flags(
     assert bad.returncode == 64 and "_bridge.select is not a JMESPath expression" in bad.stderr
     assert all(b"_bridge" not in r.body for r in standin.requests)
     assert len(standin.requests) == 4  # the bad --select never reached the bridge
+
+
+def test_call_stops_at_a_payload_too_large_reply_without_transaction(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    """The bridge cannot read a too-large request's transaction; `call` knows its own topic."""
+    path, env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        limits={"max_request_bytes": 1024},
+    )
+    payload = json.dumps({"input": "x" * 4000})
+    with BridgeThread.from_file(path, env):
+        started = time.monotonic()
+        out = cli("call", "createModeration", payload, "--timeout", "30", "--config", str(path))
+        took = time.monotonic() - started
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout)["error"]["code"] == "payload_too_large"
+    assert took < 20
+    assert standin.requests == []
+
+
+def test_call_with_stream_prints_each_event_as_it_arrives(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+        for word in ("Hel", "lo")
+    ] + [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    # Each later event comes 1.5 s after the one before: the first line must be out by then.
+    standin.script(
+        "POST",
+        "/chat/completions",
+        Reply(sse=[(None, json.dumps(c)) for c in chunks] + [(None, "[DONE]")], sse_delay=1.5),
+    )
+    question = json.dumps({"model": "m", "messages": [], "stream": True, "transaction": "s1"})
+    with BridgeThread.from_file(path, env):
+        command = ["call", "createChatCompletion", question, "--config", str(path)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        )
+        try:
+            assert proc.stdout is not None
+            first = json.loads(proc.stdout.readline())
+            still_running = proc.poll() is None
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert first["seq"] == 0 and first["transaction"] == "s1"
+    assert first["data"]["choices"][0]["delta"]["content"] == "Hel"
+    assert still_running
+    lines = [json.loads(line) for line in rest.splitlines()]
+    assert [e["seq"] for e in lines[:-1]] == [1, 2]
+    assert lines[-1]["status"] == "ok" and lines[-1]["transaction"] == "s1"
+    assert proc.returncode == 0
