@@ -261,6 +261,9 @@ class BridgeConfig(_Section):
         """Every secret value in force, for log and reply redaction."""
         out = [self.service.api_key.get_secret_value(), self.mqtt.password.get_secret_value()]
         out.append(_url_password(self.journal.url.get_secret_value()))
+        out.append(_url_password(self.service.api_base))
+        # Any extra header may carry a credential (a gateway's token, an organisation id).
+        out.extend(self.service.extra_headers.values())
         return [s for s in out if s]
 
     def redacted(self) -> dict[str, Any]:
@@ -268,6 +271,12 @@ class BridgeConfig(_Section):
         data = self.model_dump(mode="json")
         data["service"]["api_key"] = "**********" if self.service.api_key.get_secret_value() else ""
         data["mqtt"]["password"] = "**********" if self.mqtt.password.get_secret_value() else ""
+        data["service"]["extra_headers"] = dict.fromkeys(self.service.extra_headers, "**********")
+        password = _url_password(self.service.api_base)
+        if password:
+            data["service"]["api_base"] = self.service.api_base.replace(
+                f":{password}@", ":**********@", 1
+            )
         return data
 
 

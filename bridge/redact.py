@@ -1,37 +1,84 @@
-"""Secret redaction: every configured secret becomes `**********` in text, bytes and values."""
+"""Secret redaction: every configured secret becomes `**********` in text, bytes and values.
+
+A secret is hidden in each form a service host or a transformation could show it in: as it is,
+JSON-escaped (`\\/`, or every character as `\\uXXXX`), percent-encoded (path and query forms,
+either hex case) and base64 (each of the three alignments, standard and URL-safe alphabets). A
+value that ends with the start of a secret, or starts with its end (a cut), loses that piece too
+when it is at least `MIN_PIECE` characters long.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, AnyStr
+from urllib.parse import quote, quote_plus
 
 REDACTED = "**********"
+MIN_SECRET = 4
+"""Shorter values are not treated as secrets (they would redact ordinary text)."""
+MIN_PIECE = 8
+"""A cut piece of a secret this long, at either end of a value, is redacted too."""
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every form of `secret` the bridge hides (see the module's docstring)."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret)[1:-1].replace("/", "\\/")}
+    forms |= {
+        "".join(f"\\u{ord(c):04x}" for c in secret),
+        "".join(f"\\u{ord(c):04X}" for c in secret),
+    }
+    for encoded in (quote(secret, safe=""), quote_plus(secret, safe="")):
+        forms |= {encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded)}
+    raw = secret.encode("utf-8")
+    for pad in range(3):
+        # The characters that depend on the secret's bytes alone at this alignment.
+        encoded_bytes = base64.b64encode(b"\0" * pad + raw)
+        start, end = (0, 2, 3)[pad], ((pad + len(raw)) // 3) * 4
+        core = encoded_bytes[start:end].decode("ascii")
+        if len(core) >= MIN_PIECE:
+            forms |= {core, core.replace("+", "-").replace("/", "_")}
+    return {form for form in forms if len(form) >= MIN_SECRET}
 
 
 class Redactor:
-    """Replaces every occurrence of the configured secrets in strings, bytes and nested values."""
+    """Replaces every form of the configured secrets in strings, bytes and nested values."""
 
     def __init__(self, secrets: list[str] | None = None) -> None:
         self.secrets: list[str] = []
         self.set(secrets or [])
 
     def set(self, secrets: list[str]) -> None:
-        """Replace the secrets to hide (longest first, so a secret containing another is whole)."""
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-        self._bytes = [s.encode("utf-8") for s in self.secrets]
+        """Replace the secrets to hide (longest form first, so a form containing another is
+        replaced whole)."""
+        self.secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET}, key=len, reverse=True)
+        forms: set[str] = set()
+        for secret in self.secrets:
+            forms |= secret_forms(secret)
+        self._forms = sorted(forms, key=len, reverse=True)
+        self._bytes = [form.encode("utf-8") for form in self._forms]
+        self._cut = [s for s in self.secrets if len(s) > MIN_PIECE]
+        """Secrets whose cut pieces are looked for at the ends of a value."""
+        self._cut_bytes = [s.encode("utf-8") for s in self._cut]
 
     def text(self, value: str) -> str:
         """`value` with every secret replaced."""
-        for secret in self.secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
+        for form in self._forms:
+            if form in value:
+                value = value.replace(form, REDACTED)
+        for secret in self._cut:
+            value = _cut_ends(value, secret, REDACTED)
         return value
 
     def data(self, value: bytes) -> bytes:
         """`value` (e.g. a reply payload) with every secret replaced."""
-        for secret in self._bytes:
-            if secret in value:
-                value = value.replace(secret, REDACTED.encode())
+        for form in self._bytes:
+            if form in value:
+                value = value.replace(form, _REDACTED_BYTES)
+        for secret_bytes in self._cut_bytes:
+            value = _cut_ends(value, secret_bytes, _REDACTED_BYTES)
         return value
 
     def any(self, value: Any) -> Any:
@@ -56,3 +103,32 @@ class Redactor:
                 elif isinstance(val, dict | list | tuple | str):
                     event_dict[key] = self.any(val)
         return event_dict
+
+
+_REDACTED_BYTES = REDACTED.encode()
+
+
+def _cut_ends(value: AnyStr, secret: AnyStr, mask: AnyStr) -> AnyStr:
+    """`value` with a cut piece of `secret` (MIN_PIECE characters or more) at either end
+    replaced by `mask`: a value starting with the secret's end, or ending with its start.
+
+    A few `find`s over at most len(secret) characters at each end, whatever the value's size;
+    `value` is copied only on a hit.
+    """
+    size, reach = len(value), len(secret) - 1
+    last = secret[-MIN_PIECE:]
+    at = value.find(last, 0, reach)
+    while at != -1:
+        end = at + MIN_PIECE
+        if secret.endswith(value[:end]):
+            value = mask + value[end:]
+            size = len(value)
+            break
+        at = value.find(last, at + 1, reach)
+    first = secret[:MIN_PIECE]
+    at = value.find(first, max(size - reach, 0))
+    while at != -1:
+        if secret.startswith(value[at:]):
+            return value[:at] + mask
+        at = value.find(first, at + 1)
+    return value

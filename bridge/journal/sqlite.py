@@ -91,7 +91,9 @@ class SqliteStore:
         self._last_age_prune = 0.0
         self.pruned = 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Answers may hold anything a device asked: only this user reads them, whatever the
+            # umask (SQLite gives its -wal and -shm files the database file's mode).
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise JournalUnavailable(
                 f"cannot create the state directory {str(path.parent)!r}: {exc.strerror}"
@@ -100,6 +102,13 @@ class SqliteStore:
             raise JournalUnavailable(f"journal {str(path)!r} is not readable and writable")
         if not os.access(path.parent, os.W_OK):
             raise JournalUnavailable(f"state directory {str(path.parent)!r} is not writable")
+        try:
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        except OSError as exc:
+            raise JournalUnavailable(
+                f"cannot create journal {str(path)!r}: {exc.strerror}"
+            ) from None
         try:
             # isolation_level=None: transactions are begun and committed explicitly below.
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -301,8 +301,9 @@ class Dispatcher:
             else None
         )
         result = await self.service.send(call.take_request(), sink)
-        if call.options.chunk_bytes is not None:
-            # Redacted whole: a secret must not slip through by straddling two chunks.
+        if not call.options.is_default:
+            # Redacted whole before it is selected, cut or split into chunks: a secret must not
+            # slip through half cut, reversed, or straddling two chunks.
             result.body = self.redactor.data(result.body)
         outcome = render.answer(call.op, call.transaction, result, sink, call.options)
         if sink is not None:

@@ -263,6 +263,7 @@ def _sniff_text(data: bytes) -> tuple[str, str] | None:
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[^\x00-\x1f\x7f]*)?")
 _FILENAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
+_NAME_BAD = re.compile(r'[\x00-\x1f\x7f"]')
 
 # --- encoding ------------------------------------------------------------------------------------
 
@@ -288,6 +289,12 @@ def encode_form(op: Operation, fields: dict[str, Any]) -> tuple[FormPart, ...]:
     for name, value in fields.items():
         if value is None:
             continue
+        if _NAME_BAD.search(name) is not None:
+            # A control character or quote would end the part's header early (or be rewritten
+            # by the HTTP library): the device's mistake, refused as such.
+            raise InvalidParameter(
+                name[:60], f"form field name {name[:60]!r} holds a control character or a quote"
+            )
         if name in file_fields:
             if isinstance(value, list):
                 _check_takes_several(op, name)

@@ -74,7 +74,8 @@ class TopicStreamSink:
             return
         if self.options.format == "plain":
             if not is_done(event):
-                data = _event_data(event)
+                # Redacted before it is cut into pieces of max_bytes, not piece by piece.
+                data = self.redactor.any(_event_data(event))
                 for text in plain_stream_payloads(event.event, data, self.options.max_bytes):
                     if not await self._publish(self.redactor.data(text), PLAIN_TYPE):
                         return
@@ -113,7 +114,8 @@ class TopicStreamSink:
             await asyncio.gather(*pending)
 
     def finish(self) -> Any:
-        """The final reply data; raises why the sink stopped, or StreamInterrupted if cut short."""
+        """The final reply data, redacted (a select may transform it next); raises why the sink
+        stopped, or StreamInterrupted if cut short."""
         if self._failure is not None:
             raise self._failure
-        return self._assembler.result()
+        return self.redactor.any(self._assembler.result())

@@ -37,8 +37,10 @@ class AiohttpTransport:
         self.config = config
         self._credentials = frozenset(
             {"authorization", "proxy-authorization", config.api_key_name.lower()}
+            | {name.lower() for name in config.extra_headers}
         )
-        """Header names never sent to another origin than the service host's."""
+        """Header names never sent to another origin than the service host's: the key's, and
+        every extra header (it may carry a credential)."""
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=config.total_timeout,

@@ -12,6 +12,7 @@ from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
 PREFIX = "redirects"
+GATEWAY = {"X-Gateway-Token": "gw-token-5e2f9a7c31"}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,10 @@ def env(
 ) -> Iterator[tuple[TestClient, Standin]]:
     # A custom key header (Azure's): aiohttp's own redirect handling would forward it anywhere.
     with module_bridge(
-        tmp_path_factory, mosquitto, PREFIX, service={"api_key_name": "api-key"}
+        tmp_path_factory,
+        mosquitto,
+        PREFIX,
+        service={"api_key_name": "api-key", "extra_headers": GATEWAY},
     ) as (_, client, standin):
         yield client, standin
 
@@ -44,6 +48,7 @@ def test_same_origin_redirect_keeps_method_body_and_key(env: tuple[TestClient, S
     first, second = standin.requests
     assert (second.method, second.path) == ("POST", "/moved")
     assert second.headers["api-key"] == TEST_API_KEY
+    assert second.headers["X-Gateway-Token"] == GATEWAY["X-Gateway-Token"]
     assert second.json() == first.json() == {"model": "m", "input": "hi"}
 
 
@@ -65,6 +70,9 @@ def test_cross_origin_redirect_drops_the_key(
     assert "api-key" not in elsewhere.headers
     assert "Authorization" not in elsewhere.headers
     assert TEST_API_KEY not in repr(elsewhere.headers)
+    # Extra headers may carry a gateway's credential: dropped like the key.
+    assert "X-Gateway-Token" not in elsewhere.headers
+    assert GATEWAY["X-Gateway-Token"] not in repr(elsewhere.headers)
 
 
 def test_see_other_becomes_a_get_without_body(env: tuple[TestClient, Standin]) -> None:

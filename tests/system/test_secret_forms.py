@@ -1,0 +1,124 @@
+"""No secret reaches a device in any form, even from a service host that echoes the key.
+
+A gateway or debug route may echo the credentials it was sent (OpenAI itself masks keys). The
+stand-in here puts the key, an extra header's token and the api_base password into its answers
+raw, JSON-escaped, `\\u`-escaped, percent-encoded and base64-encoded; the bridge's replies,
+stream events, stats and log lines must hold none of them, whatever the reply options do.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+import pytest
+from support.bridge_runner import TEST_API_KEY, BridgeThread
+from support.bridges import StartBridge
+from support.mqtt_client import TestClient
+from support.standin import RecordedRequest, Reply, Standin
+
+TOKEN = "gw-token-0b7d3e19aa"
+SECRETS = (TEST_API_KEY, TOKEN)
+
+
+def forms(secret: str) -> dict[str, str]:
+    """The ways a service host could show `secret`."""
+    raw = secret.encode()
+    return {
+        "raw": secret,
+        "json-escaped": json.dumps(secret).replace("/", "\\/")[1:-1],
+        "unicode-escaped": "".join(f"\\u{ord(c):04x}" for c in secret),
+        "percent": quote(secret, safe=""),
+        "percent-plus": quote_plus(secret),
+        "base64": base64.b64encode(raw).decode(),
+        "base64+1": base64.b64encode(b"x" + raw).decode(),
+        "base64+2": base64.urlsafe_b64encode(b"xy" + raw).decode(),
+    }
+
+
+def leaked(text: bytes) -> list[str]:
+    """Which secret pieces (8 characters of a secret, or a whole form) `text` holds."""
+    found = []
+    for secret in SECRETS:
+        for i in range(len(secret) - 7):
+            if secret[i : i + 8].encode() in text:
+                found.append(f"{secret[:4]}... piece {i}")
+                break
+    return found
+
+
+def echo(request: RecordedRequest) -> Reply:
+    """An answer that shows every credential of `request` in every form."""
+    shown = {}
+    for name, value in request.headers.items():
+        if TEST_API_KEY in value or TOKEN in value:
+            secret = TEST_API_KEY if TEST_API_KEY in value else TOKEN
+            shown.update({f"{name}-{form}": text for form, text in forms(secret).items()})
+    body = json.dumps({"object": "list", "data": [], "echo": shown})
+    # The raw \u form must stay escaped in the body itself, not be decoded by the JSON encoder.
+    return Reply(body=body.encode(), content_type="application/json")
+
+
+@pytest.fixture
+def echoing(start_bridge: StartBridge, standin: Standin) -> Iterator[BridgeThread]:
+    standin.script("GET", "/models", echo)
+    standin.script(
+        "POST", "/audio/speech", lambda r: Reply(body=b"RIFF" + TEST_API_KEY.encode() * 3)
+    )
+    standin.script(
+        "POST",
+        "/chat/completions",
+        Reply(
+            sse=[
+                (None, json.dumps({"choices": [{"delta": {"content": f"key {TEST_API_KEY} ok"}}]}))
+            ]
+        ),
+    )
+    bridge = start_bridge(
+        service={"extra_headers": {"X-Gateway-Token": TOKEN}},
+        extra={"homeassistant": {"stats_interval": 1}},
+    )
+    yield bridge
+    for secret in SECRETS:
+        assert secret not in bridge.log_text()
+    assert leaked(bridge.log_text().encode()) == []
+
+
+OPTIONS: list[dict[str, Any] | None] = [
+    None,
+    {"select": "echo"},
+    {"select": "reverse(to_string(echo))", "format": "plain"},
+    {"format": "plain", "max_bytes": 40, "select": "to_string(echo)"},
+    {"format": "raw", "chunk_bytes": 128},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_an_echoed_key_never_reaches_a_device_in_any_form(
+    echoing: BridgeThread, client: TestClient, options: dict[str, Any] | None
+) -> None:
+    client.subscribe(f"{client.prefix}/#")
+    payload: dict[str, Any] = {"transaction": 1}
+    if options is not None:
+        payload["_bridge"] = options
+    reply = client.request_raw("listModels", payload)
+    assert reply.payload  # an answer, not silence
+    everything = b"\n".join(m.payload for m in client.messages(f"{client.prefix}/#"))
+    assert leaked(everything) == []
+
+
+def test_a_binary_answer_and_a_plain_stream_hold_no_key(
+    echoing: BridgeThread, client: TestClient
+) -> None:
+    client.subscribe(f"{client.prefix}/#")
+    speech = client.request("createSpeech", {"model": "tts-1", "voice": "a", "input": "x"})
+    assert speech["status"] == "ok"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    plain = {"format": "plain", "max_bytes": 32}  # pieces smaller than the key
+    client.request_raw("createChatCompletion", {**chat, "_bridge": plain}, timeout=20)
+    everything = b"\n".join(m.payload for m in client.messages(f"{client.prefix}/#"))
+    assert leaked(everything) == []
+    assert b"**********" in everything
