@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import errno
 import logging
@@ -26,6 +28,40 @@ _STARTUP_FAILED = "Broker startup failed"
 # At shutdown amqtt drops what it has not delivered yet (typically the bridge's own `offline`
 # state); the trial broker promises nothing across a stop, so that is no news to the user.
 _SHUTDOWN_DROPS = ("messages not broadcasted",)
+
+
+EXISTING_BROKER_NOTICE = (
+    "no [mqtt] host configured and a broker already answers MQTT on {host}:{port}: using it "
+    "instead of the embedded trial broker (set [mqtt] host to choose a broker)"
+)
+
+# An MQTT 3.1.1 CONNECT: clean session, keepalive 10 s, client id "omb-probe".
+_PROBE_CONNECT = b"\x10\x15\x00\x04MQTT\x04\x02\x00\x0a\x00\x09omb-probe"
+_CONNACK = 0x20
+_DISCONNECT = b"\xe0\x00"
+
+
+async def answers_mqtt(host: str, port: int, wait: float = 1.5) -> bool:
+    """Whether something on host:port answers an MQTT CONNECT with a CONNACK (then disconnects)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(_PROBE_CONNECT)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4), wait)
+        if len(head) >= 2 and head[0] == _CONNACK:
+            writer.write(_DISCONNECT)
+            await writer.drain()
+            return True
+        return False
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def port_busy_message(port: int) -> str:

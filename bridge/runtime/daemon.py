@@ -17,8 +17,10 @@ from bridge.methods.model import MethodTable
 from bridge.mqtt.client import MqttTransport
 from bridge.mqtt.trial_broker import (
     EMBEDDED_NOTICE,
+    EXISTING_BROKER_NOTICE,
     EmbeddedBroker,
     PortInUse,
+    answers_mqtt,
     port_busy_message,
 )
 from bridge.pipeline.dispatch import Dispatcher
@@ -134,7 +136,12 @@ class Bridge:
             await self.role.enter(stack)
             cfg = self.config
             mqtt_cfg, protocol = cfg.mqtt, None
-            if cfg.mqtt.embedded:
+            if cfg.mqtt.embedded and await answers_mqtt("127.0.0.1", cfg.mqtt.port):
+                self.log.warning(
+                    EXISTING_BROKER_NOTICE.format(host="127.0.0.1", port=cfg.mqtt.port)
+                )
+                mqtt_cfg = cfg.mqtt.model_copy(update={"host": "127.0.0.1"})
+            elif cfg.mqtt.embedded:
                 embedded = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
                 await self._start_embedded(embedded)
                 stack.push_async_callback(embedded.stop)

@@ -286,3 +286,37 @@ def test_real_base64_that_starts_like_a_path_still_decodes() -> None:
     text = base64.b64encode(data).decode()
     parts = encode_form(op, {"model": "whisper-1", "file": text})
     assert [p.value for p in parts if p.name == "file"] == [data]
+
+
+def test_no_host_uses_a_broker_that_already_answers_on_the_port(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin
+) -> None:
+    """`./test.sh` leaves Debian's Mosquitto on 1883; `./start.sh` with no host then uses it."""
+    path, env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix="existing",
+        mqtt={"host": ""},
+    )
+    standin.script("POST", "/moderations", Reply(json={"flagged": False}))
+    with BridgeThread.from_file(path, env) as bridge:
+        with TestClient.for_broker(mosquitto, prefix="existing") as c:
+            reply = c.request("createModeration", {"input": "hi", "transaction": 1})
+    assert reply["status"] == "ok"
+    notices = [line for line in bridge.log_text().splitlines() if "already answers MQTT" in line]
+    assert len(notices) == 1
+    assert f"127.0.0.1:{mosquitto.port}" in notices[0]
+    assert "embedded amqtt broker on" not in bridge.log_text()
+
+
+def test_start_sh_help_prints_the_help() -> None:
+    out = subprocess.run(
+        [str(REPO / "start.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and "--config" in out.stdout
