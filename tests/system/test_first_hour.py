@@ -300,9 +300,11 @@ def test_no_host_uses_a_broker_that_already_answers_on_the_port(
         mqtt={"host": ""},
     )
     standin.script("POST", "/moderations", Reply(json={"flagged": False}))
-    with BridgeThread.from_file(path, env) as bridge:
-        with TestClient.for_broker(mosquitto, prefix="existing") as c:
-            reply = c.request("createModeration", {"input": "hi", "transaction": 1})
+    with (
+        BridgeThread.from_file(path, env) as bridge,
+        TestClient.for_broker(mosquitto, prefix="existing") as c,
+    ):
+        reply = c.request("createModeration", {"input": "hi", "transaction": 1})
     assert reply["status"] == "ok"
     notices = [line for line in bridge.log_text().splitlines() if "already answers MQTT" in line]
     assert len(notices) == 1
