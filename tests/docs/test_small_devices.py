@@ -25,7 +25,12 @@ from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
 from support.broker import MosquittoBroker, MosquittoNotInstalled
 from support.fakes import random_binary
 from support.mqtt_client import MQTTv311, TestClient
-from support.small_device import PubSubClientLike, packet_size, umqtt_simple_module
+from support.small_device import (
+    PubSubClientLike,
+    micropython_json,
+    packet_size,
+    umqtt_simple_module,
+)
 from support.standin import Reply, Standin
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "small-devices.md").read_text()
@@ -453,3 +458,27 @@ def test_the_documented_sizes(fresh: Env) -> None:
     table = DOC.split("<!-- sizes -->\n", 1)[1].split("<!-- /sizes -->", 1)[0]
     documented = table.strip().splitlines()[2:]
     assert documented == rows, "\n".join(rows)
+
+
+def test_micropython_example_asks_a_non_ascii_question(
+    fresh: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """umqtt.simple sizes a PUBLISH with len(): the example must hand it bytes (issue 23)."""
+    question = "Is 30 °C too warm for basil? Ünd what about 35 °C in the sun, über mittags?"
+    code = re.sub(r'print\(ask\(".*"\)\)', f"print(ask({question!r}))", MICROPYTHON_CODE)
+    assert code.startswith("import json\n")
+    code = code.removeprefix("import json\n")  # MicroPython's json instead, bound below
+    shim = umqtt_simple_module({BROKER_NAME: (fresh.broker.host, fresh.broker.port)})
+    package = type(sys)("umqtt")
+    package.simple = shim  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "umqtt", package)
+    monkeypatch.setitem(sys.modules, "umqtt.simple", shim)
+    fresh.standin.script("POST", "/chat/completions", chat_reply("Fine below 32 °C."))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(
+            compile(code, "small-devices.md", "exec"),
+            {"__name__": "__main__", "json": micropython_json()},
+        )
+    assert out.getvalue() == "Fine below 32 °C.\n"
+    assert fresh.standin.last.json()["messages"] == [{"role": "user", "content": question}]

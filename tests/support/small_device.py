@@ -11,6 +11,7 @@ umqtt.simple's `MQTTClient` API on CPython sockets, for running the MicroPython 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 import threading
@@ -18,7 +19,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PubSubClientLike", "packet_size", "umqtt_simple_module"]
+__all__ = ["PubSubClientLike", "micropython_json", "packet_size", "umqtt_simple_module"]
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK, _SUBSCRIBE, _SUBACK, _DISCONNECT = (
     0x10,
@@ -242,9 +243,20 @@ def umqtt_simple_module(servers: dict[str, tuple[str, int]]) -> types.ModuleType
             self, topic: str | bytes, msg: str | bytes, retain: bool = False, qos: int = 0
         ) -> None:
             assert self._conn is not None
-            name = topic.decode() if isinstance(topic, bytes) else topic
-            data = msg.encode() if isinstance(msg, str) else msg
-            self._conn.publish(name, data, qos, self._next_pid())
+            # As umqtt.simple does: the remaining length counts `len(topic) + len(msg)`, which is
+            # characters for a str, while the socket writes a str's UTF-8 bytes. A str with
+            # non-ASCII characters therefore makes a corrupt packet, exactly as on the device.
+            remaining = 2 + len(topic) + len(msg) + (2 if qos else 0)
+            pid = self._next_pid()
+            wire = [t.encode() if isinstance(t, str) else t for t in (topic, msg)]
+            self._conn.send(
+                bytes([_PUBLISH | (qos << 1) | retain])
+                + _remaining_length(remaining)
+                + struct.pack("!H", len(topic))
+                + wire[0]
+                + (struct.pack("!H", pid) if qos else b"")
+                + wire[1]
+            )
             while qos == 1 and self.wait_msg() != _PUBACK:
                 pass
 
@@ -267,4 +279,13 @@ def umqtt_simple_module(servers: dict[str, tuple[str, int]]) -> types.ModuleType
     module = types.ModuleType("umqtt.simple")
     module.MQTTClient = MQTTClient  # type: ignore[attr-defined]
     module.MQTTException = MQTTException  # type: ignore[attr-defined]
+    return module
+
+
+def micropython_json() -> types.ModuleType:
+    """MicroPython's `json`: `dumps` writes non-ASCII characters as they are (CPython's escapes
+    them as \\uXXXX by default, which would hide umqtt.simple's sizing by characters)."""
+    module = types.ModuleType("json")
+    module.dumps = lambda obj: json.dumps(obj, ensure_ascii=False)  # type: ignore[attr-defined]
+    module.loads = json.loads  # type: ignore[attr-defined]
     return module
