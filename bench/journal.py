@@ -8,8 +8,8 @@ is at `warning`, so the journal is the only writer. Settings, alternated over `-
 
 - off: no journal;
 - jobs: only job-creating operations journal (chat is not one: the cost of having it on);
-- answers (full): every answer committed with an fsync per commit (the default);
-- answers (normal): every answer committed without fsync (crash-safe, not power-loss-safe).
+- answers (full): every answer committed with an fsync per commit (power-loss-safe);
+- answers (normal): every answer committed without fsync (crash-safe; the default since issue 27).
 
     .venv/bin/python bench/journal.py                 # C = 1 and 16, 2,000 requests, 3 rounds
     .venv/bin/python bench/journal.py --count 500 --reps 1

@@ -225,8 +225,9 @@ class JournalConfig(_Section):
     """Seconds an entry answers a redelivered request; cover `[mqtt] session_expiry`."""
     max_answer_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
     """Larger answers are not journaled (a crash before their reply buys them again)."""
-    synchronous: Literal["normal", "full"] = "full"
-    """`full`: fsync every commit (survives power loss); `normal`: survives a crash only."""
+    synchronous: Literal["normal", "full"] = "normal"
+    """`normal`: survives a crash of the bridge (kill -9, OOM); `full`: fsync every commit
+    (survives power loss too, at about twice the bytes written)."""
     url: SecretStr = SecretStr("")
     """`postgresql://user:password@host/db`: one journal shared by a group (needs asyncpg);
     empty: the SQLite file at `path`."""

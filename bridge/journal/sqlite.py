@@ -21,6 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,20 @@ if TYPE_CHECKING:
 
 """What is journaled: nothing, waited jobs and job-creating answers only, or every answer."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added `packed` (the answer stored zlib-compressed); a version 1 file gets the column."""
 APPLICATION_ID = 0x4F4D424A  # "OMBJ": a file that is not ours is refused, not overwritten
 _BATCH = 256
 """Most queued operations handled per commit."""
 _PRUNE_EVERY = 60.0
 """Seconds between age prunings (size is checked on every commit)."""
+_PAGE_SIZE = 512
+"""Page size of a new journal: a commit writes whole pages to the WAL, so small pages write
+less per answer (docs/reliability.md#what-it-costs; an existing file keeps its own)."""
+_WAL_BYTES = 4 << 20
+"""WAL bytes between checkpoints: rarer checkpoints copy the often-changed pages less often."""
+_PACK_LEVEL = 1
+"""zlib level for stored answers: level 1 already takes a chat answer to about 60 %."""
 
 
 class JournalUnavailable(Exception):
@@ -67,9 +76,11 @@ CREATE TABLE IF NOT EXISTS entries (
     reply_topic TEXT NOT NULL,
     answer BLOB,
     content_type TEXT,
-    job BLOB
+    job BLOB,
+    packed INTEGER NOT NULL DEFAULT 0
 );
 """
+_ADD_PACKED = "ALTER TABLE entries ADD COLUMN packed INTEGER NOT NULL DEFAULT 0"
 
 
 class SqliteStore:
@@ -81,7 +92,7 @@ class SqliteStore:
         *,
         max_bytes: int,
         max_age: float,
-        synchronous: Literal["normal", "full"] = "full",
+        synchronous: Literal["normal", "full"] = "normal",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
@@ -135,6 +146,8 @@ class SqliteStore:
             raise sqlite3.DatabaseError("the file is an SQLite database but not a bridge journal")
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"written by a newer bridge (schema {version})")
+        if not tables:  # only a new file takes a page size (before WAL mode creates it)
+            db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"WAL mode refused (got {mode})")
@@ -142,9 +155,12 @@ class SqliteStore:
         # The WAL file is truncated back to this size after each checkpoint.
         db.execute(f"PRAGMA journal_size_limit = {min(self.max_bytes, 4 << 20)}")
         db.executescript(_SCHEMA)
+        if tables and version < 2:
+            db.execute(_ADD_PACKED)
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_BYTES // self._page_size}")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {str(check)[:200]}")
@@ -154,13 +170,15 @@ class SqliteStore:
     def get(self, key: bytes) -> JournalEntry | None:
         """The entry for `key` unless older than `max_age`."""
         row = self._db.execute(
-            "SELECT created, reply_topic, answer, content_type, job FROM entries WHERE key = ?",
+            "SELECT created, reply_topic, answer, content_type, job, packed FROM entries "
+            "WHERE key = ?",
             (key,),
         ).fetchone()
         if row is None or row[0] < self._clock() - self.max_age:
             return None
         job = loads(row[4]) if row[4] is not None else None
-        return JournalEntry(key, row[0], row[1], row[2], row[3], job)
+        answer = zlib.decompress(row[2]) if row[5] and row[2] is not None else row[2]
+        return JournalEntry(key, row[0], row[1], answer, row[3], job)
 
     def begin(self) -> None:
         """Start one write transaction for a batch of puts."""
@@ -169,12 +187,15 @@ class SqliteStore:
     def put_answer(
         self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
     ) -> None:
-        """Record (or complete) the answer for `key`; inside `begin()`/`commit()`."""
+        """Record (or complete) the answer for `key`, compressed when that is smaller."""
+        packed = zlib.compress(answer, _PACK_LEVEL)
+        stored, is_packed = (packed, 1) if len(packed) < len(answer) else (answer, 0)
         self._db.execute(
-            "INSERT INTO entries (key, created, reply_topic, answer, content_type) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, "
-            "reply_topic = excluded.reply_topic, content_type = excluded.content_type",
-            (key, self._clock(), reply_topic, answer, content_type),
+            "INSERT INTO entries (key, created, reply_topic, answer, content_type, packed) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, "
+            "reply_topic = excluded.reply_topic, content_type = excluded.content_type, "
+            "packed = excluded.packed",
+            (key, self._clock(), reply_topic, stored, content_type, is_packed),
         )
 
     def put_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> None:
@@ -182,7 +203,7 @@ class SqliteStore:
         self._db.execute(
             "INSERT INTO entries (key, created, reply_topic, job) VALUES (?, ?, ?, ?) "
             # A job started anew for this key (its earlier answer too old to reuse) replaces it.
-            "ON CONFLICT (key) DO UPDATE SET job = excluded.job, answer = NULL",
+            "ON CONFLICT (key) DO UPDATE SET job = excluded.job, answer = NULL, packed = 0",
             (key, self._clock(), reply_topic, dumps(dict(job))),
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -312,3 +313,47 @@ async def test_keys_of_the_dedup_window_are_known_at_start(tmp_path: Path) -> No
     journal = open_journal(path, RecordingLog(), recent_seconds=3600 * 24 * 365 * 60)
     assert journal is not None and journal.recent == frozenset({key(0), key(1), key(2)})
     await journal.close()
+
+
+def test_answers_are_stored_packed_in_small_pages_and_read_back_whole(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    store = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)
+    chat = b'{"choices": [{"message": {"content": "' + b"the light is on. " * 60 + b'"}}]}'
+    tiny = b"{}"
+    store.begin()
+    store.put_answer(key(1), "openai/response/x", chat)
+    store.put_answer(key(2), "openai/response/y", tiny)  # packing would grow it: kept as is
+    store.commit()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        stored = dict(db.execute("SELECT key, length(answer) FROM entries").fetchall())
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 512
+    assert stored[key(1)] < len(chat) // 2
+    assert stored[key(2)] == len(tiny)
+    assert [store.get(key(i)).answer for i in (1, 2)] == [chat, tiny]  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_version_1_journal_is_upgraded_and_its_answers_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(
+        "PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;"
+        "CREATE TABLE entries (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, created REAL "
+        "NOT NULL, reply_topic TEXT NOT NULL, answer BLOB, content_type TEXT, job BLOB);"
+        "PRAGMA application_id = 1330463306; PRAGMA user_version = 1;"
+    )
+    old.execute(
+        "INSERT INTO entries (key, created, reply_topic, answer) VALUES (?, ?, ?, ?)",
+        (key(1), 1e12, "openai/response/x", b'{"old": true}'),
+    )
+    old.close()
+    store = SqliteStore(path, max_bytes=1 << 20, max_age=1e13)
+    assert store.get(key(1)).answer == b'{"old": true}'  # type: ignore[union-attr]
+    store.begin()
+    store.put_answer(key(2), "openai/response/y", b'{"new": "' + b"n" * 200 + b'"}')
+    store.commit()
+    assert store.get(key(2)).answer == b'{"new": "' + b"n" * 200 + b'"}'  # type: ignore[union-attr]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # an old file keeps it
+    store.close()
