@@ -228,6 +228,10 @@ class JournalConfig(_Section):
     synchronous: Literal["normal", "full"] = "normal"
     """`normal`: survives a crash of the bridge (kill -9, OOM); `full`: fsync every commit
     (survives power loss too, at about twice the bytes written)."""
+    poison_after: Annotated[int, Field(ge=1, le=100)] = 2
+    """A request whose upstream call was started this many times without the bridge ever
+    answering it (each start ended by a crash, a kill or a power loss) is answered
+    `poison_request` instead of being executed again."""
     url: SecretStr = SecretStr("")
     """`postgresql://user:password@host/db`: one journal shared by a group (needs asyncpg);
     empty: the SQLite file at `path`."""

@@ -210,6 +210,12 @@ class AnswerTooLarge(BridgeError):
     code = "answer_too_large"
 
 
+class PoisonRequest(BridgeError):
+    """The request was being executed when the bridge stopped `[journal] poison_after` times."""
+
+    code = "poison_request"
+
+
 class ReplyTooLarge(BridgeError):
     """The reply would exceed the largest packet the broker accepts."""
 

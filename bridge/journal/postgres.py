@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS omb_journal (
     answer BYTEA,
     content_type TEXT,
     job BYTEA
-)
+);
+ALTER TABLE omb_journal ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0
 """
 
 
@@ -173,6 +174,31 @@ class PgJournal:
             self._clock(),
             reply_topic,
             dumps(dict(job)),
+        )
+
+    async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
+        """Commit one more start of `key`'s upstream call before it is made; the number of
+        starts not yet settled, this one included (None when not journaled)."""
+        if self._closed:
+            return None
+        try:
+            count = await self.pool.fetchval(
+                "INSERT INTO omb_journal (key, created, reply_topic, attempts) "
+                "VALUES ($1, $2, $3, 1) ON CONFLICT (key) DO UPDATE SET "
+                "attempts = omb_journal.attempts + 1 RETURNING attempts",
+                key,
+                self._clock(),
+                reply_topic,
+            )
+        except Exception as exc:  # noqa: BLE001  (a journal error must never fail a request)
+            self.log.warning("journal write failed", error=str(exc)[:200])
+            return None
+        return int(count)
+
+    async def settle_attempt(self, key: bytes) -> bool:
+        """Record that `key`'s request was answered (its starts no longer count)."""
+        return await self._write(
+            "UPDATE omb_journal SET attempts = 0 WHERE key = $1 AND attempts > 0", key
         )
 
     async def close(self) -> None:

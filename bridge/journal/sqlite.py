@@ -15,6 +15,7 @@ reported and then skipped: the bridge answers without it and never refuses to ru
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import queue
@@ -35,11 +36,14 @@ if TYPE_CHECKING:
 
 """What is journaled: nothing, waited jobs and job-creating answers only, or every answer."""
 
-SCHEMA_VERSION = 2
-"""2 added `packed` (the answer stored zlib-compressed); a version 1 file gets the column."""
+SCHEMA_VERSION = 3
+"""2 added `packed` (the answer stored zlib-compressed), 3 `attempts` (starts of a request's
+call that never finished); an older file gets the columns."""
 APPLICATION_ID = 0x4F4D424A  # "OMBJ": a file that is not ours is refused, not overwritten
 _BATCH = 256
 """Most queued operations handled per commit."""
+_WRITES = frozenset({"answer", "job", "attempt"})
+"""Operations committed together in one transaction per batch."""
 _PRUNE_EVERY = 60.0
 """Seconds between age prunings (size is checked on every commit)."""
 _PAGE_SIZE = 512
@@ -77,10 +81,12 @@ CREATE TABLE IF NOT EXISTS entries (
     answer BLOB,
     content_type TEXT,
     job BLOB,
-    packed INTEGER NOT NULL DEFAULT 0
+    packed INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 """
 _ADD_PACKED = "ALTER TABLE entries ADD COLUMN packed INTEGER NOT NULL DEFAULT 0"
+_ADD_ATTEMPTS = "ALTER TABLE entries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"
 
 
 class SqliteStore:
@@ -157,6 +163,8 @@ class SqliteStore:
         db.executescript(_SCHEMA)
         if tables and version < 2:
             db.execute(_ADD_PACKED)
+        if tables and version < 3:
+            db.execute(_ADD_ATTEMPTS)
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
@@ -206,6 +214,19 @@ class SqliteStore:
             "ON CONFLICT (key) DO UPDATE SET job = excluded.job, answer = NULL, packed = 0",
             (key, self._clock(), reply_topic, dumps(dict(job))),
         )
+
+    def put_attempt(self, key: bytes, reply_topic: str) -> int:
+        """Count one more start of `key`'s upstream call; the count, this one included."""
+        row = self._db.execute(
+            "INSERT INTO entries (key, created, reply_topic, attempts) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (key) DO UPDATE SET attempts = attempts + 1 RETURNING attempts",
+            (key, self._clock(), reply_topic),
+        ).fetchone()
+        return int(row[0])
+
+    def put_settled(self, key: bytes) -> None:
+        """Forget `key`'s unfinished starts: its request was answered."""
+        self._db.execute("UPDATE entries SET attempts = 0 WHERE key = ? AND attempts > 0", (key,))
 
     def commit(self) -> None:
         """Keep the data within its bounds, then make the batch durable (per `synchronous`)."""
@@ -286,7 +307,7 @@ class SqliteStore:
 
 @dataclass(slots=True)
 class _Work:
-    kind: Literal["get", "answer", "job", "stats", "stop"]
+    kind: Literal["get", "answer", "job", "attempt", "stats", "stop"]
     args: tuple[Any, ...]
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None
@@ -329,6 +350,8 @@ class Journal:
         self.failed_writes = 0
         self.commits = 0
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._settles: collections.deque[bytes] = collections.deque()
+        """Keys answered since the last commit (appended by the loop, taken by the worker)."""
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
         self._closed = False
@@ -403,6 +426,24 @@ class Journal:
         ok: bool = await self._submit("job", key, reply_topic, dict(job))
         return ok
 
+    async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
+        """Commit one more start of `key`'s upstream call before it is made; the number of
+        starts not yet settled, this one included (None when not journaled)."""
+        count: int | None = await self._submit("attempt", key, reply_topic)
+        return count
+
+    async def settle_attempt(self, key: bytes) -> bool:
+        """Record that `key`'s request was answered (its starts no longer count).
+
+        Written with the next commit, not one of its own: a settle lost to a crash leaves one
+        start too many on that key until it is pruned, where a commit would cost an fsync per
+        request.
+        """
+        if self._closed:
+            return False
+        self._settles.append(key)
+        return True
+
     async def stats(self) -> JournalStats | None:
         """Counts and file size (None on a read error)."""
         result: JournalStats | None = await self._submit("stats")
@@ -443,10 +484,9 @@ class Journal:
 
     def _handle(self, batch: list[_Work]) -> bool:
         """Run one batch: reads at once, writes in one transaction; True after `stop`."""
-        writes = [w for w in batch if w.kind in ("answer", "job")]
+        writes = [w for w in batch if w.kind in _WRITES]
         if writes:
-            ok = self._write(writes)
-            _settle([(work, ok) for work in writes])  # their replies wait: before the reads
+            _settle(self._write(writes))  # their replies (and upstream calls) wait: before reads
         results: list[tuple[_Work, Any]] = []
         stop = None
         for work in batch:
@@ -457,28 +497,40 @@ class Journal:
             elif work.kind == "stop":
                 stop = work
         if stop is not None:
+            if self._settles:
+                self._write([])
             self.store.close()
             results.append((stop, None))
         _settle(results)
         return stop is not None
 
-    def _write(self, writes: list[_Work]) -> bool:
+    def _write(self, writes: list[_Work]) -> list[tuple[_Work, Any]]:
+        """One transaction for `writes`; each one's result (True, or a count), or its failure
+        value (False, None for a count) when the transaction failed."""
         store = self.store
+        results: list[tuple[_Work, Any]] = []
+        settles = [self._settles.popleft() for _ in range(len(self._settles))]
         try:
             store.begin()
+            for settled in settles:  # before the writes: a new start of the key counts anew
+                store.put_settled(settled)
             for work in writes:
                 if work.kind == "answer":
                     store.put_answer(*work.args)
-                else:
+                    results.append((work, True))
+                elif work.kind == "job":
                     store.put_job(*work.args)
+                    results.append((work, True))
+                else:
+                    results.append((work, store.put_attempt(*work.args)))
             store.commit()
         except sqlite3.Error as exc:
             store.rollback()
             self.failed_writes += len(writes)
             self._report(exc, len(writes))
-            return False
+            return [(work, None if work.kind == "attempt" else False) for work in writes]
         self.commits += 1
-        return True
+        return results
 
     def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import BridgeConfig
-from bridge.errors import BridgeError, InternalError
+from bridge.errors import BridgeError, InternalError, PoisonRequest
 from bridge.messages import InboundMessage, Publisher
+from bridge.methods.jobs import job_kind
 from bridge.methods.model import MethodTable
 from bridge.pipeline import render
 from bridge.pipeline.access import AccessRules, ReplyTopicRules
@@ -237,10 +238,59 @@ class Dispatcher:
                 message, route, recalled.payload, recalled.content_type, recalled.source
             )
             return
-        outcome = await self._outcome(message, route, decision, key, slot)
-        outcome = await self.deliverer.deliver(message, route, outcome, key)
+        counted = await self._count_start(message, route, decision, key)
+        if isinstance(counted, Rejection):
+            decision = counted
+        try:
+            outcome = await self._outcome(message, route, decision, key, slot)
+            outcome = await self.deliverer.deliver(message, route, outcome, key)
+        except asyncio.CancelledError:
+            # Stopped by a shutdown, not killed by the request: that start does not count.
+            if counted is not None and key is not None and self.journal is not None:
+                await asyncio.shield(self.journal.settle_attempt(key))
+            raise
+        if counted is not None and key is not None and self.journal is not None:
+            await self.journal.settle_attempt(key)
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
+
+    async def _count_start(
+        self, message: InboundMessage, route: Route, decision: Call | Rejection, key: bytes | None
+    ) -> Rejection | bool | None:
+        """Journal that `decision`'s upstream call starts, before it does (None: not counted).
+
+        A request the broker redelivers after every crash it causes (a memory blow-up, say)
+        would otherwise be executed, and paid for, forever: once its call was started
+        `[journal] poison_after` times without an answer, the Rejection to send instead.
+        """
+        journal = self.journal
+        if (
+            journal is None
+            or key is None
+            or message.qos == 0  # never redelivered, so never a loop
+            or not isinstance(decision, Call)
+            or decision.options.wait is not None  # a resumed wait does not call again
+            or (journal.scope == "jobs" and job_kind(decision.op.name) is None)
+        ):
+            return None
+        starts = await journal.begin_attempt(key, route.reply_topic)
+        if starts is None:
+            return None
+        unfinished = starts - 1
+        if unfinished < self.config.journal.poison_after:
+            return True
+        self.log.error(
+            "poison request refused",
+            topic=message.topic[:200],
+            unfinished_starts=unfinished,
+            hint="this request was being executed each time the bridge died; it is not run again",
+        )
+        error = PoisonRequest(
+            f"this request was being executed when the bridge stopped {unfinished} times "
+            f"([journal] poison_after = {self.config.journal.poison_after}); it is not "
+            "executed again"
+        )
+        return Rejection(decision.op.name, decision.transaction, error, decision.options)
 
     async def _outcome(
         self,

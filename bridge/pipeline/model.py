@@ -52,5 +52,12 @@ class JournalLike(Protocol):
     async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
         """Commit a waited job's state; False when not journaled."""
 
+    async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
+        """Commit one more start of `key`'s upstream call before it is made; the number of
+        starts not yet settled, this one included (None when not journaled)."""
+
+    async def settle_attempt(self, key: bytes) -> bool:
+        """Record that `key`'s request was answered (its starts no longer count)."""
+
     async def close(self) -> None:
         """Finish and close; later calls answer as if there were no journal."""

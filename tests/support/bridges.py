@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support.bridge_runner import TEST_API_KEY, BridgeThread, make_config
+from support.bridge_runner import TEST_API_KEY, BridgeProcess, BridgeThread, make_config
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Standin
 
 StartBridge = Callable[..., BridgeThread]
 """`start_bridge(**overrides)`: overrides go to `make_config` (mqtt=..., service=..., ...)."""
+
+
+def spawn_process(
+    tmp_path: Path,
+    processes: list[BridgeProcess],
+    broker: MosquittoBroker,
+    standin: Standin,
+    prefix: str,
+    **overrides: Any,
+) -> BridgeProcess:
+    """A started bridge process on `broker` and `standin` (`overrides` go to `make_config`),
+    added to `processes` (the fixture closes it and checks its log)."""
+    path, env = make_config(
+        tmp_path, broker_port=broker.port, api_base=standin.url, prefix=prefix, **overrides
+    )
+    proc = BridgeProcess(path, env, tmp_path / f"bridge-{len(processes)}.log")
+    processes.append(proc)
+    return proc.start()
 
 
 @contextlib.contextmanager

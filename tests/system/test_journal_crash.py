@@ -19,6 +19,7 @@ from support.bridge_runner import (
     make_config,
 )
 from support.bridge_runner import _Deadline as Deadline
+from support.bridges import spawn_process
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient, durable_client
 from support.standin import RecordedRequest, Reply, Standin
@@ -46,19 +47,17 @@ def spawn(
     prefix: str,
     journal: dict[str, Any],
 ) -> BridgeProcess:
-    path, env = make_config(
+    return spawn_process(
         tmp_path,
-        broker_port=broker.port,
-        api_base=standin.url,
-        prefix=prefix,
+        processes,
+        broker,
+        standin,
+        prefix,
         mqtt={"session_expiry": 600},
         # 64 calls open at once: the stall test waits for 64 journaled answers before the kill.
         limits={"max_concurrency": 64},
         extra={"journal": journal},
     )
-    proc = BridgeProcess(path, env, tmp_path / f"bridge-{len(processes)}.log")
-    processes.append(proc)
-    return proc.start()
 
 
 def wait_for_every_transaction(client: TestClient, prefix: str) -> Counter[Any]:

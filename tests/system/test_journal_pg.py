@@ -82,6 +82,19 @@ async def test_answers_and_jobs_round_trip_between_two_instances(pg_url: str) ->
     assert await first.lookup(key(1)) is None  # closed: as if there were none
 
 
+async def test_unfinished_starts_are_counted_across_a_group(pg_url: str) -> None:
+    first = await open_pg(pg_url, RecordingLog())
+    second = await open_pg(pg_url, RecordingLog())
+    assert first is not None and second is not None
+    assert await first.begin_attempt(key(5), "t") == 1
+    assert await second.begin_attempt(key(5), "t") == 2  # redelivered to another member
+    assert await second.settle_attempt(key(5))
+    assert await first.begin_attempt(key(5), "t") == 1
+    await first.close()
+    await second.close()
+    assert await first.begin_attempt(key(5), "t") is None
+
+
 async def test_old_entries_and_overflow_are_pruned(pg_url: str) -> None:
     opened = await open_pg(pg_url, RecordingLog())
     assert opened is not None

@@ -19,25 +19,10 @@ from support.bridge_runner import (
     BridgeThread,
     make_config,
 )
+from support.bridges import spawn_process
 from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient, durable_client
 from support.standin import Reply, Standin
-
-
-def spawn(
-    tmp_path: Path,
-    processes: list[BridgeProcess],
-    broker: MosquittoBroker,
-    standin: Standin,
-    prefix: str,
-    **overrides: Any,
-) -> BridgeProcess:
-    path, env = make_config(
-        tmp_path, broker_port=broker.port, api_base=standin.url, prefix=prefix, **overrides
-    )
-    proc = BridgeProcess(path, env, tmp_path / f"bridge-{len(processes)}.log")
-    processes.append(proc)
-    return proc.start()
 
 
 def inputs_seen(standin: Standin) -> Counter[str]:
@@ -70,7 +55,7 @@ def test_kill_9_with_requests_in_flight_loses_nothing(
     client = durable_client(own_mosquitto, topic_prefix)
     try:
         options = {"limits": {"max_concurrency": concurrency}, "mqtt": {"session_expiry": 600}}
-        first = spawn(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
+        first = spawn_process(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
         publish_requests(client, total)
         reached_api = standin.wait_for_requests(concurrency, timeout=10)
         first.kill()
@@ -78,7 +63,7 @@ def test_kill_9_with_requests_in_flight_loses_nothing(
         assert client.messages(f"{topic_prefix}/response/#") == []
 
         standin.set_latency(0.0)
-        spawn(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
+        spawn_process(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
         client.wait_for(f"{topic_prefix}/response/#", total, timeout=30)
 
         replies = replies_by_transaction(client, topic_prefix)
@@ -135,7 +120,7 @@ def test_sigterm_finishes_in_flight_publishes_offline_and_leaves_the_rest(
     client.subscribe(state)
     try:
         options = {"limits": {"max_concurrency": concurrency, "shutdown_grace": 10.0}}
-        first = spawn(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
+        first = spawn_process(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
         publish_requests(client, total)
         standin.wait_for_requests(concurrency, timeout=10)
         mark = client.mark()
@@ -146,7 +131,7 @@ def test_sigterm_finishes_in_flight_publishes_offline_and_leaves_the_rest(
         client.wait_for_one(state, after=mark, where=lambda m: m.json() == {"state": "offline"})
         # ... and the rest is answered by the next start.
         standin.set_latency(0.0)
-        spawn(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
+        spawn_process(tmp_path, processes, own_mosquitto, standin, topic_prefix, **options)
         client.wait_for(f"{topic_prefix}/response/#", total, timeout=30)
         replies = replies_by_transaction(client, topic_prefix)
         assert set(replies) == set(range(total)) and set(replies.values()) == {1}

@@ -354,6 +354,31 @@ def test_a_version_1_journal_is_upgraded_and_its_answers_still_read(tmp_path: Pa
     store.commit()
     assert store.get(key(2)).answer == b'{"new": "' + b"n" * 200 + b'"}'  # type: ignore[union-attr]
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # an old file keeps it
+    store.begin()
+    assert store.put_attempt(key(1), "openai/response/x") == 1  # schema 3's column, added
+    store.commit()
     store.close()
+
+
+async def test_unfinished_starts_are_counted_durably_and_settled(tmp_path: Path) -> None:
+    path, log = tmp_path / "journal.sqlite3", RecordingLog()
+    journal = open_journal(path, log)
+    assert journal is not None
+    assert await journal.begin_attempt(key(1), "r") == 1
+    assert await journal.begin_attempt(key(1), "r") == 2
+    await journal.close()  # as if the process had died with both starts open
+
+    again = open_journal(path, log)
+    assert again is not None
+    assert await again.begin_attempt(key(1), "r") == 3
+    assert await again.settle_attempt(key(1))
+    assert await again.begin_attempt(key(1), "r") == 1
+    # An answer recorded afterwards keeps its row; the count stays until settled.
+    assert await again.record_answer(key(1), "r", b"{}")
+    assert await again.settle_attempt(key(1))
+    entry = await again.lookup(key(1))
+    assert entry is not None and entry.answer == b"{}"
+    await again.close()
+    assert await again.begin_attempt(key(2), "r") is None  # closed: not journaled
