@@ -36,8 +36,8 @@ from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
 from bridge.pipeline.dedup import ReplyCache
 from bridge.pipeline.deliver import Deliverer
-from bridge.pipeline.model import JournalLike
-from bridge.pipeline.recall import Recall
+from bridge.pipeline.model import MISSING, JournalLike
+from bridge.pipeline.recall import Recall, Recalled
 from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
 from bridge.pipeline.waiting import JobWaiter
@@ -117,6 +117,9 @@ class Dispatcher:
         """Waits whose job id is journaled: stopped at once on shutdown, resumed after it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._running: dict[bytes, asyncio.Event] = {}
+        """Requests with a `transaction` being executed, by key: a repeat that arrives meanwhile
+        (a QoS 0 device resending) waits for that answer instead of calling again."""
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop of the first request (asyncio.create_task would ask for it every time)."""
         self.accepting = True
@@ -226,13 +229,7 @@ class Dispatcher:
         recalled = self.recall.redelivered(key, message)
         if recalled is None:
             decision = self.decider.decide(message, route)
-            recalled = await self.recall.repeated(
-                key,
-                message,
-                route.reply_topic,
-                decision.transaction,
-                journaled=isinstance(decision, Call),
-            )
+            recalled = await self._recalled(key, message, route, decision)
         if recalled is not None:
             await self.deliverer.replay(
                 message, route, recalled.payload, recalled.content_type, recalled.source
@@ -241,6 +238,9 @@ class Dispatcher:
         counted = await self._count_start(message, route, decision, key)
         if isinstance(counted, Rejection):
             decision = counted
+        running = None
+        if key is not None and isinstance(decision, Call) and decision.transaction is not MISSING:
+            running = self._running[key] = asyncio.Event()
         try:
             outcome = await self._outcome(message, route, decision, key, slot)
             outcome = await self.deliverer.deliver(message, route, outcome, key)
@@ -249,6 +249,10 @@ class Dispatcher:
             if counted is not None and key is not None and self.journal is not None:
                 await asyncio.shield(self.journal.settle_attempt(key))
             raise
+        finally:
+            if running is not None and key is not None:
+                del self._running[key]
+                running.set()
         if counted is not None and key is not None and self.journal is not None:
             await self.journal.settle_attempt(key)
         elapsed_ms = round((self._clock() - started) * 1000, 2)
@@ -291,6 +295,18 @@ class Dispatcher:
             "executed again"
         )
         return Rejection(decision.op.name, decision.transaction, error, decision.options)
+
+    async def _recalled(
+        self, key: bytes | None, message: InboundMessage, route: Route, decision: Call | Rejection
+    ) -> Recalled | None:
+        """The answer a repeat already has; a repeat of a request still running waits for it."""
+        journaled = isinstance(decision, Call)
+        running = self._running.get(key) if key is not None and journaled else None
+        if running is not None and decision.transaction is not MISSING:
+            await running.wait()
+        return await self.recall.repeated(
+            key, message, route.reply_topic, decision.transaction, journaled=journaled
+        )
 
     async def _outcome(
         self,

@@ -167,25 +167,33 @@ def pubsubclient(env: Env, name: str) -> PubSubClientLike:
     return PubSubClientLike(env.broker.host, env.broker.port, name)
 
 
+def arduino_request(transaction: int) -> bytes:
+    """What the sketch's ask() builds: `{"transaction":<n>,` in front of QUESTION."""
+    return f'{{"transaction":{transaction},{ARDUINO["QUESTION"]}'.encode()
+
+
 def test_arduino_example_gets_its_answer_within_256_bytes(fresh: Env) -> None:
     code = code_block("cpp", "## Arduino")
     assert "mqtt.subscribe(ANSWER_TOPIC, 1);" in code
-    assert "mqtt.publish(ASK_TOPIC, QUESTION);" in code
-    ask, answer, question = ARDUINO["ASK_TOPIC"], ARDUINO["ANSWER_TOPIC"], ARDUINO["QUESTION"]
-    options = json.loads(question)["_bridge"]
+    assert 'snprintf(request, sizeof request, "{\\"transaction\\":%lu,%s"' in code
+    assert "mqtt.publish(ASK_TOPIC, request);" in code
+    ask, answer = ARDUINO["ASK_TOPIC"], ARDUINO["ANSWER_TOPIC"]
+    options = json.loads(arduino_request(1))["_bridge"]
     assert options["max_bytes"] <= 249 - len(answer)  # the page's own rule for QoS 1
+    # The largest transaction the sketch makes still fits PubSubClient's 249 bytes.
+    assert len(ask) + len(arduino_request(2**32 - 1)) <= 249
     fresh.standin.script("POST", "/chat/completions", chat_reply(TIP_LONG), chat_reply(TIP_150))
     device = pubsubclient(fresh, "desk-esp32")
     try:
         assert device.subscribe(answer, 1)
-        assert device.publish(ask, question.encode())  # fits PubSubClient's own publish check
+        assert device.publish(ask, arduino_request(2**32 - 1))  # fits PubSubClient's check
         [(topic, payload)] = device.wait_for(lambda got: len(got) >= 1)
         assert topic == answer
         assert payload == TIP_LONG.encode()[: options["max_bytes"] - 3] + b"..."
         assert device.dropped == []
         assert packet_size(answer, len(payload), 1) <= 256
-        # A short answer arrives whole.
-        assert device.publish(ask, question.encode())
+        # The next question (a new transaction): a short answer arrives whole.
+        assert device.publish(ask, arduino_request(7))
         got = device.wait_for(lambda got: len(got) >= 2)
         assert got[1] == (answer, TIP_150.encode())
     finally:
@@ -194,8 +202,25 @@ def test_arduino_example_gets_its_answer_within_256_bytes(fresh: Env) -> None:
     assert "_bridge" not in seen.json()
 
 
+def test_arduino_resends_are_answered_without_asking_again(fresh: Env) -> None:
+    """The sketch resends an unanswered question with the same transaction: one upstream call,
+    every resend answered (the one whose answer was lost included)."""
+    ask, answer = ARDUINO["ASK_TOPIC"], ARDUINO["ANSWER_TOPIC"]
+    fresh.standin.script("POST", "/chat/completions", chat_reply(TIP_150))
+    device = pubsubclient(fresh, "desk-esp32-r")
+    try:
+        assert device.subscribe(answer, 1)
+        for _ in range(3):
+            assert device.publish(ask, arduino_request(123456))
+        got = device.wait_for(lambda got: len(got) >= 3)
+    finally:
+        device.close()
+    assert got == [(answer, TIP_150.encode())] * 3
+    assert len(fresh.standin.requests) == 1
+
+
 def test_arduino_device_drops_the_envelope_and_gets_errors_in_plain(fresh: Env) -> None:
-    ask, answer, question = ARDUINO["ASK_TOPIC"], ARDUINO["ANSWER_TOPIC"], ARDUINO["QUESTION"]
+    ask, answer, question = ARDUINO["ASK_TOPIC"], ARDUINO["ANSWER_TOPIC"], arduino_request(5)
     fresh.standin.script("POST", "/chat/completions", chat_reply(TIP_150))
     without = json.dumps({k: v for k, v in json.loads(question).items() if k != "_bridge"})
     device = pubsubclient(fresh, "desk-esp32-b")
@@ -210,7 +235,7 @@ def test_arduino_device_drops_the_envelope_and_gets_errors_in_plain(fresh: Env) 
             "/chat/completions",
             Reply.error(429, "Rate limit reached for gpt-4o-mini", code="rate_limit_exceeded"),
         )
-        assert device.publish(ask, question.encode())
+        assert device.publish(ask, question)
         [(topic, payload)] = device.wait_for(lambda got: len(got) >= 1, timeout=30)
         assert topic == answer
         assert payload.startswith(b"ERROR upstream_error: service host answered HTTP 429")
@@ -413,7 +438,7 @@ def test_the_documented_sizes(fresh: Env) -> None:
             sizes.append(len(got.payload))
         return sizes[0], sizes[1]
 
-    arduino = measure(ARDUINO["ASK_TOPIC"], json.loads(ARDUINO["QUESTION"]), chat_reply(TIP_150))
+    arduino = measure(ARDUINO["ASK_TOPIC"], json.loads(arduino_request(1)), chat_reply(TIP_150))
     rows.append(
         f"| Arduino: a 150-character chat answer | {arduino[0]:,} bytes (dropped by PubSubClient) "
         f"| {arduino[1]:,} bytes |"
