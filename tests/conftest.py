@@ -19,7 +19,7 @@ from support.bridge_runner import (
     BridgeThread,
     make_config,
 )
-from support.bridges import StartBridge
+from support.bridges import HTTP_PATHS, StartBridge
 from support.broker import MosquittoBroker, MosquittoNotInstalled
 from support.mqtt_client import TestClient
 from support.standin import Standin
@@ -83,6 +83,12 @@ def standin() -> Iterator[Standin]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module", params=sorted(HTTP_PATHS))
+def http_path(request: pytest.FixtureRequest) -> str:
+    """Each HTTP path in turn (`[service] lean_http` on and off), for a whole module."""
+    return str(request.param)
 
 
 @pytest.fixture

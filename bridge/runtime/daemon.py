@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from bridge.config import BridgeConfig, MqttConfig
+from bridge.config import BridgeConfig, MqttConfig, ServiceConfig
 from bridge.errors import EX_SOFTWARE, StartupError
 from bridge.journal.postgres import PgJournal
 from bridge.journal.sqlite import Journal
@@ -32,9 +32,21 @@ from bridge.runtime.roles import Role, Standalone, Worker
 from bridge.runtime.takeover import DormantSession, take_over
 from bridge.service.aiohttp_transport import AiohttpTransport
 from bridge.service.client import ServiceClient
+from bridge.service.transport import HttpTransport
 from bridge.topics import Topics
 from bridge.workers import protocol as workers
 from bridge.workers.link import WorkerLink
+
+
+def http_transport(config: ServiceConfig) -> HttpTransport:
+    """The lean path with aiohttp behind it when `lean_http` is on and httptools is installed."""
+    if config.lean_http:
+        try:
+            from bridge.service.lean_transport import LeanTransport
+        except ImportError:  # no httptools wheel for this machine: aiohttp does it all
+            return AiohttpTransport(config)
+        return LeanTransport(config, AiohttpTransport(config))
+    return AiohttpTransport(config)
 
 
 class EmbeddedPortBusy(StartupError):
@@ -152,7 +164,7 @@ class Bridge:
                 stack.push_async_callback(journal.close)
             service = ServiceClient(
                 cfg.service,
-                AiohttpTransport(cfg.service),
+                http_transport(cfg.service),
                 max_answer_bytes=cfg.limits.max_answer_bytes,
             )
             await service.start()

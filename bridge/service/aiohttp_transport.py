@@ -25,6 +25,9 @@ T = TypeVar("T")
 _TEXT_PART_TYPE = "text/plain; charset=utf-8"
 _FILE_PART_TYPE = "application/octet-stream"
 
+Hop = tuple[int, str] | None
+"""A redirect answered to a request sent elsewhere: its status and Location."""
+
 MAX_REDIRECTS = 10
 """Redirects followed for one request (aiohttp's own default); the last one is the answer."""
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -32,6 +35,9 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 class AiohttpTransport:
     """`HttpTransport` over one pooled aiohttp.ClientSession."""
+
+    user_agent = aiohttp.http.SERVER_SOFTWARE
+    """What aiohttp sends as User-Agent ("Python/3.11 aiohttp/3.14.5")."""
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
@@ -67,9 +73,12 @@ class AiohttpTransport:
             await self._session.close()
             self._session = None
 
-    async def exchange(self, request: HttpRequest, read: Callable[[Response], Awaitable[T]]) -> T:
+    async def exchange(
+        self, request: HttpRequest, read: Callable[[Response], Awaitable[T]], redirected: Hop = None
+    ) -> T:
         """Send `request`, following redirects; `read` reads the final response; aiohttp's
-        failures as TransportError."""
+        failures as TransportError. `redirected`: another transport sent it and was answered
+        with this redirect (status, Location); go on from there as if it had been sent here."""
         await self.start()
         assert self._session is not None
         method, url = request.method, yarl.URL(request.url, encoded=True)
@@ -78,6 +87,20 @@ class AiohttpTransport:
         hops = 0
         try:
             while True:
+                if redirected is not None:
+                    status, target = redirected
+                    redirected = None
+                    hops += 1
+                    url = url.join(yarl.URL(target))
+                    if status == 303 or (status in (301, 302) and method == "POST"):
+                        method, with_body = "GET", False  # what browsers, httpx and aiohttp do
+                        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+                    if url.origin() != origin:
+                        # The key belongs to the service host alone; httpx drops Authorization
+                        # the same way, and aiohttp would forward a custom key header (`api-key`).
+                        headers = {
+                            k: v for k, v in headers.items() if k.lower() not in self._credentials
+                        }
                 sent_headers, data = _body(request, headers) if with_body else (headers, None)
                 async with self._session.request(
                     method, url, headers=sent_headers, data=data, allow_redirects=False
@@ -86,17 +109,7 @@ class AiohttpTransport:
                     last = hops == MAX_REDIRECTS
                     if resp.status not in _REDIRECT_STATUSES or not location or last:
                         return await read(resp)
-                hops += 1
-                url = url.join(yarl.URL(location))
-                if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
-                    method, with_body = "GET", False  # what browsers, httpx and aiohttp do
-                    headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-                if url.origin() != origin:
-                    # The key belongs to the service host alone; httpx drops Authorization the
-                    # same way, and aiohttp would forward a custom key header such as `api-key`.
-                    headers = {
-                        k: v for k, v in headers.items() if k.lower() not in self._credentials
-                    }
+                    redirected = (resp.status, location)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise TransportError("timeout", "no answer in time") from None
         except aiohttp.ClientPayloadError as exc:

@@ -14,6 +14,10 @@ from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Standin
 
+HTTP_PATHS = {"lean": True, "aiohttp": False}
+"""`[service] lean_http` per HTTP path: the modules that check what reaches the service host run
+on both (the `http_path` fixture)."""
+
 StartBridge = Callable[..., BridgeThread]
 """`start_bridge(**overrides)`: overrides go to `make_config` (mqtt=..., service=..., ...)."""
 
@@ -41,13 +45,16 @@ def module_bridge(
     tmp_path_factory: pytest.TempPathFactory,
     mosquitto: MosquittoBroker,
     prefix: str,
+    http_path: str = "lean",
     **config: Any,
 ) -> Iterator[tuple[BridgeThread, TestClient, Standin]]:
-    """A stand-in, a bridge on `prefix` and a client, for a module's worth of requests.
+    """A stand-in, a bridge on `prefix` and a client, for a module's worth of requests, sending
+    through `http_path` (a key of HTTP_PATHS).
 
     On exit it checks that the API key never reached the bridge's log.
     """
     standin = Standin().start()
+    config["service"] = {"lean_http": HTTP_PATHS[http_path], **config.get("service", {})}
     path, env = make_config(
         tmp_path_factory.mktemp(prefix),
         broker_port=mosquitto.port,

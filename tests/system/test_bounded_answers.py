@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from support.bridge_runner import BridgeProcess, make_config
+from support.bridges import HTTP_PATHS
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
@@ -26,13 +27,18 @@ def test_a_download_larger_than_max_answer_bytes_is_refused_without_reading_it(
     standin: Standin,
     topic_prefix: str,
     processes: list[BridgeProcess],
+    http_path: str,
 ) -> None:
     big = b"\x7f" * (100 * MIB)  # passes the systemd unit's MemoryMax=256M once held twice
     standin.script("GET", "/files/file-big/content", Reply(body=big, content_type="audio/mpeg"))
     small = b"\x01" * MIB
     standin.script("GET", "/files/file-small/content", Reply(body=small, content_type="audio/mpeg"))
     path, env = make_config(
-        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        service={"lean_http": HTTP_PATHS[http_path]},
     )
     proc = BridgeProcess(path, env, tmp_path / "bridge.log")
     processes.append(proc)

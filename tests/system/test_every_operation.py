@@ -25,9 +25,9 @@ OPERATIONS = default_table().operations
 
 @pytest.fixture(scope="module")
 def every_env(
-    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker, http_path: str
 ) -> Iterator[tuple[TestClient, Standin]]:
-    with module_bridge(tmp_path_factory, mosquitto, PREFIX) as (_, client, standin):
+    with module_bridge(tmp_path_factory, mosquitto, PREFIX, http_path) as (_, client, standin):
         yield client, standin
 
 

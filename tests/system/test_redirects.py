@@ -24,13 +24,14 @@ def other_origin() -> Iterator[Standin]:
 
 @pytest.fixture(scope="module")
 def env(
-    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker, http_path: str
 ) -> Iterator[tuple[TestClient, Standin]]:
     # A custom key header (Azure's): aiohttp's own redirect handling would forward it anywhere.
     with module_bridge(
         tmp_path_factory,
         mosquitto,
         PREFIX,
+        http_path,
         service={"api_key_name": "api-key", "extra_headers": GATEWAY},
     ) as (_, client, standin):
         yield client, standin

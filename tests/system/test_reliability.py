@@ -19,7 +19,7 @@ from support.bridge_runner import (
     BridgeThread,
     make_config,
 )
-from support.bridges import spawn_process
+from support.bridges import HTTP_PATHS, spawn_process
 from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient, durable_client
 from support.standin import Reply, Standin
@@ -193,14 +193,15 @@ def test_systemd_notify_ready_watchdog_stopping(
 
 @pytest.fixture
 def bridge(
-    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str, http_path: str
 ) -> Iterator[BridgeThread]:
+    service = {"max_retries": 2, "read_timeout": 0.5, "total_timeout": 5.0}
     path, env = make_config(
         tmp_path,
         broker_port=mosquitto.port,
         api_base=standin.url,
         prefix=topic_prefix,
-        service={"max_retries": 2, "read_timeout": 0.5, "total_timeout": 5.0},
+        service={**service, "lean_http": HTTP_PATHS[http_path]},
     )
     with BridgeThread.from_file(path, env) as running:
         yield running
@@ -247,14 +248,18 @@ def test_persistent_5xx_gives_a_retryable_error_after_the_retries(
 
 
 def test_refused_connection_is_retried_then_reported(
-    tmp_path: Path, mosquitto: MosquittoBroker, client: TestClient, topic_prefix: str
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    client: TestClient,
+    topic_prefix: str,
+    http_path: str,
 ) -> None:
     path, env = make_config(
         tmp_path,
         broker_port=mosquitto.port,
         api_base=f"http://127.0.0.1:{free_port()}/v1",
         prefix=topic_prefix,
-        service={"max_retries": 2},
+        service={"max_retries": 2, "lean_http": HTTP_PATHS[http_path]},
     )
     with BridgeThread.from_file(path, env) as running:
         error = client.request("listModels", {})["error"]

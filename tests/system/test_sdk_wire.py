@@ -20,9 +20,9 @@ INCLUDE_QUERY = "include[]=message.output_text.logprobs&include[]=file_search_ca
 
 @pytest.fixture(scope="module")
 def wire_env(
-    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker, http_path: str
 ) -> Iterator[tuple[TestClient, Standin]]:
-    with module_bridge(tmp_path_factory, mosquitto, PREFIX) as (_, client, standin):
+    with module_bridge(tmp_path_factory, mosquitto, PREFIX, http_path) as (_, client, standin):
         standin.set_default(Reply(json={"object": "stand-in"}))
         yield client, standin
 
