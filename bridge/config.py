@@ -245,6 +245,9 @@ class JobsConfig(_Section):
 
     max_waiting: Annotated[int, Field(ge=1, le=4096)] = 16
     """Jobs followed at once, besides `[limits] max_concurrency` (a bounded pool of its own)."""
+    max_waiting_per_caller: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Jobs followed at once for one caller (the request topic's first suffix level, the device
+    in docs/security.md's ACL; requests without a suffix are one caller)."""
     wait_timeout: Annotated[float, Field(gt=0)] = 3600.0
     """Seconds before `job_timeout` when the request names no `wait.timeout`."""
     poll_min: Annotated[float, Field(gt=0)] = 1.0

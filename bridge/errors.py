@@ -216,6 +216,14 @@ class PoisonRequest(BridgeError):
     code = "poison_request"
 
 
+class TooManyWaits(BridgeError):
+    """`_bridge` `wait` refused: `[jobs] max_waiting` in total or `max_waiting_per_caller` for
+    this caller are being followed already; nothing was sent."""
+
+    code = "too_many_waits"
+    retryable = True
+
+
 class ReplyTooLarge(BridgeError):
     """The reply would exceed the largest packet the broker accepts."""
 

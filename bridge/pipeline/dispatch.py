@@ -19,6 +19,7 @@ the way becomes the request's one error reply (`_outcome`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import time
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import BridgeConfig
-from bridge.errors import BridgeError, InternalError, PoisonRequest
+from bridge.errors import BridgeError, InternalError, PoisonRequest, TooManyWaits
 from bridge.messages import InboundMessage, Publisher
 from bridge.methods.jobs import job_kind
 from bridge.methods.model import MethodTable
@@ -112,7 +113,8 @@ class Dispatcher:
             config=config.jobs,
             log=log,
         )
-        self._wait_slots = asyncio.Semaphore(config.jobs.max_waiting)
+        self._waiting: collections.Counter[str] = collections.Counter()
+        """Waits being followed, by caller (the request topic's first suffix level)."""
         self._tracked_waits: set[asyncio.Task[Any]] = set()
         """Waits whose job id is journaled: stopped at once on shutdown, resumed after it."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -335,21 +337,51 @@ class Dispatcher:
     async def _wait(
         self, route: Route, call: Call, key: bytes | None, slot: _Slot
     ) -> render.Outcome:
-        """Follow the job `call` starts in the wait pool, leaving the request slot free."""
+        """Follow the job `call` starts in the wait pool, leaving the request slot free.
+
+        The pool is bounded in total and per caller, and a wait that finds it full is refused
+        (`too_many_waits`, before the job is created) rather than queued: a queued wait would
+        hold its unacknowledged request, and enough of them would fill the broker's in-flight
+        window and stop every other request. A resumed wait (its job already journaled) was
+        admitted before the restart and is followed whatever the counts.
+        """
         slot.release()  # a job may take hours: the wait pool bounds these instead
         task = asyncio.current_task()
+        caller = route.topic.suffix.partition("/")[0]
+        resumed = await self.waiter.resumable(key)
+        if resumed is None:
+            self._admit_wait(caller)
+        self._waiting[caller] += 1
         try:
-            async with self._wait_slots:
-                resumed = await self.waiter.resumable(key)
 
-                def tracked() -> None:
-                    if task is not None and self.journal is not None:
-                        self._tracked_waits.add(task)
+            def tracked() -> None:
+                if task is not None and self.journal is not None:
+                    self._tracked_waits.add(task)
 
-                return await self.waiter.follow(call, route, key, resumed, tracked)
+            return await self.waiter.follow(call, route, key, resumed, tracked)
         finally:
+            self._waiting[caller] -= 1
+            if not self._waiting[caller]:
+                del self._waiting[caller]
             if task is not None:
                 self._tracked_waits.discard(task)
+
+    def _admit_wait(self, caller: str) -> None:
+        """Raise TooManyWaits when the wait pool, or this caller's share of it, is full."""
+        jobs = self.config.jobs
+        total = sum(self._waiting.values())
+        if total >= jobs.max_waiting:
+            raise TooManyWaits(
+                f"{total} jobs are being waited on already ([jobs] max_waiting = "
+                f"{jobs.max_waiting}); nothing was started: try again later, or start the job "
+                "without wait and retrieve it yourself"
+            )
+        if self._waiting[caller] >= jobs.max_waiting_per_caller:
+            who = f"caller {caller[:100]!r}" if caller else "requests without a topic suffix"
+            raise TooManyWaits(
+                f"{who} waits on {self._waiting[caller]} jobs already ([jobs] "
+                f"max_waiting_per_caller = {jobs.max_waiting_per_caller}); nothing was started"
+            )
 
     async def _execute(self, route: Route, call: Call) -> render.Outcome:
         """Send the call (its events to a sink when it streams) and render the answer."""
