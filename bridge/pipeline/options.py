@@ -72,8 +72,10 @@ class Selection:
         try:
             interpreter = _counting_interpreter()(_bounded_options(), self.max_steps)
             found = interpreter.visit(self.compiled.parsed, data)
-        except (jmespath.exceptions.JMESPathError, RecursionError):
-            # A type error on this answer's data must not hide a paid answer behind an error.
+        except (jmespath.exceptions.JMESPathError, RecursionError, ArithmeticError, TypeError):
+            # A type error on this answer's data must not hide a paid answer behind an error;
+            # jmespath lets some escape as Python's own (`max_by` over mixed types: TypeError,
+            # `floor` of an infinite sum: OverflowError).
             return None
         _check_size(found, MAX_SELECT_RESULT_BYTES)
         return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import sqlite3
@@ -310,12 +311,18 @@ def test_a_repeat_after_a_restart_is_answered_from_the_journal(
     request = {"transaction": "t-1", "input": "hello"}
     with TestClient.for_broker(mosquitto, prefix=topic_prefix) as client:
         with BridgeThread.from_file(path, env):
-            first = client.request("createModeration", request)
+            first = client.request("createModeration", request, suffix="door")
         with BridgeThread.from_file(path, env) as second:
             # The same request again (not a redelivery): the reply cache died with the first
             # process; the journal knows it was answered within dedup_seconds.
-            again = client.request("createModeration", request)
+            again = client.request("createModeration", request, suffix="door")
             other = client.request("createModeration", {"transaction": "t-2", "input": "x"})
     assert again == first and other["status"] == "ok"
     assert [r.json()["input"] for r in standin.requests] == ["hello", "x"]
-    assert '"status": "journaled"' in second.log_text()
+    [served] = [
+        json.loads(line)
+        for line in second.log_text().splitlines()
+        if '"status": "journaled"' in line
+    ]
+    # The journal-served line names the request like every other: suffix and transaction.
+    assert served["transaction"] == "t-1" and served["suffix"] == "door"

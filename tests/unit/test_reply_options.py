@@ -507,3 +507,20 @@ def test_a_select_of_shared_references_is_measured_as_it_would_be_sent() -> None
     selection = compile_select(f"[{wide}, {wide}, {wide}]")
     with pytest.raises(SelectTooLarge):
         selection.search({"blob": "y" * 60_000})  # 120 references to 60 KB: 7 MB as JSON
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "max_by(mixed, &@)",
+        "min_by(mixed, &@)",
+        "sort_by(mixed, &@)",
+        "floor(sum(huge))",
+        "ceil(sum(huge))",
+    ],
+)
+def test_a_select_that_jmespath_fails_with_a_python_error_gives_null(expression: str) -> None:
+    # Errors of the answer's data (the device's select, the service host's data), never a bug:
+    # null as for any other failing select, not internal_error.
+    data = {"mixed": ["x", 1, None], "huge": [1e308, 1e308]}
+    assert compile_select(expression).search(data) is None
