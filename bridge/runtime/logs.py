@@ -6,9 +6,13 @@ through `Redactor`, which replaces each configured secret with `**********`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO, cast
 
 import structlog
@@ -62,6 +66,69 @@ def _json_line(event: Any, **kwargs: Any) -> str:
 _ENCODERS: dict[Any, json.JSONEncoder] = {}
 
 
+class _LogStream:
+    """The log's stream. When its reader goes away (`bridge 2>&1 | head`), the rest of the log goes
+    to /dev/null and the callbacks of `when_log_gone` run once: a broken pipe is no crash."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.out.write(text)
+            except (BrokenPipeError, ConnectionResetError):
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.out.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self._lost()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+    def _lost(self) -> None:
+        self.gone = True
+        # What is still buffered must not fail again at the interpreter's final flush.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
+        for callback in list(_GONE_CALLBACKS):
+            callback()
+
+
+_GONE_CALLBACKS: list[Callable[[], None]] = []
+
+
+def when_log_gone(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run `callback` (from the thread that logged) once the log's reader is gone; the function
+    that unregisters it."""
+    _GONE_CALLBACKS.append(callback)
+
+    def unregister() -> None:
+        with contextlib.suppress(ValueError):
+            _GONE_CALLBACKS.remove(callback)
+
+    return unregister
+
+
+def stop_when_log_gone(stop: Callable[[], None]) -> Callable[[], None]:
+    """Call `stop` on the running loop once the log's reader is gone (a graceful stop, exit 0);
+    the function that unregisters it."""
+    loop = asyncio.get_running_loop()
+
+    def gone() -> None:
+        loop.call_soon_threadsafe(stop)
+
+    return when_log_gone(gone)
+
+
 def configure(
     level: str = "info",
     fmt: str = "auto",
@@ -74,7 +141,7 @@ def configure(
     The libraries' own lines (aiohttp, paho, amqtt, transitions) show from WARNING up, one line
     each; with `libraries` and level debug, also their debug lines and tracebacks.
     """
-    out = stream or sys.stderr
+    out: Any = _LogStream(stream or sys.stderr)
     redactor = Redactor(secrets)  # log lines only: replies get their own, from the bridge's config
     json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (

@@ -18,6 +18,7 @@ from bridge.ha.status import OFFLINE, StatusPublisher
 from bridge.messages import InboundMessage, StatusTransport
 from bridge.pipeline.stats import Stats
 from bridge.runtime import startup
+from bridge.runtime.logs import stop_when_log_gone
 from bridge.runtime.signals import stop_on_signals
 from bridge.runtime.systemd import notify, watchdog_interval
 from bridge.workers.link import WorkerLink
@@ -105,8 +106,9 @@ class Standalone:
             bridge.log.warning(no_key)
 
     async def enter(self, stack: contextlib.AsyncExitStack) -> None:
-        """Stop on SIGTERM and SIGINT (a second one: at once)."""
+        """Stop on SIGTERM and SIGINT (a second one: at once), and when the log's reader is gone."""
         stack.enter_context(stop_on_signals(self.bridge.stop))
+        stack.callback(stop_when_log_gone(self.bridge.stop))
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """Home Assistant's birth topic: discovery is published again when it restarts."""

@@ -29,7 +29,7 @@ from bridge.messages import InboundMessage
 from bridge.methods.catalog import default_table
 from bridge.mqtt.client import MqttTransport
 from bridge.runtime import process, startup
-from bridge.runtime.logs import get_logger
+from bridge.runtime.logs import get_logger, stop_when_log_gone
 from bridge.runtime.signals import stop_on_signals
 from bridge.runtime.systemd import notify, watchdog_interval
 from bridge.topics import Topics
@@ -114,6 +114,7 @@ class Supervisor:
             self.log.info("library internals differ; their own behaviour is used", shims=off)
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(stop_on_signals(self.stop))
+            stack.callback(stop_when_log_gone(self.stop))
             mqtt_cfg = cfg.mqtt.model_copy(update={"client_id": workers.supervisor_client_id(cfg)})
             self.transport = transport = MqttTransport(
                 mqtt_cfg,

@@ -6,6 +6,8 @@ import asyncio
 import io
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,38 @@ def test_a_failing_supervisor_loop_stops_it_offline_with_its_workers_gone(
     text = log.getvalue()
     assert "internal error: stopping" in text and "stats loop broke" in text
     assert "Traceback" not in text
+
+
+def test_the_bridge_stops_cleanly_when_its_log_pipe_closes(
+    tmp_path: Path, mosquitto: MosquittoBroker, standin: Standin, topic_prefix: str
+) -> None:
+    """`bridge 2>&1 | head`: once the reader is gone the bridge stops gracefully, exit 0."""
+    path, env = make_config(
+        tmp_path, broker_port=mosquitto.port, api_base=standin.url, prefix=topic_prefix
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            **private_state(path, env),
+        },
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b'"event": "ready"' in line:
+                break
+        proc.stdout.close()  # the reader goes away, as `head` does
+        standin.script("POST", "/moderations", Reply(json={"flagged": False}))
+        with TestClient.for_broker(mosquitto, prefix=topic_prefix) as client:
+            # Its request line is the first write into the closed pipe.
+            client.publish(client.topic("request", "createModeration", "x"), {"input": "hi"})
+            code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
