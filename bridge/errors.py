@@ -278,6 +278,13 @@ class UpstreamBadResponse(BridgeError):
     retryable = True
 
 
+class BadRedirect(BridgeError):
+    """The service host redirected to a location that cannot be followed (not an http(s) URL
+    with a host); asking again gets the same redirect."""
+
+    code = "bad_redirect"
+
+
 class StreamInterrupted(BridgeError):
     """A server-sent event stream ended before its end marker or carried an error event."""
 

@@ -91,7 +91,7 @@ class AiohttpTransport:
                     status, target = redirected
                     redirected = None
                     hops += 1
-                    url = url.join(yarl.URL(target))
+                    url = _redirect_target(url, target)
                     if status == 303 or (status in (301, 302) and method == "POST"):
                         method, with_body = "GET", False  # what browsers, httpx and aiohttp do
                         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
@@ -117,6 +117,21 @@ class AiohttpTransport:
         except (aiohttp.ClientError, OSError) as exc:
             # The cause in words ("connection refused"), not aiohttp's class name.
             raise TransportError("unreachable", aiohttp_cause(exc)) from None
+
+
+def _redirect_target(url: yarl.URL, location: str) -> yarl.URL:
+    """Where a redirect from `url` to `location` leads; TransportError("redirect") when that is
+    no http(s) URL with a host (garbage, another scheme, a bad port): the service host's answer,
+    not a fault of the bridge."""
+    shown = location[:100]
+    try:
+        target = url.join(yarl.URL(location))
+        port = target.port  # yarl checks the port's range only when asked
+    except (ValueError, TypeError):
+        raise TransportError("redirect", f"redirect to an invalid URL {shown!r}") from None
+    if target.scheme not in ("http", "https") or not target.host or port is None:
+        raise TransportError("redirect", f"redirect to {shown!r}, not an http(s) URL") from None
+    return target
 
 
 def aiohttp_cause(exc: BaseException) -> str:

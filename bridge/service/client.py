@@ -20,6 +20,7 @@ from bridge.config import ServiceConfig
 from bridge.errors import (
     RETRYABLE_STATUSES,
     AnswerTooLarge,
+    BadRedirect,
     BridgeError,
     StreamInterrupted,
     UpstreamBadResponse,
@@ -172,6 +173,8 @@ class ServiceClient:
                 raise UpstreamTimeout(
                     f"service host {self.host_label} did not answer in time"
                 ) from None
+            if exc.kind == "redirect":
+                raise BadRedirect(f"service host {self.host_label} sent a {exc}") from None
             if exc.kind == "cut" and sink is not None:
                 raise StreamInterrupted(
                     f"service host {self.host_label} cut the response short"

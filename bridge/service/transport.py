@@ -45,9 +45,12 @@ class Response(Protocol):
 
 
 class TransportError(Exception):
-    """An exchange failed below HTTP: `timeout`, `cut` (the body broke off) or `unreachable`."""
+    """An exchange failed below HTTP: `timeout`, `cut` (the body broke off), `unreachable` or
+    `redirect` (a redirect to a location that cannot be followed)."""
 
-    def __init__(self, kind: Literal["timeout", "cut", "unreachable"], detail: str) -> None:
+    def __init__(
+        self, kind: Literal["timeout", "cut", "unreachable", "redirect"], detail: str
+    ) -> None:
         super().__init__(detail)
         self.kind = kind
 

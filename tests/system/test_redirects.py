@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.bridge_runner import TEST_API_KEY
+from support.bridge_runner import TEST_API_KEY, BridgeThread
 from support.bridges import module_bridge
 from support.broker import MosquittoBroker
 from support.mqtt_client import TestClient
@@ -23,9 +23,9 @@ def other_origin() -> Iterator[Standin]:
 
 
 @pytest.fixture(scope="module")
-def env(
+def bridge_env(
     tmp_path_factory: pytest.TempPathFactory, mosquitto: MosquittoBroker, http_path: str
-) -> Iterator[tuple[TestClient, Standin]]:
+) -> Iterator[tuple[BridgeThread, TestClient, Standin]]:
     # A custom key header (Azure's): aiohttp's own redirect handling would forward it anywhere.
     with module_bridge(
         tmp_path_factory,
@@ -33,8 +33,13 @@ def env(
         PREFIX,
         http_path,
         service={"api_key_name": "api-key", "extra_headers": GATEWAY},
-    ) as (_, client, standin):
-        yield client, standin
+    ) as (bridge, client, standin):
+        yield bridge, client, standin
+
+
+@pytest.fixture
+def env(bridge_env: tuple[BridgeThread, TestClient, Standin]) -> tuple[TestClient, Standin]:
+    return bridge_env[1], bridge_env[2]
 
 
 def test_same_origin_redirect_keeps_method_body_and_key(env: tuple[TestClient, Standin]) -> None:
@@ -98,3 +103,42 @@ def test_a_redirect_loop_ends_in_an_error_reply(env: tuple[TestClient, Standin])
     assert (reply["status"], reply["error"]["code"]) == ("error", "upstream_error"), reply
     assert reply["error"]["http_status"] == 302
     assert len(standin.requests) == 11  # the request and the ten redirects aiohttp also allows
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://[::1",  # garbage: an unclosed IPv6 host
+        "http://h:99999/",  # a port out of range
+        "http://:80/",  # no host
+        "https://",
+        "ftp://files.example/x",  # another scheme
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "mailto:a@b.example",
+    ],
+)
+def test_a_redirect_that_cannot_be_followed_is_named_not_an_internal_error(
+    bridge_env: tuple[BridgeThread, TestClient, Standin], location: str
+) -> None:
+    bridge, client, standin = bridge_env
+    standin.reset()
+    standin.set_default(Reply(status=302, headers={"Location": location}))
+    reply = client.request("listModels", {})
+    error = reply["error"]
+    assert (reply["status"], error["code"], error["retryable"]) == ("error", "bad_redirect", False)
+    assert location[:12] in error["message"]
+    assert len(standin.requests) == 1  # nothing sent anywhere else, not asked again
+    assert "Traceback" not in bridge.log_text()
+
+
+def test_a_relative_redirect_is_followed_on_the_same_origin(
+    env: tuple[TestClient, Standin],
+) -> None:
+    client, standin = env
+    standin.reset()
+    standin.script("GET", "/models", Reply(status=301, headers={"Location": "../v1/listed"}))
+    standin.script("GET", "/listed", Reply(json={"object": "list", "data": []}))
+    reply = client.request("listModels", {})
+    assert reply["status"] == "ok", reply
+    assert standin.requests[1].headers["api-key"] == TEST_API_KEY
