@@ -44,10 +44,10 @@ def test_the_layer_contracts_hold() -> None:
     assert "0 broken" in out.stdout
 
 
-def test_the_supervisor_and_call_load_neither_aiohttp_nor_the_http_transport() -> None:
+def test_the_supervisor_and_call_load_no_http_client_nor_transport() -> None:
     code = (
         "import sys, bridge.runtime.supervisor, bridge.cli.call\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'httptools')"
         " or m.startswith('bridge.service')))"
     )
     out = subprocess.run(
