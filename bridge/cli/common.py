@@ -44,8 +44,17 @@ def config_note(path: str | None, how: str) -> str:
 
 
 def load(path: str | None) -> tuple[BridgeConfig, list[str]]:
+    """The config at `path` and its warnings; raises ConfigError (every problem, `[access]`
+    patterns that match no method included)."""
+    from bridge.methods.catalog import default_table
+    from bridge.pipeline.access import pattern_problems
+
     warnings: list[str] = []
     config = load_config(path, warnings=warnings)
+    access = config.access
+    problems = pattern_problems(access.allow_methods, access.deny_methods, default_table())
+    if problems:
+        raise ConfigError(problems)
     return config, warnings
 
 

@@ -5,7 +5,23 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+from bridge.methods.model import MethodTable
 from bridge.topics import Topics, filter_matches
+
+
+def pattern_problems(allow: Sequence[str], deny: Sequence[str], table: MethodTable) -> list[str]:
+    """One config problem per `[access]` pattern that matches no method (a typo would otherwise
+    allow or deny nothing, silently), with the closest method names."""
+    names = [op.name.lower() for op in (*table.operations, *table.extra)]
+    problems = []
+    for option, patterns in (("allow_methods", allow), ("deny_methods", deny)):
+        for pattern in patterns:
+            if any(fnmatch.fnmatchcase(name, pattern.lower()) for name in names):
+                continue
+            close = table.suggest(pattern.strip("*?"))
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            problems.append(f"access.{option}: {pattern!r} matches no method{hint}")
+    return problems
 
 
 class AccessRules:

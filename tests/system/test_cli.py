@@ -211,3 +211,14 @@ def test_call_with_stream_prints_each_event_as_it_arrives(
     assert [e["seq"] for e in lines[:-1]] == [1, 2]
     assert lines[-1]["status"] == "ok" and lines[-1]["transaction"] == "s1"
     assert proc.returncode == 0
+
+
+def test_an_access_pattern_that_matches_no_method_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "access.toml"
+    bad.write_text('[access]\nallow_methods = ["createSpech", "createChat*"]\n')
+    for command in (("check-config",), ("run",)):
+        out = cli(*command, "--config", str(bad))
+        assert out.returncode == 78, out.stderr
+        assert "access.allow_methods: 'createSpech' matches no method" in out.stderr
+        assert "did you mean createSpeech" in out.stderr
+        assert "createChat*" not in out.stderr  # that one matches
