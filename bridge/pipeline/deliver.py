@@ -67,11 +67,19 @@ class Deliverer:
         payload: bytes,
         content_type: str | None = None,
         source: str = "cache",
+        transaction: Any = MISSING,
     ) -> None:
         """Answer a repeated request with the reply it got before (from the cache or journal)."""
         await self._send(message, route, payload, content_type)
         status = "journaled" if source == "journal" else "cached"
-        self.log.info("request", method=route.topic.method[:100], status=status, dup=message.dup)
+        self.log.info(
+            "request",
+            method=route.topic.method[:100],
+            suffix=route.topic.suffix[:100],
+            transaction=log_transaction(transaction),
+            status=status,
+            dup=message.dup,
+        )
 
     async def deliver(
         self, message: InboundMessage, route: Route, outcome: render.Outcome, key: bytes | None

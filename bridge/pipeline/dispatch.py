@@ -229,12 +229,18 @@ class Dispatcher:
             return
         key = self.recall.key(message)
         recalled = self.recall.redelivered(key, message)
+        # A redelivery is answered before it is decided; decided then only for its log line.
+        decision = self.decider.decide(message, route)
         if recalled is None:
-            decision = self.decider.decide(message, route)
             recalled = await self._recalled(key, message, route, decision)
         if recalled is not None:
             await self.deliverer.replay(
-                message, route, recalled.payload, recalled.content_type, recalled.source
+                message,
+                route,
+                recalled.payload,
+                recalled.content_type,
+                recalled.source,
+                decision.transaction,
             )
             return
         counted = await self._count_start(message, route, decision, key)
