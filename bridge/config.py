@@ -6,6 +6,7 @@ credential, and are held as `SecretStr` so that printing a config never shows th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -14,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError
 from bridge.topics import valid_filter
@@ -207,6 +216,40 @@ class RuntimeConfig(_Section):
     supervisor deems it stuck, kills it and starts another."""
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine only."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleConfig(_Section):
+    """The web console (docs/console.md): on by default, on this machine only."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Listen address; anything but loopback needs `token`."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8733
+    """0: a free port, said in the log."""
+    token: SecretStr = SecretStr("")
+    """A bearer token the console asks for (and every API call must carry); no default."""
+    history: Annotated[int, Field(ge=10, le=10_000)] = 200
+    """Requests kept for the live list."""
+
+    @model_validator(mode="after")
+    def _credential_beyond_loopback(self) -> ConsoleConfig:
+        if self.enabled and not is_loopback(self.host) and not self.token.get_secret_value():
+            raise ValueError(
+                f"listening on {self.host} needs [console] token (or OMB_CONSOLE__TOKEN): "
+                "anyone who reaches it could use the bridge"
+            )
+        return self
+
+
 class HomeAssistantConfig(_Section):
     """Home Assistant MQTT discovery and the periodic stats topic."""
 
@@ -265,6 +308,7 @@ class BridgeConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    console: ConsoleConfig = ConsoleConfig()
     journal: JournalConfig = JournalConfig()
     jobs: JobsConfig = JobsConfig()
 
@@ -275,6 +319,7 @@ class BridgeConfig(_Section):
         out.append(_url_password(self.service.api_base))
         # Any extra header may carry a credential (a gateway's token, an organisation id).
         out.extend(self.service.extra_headers.values())
+        out.append(self.console.token.get_secret_value())
         return [s for s in out if s]
 
     def redacted(self) -> dict[str, Any]:

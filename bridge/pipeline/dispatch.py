@@ -37,7 +37,7 @@ from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
 from bridge.pipeline.dedup import ReplyCache
 from bridge.pipeline.deliver import Deliverer
-from bridge.pipeline.model import MISSING, JournalLike
+from bridge.pipeline.model import MISSING, JournalLike, Observed
 from bridge.pipeline.recall import Recall, Recalled
 from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
@@ -48,6 +48,10 @@ from bridge.topics import Topics
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
+
+
+OBSERVED_HEAD = 4096
+"""Request bytes kept for an observer (the console's detail view)."""
 
 
 class Dispatcher:
@@ -66,8 +70,11 @@ class Dispatcher:
         journal: JournalLike | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        observer: Callable[[Observed], None] | None = None,
     ) -> None:
         self.config = config
+        self.observer = observer
+        """Told of every answered request (the web console), None when nobody looks."""
         self.service = service
         self.publisher = publisher
         self.log = log
@@ -227,6 +234,9 @@ class Dispatcher:
         if route is None:
             self.deliverer.drop(message)
             return
+        # Taken before decide consumes the payload, and only when someone looks.
+        head = message.payload[:OBSERVED_HEAD] if self.observer is not None else b""
+        size = len(message.payload)
         key = self.recall.key(message)
         recalled = self.recall.redelivered(key, message)
         # A redelivery is answered before it is decided; decided then only for its log line.
@@ -265,6 +275,21 @@ class Dispatcher:
             await self.journal.settle_attempt(key)
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
+        if self.observer is not None:
+            self.observer(
+                Observed(
+                    outcome.method,
+                    route.topic.suffix,
+                    outcome.transaction,
+                    outcome.error.code if outcome.error is not None else None,
+                    outcome.http_status,
+                    elapsed_ms,
+                    head,
+                    size,
+                    outcome.payload,
+                    outcome.content_type,
+                )
+            )
 
     async def _count_start(
         self, message: InboundMessage, route: Route, decision: Call | Rejection, key: bytes | None

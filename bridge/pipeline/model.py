@@ -61,3 +61,22 @@ class JournalLike(Protocol):
 
     async def close(self) -> None:
         """Finish and close; later calls answer as if there were no journal."""
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One answered request, for an observer such as the web console (payloads as published)."""
+
+    method: str
+    suffix: str
+    transaction: Any
+    code: str | None
+    """The error code of an error reply, None for a success."""
+    http_status: int | None
+    duration_ms: float
+    request_head: bytes
+    """The request payload's first bytes, as the device sent them."""
+    request_size: int
+    reply: bytes
+    """The reply payload as published (redacted)."""
+    reply_type: str | None

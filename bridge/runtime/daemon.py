@@ -179,6 +179,7 @@ class Bridge:
                 topics=self.topics,
                 log=self.log,
                 journal=journal,
+                observer=self.role.observer,
             )
             stack.push_async_callback(self._shutdown)
             if await self._connected(transport):

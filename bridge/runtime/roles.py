@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import os
 import platform
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge import __version__
 from bridge.ha.status import OFFLINE, StatusPublisher
 from bridge.messages import InboundMessage, StatusTransport
+from bridge.pipeline.model import Observed
 from bridge.pipeline.stats import Stats
+from bridge.redact import Redactor
 from bridge.runtime import startup
 from bridge.runtime.logs import stop_when_log_gone
 from bridge.runtime.signals import stop_on_signals
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from bridge.config import BridgeConfig
+    from bridge.console.app import Console
     from bridge.methods.model import MethodTable
     from bridge.topics import Topics
 
@@ -60,6 +64,8 @@ class Role(Protocol):
     """The last will (topic, payload) the broker publishes if the connection drops."""
     final_state: tuple[str, bytes] | None
     """What is published (retained) on the way out, however the bridge stops."""
+    observer: Callable[[Observed], None] | None
+    """Told of every answered request (the web console), None when nobody looks."""
 
     def starting(self) -> None:
         """Say what starts, before anything does."""
@@ -91,6 +97,9 @@ class Standalone:
         self.status = StatusPublisher(bridge.config, bridge.topics, bridge.log, bridge.stats)
         self.will: tuple[str, bytes] | None = (bridge.topics.state, OFFLINE)
         self.final_state: tuple[str, bytes] | None = self.will
+        self.observer: Callable[[Observed], None] | None = None
+        self.transport: StatusTransport | None = None
+        self.console: Console | None = None
 
     def starting(self) -> None:
         """Log the start-up summary, the effective config (debug) and a missing key."""
@@ -106,9 +115,28 @@ class Standalone:
             bridge.log.warning(no_key)
 
     async def enter(self, stack: contextlib.AsyncExitStack) -> None:
-        """Stop on SIGTERM and SIGINT (a second one: at once), and when the log's reader is gone."""
+        """Stop on SIGTERM and SIGINT (a second one: at once), and when the log's reader is gone;
+        serve the web console."""
         stack.enter_context(stop_on_signals(self.bridge.stop))
         stack.callback(stop_when_log_gone(self.bridge.stop))
+        cfg = self.bridge.config
+        if cfg.console.enabled:
+            # Imported here: aiohttp's web server (and the MIME table it loads) only when used.
+            from bridge.console.app import Console
+            from bridge.runtime.console_source import BridgeSource
+
+            bridge = self.bridge
+            source = BridgeSource(
+                cfg,
+                bridge.config_source,
+                bridge.table,
+                lambda: bridge.stats() if bridge.dispatching else None,
+                lambda: self.transport,
+            )
+            console = Console(cfg.console, source, Redactor(cfg.secrets()), bridge.log)
+            await console.start()
+            stack.push_async_callback(console.close)
+            self.console, self.observer = console, console.observe
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """Home Assistant's birth topic: discovery is published again when it restarts."""
@@ -116,7 +144,7 @@ class Standalone:
 
     def connected(self, transport: StatusTransport) -> None:
         """Publish state, info and discovery on the new connection."""
-        self.status.transport = transport
+        self.status.transport = self.transport = transport
         self.status.broker, self.status.broker_warnings = (
             self.bridge.broker_info,
             self.bridge.broker_warnings,
@@ -161,6 +189,7 @@ class Worker:
         self.link = link
         self.will: tuple[str, bytes] | None = None
         self.final_state: tuple[str, bytes] | None = None
+        self.observer: Callable[[Observed], None] | None = None
 
     def starting(self) -> None:
         """Nothing: the supervisor said it."""

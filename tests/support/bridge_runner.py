@@ -86,6 +86,8 @@ def make_config(
         "limits": {"shutdown_grace": 5.0, **(limits or {})},
         "logging": {"level": "debug", "format": "json"},
         "homeassistant": {"discovery": False, "stats_interval": 0},
+        # Many test bridges run at once: the console only where a test asks for it (port 0).
+        "console": {"enabled": False},
         # Each test bridge journals into its own temporary folder, never the user's state dir.
         "journal": {"path": str(tmp_path / f"journal-{prefix.replace('/', '-')}.sqlite3")},
     }

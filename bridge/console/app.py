@@ -1,0 +1,246 @@
+"""The console's web server (aiohttp.web): the page, its JSON API, and the guard in front of both.
+
+The only console module that imports aiohttp. What it shows comes from a `ConsoleSource` (the
+running bridge, bridge/runtime/roles.py); what devices did comes from the dispatcher's observer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from bridge.config import ConsoleConfig
+from bridge.console.model import Guard, RateLimit, RequestLog, preview
+from bridge.pipeline.model import Observed
+from bridge.redact import Redactor
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+TRY_TIMEOUT = 120.0
+"""Seconds the try page waits for the reply of the request it sent."""
+_STATIC = ("index.html", "console.js", "console.css")
+
+
+class ConsoleSource(Protocol):
+    """What the console shows and does: the running bridge."""
+
+    topic_prefix: str
+
+    def status(self) -> dict[str, Any]:
+        """State, broker, service host (no credentials), versions, uptime, counters, journal."""
+
+    def config_view(self) -> dict[str, Any]:
+        """The effective config (redacted), its source file, env overrides, check findings."""
+
+    def methods(self) -> list[dict[str, Any]]:
+        """Every method: name, group, verb, path."""
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        """What goes in one method's payload (text and an example), None when unknown."""
+
+    def publish(self, topic: str, payload: bytes) -> Awaitable[None]:
+        """Publish a request through the broker, as a device would."""
+
+
+class Console:
+    """The web console of one bridge: started and closed by the bridge's exit stack."""
+
+    def __init__(
+        self,
+        config: ConsoleConfig,
+        source: ConsoleSource,
+        redactor: Redactor,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.redactor = redactor
+        self.log = log
+        self.requests = RequestLog(config.history)
+        self.guard = Guard(config.host, config.port, config.token.get_secret_value())
+        self.tries = RateLimit(rate=1.0, burst=5)
+        self._pending: dict[str, asyncio.Future[Observed]] = {}
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.url: str | None = None
+
+    # --- the bridge's side ---------------------------------------------------------------------
+
+    def observe(self, seen: Observed) -> None:
+        """Record one answered request; hand it to the try that sent it, if any."""
+        self.requests.add(
+            method=seen.method,
+            suffix=seen.suffix,
+            transaction=self.redactor.any(seen.transaction),
+            status="error" if seen.code else "ok",
+            code=seen.code,
+            http_status=seen.http_status,
+            duration_ms=seen.duration_ms,
+            bytes_in=seen.request_size,
+            bytes_out=len(seen.reply),
+            request=preview(seen.request_head, self.redactor, "application/json"),
+            reply=preview(seen.reply, self.redactor, seen.reply_type),
+        )
+        waiting = self._pending.pop(seen.suffix, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(seen)
+
+    def app(self) -> web.Application:
+        """The console's web application (its routes behind the guard)."""
+        app = web.Application(middlewares=[self._guarded], client_max_size=64 << 20)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/favicon.ico", self._no_icon)
+        app.router.add_get("/api/status", self._status)
+        app.router.add_get("/api/requests", self._requests)
+        app.router.add_get("/api/requests/{seq:[0-9]+}", self._request)
+        app.router.add_get("/api/config", self._config)
+        app.router.add_get("/api/methods", self._methods)
+        app.router.add_get("/api/describe/{name}", self._describe)
+        app.router.add_post("/api/try", self._try)
+        return app
+
+    async def start(self) -> None:
+        """Listen; a port already taken is one warning, and the bridge goes on without it."""
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            self.log.warning(
+                "console not started",
+                address=f"{self.config.host}:{self.config.port}",
+                reason=exc.strerror,
+                hint="set [console] port to a free one, or enabled = false",
+            )
+            return
+        self._runner = runner
+        port = runner.addresses[0][1] if runner.addresses else self.config.port
+        if self.config.port == 0:
+            self.guard = Guard(self.config.host, port, self.config.token.get_secret_value())
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        self.url = f"http://{host}:{port}/"
+        self.log.info("console", url=self.url, token=bool(self.config.token.get_secret_value()))
+
+    async def close(self) -> None:
+        """Stop listening; pending tries end."""
+        for waiting in self._pending.values():
+            waiting.cancel()
+        self._pending.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- HTTP ------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guarded(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        changes = request.method not in ("GET", "HEAD")
+        host = request.headers.get("Host")
+        if request.path.startswith("/api/"):
+            refusal = self.guard.refusal(
+                host=host,
+                origin=request.headers.get("Origin"),
+                authorization=request.headers.get("Authorization"),
+                changes=changes,
+            )
+        else:  # the page and its assets carry nothing secret: it loads, then asks for the token
+            refusal = self.guard.host_refusal(host)
+        if refusal is None and changes and request.headers.get(Guard.HEADER) != "1":
+            refusal = 403, f"a state-changing request needs the {Guard.HEADER} header"
+        if refusal is not None:
+            return _json({"error": refusal[1]}, status=refusal[0])
+        response = await handler(request)
+        response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    async def _page(self, request: web.Request) -> web.StreamResponse:
+        return _asset("index.html")
+
+    async def _no_icon(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204)
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in _STATIC:
+            raise web.HTTPNotFound()
+        return _asset(name)
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.redactor.any(self.source.status()))
+
+    async def _requests(self, request: web.Request) -> web.StreamResponse:
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            since = 0
+        return _json({"requests": [r.summary() for r in self.requests.since(since)]})
+
+    async def _request(self, request: web.Request) -> web.StreamResponse:
+        record = self.requests.find(int(request.match_info["seq"]))
+        if record is None:
+            return _json({"error": "no such request (the list keeps the last ones only)"}, 404)
+        return _json({**record.summary(), "request": record.request, "reply": record.reply})
+
+    async def _config(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.redactor.any(self.source.config_view()))
+
+    async def _methods(self, request: web.Request) -> web.StreamResponse:
+        return _json({"methods": self.source.methods()})
+
+    async def _describe(self, request: web.Request) -> web.StreamResponse:
+        found = self.source.describe(request.match_info["name"])
+        if found is None:
+            return _json({"error": "unknown method"}, 404)
+        return _json(found)
+
+    async def _try(self, request: web.Request) -> web.StreamResponse:
+        if not self.tries.take():
+            return _json({"error": "too many tries: at most 5 at once, then 1 a second"}, 429)
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json({"error": "the body must be JSON"}, 400)
+        method, payload = body.get("method"), body.get("payload")
+        if not isinstance(method, str) or not method or "/" in method or "+" in method:
+            return _json({"error": "method must be a method name"}, 400)
+        if not isinstance(payload, dict):
+            return _json({"error": "payload must be a JSON object"}, 400)
+        suffix = f"console-{next(self._ids)}"
+        waiting: asyncio.Future[Observed] = asyncio.get_running_loop().create_future()
+        self._pending[suffix] = waiting
+        topic = f"{self.source.topic_prefix}/request/{method}/{suffix}"
+        try:
+            await self.source.publish(topic, json.dumps(payload).encode())
+            seen = await asyncio.wait_for(waiting, TRY_TIMEOUT)
+        except TimeoutError:
+            return _json({"error": f"no reply within {TRY_TIMEOUT:g} s", "topic": topic}, 504)
+        finally:
+            self._pending.pop(suffix, None)
+        reply = preview(seen.reply, self.redactor, seen.reply_type)
+        return _json({"topic": topic, "code": seen.code, "reply": reply})
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, default=str))
+
+
+def _asset(name: str) -> web.Response:
+    content = resources.files("bridge.console").joinpath("static", name).read_bytes()
+    kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".")[1]]
+    return web.Response(body=content, content_type=kind, charset="utf-8")

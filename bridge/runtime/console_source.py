@@ -1,0 +1,105 @@
+"""What the web console shows of a running bridge (bridge/console/app.py's ConsoleSource)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Awaitable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yarl
+
+from bridge import __version__
+from bridge.config import ENV_PREFIX, BridgeConfig
+from bridge.messages import StatusTransport
+from bridge.methods.describe import describe, example_payload
+from bridge.methods.model import MethodTable
+from bridge.pipeline.stats import Stats
+from bridge.runtime import startup
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class BridgeSource:
+    """The console's view of one bridge: its config, table, counters and connection."""
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        config_source: str | None,
+        table: MethodTable,
+        stats: Callable[[], Stats | None],
+        transport: Callable[[], StatusTransport | None],
+    ) -> None:
+        self.config = config
+        self.config_source = config_source
+        self.table = table
+        self.topic_prefix = config.mqtt.topic_prefix
+        self._stats = stats
+        self._transport = transport
+        self._started = time.time()
+
+    def status(self) -> dict[str, Any]:
+        """State, broker, service host (no credentials), versions, uptime, counters, journal."""
+        cfg, transport = self.config, self._transport()
+        online = transport is not None and transport.connected.is_set()
+        stats = self._stats()
+        journal: dict[str, Any] = {"scope": cfg.journal.scope}
+        if cfg.journal.url.get_secret_value():
+            journal["kind"] = "postgresql"
+        elif cfg.journal.path:
+            path = Path(cfg.journal.path)
+            sizes = [p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file()]
+            journal.update(kind="sqlite", path=str(path), bytes=sum(sizes))
+        return {
+            "state": "online" if online else "offline",
+            "instance": cfg.mqtt.instance_name,
+            "broker": f"{cfg.mqtt.host or '127.0.0.1'}:{cfg.mqtt.port}",
+            "protocol": transport.protocol_label if transport is not None else None,
+            "service": str(yarl.URL(cfg.service.api_base).with_user(None)),
+            "version": __version__,
+            "python": platform.python_version(),
+            "uptime_s": round(time.time() - self._started),
+            "workers": 1,
+            "methods": len(self.table),
+            "journal": journal,
+            "counters": asdict(stats) if stats is not None else {},
+        }
+
+    def config_view(self) -> dict[str, Any]:
+        """The effective config (redacted), its file, the environment's overrides, findings."""
+        overrides = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+        findings = [w for w in [startup.missing_key_warning(self.config)] if w]
+        return {
+            "source": self.config_source,
+            "overrides": overrides,
+            "findings": findings,
+            "config": self.config.redacted(),
+        }
+
+    def methods(self) -> list[dict[str, Any]]:
+        """Every method: name, group, verb, path."""
+        every = (*self.table.operations, *self.table.extra)
+        return [{"name": o.name, "group": o.group, "verb": o.verb, "path": o.path} for o in every]
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        """What goes in one method's payload, and an example payload."""
+        op = self.table.find(name)
+        if op is None:
+            return None
+        return {
+            "name": op.name,
+            "text": describe(op, topic_prefix=self.topic_prefix),
+            "example": example_payload(op),
+        }
+
+    def publish(self, topic: str, payload: bytes) -> Awaitable[None]:
+        """Publish a request through the broker on the bridge's own connection."""
+        transport = self._transport()
+        if transport is None:
+            raise ConnectionError("not connected to the broker")
+        return transport.publish(topic, payload, qos=1)

@@ -1,0 +1,145 @@
+"""The web console in a real browser (Debian's Chromium, driven by Selenium) against a real bridge.
+
+The bridge runs on a real Mosquitto with the HTTP stand-in upstream; the browser loads the
+console, watches counters and the live list move while requests flow through the broker, sends
+a chat call and a file upload from the try page, and saves a screenshot of every page for the
+docs (docs/console/*.png).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from support.bridge_runner import TEST_API_KEY, BridgeThread
+from support.bridges import StartBridge
+from support.mqtt_client import TestClient
+from support.standin import Reply, Standin
+
+from bridge.runtime.roles import Standalone
+
+REPO = Path(__file__).resolve().parents[2]
+SHOTS = REPO / "docs" / "console"
+CHAT = {"object": "chat.completion", "choices": [{"message": {"content": "Hello from upstream"}}]}
+
+
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and chromedriver (./test.sh installs both)."""
+    browser = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (Path(browser).exists() and Path(driver).exists()):
+        pytest.fail(
+            "chromium and chromium-driver are needed (apt-get install chromium chromium-driver)"
+        )
+    return browser, driver
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    binary, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1200,900",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def console_bridge(
+    start_bridge: StartBridge, standin: Standin
+) -> Iterator[tuple[BridgeThread, str]]:
+    standin.script("POST", "/chat/completions", Reply(json=CHAT))
+    standin.script("POST", "/audio/transcriptions", Reply(json={"text": "heard"}))
+    bridge = start_bridge(extra={"console": {"enabled": True, "port": 0}})
+    role = bridge.bridge.role
+    assert isinstance(role, Standalone) and role.console is not None
+    url = role.console.url
+    assert url is not None
+    yield bridge, url
+
+
+def wait(driver: webdriver.Chrome, condition: Any, timeout: float = 15) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def text_of(driver: webdriver.Chrome, css: str) -> str:
+    return str(driver.find_element(By.CSS_SELECTOR, css).text)
+
+
+def test_the_console_in_a_real_browser(
+    console_bridge: tuple[BridgeThread, str],
+    browser: webdriver.Chrome,
+    client: TestClient,
+    standin: Standin,
+    tmp_path: Path,
+) -> None:
+    _, url = console_bridge
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.get(url)
+    wait(browser, lambda d: text_of(d, "#state") == "online")
+    counter = 'dd[data-key="requests_total"]'
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, counter))
+    before = int(text_of(browser, counter))
+    for n in range(3):
+        client.request("listModels", {"transaction": n})
+    wait(browser, lambda d: int(text_of(d, counter)) >= before + 3)  # moves without a reload
+    browser.save_screenshot(str(SHOTS / "status.png"))
+
+    browser.get(url + "#requests")
+    client.request_raw("createSpech", {"transaction": "typo"})  # an unknown method
+    wait(browser, lambda d: "unknown_method" in text_of(d, "#request-rows"))
+    row = browser.find_element(By.XPATH, "//tbody/tr[td[text()='unknown_method']]")
+    row.click()
+    wait(browser, lambda d: "unknown method" in text_of(d, "#detail-reply"))
+    browser.save_screenshot(str(SHOTS / "requests.png"))
+
+    browser.get(url + "#try")
+    search = browser.find_element(By.ID, "method-search")
+    search.send_keys("createChatCompletion")
+    payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    box = browser.find_element(By.ID, "payload")
+    box.clear()
+    box.send_keys(json.dumps(payload))
+    browser.find_element(By.ID, "send").click()
+    wait(browser, lambda d: "Hello from upstream" in text_of(d, "#try-reply"))
+    assert standin.last.json() == payload
+    browser.save_screenshot(str(SHOTS / "try.png"))
+
+    audio = bytes(range(256)) * 40 + b"\x00\xff end"
+    wav = tmp_path / "hello.wav"
+    wav.write_bytes(audio)
+    search.clear()
+    search.send_keys("createTranscription")
+    box.clear()
+    box.send_keys(json.dumps({"model": "whisper-1"}))
+    browser.find_element(By.ID, "file").send_keys(str(wav))
+    browser.find_element(By.ID, "send").click()
+    wait(browser, lambda d: "heard" in text_of(d, "#try-reply"))
+    parts = {p.name: p for p in standin.last.parts or []}
+    assert parts["file"].data == audio and parts["file"].filename == "hello.wav"
+
+    browser.get(url + "#config")
+    wait(browser, lambda d: "service" in text_of(d, "#config-text"))
+    browser.save_screenshot(str(SHOTS / "config.png"))
+    assert TEST_API_KEY not in browser.page_source
+    logs: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]
+    severe = [e for e in logs if e["level"] == "SEVERE"]
+    assert severe == []

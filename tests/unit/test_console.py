@@ -1,0 +1,188 @@
+"""The web console's HTTP API, through aiohttp's test server: every page and every refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
+from support.fakes import FakeLog
+
+from bridge.config import BridgeConfig, ConsoleConfig
+from bridge.console.app import Console
+from bridge.console.model import Guard
+from bridge.pipeline.model import Observed
+from bridge.redact import Redactor
+
+KEY = "sk-console-test-9f8e7d6c5b"
+TOKEN = "console-token-31415926"
+
+
+class Source:
+    """A ConsoleSource that answers every try itself, as the dispatcher's observer would."""
+
+    topic_prefix = "home/openai"
+
+    def __init__(self) -> None:
+        self.console: Console | None = None
+        self.published: list[tuple[str, bytes]] = []
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "online", "service": "https://api.example/v1", "key": KEY}
+
+    def config_view(self) -> dict[str, Any]:
+        return {"source": "x.toml", "overrides": [], "findings": [], "config": {"k": KEY}}
+
+    def methods(self) -> list[dict[str, Any]]:
+        return [{"name": "listModels", "group": "models", "verb": "GET", "path": "/models"}]
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        return {"name": name, "text": "...", "example": {}} if name == "listModels" else None
+
+    def publish(self, topic: str, payload: bytes) -> Awaitable[None]:
+        self.published.append((topic, payload))
+        suffix = topic.rsplit("/", 1)[1]
+        assert self.console is not None
+        reply = json.dumps({"status": "ok", "data": {"echo": KEY}}).encode()
+        seen = Observed(
+            "listModels", suffix, None, None, 200, 1.0, payload, len(payload), reply, None
+        )
+        asyncio.get_running_loop().call_soon(self.console.observe, seen)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def serve(token: str = "") -> AsyncIterator[tuple[TestClient[Any, Any], Console, Source]]:
+    source = Source()
+    config = ConsoleConfig(token=SecretStr(token), port=0)
+    console = Console(config, source, Redactor([KEY, TOKEN]), FakeLog().bound)
+    source.console = console
+    client = TestClient(TestServer(console.app()))
+    await client.start_server()
+    assert client.port is not None
+    console.guard = Guard("127.0.0.1", client.port, token)  # what start() does for port 0
+    try:
+        yield client, console, source
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def open_console() -> AsyncIterator[tuple[TestClient[Any, Any], Console, Source]]:
+    async for served in serve():
+        yield served
+
+
+@pytest.fixture
+async def token_console() -> AsyncIterator[tuple[TestClient[Any, Any], Console, Source]]:
+    async for served in serve(TOKEN):
+        yield served
+
+
+def own(client: TestClient[Any, Any]) -> dict[str, str]:
+    return {"Origin": f"http://127.0.0.1:{client.port}", "X-OMB-Console": "1"}
+
+
+async def test_every_page_answers_and_none_shows_a_secret(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, console, _ = open_console
+    seen = Observed("listModels", "kitchen", 7, "upstream_error", 500, 3.5, b'{"k": 1}', 8,
+                    f"ERROR {KEY}".encode(), "text/plain")  # fmt: skip
+    console.observe(seen)
+    for path in ("/", "/static/console.js", "/static/console.css", "/api/status",
+                 "/api/requests", "/api/requests/1", "/api/config", "/api/methods",
+                 "/api/describe/listModels"):  # fmt: skip
+        response = await client.get(path)
+        assert response.status == 200, path
+        body = await response.text()
+        assert KEY not in body and TOKEN not in body, path
+        assert response.headers["X-Frame-Options"] == "DENY"
+    rows = (await (await client.get("/api/requests?since=0")).json())["requests"]
+    assert [(r["seq"], r["code"], r["suffix"]) for r in rows] == [(1, "upstream_error", "kitchen")]
+    assert (await client.get("/api/describe/nope")).status == 404
+    assert (await client.get("/static/other.js")).status == 404
+
+
+async def test_try_publishes_through_the_source_and_shows_the_reply_redacted(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, source = open_console
+    response = await client.post(
+        "/api/try", json={"method": "listModels", "payload": {"a": 1}}, headers=own(client)
+    )
+    assert response.status == 200
+    result = await response.json()
+    assert result["topic"] == "home/openai/request/listModels/console-1"
+    assert source.published == [(result["topic"], b'{"a": 1}')]
+    assert KEY not in json.dumps(result) and "**********" in result["reply"]["text"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"X-OMB-Console": "1"}, 403),  # no Origin
+        ({"X-OMB-Console": "1", "Origin": "http://evil.example"}, 403),
+        ({"Origin": "own"}, 403),  # no custom header: a cross-site form
+        ({"X-OMB-Console": "1", "Origin": "own", "Host": "evil.example:80"}, 421),
+    ],
+)
+async def test_a_foreign_or_headerless_post_is_refused(
+    open_console: tuple[TestClient[Any, Any], Console, Source], headers: dict[str, str], status: int
+) -> None:
+    client, _, source = open_console
+    if headers.get("Origin") == "own":
+        headers = {**headers, "Origin": f"http://127.0.0.1:{client.port}"}
+    response = await client.post(
+        "/api/try", json={"method": "listModels", "payload": {}}, headers=headers
+    )
+    assert response.status == status
+    assert source.published == []
+
+
+async def test_a_renamed_host_is_refused_even_for_reading(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, _ = open_console
+    assert (await client.get("/api/status", headers={"Host": "rebound.example:8733"})).status == 421
+    assert (await client.get("/", headers={"Host": "rebound.example:8733"})).status == 421
+
+
+async def test_the_try_endpoint_is_rate_limited(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, _ = open_console
+    statuses = []
+    for _ in range(7):
+        response = await client.post(
+            "/api/try", json={"method": "listModels", "payload": {}}, headers=own(client)
+        )
+        statuses.append(response.status)
+    assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
+
+
+async def test_with_a_token_the_api_needs_it_and_the_page_asks_for_it(
+    token_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, _ = token_console
+    assert (await client.get("/")).status == 200  # the page loads, then asks for the token
+    assert (await client.get("/api/status")).status == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await client.get("/api/status", headers=wrong)).status == 401
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    response = await client.get("/api/status", headers=right)
+    assert response.status == 200 and TOKEN not in await response.text()
+
+
+def test_beyond_loopback_the_console_needs_a_token() -> None:
+    with pytest.raises(ValueError, match=r"needs \[console\] token"):
+        ConsoleConfig(host="0.0.0.0")
+    assert ConsoleConfig(host="0.0.0.0", token=SecretStr(TOKEN)).host == "0.0.0.0"
+    assert ConsoleConfig(host="0.0.0.0", enabled=False).enabled is False
+    config = BridgeConfig.model_validate({"console": {"token": TOKEN}})
+    assert TOKEN in config.secrets() and TOKEN not in json.dumps(config.redacted())
