@@ -1,8 +1,8 @@
 """A device gets its own answer and nothing more: Response Topics against the documented ACL.
 
 The broker is a real Mosquitto with the password file and the ACL of docs/security.md (read from
-the document itself); the bridge runs as its `bridge` user on the `edge` prefix, and the devices
-`kitchen` and `hall` are confined to their suffixes as the ACL says.
+the document itself); the bridge runs as its `bridge-edge` user on the `edge` prefix, and the
+devices `kitchen` and `hall` are confined to their suffixes as the ACL says.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def documented_acl() -> str:
 def acl_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     passwd, acl = tmp_path / "passwd", tmp_path / "acl"
     passwd.touch()
-    for user, password in (("bridge", TEST_MQTT_PASSWORD), ("kitchen", DEVICE_PASSWORD)):
+    for user, password in (
+        ("bridge", TEST_MQTT_PASSWORD),
+        ("bridge-edge", TEST_MQTT_PASSWORD),
+        ("kitchen", DEVICE_PASSWORD),
+    ):
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
     subprocess.run(["mosquitto_passwd", "-b", str(passwd), "hall", DEVICE_PASSWORD], check=True)
     acl.write_text(documented_acl())
@@ -69,7 +73,7 @@ def edge_bridge(
         broker_port=acl_broker.port,
         api_base=standin.url,
         prefix="edge",
-        mqtt={"username": "bridge"},
+        mqtt={"username": "bridge-edge"},
         access={"allow_methods": ["createChatCompletion"]},
     )
     env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
@@ -125,3 +129,35 @@ def test_a_device_may_name_a_reply_topic_below_its_own(
             "createChatCompletion", CHAT, suffix="kitchen", response_topic=own
         )
         assert (reply.topic, reply.text()) == (own, "OK")
+
+
+def refused(client: TestClient, topic: str) -> bool:
+    """Whether the broker refuses a QoS 1 publish by `client` on `topic` (MQTT 5 PUBACK 135)."""
+    try:
+        client.publish(topic, b"x")
+    except RuntimeError as exc:
+        return "Not authorized" in str(exc)
+    return False
+
+
+def test_the_documented_acl_lets_each_bridge_user_write_only_where_its_replies_belong(
+    acl_broker: MosquittoBroker,
+) -> None:
+    edge = TestClient(acl_broker.host, acl_broker.port, prefix="edge")
+    edge.paho.username_pw_set("bridge-edge", TEST_MQTT_PASSWORD)
+    main = TestClient(acl_broker.host, acl_broker.port, prefix="openai")
+    main.paho.username_pw_set("bridge", TEST_MQTT_PASSWORD)
+    with edge, main:
+        for topic in (
+            "openai/response/createChatCompletion/ha",  # the other bridge's answers
+            "openai/bridge/ha/state",
+            "edge/request/createChatCompletion/kitchen",  # a device's request
+            "homeassistant/device/forged/config",
+            "$SYS/forged",
+        ):
+            assert refused(edge, topic), topic
+        for topic in ("edge/response/createChatCompletion/kitchen", "edge/bridge/test/state"):
+            assert not refused(edge, topic), topic
+        for topic in ("edge/response/createChatCompletion/kitchen", "edge/bridge/test/state"):
+            assert refused(main, topic), topic
+        assert not refused(main, "homeassistant/device/openai_bridge/config")
