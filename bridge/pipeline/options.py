@@ -119,7 +119,11 @@ def parse_options(value: Any, max_select_steps: int = MAX_SELECT_STEPS) -> Reply
     unknown = sorted(k for k in value if k not in _KNOWN_KEYS)
     if unknown:
         names = ", ".join(repr(k[:40]) for k in unknown[:5])
-        raise _invalid("", f"unknown option(s) {names}; known: {', '.join(sorted(_KNOWN_KEYS))}")
+        raise _invalid(
+            "",
+            f"unknown option(s) {names}{_did_you_mean(unknown[0], _KNOWN_KEYS)}; "
+            f"known: {', '.join(sorted(_KNOWN_KEYS))}",
+        )
     select = _parse_select(value.get("select"), max_select_steps)
     fmt = _parse_format(value.get("format"))
     max_bytes = _parse_size("max_bytes", value.get("max_bytes"), MIN_MAX_BYTES)
@@ -135,6 +139,16 @@ def parse_options(value: Any, max_select_steps: int = MAX_SELECT_STEPS) -> Reply
 
 
 _KNOWN_KEYS = frozenset({"select", "format", "max_bytes", "chunk_bytes", "wait"})
+
+
+def _did_you_mean(name: str, known: frozenset[str]) -> str:
+    """ " (did you mean X?)" for a misspelt option `name`, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name[:40].lower(), sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 _WAIT_KEYS = frozenset({"timeout"})
 
 

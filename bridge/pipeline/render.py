@@ -37,6 +37,16 @@ def _head(status: bytes, method: str, transaction: Any) -> bytes:
     return head
 
 
+SELECT_NO_MATCH = dumps(
+    {
+        "code": "select_no_match",
+        "message": "_bridge.select gave null: nothing in the answer matched it, or the value "
+        "there is null; check the expression's spelling against the answer without select",
+    }
+)
+"""The `warning` of an ok envelope whose `select` produced null."""
+
+
 def ok_raw(method: str, transaction: Any, data_json: bytes | list[bytes]) -> bytes:
     """A success envelope around already-valid JSON (bytes or fragments), spliced in one copy."""
     parts = [_head(b'"ok"', method, transaction), b',"data":']
@@ -188,9 +198,14 @@ def answer(
         options=options,
     )
     if options.format == "json":
+        value = None
         if options.select is not None:
-            data = dumps(selected(options, Answer(data)))
+            value = selected(options, Answer(data))
+            data = dumps(value)
         done.payload = ok_raw(op.name, transaction, data)
+        if options.select is not None and value is None:
+            # Legitimately null at times (a tool call's content), so no error: a flag instead.
+            done.payload = done.payload[:-1] + b',"warning":' + SELECT_NO_MATCH + b"}"
         return done
     content_type = result.content_type.strip() or None
     reply = format_ok(options, Answer(data, body, content_type), _transaction_json(transaction))

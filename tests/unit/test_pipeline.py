@@ -466,3 +466,24 @@ async def test_dispatcher_answers_a_rejection_without_calling_the_service_host()
     reply = json.loads(publisher.published[0][1])
     assert (reply["error"]["code"], reply["transaction"]) == ("missing_parameter", "t")
     assert publisher.acked == [2] and bridge.stats.by_code == {"missing_parameter": 1}
+
+
+def test_a_select_that_matches_nothing_answers_null_with_a_warning() -> None:
+    op = TABLE.find("createChatCompletion")
+    assert op is not None
+    answer = b'{"choices": [{"message": {"content": "hi"}}]}'
+    typo = parse_options({"select": "choices[0].mesage.content"})
+    reply = json.loads(
+        render.answer(
+            op, "t", ServiceResult(answer, "application/json", 200, "r"), None, typo
+        ).payload
+    )
+    assert reply["status"] == "ok" and reply["data"] is None
+    assert reply["warning"]["code"] == "select_no_match"
+    right = parse_options({"select": "choices[0].message.content"})
+    good = json.loads(
+        render.answer(
+            op, "t", ServiceResult(answer, "application/json", 200, "r"), None, right
+        ).payload
+    )
+    assert good["data"] == "hi" and "warning" not in good

@@ -96,7 +96,7 @@ def test_a_full_set_of_options() -> None:
     [
         ([], "_bridge must be a JSON object, got an array"),
         ("plain", "_bridge must be a JSON object, got a string"),
-        ({"fromat": "plain"}, "unknown option(s) 'fromat'"),
+        ({"fromat": "plain"}, "unknown option(s) 'fromat' (did you mean format?)"),
         ({"select": ""}, "_bridge.select must not be empty"),
         ({"select": "choices[0"}, "_bridge.select is not a JMESPath expression"),
         ({"select": "a.."}, "_bridge.select is not a JMESPath expression"),
