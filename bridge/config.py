@@ -181,6 +181,9 @@ class AccessConfig(_Section):
 
     allow_methods: list[str] = ["*"]
     deny_methods: list[str] = []
+    tools: dict[str, list[str]] = {}
+    """Tool name -> globs of the request-topic suffixes that may use it (`["kitchen/*"]`);
+    a tool not named here may be used by every caller."""
     reply_topics: list[str] = []
     """MQTT filters where a request's Response Topic may send its reply besides
     `<prefix>/response/#` (never the bridge's request, state or discovery topics)."""
@@ -298,6 +301,46 @@ class JobsConfig(_Section):
     poll_max: Annotated[float, Field(gt=0)] = 30.0
 
 
+class ToolConfig(_Section):
+    """`[tools.<name>]`: one MQTT action a model may call (docs/tools.md); checked at load by
+    bridge.tools.config (parameters subset, templates, topics the bridge itself uses)."""
+
+    description: str
+    kind: Literal["publish", "read", "request"]
+    topic: str
+    """publish/request: where the payload goes; read: the topic whose retained message is read.
+    `${arg}` only as a whole level, and only for a parameter with listed values (enum)."""
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}
+    """JSON schema of the arguments: an object of string/integer/number/boolean properties."""
+    payload: str | dict[str, Any] = ""
+    """Text or a table; `${arg}` is replaced by the validated argument."""
+    qos: Annotated[int, Field(ge=0, le=2)] = 1
+    retain: bool = False
+    reply_topic: str = ""
+    """request: the topic whose next message is the result (a state topic changing counts)."""
+    select: str = ""
+    """read/request: a JMESPath selection of the (JSON) message given to the model."""
+    timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """read/request: seconds to wait for the message before the call's result is a timeout."""
+    dangerous: bool = False
+    """Refused unless the request names it in `_bridge.allow_dangerous`."""
+    rate_limit: Annotated[int, Field(ge=0)] = 0
+    """Executed calls allowed per `rate_window` seconds (per bridge process); 0: no limit."""
+    rate_window: Annotated[float, Field(gt=0)] = 60.0
+
+
+class ToolLoopConfig(_Section):
+    """`[tool_loop]`: bounds of the model/tool loop (docs/tools.md)."""
+
+    max_steps: Annotated[int, Field(ge=1, le=50)] = 8
+    """Model answers per request; a model still calling tools after that gets `tool_loop_limit`."""
+    max_calls_per_step: Annotated[int, Field(ge=1, le=64)] = 8
+    max_output_bytes: Annotated[int, Field(ge=64)] = 4096
+    """A tool result longer than this is cut before it goes back to the model."""
+    audit: bool = True
+    """Publish every executed call on `<prefix>/bridge/<instance>/audit`."""
+
+
 class BridgeConfig(_Section):
     """The whole configuration."""
 
@@ -311,6 +354,8 @@ class BridgeConfig(_Section):
     console: ConsoleConfig = ConsoleConfig()
     journal: JournalConfig = JournalConfig()
     jobs: JobsConfig = JobsConfig()
+    tools: dict[str, ToolConfig] = {}
+    tool_loop: ToolLoopConfig = ToolLoopConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""

@@ -325,6 +325,63 @@ class JobFailed(JobError):
     code = "job_failed"
 
 
+# --- tools (docs/tools.md): refusals of a request, or of one call fed back to the model ---------
+
+
+class ToolError(RequestError):
+    """A tool cannot be offered or a tool call is refused."""
+
+
+class UnknownTool(ToolError):
+    """The request (or the model) names a tool the config does not declare."""
+
+    code = "unknown_tool"
+
+
+class ToolNotAllowed(ToolError):
+    """`[access] tools` does not let this caller (request-topic suffix) use the tool."""
+
+    code = "tool_not_allowed"
+
+
+class InvalidToolArguments(ToolError):
+    """The model's arguments are not JSON or fail the tool's parameter schema."""
+
+    code = "bad_tool_arguments"
+
+
+class ToolTopicRefused(ToolError):
+    """The arguments would reach a wildcard or a topic the tool's config does not list."""
+
+    code = "tool_topic_refused"
+
+
+class DangerousToolRefused(ToolError):
+    """A `dangerous` tool without `_bridge.allow_dangerous` naming it."""
+
+    code = "dangerous_tool"
+
+
+class ToolRateLimited(ToolError):
+    """The tool was called more often than its `rate_limit` allows."""
+
+    code = "tool_rate_limited"
+    retryable = True
+
+
+class ToolTimeout(ToolError):
+    """A read or request tool got no message within its `timeout`."""
+
+    code = "tool_timeout"
+    retryable = True
+
+
+class ToolLoopLimit(ToolError):
+    """The model was still calling tools after `[tool_loop] max_steps` answers."""
+
+    code = "tool_loop_limit"
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the process exits with EX_CONFIG (78)."""
 

@@ -37,6 +37,8 @@ class Topics:
         self.state = f"{base}/state"
         self.info = f"{base}/info"
         self.stats = f"{base}/stats"
+        self.audit = f"{base}/audit"
+        """Where every executed tool call is reported (docs/tools.md)."""
 
     def probe(self, client_id: str) -> str:
         """The topic a client with this id checks a shared subscription with (never a request)."""

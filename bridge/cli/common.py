@@ -50,7 +50,9 @@ def load(path: str | None) -> tuple[BridgeConfig, list[str]]:
     from bridge.pipeline.access import pattern_problems
 
     warnings: list[str] = []
-    config = load_config(path, warnings=warnings)
+    from bridge.tools.config import check_tools
+
+    config = check_tools(load_config(path, warnings=warnings))
     access = config.access
     problems = pattern_problems(access.allow_methods, access.deny_methods, default_table())
     if problems:

@@ -57,6 +57,7 @@ def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
     from bridge.runtime import logs
     from bridge.runtime.daemon import Bridge
     from bridge.runtime.process import pin_mmap_threshold
+    from bridge.tools.config import check_tools
     from bridge.workers.link import WorkerLink
     from bridge.workers.protocol import resolve_workers, worker_config
 
@@ -64,7 +65,7 @@ def cmd_worker(path: str | None, index: int, control_fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        loaded = load_config(path)
+        loaded = check_tools(load_config(path))
     except ConfigError as exc:
         print_problems(exc, path)
         return EX_CONFIG

@@ -21,14 +21,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import BridgeConfig
-from bridge.errors import BridgeError, InternalError, PoisonRequest, TooManyWaits
-from bridge.messages import InboundMessage, Publisher
+from bridge.errors import (
+    BridgeError,
+    InternalError,
+    PoisonRequest,
+    TooManyWaits,
+    UnknownTool,
+    UpstreamBadResponse,
+)
+from bridge.jsoncodec import dumps, loads
+from bridge.messages import InboundMessage, Publisher, PublishFailed
 from bridge.methods.jobs import job_kind
 from bridge.methods.model import MethodTable
 from bridge.pipeline import render
@@ -43,7 +52,10 @@ from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
 from bridge.pipeline.waiting import JobWaiter
 from bridge.redact import Redactor
-from bridge.service.client import ServiceClient
+from bridge.service.client import ServiceClient, ServiceResult
+from bridge.service.models import HttpRequest
+from bridge.tools.loop import run_loop
+from bridge.tools.runner import CallContext, ToolRunner
 from bridge.topics import Topics
 
 if TYPE_CHECKING:
@@ -71,10 +83,13 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         observer: Callable[[Observed], None] | None = None,
+        tools: ToolRunner | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
         """Told of every answered request (the web console), None when nobody looks."""
+        self.tools = tools
+        """Runs `_bridge.tools` calls (None: no tools configured)."""
         self.service = service
         self.publisher = publisher
         self.log = log
@@ -357,6 +372,8 @@ class Dispatcher:
         try:
             if decision.options.wait is not None:
                 return await self._wait(route, decision, key, slot)
+            if decision.options.tools:
+                return await self._tool_loop(route, decision, key)
             return await self._execute(route, decision)
         except BridgeError as exc:
             return render.failure(decision.op.name, decision.transaction, exc, decision.options)
@@ -438,6 +455,54 @@ class Dispatcher:
         if sink is not None:
             await sink.flushed()
         return outcome
+
+    async def _tool_loop(self, route: Route, call: Call, key: bytes | None) -> render.Outcome:
+        """Run the model/tool loop (docs/tools.md); the final answer takes the reply options."""
+        if self.tools is None:
+            raise UnknownTool("no tools are configured on this bridge ([tools.<name>])")
+        options = call.options
+        offered = self.tools.offer(options.tools, route.topic.suffix)
+        base = call.take_request()
+        body = _json_body(base)
+        stream_topic = route.topic.stream
+
+        def progress(event: dict[str, Any]) -> None:
+            if call.transaction is not MISSING:
+                event["transaction"] = call.transaction
+            data = self.redactor.data(dumps(event))
+            with contextlib.suppress(PublishFailed):
+                self.publisher.publish(stream_topic, data, correlation_data=route.correlation)
+
+        async def send(step_body: dict[str, Any]) -> bytes:
+            request = dataclasses.replace(base, json_body=dumps(step_body))
+            result = await self.service.send(request, None)
+            return result.body
+
+        ctx = CallContext(
+            key=key,
+            caller=route.topic.suffix,
+            tools=offered,
+            allow_dangerous=options.allow_dangerous,
+            dry_run=options.dry_run,
+            progress=progress,
+        )
+        loop = self.config.tool_loop
+        answer = await run_loop(
+            call.op.name, body, send, self.tools, ctx, loop.max_steps, loop.max_calls_per_step
+        )
+        result = ServiceResult(self.redactor.data(answer), "application/json", 200, None)
+        return render.answer(call.op, call.transaction, result, None, options)
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    """The JSON object body of a built request (a loop request always has one)."""
+    try:
+        body = loads(request.json_body or b"{}")
+    except ValueError:
+        raise UpstreamBadResponse("request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise UpstreamBadResponse("request body is not a JSON object")
+    return body
 
 
 class _Slot:

@@ -93,6 +93,12 @@ class ReplyOptions:
     """`raw` only: send the bytes as numbered chunks of at most this size, then an end message."""
     wait: WaitOptions | None = None
     """Job operations only: poll the job to its end, progress on the stream topic, one reply."""
+    tools: tuple[str, ...] = ()
+    """Names of `[tools.<name>]` the model may call (createChatCompletion, createResponse)."""
+    allow_dangerous: frozenset[str] = frozenset()
+    """Tools marked `dangerous` this request allows."""
+    dry_run: bool = False
+    """Run the tool loop without publishing: calls report what they would have sent."""
 
     @property
     def is_default(self) -> bool:
@@ -133,12 +139,43 @@ def parse_options(value: Any, max_select_steps: int = MAX_SELECT_STEPS) -> Reply
     if chunk_bytes is not None and fmt != "raw":
         raise _invalid("chunk_bytes", 'applies to "format": "raw" only')
     wait = _parse_wait(value.get("wait"))
+    tools = _parse_names("tools", value.get("tools"))
+    allow_dangerous = _parse_names("allow_dangerous", value.get("allow_dangerous"))
+    dry_run = value.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise _invalid("dry_run", f"must be true or false, got {_json_type(dry_run)}")
+    if (allow_dangerous or dry_run) and not tools:
+        raise _invalid("tools", "must name the tools that allow_dangerous and dry_run apply to")
     return ReplyOptions(
-        select=select, format=fmt, max_bytes=max_bytes, chunk_bytes=chunk_bytes, wait=wait
+        select=select,
+        format=fmt,
+        max_bytes=max_bytes,
+        chunk_bytes=chunk_bytes,
+        wait=wait,
+        tools=tools,
+        allow_dangerous=frozenset(allow_dangerous),
+        dry_run=dry_run,
     )
 
 
-_KNOWN_KEYS = frozenset({"select", "format", "max_bytes", "chunk_bytes", "wait"})
+MAX_TOOLS = 32
+"""Most tools one request may offer the model."""
+
+
+def _parse_names(option: str, value: Any) -> tuple[str, ...]:
+    """A list of tool names (strings, no repeats, at most MAX_TOOLS)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _invalid(option, "must be a list of tool names")
+    if len(value) > MAX_TOOLS:
+        raise _invalid(option, f"may name at most {MAX_TOOLS} tools")
+    return tuple(dict.fromkeys(value))
+
+
+_KNOWN_KEYS = frozenset(
+    {"select", "format", "max_bytes", "chunk_bytes", "wait", "tools", "allow_dangerous", "dry_run"}
+)
 
 
 def _did_you_mean(name: str, known: frozenset[str]) -> str:

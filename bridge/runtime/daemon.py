@@ -23,9 +23,11 @@ from bridge.mqtt.trial_broker import (
     answers_mqtt,
     port_busy_message,
 )
+from bridge.mqtt.watch import TopicWatcher
 from bridge.pipeline.dispatch import Dispatcher
 from bridge.pipeline.model import JournalLike
 from bridge.pipeline.stats import Stats
+from bridge.redact import Redactor
 from bridge.runtime import process
 from bridge.runtime.logs import get_logger
 from bridge.runtime.roles import Role, Standalone, Worker
@@ -33,6 +35,8 @@ from bridge.runtime.takeover import DormantSession, take_over
 from bridge.service.aiohttp_transport import AiohttpTransport
 from bridge.service.client import ServiceClient
 from bridge.service.transport import HttpTransport
+from bridge.tools.config import build_tools
+from bridge.tools.runner import ToolRunner
 from bridge.topics import Topics
 from bridge.workers import protocol as workers
 from bridge.workers.link import WorkerLink
@@ -171,6 +175,7 @@ class Bridge:
             stack.push_async_callback(service.close)
             self.transport = transport = self._make_transport(mqtt_cfg, protocol)
             stack.push_async_callback(transport.close)
+            runner, watcher = self._tool_runner(mqtt_cfg, transport, journal)
             self.dispatcher = Dispatcher(
                 config=cfg,
                 table=self.table,
@@ -180,9 +185,13 @@ class Bridge:
                 log=self.log,
                 journal=journal,
                 observer=self.role.observer,
+                tools=runner,
             )
             stack.push_async_callback(self._shutdown)
             if await self._connected(transport):
+                if watcher is not None:
+                    await self._start_watcher(watcher)
+                    stack.push_async_callback(watcher.close)
                 try:
                     await self._serve()
                 except* Exception as failure:  # noqa: BLE001  (any bug: stop, never hang)
@@ -193,6 +202,37 @@ class Bridge:
                     code = EX_SOFTWARE
         self.log.info("stopped")
         return code
+
+    def _tool_runner(
+        self, mqtt_cfg: MqttConfig, transport: MqttTransport, journal: JournalLike | None
+    ) -> tuple[ToolRunner | None, TopicWatcher | None]:
+        """The tool runner of `[tools]` (None when none are declared) and its topic reader."""
+        cfg = self.config
+        tools, problems = build_tools(cfg)
+        if problems:
+            raise StartupError("invalid [tools]: " + "; ".join(problems))
+        if not tools:
+            return None, None
+        reads = any(t.config.kind != "publish" for t in tools.values())
+        watcher = TopicWatcher(mqtt_cfg, f"{mqtt_cfg.effective_client_id}-tools") if reads else None
+        runner = ToolRunner(
+            tools,
+            transport,
+            watcher,
+            self.log,
+            journal=journal,
+            audit_topic=self.topics.audit if cfg.tool_loop.audit else None,
+            redactor=Redactor(cfg.secrets()),
+            max_output_bytes=cfg.tool_loop.max_output_bytes,
+        )
+        return runner, watcher
+
+    async def _start_watcher(self, watcher: TopicWatcher) -> None:
+        """Connect the tools' reading connection (read and request tools time out without it)."""
+        try:
+            await watcher.start()
+        except (OSError, TimeoutError) as exc:
+            self.log.warning("tool topic reader not connected; it retries", error=str(exc)[:200])
 
     def _make_transport(self, mqtt_cfg: MqttConfig, protocol: str | None) -> MqttTransport:
         cfg = self.config
