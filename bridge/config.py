@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -373,21 +374,27 @@ class BridgeConfig(_Section):
         data["service"]["api_key"] = "**********" if self.service.api_key.get_secret_value() else ""
         data["mqtt"]["password"] = "**********" if self.mqtt.password.get_secret_value() else ""
         data["service"]["extra_headers"] = dict.fromkeys(self.service.extra_headers, "**********")
-        password = _url_password(self.service.api_base)
-        if password:
-            data["service"]["api_base"] = self.service.api_base.replace(
-                f":{password}@", ":**********@", 1
-            )
+        if _url_password(self.service.api_base):
+            data["service"]["api_base"] = _url_without_password(self.service.api_base)
         return data
 
 
 def _url_password(url: str) -> str:
-    """The password in a URL like `postgresql://user:password@host/db` ("" when none)."""
-    _scheme, sep, rest = url.partition("://")
-    if not sep:
+    """The password in a URL like `postgresql://user:password@host/db` as sent (percent-decoded;
+    "" when none). Only the authority is read: an `@` in the path is no password."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
         return ""
-    credentials, at, _ = rest.rpartition("@")
-    return credentials.partition(":")[2] if at else ""
+    return unquote(password or "")
+
+
+def _url_without_password(url: str) -> str:
+    """`url` with the password in its authority shown as `**********`."""
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:**********@{host}"))
 
 
 def _read_secret_file(path: str, what: str, warnings: list[str]) -> str:

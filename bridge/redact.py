@@ -62,6 +62,37 @@ class Redactor:
         self._cut = [s for s in self.secrets if len(s) > MIN_PIECE]
         """Secrets whose cut pieces are looked for at the ends of a value."""
         self._cut_bytes = [s.encode("utf-8") for s in self._cut]
+        self.reach = max((len(form) for form in self._forms), default=1) - 1
+        """Characters of earlier text that a form overlapping later text can start in."""
+        marks = {f[:MIN_PIECE] for f in self._forms} | {s[-MIN_PIECE:] for s in self._cut}
+        self._marks = re.compile("|".join(sorted(map(re.escape, marks)))) if marks else None
+        """Any form's first and any secret's last MIN_PIECE characters: a text without one
+        holds no secret nor a piece of one `text` or `spans` would find."""
+
+    def marked(self, text: str, start: int = 0) -> bool:
+        """Whether `text[start:]` may hold a secret or a piece of one (one regex search)."""
+        return self._marks is not None and self._marks.search(text, start) is not None
+
+    def spans(self, text: str, start: int) -> list[tuple[int, int]]:
+        """Where `text` holds a form of a secret, or ends with a form's first MIN_PIECE or more
+        characters, as (begin, end) pairs that end after `start`."""
+        if not self.marked(text, max(start - self.reach, 0)):
+            return []
+        found = []
+        size = len(text)
+        for form in self._forms:
+            at = text.find(form, max(start - len(form) + 1, 0))
+            while at != -1:
+                found.append((at, at + len(form)))
+                at = text.find(form, at + 1)
+            head = form[:MIN_PIECE]
+            at = text.find(head, max(size - len(form) + 1, 0))
+            while at != -1:
+                if form.startswith(text[at:]):
+                    found.append((at, size))
+                    break
+                at = text.find(head, at + 1)
+        return [(begin, end) for begin, end in found if end > start]
 
     def text(self, value: str) -> str:
         """`value` with every secret replaced."""
@@ -106,6 +137,61 @@ class Redactor:
 
 
 _REDACTED_BYTES = REDACTED.encode()
+
+
+class StreamScrubber:
+    """Scrubs a stream's events one after the other, each string read on from what earlier
+    events held at the same place (e.g. `choices.0.delta.content`): a secret split over events
+    is masked from the event that brings its `MIN_PIECE`th character on, never passed whole in
+    pieces. Nothing is held back (an event is published as soon as it is scrubbed)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self._tails: dict[tuple[Any, ...], str] = {}
+        """The last `reach` characters shown at each place, as the service host sent them."""
+
+    def any(self, value: Any, place: tuple[Any, ...] = ()) -> Any:
+        """`value` (an event's data) with every secret and every continued piece of one masked."""
+        if isinstance(value, str):
+            return self._text(place, value)
+        if isinstance(value, dict):
+            return {k: self.any(v, (*place, k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.any(v, (*place, i)) for i, v in enumerate(value)]
+        return value
+
+    def _text(self, place: tuple[Any, ...], text: str) -> str:
+        redactor = self.redactor
+        if not redactor.secrets:
+            return text
+        earlier = self._tails.get(place, "")
+        joined = earlier + text
+        if len(self._tails) < _MAX_PLACES or place in self._tails:
+            self._tails[place] = joined[-redactor.reach :]
+        if not redactor.marked(joined):
+            return text  # the common case: one regex search over a few hundred characters
+        start = len(earlier)
+        masked = sorted(
+            (max(b, start) - start, e - start) for b, e in redactor.spans(joined, start)
+        )
+        if not masked:
+            return redactor.text(text)
+        pieces, done = [], 0
+        for begin, end in masked:
+            if end <= done:
+                continue
+            if begin > done:
+                pieces.append(text[done:begin])
+            if begin >= done:
+                pieces.append(REDACTED)
+            done = end
+        pieces.append(text[done:])
+        return redactor.text("".join(pieces))
+
+
+_MAX_PLACES = 256
+"""Places in an event a stream scrubber remembers (an event's shape repeats; a hostile one
+that does not cannot grow it without bound)."""
 
 
 def _cut_ends(value: AnyStr, secret: AnyStr, mask: AnyStr) -> AnyStr:

@@ -16,7 +16,7 @@ from bridge.messages import StreamPublisher
 from bridge.pipeline.options import DEFAULT_OPTIONS, ReplyOptions
 from bridge.pipeline.render import StreamFramer
 from bridge.pipeline.replyformat import PLAIN_TYPE, plain_stream_payloads
-from bridge.redact import Redactor
+from bridge.redact import Redactor, StreamScrubber
 from bridge.service.sse import SseEvent, assembler_for, is_done
 
 # Events published but not yet acknowledged before we wait for the broker (bounds memory).
@@ -52,6 +52,7 @@ class TopicStreamSink:
         self.topic = topic
         self.correlation_data = correlation_data
         self.redactor = redactor
+        self._scrubber = StreamScrubber(redactor)
         self.seq = 0
         self._failure: BridgeError | None = None
         self._pending: list[asyncio.Future[None]] = []
@@ -75,12 +76,13 @@ class TopicStreamSink:
         if self.options.format == "plain":
             if not is_done(event):
                 # Redacted before it is cut into pieces of max_bytes, not piece by piece.
-                data = self.redactor.any(_event_data(event))
+                data = self._scrubber.any(_event_data(event))
                 for text in plain_stream_payloads(event.event, data, self.options.max_bytes):
                     if not await self._publish(self.redactor.data(text), PLAIN_TYPE):
                         return
         elif not is_done(event):
-            payload = self._framer.frame(self.seq, event.event, _event_data(event))
+            data = self._scrubber.any(_event_data(event))
+            payload = self._framer.frame(self.seq, event.event, data)
             if not await self._publish(self.redactor.data(payload), None):
                 return
         self._assembler.feed(event)

@@ -122,3 +122,66 @@ def test_a_binary_answer_and_a_plain_stream_hold_no_key(
     everything = b"\n".join(m.payload for m in client.messages(f"{client.prefix}/#"))
     assert leaked(everything) == []
     assert b"**********" in everything
+
+
+def _delta_stream(pieces: list[str]) -> Reply:
+    """A chat stream whose content deltas are `pieces`, each in its own event."""
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m"}
+    return Reply(
+        sse=[
+            (None, json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": piece}}]}))
+            for piece in pieces
+        ]
+    )
+
+
+KEY = TEST_API_KEY
+SPLITS = {
+    "halves": ["the key is ", KEY[:14], KEY[14:] + " ok"],
+    "thirds": ["key ", KEY[:5], KEY[5:17], KEY[17:], " end"],
+    "one by one": ["key ", *KEY, " end"],
+    "a short head": ["key " + KEY[:3], KEY[3:] + " end"],
+}
+
+
+@pytest.mark.parametrize("pieces", SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize("options", [None, {"format": "plain"}], ids=["events", "plain"])
+def test_a_key_split_over_streamed_events_never_reaches_a_device(
+    echoing: BridgeThread,
+    standin: Standin,
+    client: TestClient,
+    pieces: list[str],
+    options: dict[str, Any] | None,
+) -> None:
+    standin.script("POST", "/chat/completions", _delta_stream(pieces))
+    client.subscribe(f"{client.prefix}/#")
+    chat: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    chat["stream"] = True
+    if options is not None:
+        chat["_bridge"] = options
+    client.request_raw("createChatCompletion", chat, timeout=20)
+    messages = client.messages(f"{client.prefix}/#")
+    everything = b"\n".join(m.payload for m in messages)
+    assert leaked(everything) == []
+    # What a device puts together from the pieces holds no more of the key than each piece.
+    shown = _streamed_text([m.payload for m in messages])
+    assert leaked(shown.encode()) == [], shown
+    assert "**********" in shown
+    assert shown.endswith((" end", " ok")), shown  # the text after the key still arrives
+
+
+def _streamed_text(payloads: list[bytes]) -> str:
+    """The answer text a device assembles from stream messages (events' deltas, plain pieces)."""
+    text = []
+    for payload in payloads:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            text.append(payload.decode())  # a plain piece
+            continue
+        if isinstance(message, dict) and "seq" in message:
+            for choice in message["data"].get("choices", []):
+                text.append(choice["delta"].get("content") or "")
+        elif not isinstance(message, dict):
+            text.append(payload.decode())
+    return "".join(text)

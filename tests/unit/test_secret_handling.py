@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -15,7 +16,7 @@ from bridge.errors import InvalidParameter
 from bridge.journal.sqlite import Journal
 from bridge.methods.catalog import default_table
 from bridge.pipeline.multipart import encode_form
-from bridge.redact import Redactor
+from bridge.redact import MIN_PIECE, Redactor, StreamScrubber
 
 CONFIG = BridgeConfig.model_validate(
     {
@@ -82,3 +83,57 @@ async def test_the_journal_is_private_whatever_the_umask(tmp_path: Path) -> None
         await journal.close()
     finally:
         os.umask(old)
+
+
+def _scrub_stream(pieces: list[str]) -> list[str]:
+    scrubber = StreamScrubber(Redactor(CONFIG.secrets()))
+    out = []
+    for piece in pieces:
+        event = scrubber.any({"choices": [{"delta": {"content": piece}}], "model": "m"})
+        out.append(event["choices"][0]["delta"]["content"])
+    return out
+
+
+def test_a_key_streamed_a_character_at_a_time_is_masked_from_its_eighth() -> None:
+    key = "sk-config-secret-1234"
+    shown = _scrub_stream(["key ", *key, " end"])
+    assert "".join(shown[:8]) == "key sk-conf"  # 7 characters: below a piece, ordinary text
+    assert shown[8:-1] == ["**********"] * (len(key) - 7)
+    assert shown[-1] == " end"
+
+
+@pytest.mark.parametrize("cut", [1, 7, 8, 13, 20])
+def test_a_key_in_two_events_shows_no_piece_of_eight(cut: int) -> None:
+    key = "sk-config-secret-1234"
+    first, second = _scrub_stream([f"a {key[:cut]}", f"{key[cut:]} b"])
+    assert second.endswith(" b") and first.startswith("a ")
+    joined = first + second
+    assert not any(key[i : i + MIN_PIECE] in joined for i in range(len(key) - MIN_PIECE + 1))
+
+
+def test_a_base64_key_split_over_events_is_masked_too() -> None:
+    token = base64.b64encode(b"gw-token-aa11bb22cc").decode()
+    first, second = _scrub_stream([token[:10], token[10:] + " ok"])
+    assert first == "**********"  # 10 characters of the base64 form: a piece already
+    assert token[10:] not in second and second.endswith(" ok")
+
+
+def test_text_that_only_looks_like_a_key_passes_unchanged() -> None:
+    pieces = ["sk-", "conf", " other text ", "secret", " 1234"]
+    assert _scrub_stream(pieces) == pieces
+
+
+def test_the_api_base_password_is_read_from_the_authority_alone_and_decoded() -> None:
+    encoded = BridgeConfig.model_validate(
+        {"service": {"api_base": "https://u:gw%40pass%2F71c3@gw.example:8443/v1/@x:y"}}
+    )
+    assert "gw@pass/71c3" in encoded.secrets()
+    shown = encoded.redacted()["service"]["api_base"]
+    assert shown == "https://u:**********@gw.example:8443/v1/@x:y"
+    # The form written in the file (percent-encoded) is hidden in log lines too.
+    assert Redactor(encoded.secrets()).text("base=gw%40pass%2F71c3@gw") == "base=**********@gw"
+    at_in_path = BridgeConfig.model_validate(
+        {"service": {"api_base": "https://gw.example/v1/@x:y"}}
+    )
+    assert at_in_path.secrets() == []
+    assert at_in_path.redacted()["service"]["api_base"] == "https://gw.example/v1/@x:y"
