@@ -342,6 +342,35 @@ class ToolLoopConfig(_Section):
     """Publish every executed call on `<prefix>/bridge/<instance>/audit`."""
 
 
+class RealtimeConfig(_Section):
+    """Realtime sessions over MQTT (docs/protocol.md#realtime-sessions): limits per session and
+    per bridge."""
+
+    enabled: bool = True
+    model: str = "gpt-realtime"
+    """The model of a realtime session whose open message names none."""
+    max_sessions: Annotated[int, Field(ge=0, le=10_000)] = 8
+    """Sessions open at once on this bridge; one more is `too_many_sessions`."""
+    idle_timeout: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds without a message from the device before `closed` with reason `idle`."""
+    max_session_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    """A session's longest life; then `closed` with reason `max_duration`."""
+    max_audio_seconds: Annotated[float, Field(gt=0)] = 600.0
+    """Input audio one session may send (by its format's byte rate); then `audio_limit`."""
+    max_events_per_second: Annotated[float, Field(gt=0)] = 100.0
+    """Device messages per second on one session (bursts up to as many); more: `rate_limited`."""
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    """The largest event or audio message; larger: `message_too_large`."""
+    max_pending_bytes: Annotated[int, Field(ge=64 * 1024)] = 4 * 1024 * 1024
+    """Session output the broker has not yet acknowledged; more: `closed` `device_too_slow`."""
+    heartbeat: Annotated[float, Field(gt=0)] = 15.0
+    """Seconds between pings upstream; no pong in half that: `closed` `upstream_lost`."""
+    qos: Literal[0, 1] = 1
+    """QoS of a session's state, event, text and error messages."""
+    audio_qos: Literal[0, 1] = 1
+    """QoS of the audio a session publishes."""
+
+
 class BridgeConfig(_Section):
     """The whole configuration."""
 
@@ -357,6 +386,7 @@ class BridgeConfig(_Section):
     jobs: JobsConfig = JobsConfig()
     tools: dict[str, ToolConfig] = {}
     tool_loop: ToolLoopConfig = ToolLoopConfig()
+    realtime: RealtimeConfig = RealtimeConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""

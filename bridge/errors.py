@@ -382,6 +382,76 @@ class ToolLoopLimit(ToolError):
     code = "tool_loop_limit"
 
 
+# --- realtime sessions (bridge/realtime/) ---------------------------------------------------
+
+
+class RealtimeError(RequestError):
+    """A realtime message the bridge cannot act on (answered on the error topic)."""
+
+
+class BadSessionName(RealtimeError):
+    """The session level is empty, `.`/`..`, too long or holds other than [A-Za-z0-9_.-]."""
+
+    code = "bad_session_name"
+
+
+class UnknownSession(RealtimeError):
+    """An event, audio or close for a session that is not open on this bridge."""
+
+    code = "unknown_session"
+
+
+class SessionExists(RealtimeError):
+    """An open for a session name already open."""
+
+    code = "session_exists"
+
+
+class UnknownEvent(RealtimeError):
+    """A client event whose `type` is not one of its kind's client events."""
+
+    code = "unknown_event"
+
+
+class BadOpen(RealtimeError):
+    """The open message's options are not valid."""
+
+    code = "bad_open"
+
+
+class MessageTooLarge(RealtimeError):
+    """A message over `[realtime] max_message_bytes`."""
+
+    code = "message_too_large"
+
+
+class TooManySessions(RealtimeError):
+    """`[realtime] max_sessions` sessions are already open."""
+
+    code = "too_many_sessions"
+    retryable = True
+
+
+class RateLimited(RealtimeError):
+    """More messages per second on one session than `[realtime] max_events_per_second`."""
+
+    code = "rate_limited"
+    retryable = True
+
+
+class NoAudio(RealtimeError):
+    """Audio on a session whose kind takes none (the Responses WebSocket mode)."""
+
+    code = "no_audio"
+
+
+class RealtimeUnavailable(RealtimeError):
+    """This bridge serves no realtime sessions: `[realtime] enabled` is off, or it is one
+    process of a shared-subscription group (a session must stay on one process)."""
+
+    code = "realtime_unavailable"
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the process exits with EX_CONFIG (78)."""
 

@@ -127,6 +127,14 @@ class RequestBuilder:
         self._headers = headers
         self._assistants_beta = f"assistants={service.assistants_version}"
 
+    def websocket_request(self, url: str) -> tuple[str, dict[str, str]]:
+        """`url` (with the key when it goes in the query) and the headers of an upstream
+        WebSocket: the key, organization, project and extra headers, as every request has."""
+        if self._key_query is not None:
+            sep = "&" if "?" in url else "?"
+            url = f"{url}{sep}{_encode_query([self._key_query])}"
+        return url, dict(self._headers)
+
     def headers_for(self, op: Operation) -> dict[str, str]:
         """The headers every request of `op` carries (auth, organization, beta, extras)."""
         headers = dict(self._headers)

@@ -27,6 +27,8 @@ from bridge.mqtt.watch import TopicWatcher
 from bridge.pipeline.dispatch import Dispatcher
 from bridge.pipeline.model import JournalLike
 from bridge.pipeline.stats import Stats
+from bridge.realtime.manager import RealtimeManager
+from bridge.realtime.websocket import AiohttpWebSockets
 from bridge.redact import Redactor
 from bridge.runtime import process
 from bridge.runtime.logs import get_logger
@@ -90,6 +92,9 @@ class Bridge:
         )
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
+        self.realtime: RealtimeManager | None = None
+        """Realtime sessions; only a bridge that is no member of a shared group serves them
+        (a session's messages must all reach one process)."""
         if dormant_from is None and worker is None and not config.mqtt.shared_group:
             dormant_from = 2
         self.dormant_from = None if config.mqtt.embedded else dormant_from
@@ -188,6 +193,17 @@ class Bridge:
                 tools=runner,
             )
             stack.push_async_callback(self._shutdown)
+            sockets = AiohttpWebSockets(cfg.service.connect_timeout, cfg.realtime.heartbeat)
+            stack.push_async_callback(sockets.close)
+            self.realtime = RealtimeManager(
+                config=cfg,
+                publisher=transport,
+                connector=sockets,
+                log=self.log,
+                serving=self._serves_realtime(),
+            )
+            # Closed before the final state: each session publishes `closed` (`shutdown`).
+            stack.push_async_callback(self.realtime.close_all)
             if await self._connected(transport):
                 if watcher is not None:
                     await self._start_watcher(watcher)
@@ -246,7 +262,7 @@ class Bridge:
             on_connected=self._on_connected,
             log=self.log,
             protocol=protocol,
-            extra_subscriptions=self.role.subscriptions(),
+            extra_subscriptions=self.role.subscriptions() + self._realtime_subscriptions(),
             # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
             unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
             before_first_subscribe=self._take_over_dormant if self.dormant_from else None,
@@ -256,6 +272,20 @@ class Bridge:
                 else None
             ),
         )
+
+    def _serves_realtime(self) -> bool:
+        """Whether this process owns realtime sessions: standing alone, outside any group."""
+        return (
+            self.config.realtime.enabled
+            and isinstance(self.role, Standalone)
+            and not self.config.mqtt.shared_group
+        )
+
+    def _realtime_subscriptions(self) -> list[tuple[str, int]]:
+        """The retained session states, read at each connect to close what a crash left open."""
+        if not self._serves_realtime():
+            return []
+        return [(f"{self.config.mqtt.topic_prefix}/response/+/+/state", 1)]
 
     async def _take_over_dormant(self) -> None:
         """Drain and end the sessions of workers that no longer run, before subscribing."""
@@ -311,6 +341,9 @@ class Bridge:
 
     def _submit(self, message: InboundMessage) -> None:
         if self.role.take(message):
+            return
+        if self.realtime is not None and self.realtime.takes(message.topic):
+            self.realtime.submit(message)
             return
         assert self.dispatcher is not None
         self.dispatcher.submit(message)

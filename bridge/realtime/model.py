@@ -1,0 +1,175 @@
+"""The realtime wire contract, pure: session kinds, topics, names, open options, event types."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.errors import BadOpen, BadSessionName
+
+KINDS = ("realtime", "realtimeTranscription", "responsesWebSocket")
+"""The method-like level naming a session's kind; `[access]` rules match these names."""
+
+VERBS = ("open", "event", "audio", "close")
+"""What a device publishes under `<prefix>/request/<kind>/<session>/`."""
+
+OUTPUTS = ("state", "event", "audio", "text", "error")
+"""What the bridge publishes under `<prefix>/response/<kind>/<session>/`."""
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+"""One topic level: letters, digits, `_`, `.`, `-`; never `+`, `#`, `/`, empty or `..`."""
+
+REALTIME_CLIENT_EVENTS = frozenset(
+    {
+        "conversation.item.create",
+        "conversation.item.delete",
+        "conversation.item.retrieve",
+        "conversation.item.truncate",
+        "input_audio_buffer.append",
+        "input_audio_buffer.clear",
+        "input_audio_buffer.commit",
+        "output_audio_buffer.clear",
+        "response.cancel",
+        "response.create",
+        "session.update",
+    }
+)
+"""The spec's `RealtimeClientEvent` types (tests/unit/test_realtime_model.py checks the list)."""
+
+CLIENT_EVENTS: dict[str, frozenset[str]] = {
+    "realtime": REALTIME_CLIENT_EVENTS,
+    "realtimeTranscription": REALTIME_CLIENT_EVENTS | {"transcription_session.update"},
+    "responsesWebSocket": frozenset({"response.create"}),
+}
+
+AUDIO_DELTAS = frozenset({"response.output_audio.delta", "response.audio.delta"})
+"""Server events whose base64 `delta` goes out as raw bytes on the audio topic."""
+
+TEXT_DELTAS = frozenset(
+    {
+        "response.output_audio_transcript.delta",
+        "response.audio_transcript.delta",
+        "response.output_text.delta",
+        "response.text.delta",
+        "conversation.item.input_audio_transcription.delta",
+    }
+)
+"""Server events whose `delta` goes out as plain UTF-8 on the text topic."""
+
+BYTES_PER_SECOND = {"pcm16": 48_000, "g711_ulaw": 8_000, "g711_alaw": 8_000}
+"""Input audio rate per format (PCM16 at 24 kHz mono, G.711 at 8 kHz), for the audio limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeTopic:
+    """A parsed `<prefix>/request/<kind>/<session>/<verb>` topic."""
+
+    kind: str
+    session: str
+    verb: str
+
+
+def parse_topic(prefix: str, topic: str) -> RealtimeTopic | None:
+    """The parts of a realtime request topic; None when `topic` is no realtime topic at all.
+
+    Raises BadSessionName for a realtime topic whose session level or verb is unusable.
+    """
+    head = f"{prefix}/request/"
+    if not topic.startswith(head):
+        return None
+    parts = topic[len(head) :].split("/")
+    if parts[0] not in KINDS:
+        return None
+    if len(parts) != 3 or parts[2] not in VERBS:
+        raise BadSessionName(
+            f"realtime topics are <prefix>/request/{parts[0]}/<session>/"
+            f"{{{'|'.join(VERBS)}}}: got {topic[:200]!r}"
+        )
+    session = parts[1]
+    if not valid_session(session):
+        raise BadSessionName(
+            f"session name {session[:80]!r} must be 1-64 of A-Z a-z 0-9 _ . - "
+            "(not starting with '.' or '-')"
+        )
+    return RealtimeTopic(parts[0], session, parts[2])
+
+
+def valid_session(name: str) -> bool:
+    """Whether `name` is a usable session level (never a wildcard, empty or a dot path)."""
+    return SESSION_NAME.fullmatch(name) is not None
+
+
+def output_topic(prefix: str, kind: str, session: str, output: str) -> str:
+    """Where the bridge publishes one of a session's OUTPUTS."""
+    return f"{prefix}/response/{kind}/{session}/{output}"
+
+
+def kind_error_topic(prefix: str, kind: str) -> str:
+    """The error topic for realtime messages that name no usable session."""
+    return f"{prefix}/response/{kind}/error"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOptions:
+    """What an open message asks for."""
+
+    model: str = ""
+    session: dict[str, Any] | None = None
+    """Sent upstream as the first `session.update` (or `transcription_session.update`)."""
+    outputs: frozenset[str] = field(default_factory=lambda: frozenset(OUTPUTS))
+    """Which outputs the device wants (state always goes out)."""
+    audio_format: str = "pcm16"
+    chunk_bytes: int = 0
+    """Largest audio payload published at once; 0: each delta as one message."""
+
+
+def parse_open(payload: Any, default_model: str) -> OpenOptions:
+    """The options of an open payload (an object or nothing); raises BadOpen."""
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise BadOpen("an open payload is empty or a JSON object")
+    unknown = set(payload) - {"model", "session", "outputs", "audio_format", "chunk_bytes"}
+    if unknown:
+        raise BadOpen(f"unknown open options: {', '.join(sorted(unknown))}")
+    model = payload.get("model", default_model)
+    if not isinstance(model, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{0,128}", model):
+        raise BadOpen("model must be a model name")
+    session = payload.get("session")
+    if session is not None and not isinstance(session, dict):
+        raise BadOpen("session must be an object (the session configuration)")
+    outputs = payload.get("outputs", list(OUTPUTS))
+    if not isinstance(outputs, list) or not all(o in OUTPUTS for o in outputs):
+        raise BadOpen(f"outputs must be a list of {', '.join(OUTPUTS)}")
+    audio_format = payload.get("audio_format", "pcm16")
+    if audio_format not in BYTES_PER_SECOND:
+        raise BadOpen(f"audio_format must be one of {', '.join(BYTES_PER_SECOND)}")
+    chunk = payload.get("chunk_bytes", 0)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk <= 1 << 20:
+        raise BadOpen("chunk_bytes must be an integer from 0 to 1048576")
+    return OpenOptions(
+        model=model,
+        session=session,
+        outputs=frozenset(outputs) | {"state"},
+        audio_format=audio_format,
+        chunk_bytes=chunk,
+    )
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    """`data` cut into pieces of at most `size` bytes (whole when `size` is 0)."""
+    if size <= 0 or len(data) <= size:
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def upstream_url(api_base: str, kind: str, model: str) -> str:
+    """The WebSocket URL for a session: api_base's scheme mapped to ws/wss, plus the kind's path."""
+    scheme, sep, rest = api_base.partition("://")
+    ws = {"https": "wss", "http": "ws"}[scheme] + sep + rest.rstrip("/")
+    if kind == "responsesWebSocket":
+        return f"{ws}/responses"
+    if kind == "realtimeTranscription":
+        return f"{ws}/realtime?intent=transcription"
+    return f"{ws}/realtime?model={model}" if model else f"{ws}/realtime"

@@ -1,0 +1,257 @@
+"""A stand-in for the OpenAI Realtime and Responses WebSocket servers: a real aiohttp WebSocket
+server on 127.0.0.1 that checks every client event against the vendored spec's schemas."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import jsonschema
+from aiohttp import web
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from support.openapi_spec import LATEST, document
+
+SPEC_URI = "urn:openai-openapi"
+CLIENT_SCHEMA = {
+    "/v1/realtime": ["RealtimeClientEvent", "RealtimeClientEventTranscriptionSessionUpdate"],
+    "/v1/responses": ["ResponsesClientEvent"],
+}
+AUDIO_DELTA_BYTES = 4800
+"""The stand-in's answer audio goes out in deltas of this many bytes (100 ms of PCM16)."""
+
+
+def _validator(names: list[str]) -> jsonschema.protocols.Validator:
+    """A validator of `anyOf` the named component schemas, refs resolved in the spec."""
+    resource = Resource.from_contents(document(LATEST), default_specification=DRAFT202012)
+    registry: Registry[Any] = Registry().with_resource(SPEC_URI, resource)
+    schema = {"anyOf": [{"$ref": f"{SPEC_URI}#/components/schemas/{n}"} for n in names]}
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, registry=registry)
+
+
+@dataclass
+class Connection:
+    """One upstream WebSocket as the stand-in saw it."""
+
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
+    """Client events that failed the spec's schema (with the first error)."""
+    audio: bytearray = field(default_factory=bytearray)
+    """Every `input_audio_buffer.append`'s audio, in arrival order."""
+    closed_by_client: bool = False
+
+
+class RealtimeStandin:
+    """The server in its own thread; `behaviour` decides what it does after a `response.create`:
+    `answer` (echo the audio, a transcript, a function call), `close` (close with 1011),
+    `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.behaviour = "answer"
+        self.connections: list[Connection] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._validators = {path: _validator(names) for path, names in CLIENT_SCHEMA.items()}
+
+    @property
+    def url(self) -> str:
+        """The `api_base` a bridge is configured with."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Self:
+        """Start listening; returns once the port is bound."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise TimeoutError("realtime stand-in did not start")
+        return self
+
+    def stop(self) -> None:
+        """Close every socket and the server; join the thread."""
+        if self._loop is not None and self._stopping is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until `predicate(self.connections)` holds (checked on every change)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.connections), timeout):
+                raise TimeoutError(f"realtime stand-in: condition not met in {timeout}s")
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/v1/realtime", self._serve)
+        app.router.add_get("/v1/responses", self._serve)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((self.host, 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(runner, sock).start()
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await runner.cleanup()
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    async def _serve(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True, max_msg_size=32 * 1024 * 1024)
+        await ws.prepare(request)
+        conn = Connection(request.path, dict(request.query), dict(request.headers))
+        with self._cond:
+            self.connections.append(conn)
+            self._cond.notify_all()
+        await ws.send_json({"type": "session.created", "event_id": "evt_0", "session": {}})
+        assert self._stopping is not None
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not ws.closed:
+                receive = asyncio.ensure_future(ws.receive())
+                await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    break
+                msg = receive.result()
+                if msg.type is not web.WSMsgType.TEXT:
+                    conn.closed_by_client = msg.type in (web.WSMsgType.CLOSE, web.WSMsgType.CLOSED)
+                    break
+                if not await self._event(ws, conn, request.path, msg.data):
+                    break
+        finally:
+            stopping.cancel()
+            self._changed()
+            await ws.close()
+        return ws
+
+    async def _event(
+        self, ws: web.WebSocketResponse, conn: Connection, path: str, text: str
+    ) -> bool:
+        """Record and answer one client event; False when the behaviour ends the connection."""
+        event = json.loads(text)
+        errors = list(self._validators[path].iter_errors(event))
+        conn.events.append(event)
+        if errors:
+            conn.invalid.append(f"{event.get('type')}: {errors[0].message[:300]}")
+            await ws.send_json(
+                {
+                    "type": "error",
+                    "event_id": "evt_err",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "message": "schema",
+                        "event_id": None,
+                    },
+                }
+            )
+        if event.get("type") == "input_audio_buffer.append" and not errors:
+            conn.audio += base64.b64decode(event["audio"])
+        self._changed()
+        if event.get("type") != "response.create":
+            return True
+        if self.behaviour == "close":
+            await ws.close(code=1011, message=b"stand-in closes")
+            return False
+        if self.behaviour == "stall":
+            assert self._stopping is not None
+            await self._stopping.wait()
+            return False
+        if self.behaviour == "garbage":
+            await ws.send_str("this is not JSON {")
+            return True
+        if path == "/v1/responses":
+            await self._responses_answer(ws)
+        else:
+            await self._realtime_answer(ws, bytes(conn.audio))
+        return True
+
+    async def _realtime_answer(self, ws: web.WebSocketResponse, audio: bytes) -> None:
+        ids = {"response_id": "resp_1", "item_id": "item_1", "output_index": 0, "content_index": 0}
+        await ws.send_json({"type": "response.created", "event_id": "evt_1", "response": {}})
+        await ws.send_json(
+            {
+                "type": "conversation.item.input_audio_transcription.delta",
+                "event_id": "evt_2",
+                "item_id": "item_0",
+                "content_index": 0,
+                "delta": "you said",
+            }
+        )
+        for n, at in enumerate(range(0, len(audio), AUDIO_DELTA_BYTES)):
+            piece = base64.b64encode(audio[at : at + AUDIO_DELTA_BYTES]).decode()
+            await ws.send_json(
+                {
+                    "type": "response.output_audio.delta",
+                    "event_id": f"evt_a{n}",
+                    **ids,
+                    "delta": piece,
+                }
+            )
+        for n, word in enumerate(("echo ", "of ", "your ", "audio")):
+            await ws.send_json(
+                {
+                    "type": "response.output_audio_transcript.delta",
+                    "event_id": f"evt_t{n}",
+                    **ids,
+                    "delta": word,
+                }
+            )
+        await ws.send_json(
+            {
+                "type": "response.function_call_arguments.done",
+                "event_id": "evt_f",
+                "response_id": "resp_1",
+                "item_id": "item_2",
+                "output_index": 1,
+                "call_id": "call_1",
+                "name": "lights_on",
+                "arguments": '{"room":"kitchen"}',
+            }
+        )
+        await ws.send_json({"type": "response.done", "event_id": "evt_d", "response": {}})
+
+    async def _responses_answer(self, ws: web.WebSocketResponse) -> None:
+        await ws.send_json({"type": "response.created", "sequence_number": 0, "response": {}})
+        for n, word in enumerate(("Hello", " there")):
+            await ws.send_json(
+                {
+                    "type": "response.output_text.delta",
+                    "sequence_number": n + 1,
+                    "item_id": "msg_1",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": word,
+                }
+            )
+        await ws.send_json({"type": "response.completed", "sequence_number": 3, "response": {}})
