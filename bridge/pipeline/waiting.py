@@ -45,10 +45,12 @@ class JobState:
     """Path parameters of the retrieve operation."""
     status: str | None = None
     progress: int | None = None
+    seq: int = 0
+    """The `seq` of the next progress message (a resumed wait goes on counting)."""
 
     def record(self) -> dict[str, Any]:
-        """The journal's copy (enough to resume polling)."""
-        return {"operation": self.operation, "id": self.id, "params": self.params}
+        """The journal's copy (enough to resume polling and the progress count)."""
+        return {"operation": self.operation, "id": self.id, "params": self.params, "seq": self.seq}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> JobState | None:
@@ -61,7 +63,13 @@ class JobState:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in params.items())
         ):
             return None
-        return cls(record["operation"], record["id"], dict(params))
+        seq = record.get("seq")
+        return cls(
+            record["operation"],
+            record["id"],
+            dict(params),
+            seq=seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else 0,
+        )
 
 
 def job_object(result: ServiceResult) -> dict[str, Any]:
@@ -147,6 +155,7 @@ class JobWaiter:
             call.take_request()  # never sent again
             result = None
             tracked()
+            progress.resume(state, key)
         else:
             result = await self.service.send(call.take_request())
             state = self._state(call.op.name, kind, job_object(result))
@@ -156,6 +165,7 @@ class JobWaiter:
                 recorded = await journal.record_job(key, route.reply_topic, state.record())
                 if recorded:
                     tracked()
+                    progress.resume(state, key)
             self.log.info("job started", method=call.op.name, job_id=state.id)
             await progress.update(state, job_object(result))
         retrieve = self.table.find(kind.retrieve)
@@ -219,8 +229,15 @@ class _ProgressTopic:
         self.waiter = waiter
         self.topic = route.topic.stream
         self.correlation = route.correlation
+        self.reply_topic = route.reply_topic
         self.seq = 0
         self._framer = render.StreamFramer(transaction)
+        self._journal_key: bytes | None = None
+
+    def resume(self, state: JobState, key: bytes | None) -> None:
+        """Count on from the journaled state's `seq`, and journal it as it grows."""
+        self.seq = state.seq
+        self._journal_key = key
 
     async def update(self, state: JobState, job: dict[str, Any]) -> None:
         kind = job_kind(state.operation)
@@ -236,6 +253,11 @@ class _ProgressTopic:
             data["progress"] = percent
         payload = self._framer.frame(self.seq, PROGRESS_EVENT, data)
         self.seq += 1
+        state.seq = self.seq
+        journal = self.waiter.journal
+        if self._journal_key is not None and journal is not None:
+            # So a wait resumed after a restart goes on counting instead of starting at 0 again.
+            await journal.record_job(self._journal_key, self.reply_topic, state.record())
         payload = self.waiter.redactor.data(payload)
         # Progress is best effort: a lost progress message must not fail the wait.
         future = self.waiter.publisher.publish(

@@ -310,6 +310,7 @@ def test_kill_9_while_waiting_resumes_the_job_created_once(
     )
     done = script_video_job(standin, "video_8")
     client = durable_client(own_mosquitto, topic_prefix)
+    client.subscribe(f"{topic_prefix}/stream/#")
     bridges = [BridgeProcess(path, env, tmp_path / f"bridge-{n}.log") for n in range(2)]
     try:
         bridges[0].start()
@@ -327,6 +328,13 @@ def test_kill_9_while_waiting_resumes_the_job_created_once(
         posts = [r for r in standin.requests if r.method == "POST"]
         assert len(posts) == 1  # resumed by its journaled id, never created again
         assert '"event": "job resumed"' in bridges[1].log_text()
+        # Progress goes on counting across the restart: queued 0, in_progress 1, completed 2.
+        progress = [m.json() for m in client.messages(f"{topic_prefix}/stream/#")]
+        assert [(p["seq"], p["data"]["status"]) for p in progress] == [
+            (0, "queued"),
+            (1, "in_progress"),
+            (2, "completed"),
+        ]
     finally:
         for bridge in bridges:
             bridge.close()
@@ -378,6 +386,7 @@ def test_sigterm_stops_a_wait_at_once_and_the_next_start_resumes_it(
     )
     done = script_video_job(standin, "video_6")
     client = durable_client(own_mosquitto, topic_prefix)
+    client.subscribe(f"{topic_prefix}/stream/#")
     bridges = [BridgeProcess(path, env, tmp_path / f"bridge-{n}.log") for n in range(2)]
     try:
         bridges[0].start()
