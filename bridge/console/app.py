@@ -76,17 +76,16 @@ class Console:
     def observe(self, seen: Observed) -> None:
         """Record one answered request; hand it to the try that sent it, if any."""
         self.requests.add(
-            method=seen.method,
-            suffix=seen.suffix,
-            transaction=self.redactor.any(seen.transaction),
-            status="error" if seen.code else "ok",
-            code=seen.code,
-            http_status=seen.http_status,
-            duration_ms=seen.duration_ms,
-            bytes_in=seen.request_size,
-            bytes_out=len(seen.reply),
-            request=preview(seen.request_head, self.redactor, "application/json"),
-            reply=preview(seen.reply, self.redactor, seen.reply_type),
+            seen.method,
+            seen.suffix,
+            seen.transaction,
+            seen.code,
+            seen.http_status,
+            seen.duration_ms,
+            seen.request_head,
+            seen.request_size,
+            seen.reply,
+            seen.reply_type,
         )
         waiting = self._pending.pop(seen.suffix, None)
         if waiting is not None and not waiting.done():
@@ -189,13 +188,14 @@ class Console:
             since = int(request.query.get("since", "0"))
         except ValueError:
             since = 0
-        return _json({"requests": [r.summary() for r in self.requests.since(since)]})
+        rows = [r.summary(self.redactor) for r in self.requests.since(since)]
+        return _json({"requests": rows})
 
     async def _request(self, request: web.Request) -> web.StreamResponse:
         record = self.requests.find(int(request.match_info["seq"]))
         if record is None:
             return _json({"error": "no such request (the list keeps the last ones only)"}, 404)
-        return _json({**record.summary(), "request": record.request, "reply": record.reply})
+        return _json(record.detail(self.redactor))
 
     async def _config(self, request: web.Request) -> web.StreamResponse:
         return _json(self.redactor.any(self.source.config_view()))

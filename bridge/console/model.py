@@ -9,7 +9,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import is_loopback
@@ -19,48 +19,81 @@ PREVIEW_BYTES = 4096
 """How much of a request or reply payload the console keeps (redacted) for its detail view."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass pays a setattr call per field
 class RequestRecord:
-    """One answered request as the live list shows it."""
+    """One answered request as the live list keeps it: raw, cut fields; shown via `view`.
+
+    Kept as given so that recording costs an append (it runs for every request): the
+    transaction is redacted and the payloads previewed only when a page asks.
+    """
 
     seq: int
     at: float
     method: str
     suffix: str
     transaction: Any
-    status: str
     code: str | None
     http_status: int | None
     duration_ms: float
+    request_head: bytes
+    """The request's first bytes as the device sent them (not yet redacted)."""
     bytes_in: int
+    reply_head: bytes
+    """The reply's first bytes as published (already redacted)."""
     bytes_out: int
-    request: dict[str, Any]
-    reply: dict[str, Any]
+    reply_type: str | None
 
-    def summary(self) -> dict[str, Any]:
-        """The record without its payload previews (the list view)."""
-        data = asdict(self)
-        del data["request"], data["reply"]
-        return data
+    def summary(self, redactor: Redactor) -> dict[str, Any]:
+        """The list view's row (no payloads), the transaction redacted."""
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "method": self.method,
+            "suffix": self.suffix,
+            "transaction": redactor.any(self.transaction),
+            "status": "error" if self.code else "ok",
+            "code": self.code,
+            "http_status": self.http_status,
+            "duration_ms": self.duration_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+    def detail(self, redactor: Redactor) -> dict[str, Any]:
+        """The row with its redacted, truncated request and reply previews."""
+        return {
+            **self.summary(redactor),
+            "request": preview(self.request_head, redactor, "application/json", self.bytes_in),
+            "reply": preview(self.reply_head, redactor, self.reply_type, self.bytes_out),
+        }
 
 
-def preview(payload: bytes, redactor: Redactor, content_type: str | None = None) -> dict[str, Any]:
-    """A redacted, truncated view of a payload: text when it is UTF-8, else its size and type."""
+def preview(
+    payload: bytes,
+    redactor: Redactor,
+    content_type: str | None = None,
+    size: int | None = None,
+) -> dict[str, Any]:
+    """A redacted, truncated view of a payload: text when it is UTF-8, else its size and type.
+
+    `payload` may already be a head of the whole, whose length is then `size`.
+    """
     head = payload[:PREVIEW_BYTES]
+    total = len(payload) if size is None else size
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        if len(payload) > PREVIEW_BYTES:
+        if total > PREVIEW_BYTES:
             try:  # a cut inside a multi-byte character is still text
                 text = head[:-3].decode("utf-8", "strict") if len(head) > 3 else ""
             except UnicodeDecodeError:
-                return {"binary": True, "size": len(payload), "type": content_type}
+                return {"binary": True, "size": total, "type": content_type}
         else:
-            return {"binary": True, "size": len(payload), "type": content_type}
+            return {"binary": True, "size": total, "type": content_type}
     return {
         "text": redactor.text(text),
-        "size": len(payload),
-        "truncated": len(payload) > PREVIEW_BYTES,
+        "size": total,
+        "truncated": total > PREVIEW_BYTES,
         "type": content_type,
     }
 
@@ -73,11 +106,38 @@ class RequestLog:
         self._seq = itertools.count(1)
         self._clock = clock
 
-    def add(self, **fields: Any) -> RequestRecord:
-        """Append one record (fields as RequestRecord's, without `seq` and `at`)."""
-        record = RequestRecord(seq=next(self._seq), at=self._clock(), **fields)
-        self._records.append(record)
-        return record
+    def add(
+        self,
+        method: str,
+        suffix: str,
+        transaction: Any,
+        code: str | None,
+        http_status: int | None,
+        duration_ms: float,
+        request_head: bytes,
+        bytes_in: int,
+        reply: bytes,
+        reply_type: str | None,
+    ) -> None:
+        """Append one answered request: on the request path, so only the fields as given (the
+        reply cut to the preview's size); redaction and previews wait for a page to ask."""
+        self._records.append(
+            RequestRecord(
+                next(self._seq),
+                self._clock(),
+                method,
+                suffix,
+                transaction,
+                code,
+                http_status,
+                duration_ms,
+                request_head,
+                bytes_in,
+                reply[:PREVIEW_BYTES],
+                len(reply),
+                reply_type,
+            )
+        )
 
     def since(self, seq: int) -> list[RequestRecord]:
         """The records newer than `seq`, oldest first."""

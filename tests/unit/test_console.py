@@ -14,7 +14,7 @@ from support.fakes import FakeLog
 
 from bridge.config import BridgeConfig, ConsoleConfig
 from bridge.console.app import Console
-from bridge.console.model import Guard
+from bridge.console.model import PREVIEW_BYTES, Guard, RequestLog
 from bridge.pipeline.model import Observed
 from bridge.redact import Redactor
 
@@ -186,3 +186,26 @@ def test_beyond_loopback_the_console_needs_a_token() -> None:
     assert ConsoleConfig(host="0.0.0.0", enabled=False).enabled is False
     config = BridgeConfig.model_validate({"console": {"token": TOKEN}})
     assert TOKEN in config.secrets() and TOKEN not in json.dumps(config.redacted())
+
+
+def test_recording_keeps_raw_cut_fields_and_redacts_only_when_a_page_asks() -> None:
+    # Recording runs for every request: no redaction, decoding or JSON there (issue 26).
+    log = RequestLog(2)
+    request_head = b'{"transaction": "t", "key": "' + KEY.encode() + b'"}'
+    log.add("m", "s", f"t {KEY}", None, 200, 1.0, request_head, 9000, b"r" * 9000, None)
+    log.add("m", "s", 2, "upstream_error", 500, 1.0, b"{}", 2, b"\x00\xff" * 10, "audio/mpeg")
+    log.add("m", "s", 3, None, 200, 1.0, b"{}", 2, b"{}", None)
+    first, last = log.since(0)[0], log.since(0)[-1]
+    assert (first.seq, last.seq) == (2, 3)  # bounded: the oldest went
+    assert log.find(2) is not None and log.find(1) is None
+    binary = first.detail(Redactor([KEY]))
+    assert binary["reply"] == {"binary": True, "size": 20, "type": "audio/mpeg"}
+    log = RequestLog(1)
+    log.add("m", "s", f"t {KEY}", None, 200, 1.0, request_head, 9000, b"r" * 9000, None)
+    (record,) = log.since(0)
+    assert len(record.reply_head) == PREVIEW_BYTES and record.bytes_out == 9000
+    assert KEY.encode() in record.request_head  # kept as given ...
+    shown = record.detail(Redactor([KEY]))  # ... and redacted when shown
+    assert KEY not in json.dumps(shown)
+    assert shown["request"]["size"] == 9000 and shown["request"]["truncated"] is True
+    assert shown["reply"]["truncated"] is True and shown["transaction"] == "t **********"
