@@ -36,6 +36,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HIGH_WATER = 1 << 18
 """Unread body bytes at which the socket stops being read until the reader takes them, so a
 large answer is never held whole ([limits] max_answer_bytes stops reading it)."""
+_JOIN_BELOW = 1 << 16
+"""Request bodies below this go out in one write with the head; larger ones are not copied."""
 _KEEPALIVE_SECONDS = 15.0
 """An idle connection older than this is closed rather than reused (aiohttp's default)."""
 _STREAM_MARK = b'"stream"'
@@ -266,13 +268,19 @@ class _Connection(asyncio.Protocol):
             and answer.status >= 200
         )
 
-    def begin(self, data: bytes, deadline: float) -> _Answer:
+    def begin(self, head: bytes, body: bytes | None, deadline: float) -> _Answer:
         """Send one request's bytes; the answer arrives in the returned object."""
         assert self.transport is not None
         self.answer = answer = _Answer(self)
         self._deadline = deadline
         self._reusable = False
-        self.transport.write(data)
+        if body is None:
+            self.transport.write(head)
+        elif len(body) < _JOIN_BELOW:  # one send
+            self.transport.write(head + body)
+        else:  # not copied into one buffer with the head
+            self.transport.write(head)
+            self.transport.write(body)
         return answer
 
     async def wait(self, answer: _Answer) -> None:
@@ -417,14 +425,14 @@ class LeanTransport:
         assert pool is not None
         url = yarl.URL(request.url, encoded=True)
         host, port = url.raw_host or "", url.port or 80
-        data = _request_bytes(request, url, self._user_agent)
+        head = _request_head(request, url, self._user_agent)
         deadline = pool.loop.time() + self._total
         await pool.limit.acquire()
         conn: _Connection | None = None
         try:
             for retry in (True, False):
                 conn = await pool.get((host, port))
-                answer = conn.begin(data, deadline)
+                answer = conn.begin(head, request.json_body, deadline)
                 try:
                     while not answer.head_done:
                         await conn.wait(answer)
@@ -468,8 +476,8 @@ def _head_of(conn: _Connection | None) -> bool:
     return conn is not None and conn.answer is not None and conn.answer.head_done
 
 
-def _request_bytes(request: HttpRequest, url: yarl.URL, user_agent: str) -> bytes:
-    """The request as aiohttp writes it: Host, the request's headers, its defaults, the length
+def _request_head(request: HttpRequest, url: yarl.URL, user_agent: str) -> bytes:
+    """The request head as aiohttp writes it: Host, the request's headers, its defaults, the length
     (no Content-Type of its own: the request carries it, as aiohttp is told to skip its own)."""
     target = url.raw_path_qs
     port = url.port
@@ -494,5 +502,4 @@ def _request_bytes(request: HttpRequest, url: yarl.URL, user_agent: str) -> byte
         lines.append(f"Content-Length: {len(body)}")
     elif request.method not in _BODYLESS:
         lines.append("Content-Length: 0")  # aiohttp's for a method that expects a body
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
-    return head + body if body is not None else head
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")

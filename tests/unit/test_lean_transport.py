@@ -133,6 +133,12 @@ REQUESTS = [
         {"Authorization": "Bearer sk-test", "Content-Type": "application/json", "X-Ü": "é"},
         json_body='{"input": "grüße"}'.encode(),
     ),
+    HttpRequest(
+        "POST",
+        "/chat/completions",
+        {"Authorization": "Bearer sk-test", "Content-Type": "application/json"},
+        json_body=b'{"image": "' + b"A" * (1 << 20) + b'"}',
+    ),
 ]
 
 
