@@ -371,6 +371,33 @@ class RealtimeConfig(_Section):
     """QoS of the audio a session publishes."""
 
 
+class PresetConfig(_Section):
+    """`[presets.<name>]`: a request a device makes with plain text on `<prefix>/ask/<name>/...`
+    (docs/tools.md#presets); checked at load by bridge.presets.book."""
+
+    method: Literal["createChatCompletion", "createResponse"] = "createResponse"
+    request: dict[str, Any] = {}
+    """The body around the question: model, instructions, temperature... (never `stream`)."""
+    tools: list[str] = []
+    allow_dangerous: list[str] = []
+    select: str = ""
+    """Empty: the answer's text (`output_text`, `choices[0].message.content`)."""
+    format: Literal["plain", "json"] = "plain"
+    max_bytes: Annotated[int, Field(ge=0)] = 0
+    """`plain` only: the longest reply (0: no limit; else at least 32)."""
+    conversation: bool = False
+    """Remember earlier turns per request-topic suffix (in the journal)."""
+    max_turns: Annotated[int, Field(ge=1)] = 20
+    """Turns one conversation keeps; the next turn starts a new one."""
+    idle_expiry: Annotated[float, Field(gt=0)] = 1800.0
+    """Seconds without a turn after which a conversation is forgotten."""
+    history: Literal["server", "bridge"] = "server"
+    """createResponse: `server` chains `previous_response_id`; `bridge` keeps the messages itself
+    (servers without stored responses). createChatCompletion always keeps them in the bridge."""
+    max_history_messages: Annotated[int, Field(ge=2, le=200)] = 20
+    """`bridge` history: the newest messages kept (a user question and its answer are two)."""
+
+
 class BridgeConfig(_Section):
     """The whole configuration."""
 
@@ -387,6 +414,7 @@ class BridgeConfig(_Section):
     tools: dict[str, ToolConfig] = {}
     tool_loop: ToolLoopConfig = ToolLoopConfig()
     realtime: RealtimeConfig = RealtimeConfig()
+    presets: dict[str, PresetConfig] = {}
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for log and reply redaction."""

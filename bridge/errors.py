@@ -452,6 +452,12 @@ class RealtimeUnavailable(RealtimeError):
     code = "realtime_unavailable"
 
 
+class UnknownPreset(RequestError):
+    """`<prefix>/ask/<preset>`: the config has no such preset."""
+
+    code = "unknown_preset"
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the process exits with EX_CONFIG (78)."""
 

@@ -17,6 +17,8 @@ class RequestTopic:
     """`<prefix>/response/<method>[/<suffix>]`: the request topic with `request` swapped."""
     stream: str
     """`<prefix>/stream/<method>[/<suffix>]`: where streamed events go."""
+    preset: str | None = None
+    """`<prefix>/ask/<preset>[/<suffix>]`: the preset named (method is then empty)."""
 
 
 class Topics:
@@ -32,6 +34,12 @@ class Topics:
             f"$share/{shared_group}/{self.request_filter}" if shared_group else self.request_filter
         )
         self.response_filter = f"{prefix}/response/#"
+        self._ask_head = f"{prefix}/ask/"
+        self.ask_filter = f"{prefix}/ask/#"
+        """Plain-text questions to presets (docs/tools.md#presets)."""
+        self.ask_subscription = (
+            f"$share/{shared_group}/{self.ask_filter}" if shared_group else self.ask_filter
+        )
         base = f"{prefix}/bridge/{instance}"
         self._base = base
         self.state = f"{base}/state"
@@ -45,7 +53,18 @@ class Topics:
         return f"{self._base}/probe/{client_id}"
 
     def parse(self, topic: str) -> RequestTopic | None:
-        """The parts of a request topic, or None when `topic` is not under `<prefix>/request`."""
+        """The parts of a request topic, or None when `topic` is not under `<prefix>/request` or
+        `<prefix>/ask` (a preset question, answered on `<prefix>/answer/<preset>[/<suffix>]`)."""
+        if topic.startswith(self._ask_head):
+            preset, _, suffix = topic[len(self._ask_head) :].partition("/")
+            tail = f"{preset}/{suffix}" if suffix else preset
+            return RequestTopic(
+                method="",
+                suffix=suffix,
+                reply=f"{self.prefix}/answer/{tail}",
+                stream=f"{self.prefix}/stream/ask/{tail}",
+                preset=preset,
+            )
         if topic == self._request_root:
             rest = ""
         elif topic.startswith(self._request_head):

@@ -59,7 +59,12 @@ class ReplyTopicRules:
     ) -> None:
         self.response_head = f"{topics.prefix}/response/"
         self.extra = tuple(extra)
-        self.protected = (topics.request_filter, f"{topics.prefix}/bridge/#", *protected)
+        self.protected = (
+            topics.request_filter,
+            topics.ask_filter,
+            f"{topics.prefix}/bridge/#",
+            *protected,
+        )
 
     def allows(self, topic: str, suffix: str) -> bool:
         """Whether the bridge may publish the reply to a request with `suffix` on `topic`."""

@@ -21,6 +21,7 @@ from bridge.errors import (
     PayloadTooLarge,
     ReplyTopicNotAllowed,
     UnknownMethod,
+    UnknownPreset,
 )
 from bridge.jsoncodec import loads, loads_text, utf8_problem
 from bridge.messages import InboundMessage
@@ -38,12 +39,16 @@ from bridge.pipeline.options import (
     error_options,
     parse_options,
 )
+from bridge.presets.book import RESET, PresetBook, conversation_key, question_text
+from bridge.presets.conversation import AskTurn
 from bridge.service.models import HttpRequest
 from bridge.topics import RequestTopic, Topics
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+ASK_ERROR_OPTIONS = ReplyOptions(format="plain")
+"""How a preset question's refusal is answered before the preset's own options are known."""
 LARGE_PAYLOAD = 1 << 20
 """Requests from this many bytes on are parsed as text with the bytes dropped first."""
 
@@ -74,6 +79,8 @@ class Call:
     """Where the events go when the call asked for a stream; None for a plain call."""
     options: ReplyOptions = DEFAULT_OPTIONS
     """The request's `_bridge` reply options."""
+    ask: AskTurn | None = None
+    """A preset question (`<prefix>/ask/...`): its conversation, or a reset."""
 
     def take_request(self) -> HttpRequest:
         """The HTTP request, dropping this call's reference to it."""
@@ -148,6 +155,8 @@ class Decider:
     """`[limits] max_select_steps`: what one `select` may evaluate on one answer."""
     reply_topics: ReplyTopicRules | None = None
     """Where Response Topics may point; None: under the response prefix only."""
+    presets: PresetBook | None = None
+    """`[presets]`: what a plain-text question on `<prefix>/ask/<preset>/...` becomes."""
 
     def __post_init__(self) -> None:
         if self.reply_topics is None:
@@ -179,8 +188,15 @@ class Decider:
         method = route.topic.method
         transaction: Any = MISSING
         options = DEFAULT_OPTIONS
+        ask: AskTurn | None = None
+        if route.topic.preset is not None:
+            options = ASK_ERROR_OPTIONS  # a device asking in plain text gets errors in plain text
         try:
-            params = decode(message, self.max_request_bytes)
+            if route.topic.preset is not None:
+                ask, params = self._ask(message, route)
+                method = ask.preset.method
+            else:
+                params = decode(message, self.max_request_bytes)
             transaction = params.pop("transaction", MISSING)
             raw_options = params.pop(OPTIONS_KEY, None)
             try:
@@ -214,4 +230,22 @@ class Decider:
             self.log.exception("unexpected failure", topic=message.topic)
             error = InternalError(f"internal error: {type(exc).__name__}")
             return Rejection(method, transaction, error, options)
-        return Call(op, request, transaction, stream_topic, options)
+        return Call(op, request, transaction, stream_topic, options, ask)
+
+    def _ask(self, message: InboundMessage, route: Route) -> tuple[AskTurn, dict[str, Any]]:
+        """The turn and request parameters of a plain-text question to a preset."""
+        name = route.topic.preset or ""
+        if self.presets is None:
+            raise UnknownPreset("no presets are configured on this bridge ([presets.<name>])")
+        preset = self.presets.get(name)
+        payload, message.payload = message.payload, b""
+        question = question_text(payload)
+        turn = AskTurn(
+            name,
+            preset,
+            conversation_key(name, route.topic.suffix),
+            f"ask:{name}/{route.topic.suffix}"[:200],
+            question,
+            reset=question == RESET,
+        )
+        return turn, self.presets.params(name, question)

@@ -51,6 +51,8 @@ from bridge.pipeline.recall import Recall, Recalled
 from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
 from bridge.pipeline.waiting import JobWaiter
+from bridge.presets import conversation
+from bridge.presets.book import PresetBook
 from bridge.redact import Redactor
 from bridge.service.client import ServiceClient, ServiceResult
 from bridge.service.models import HttpRequest
@@ -90,6 +92,8 @@ class Dispatcher:
         """Told of every answered request (the web console), None when nobody looks."""
         self.tools = tools
         """Runs `_bridge.tools` calls (None: no tools configured)."""
+        self.conversations = conversation.ConversationStore(journal, wall_clock)
+        """Preset conversations, kept in the journal."""
         self.service = service
         self.publisher = publisher
         self.log = log
@@ -108,6 +112,7 @@ class Dispatcher:
             max_request_bytes=config.limits.max_request_bytes,
             log=log,
             max_select_steps=config.limits.max_select_steps,
+            presets=PresetBook(config.presets) if config.presets else None,
             reply_topics=ReplyTopicRules(
                 topics,
                 config.access.reply_topics,
@@ -253,6 +258,11 @@ class Dispatcher:
         head = message.payload[:OBSERVED_HEAD] if self.observer is not None else b""
         size = len(message.payload)
         key = self.recall.key(message)
+        if route.topic.preset is not None and self.decider.presets is not None:
+            # A conversation's "yes" twice is two turns, not a repeat: no reply reuse.
+            preset = self.decider.presets.presets.get(route.topic.preset)
+            if preset is not None and preset.conversation:
+                key = None
         recalled = self.recall.redelivered(key, message)
         # A redelivery is answered before it is decided; decided then only for its log line.
         decision = self.decider.decide(message, route)
@@ -372,7 +382,7 @@ class Dispatcher:
         try:
             if decision.options.wait is not None:
                 return await self._wait(route, decision, key, slot)
-            if decision.options.tools:
+            if decision.options.tools or decision.ask is not None:
                 return await self._tool_loop(route, decision, key)
             return await self._execute(route, decision)
         except BridgeError as exc:
@@ -457,13 +467,23 @@ class Dispatcher:
         return outcome
 
     async def _tool_loop(self, route: Route, call: Call, key: bytes | None) -> render.Outcome:
-        """Run the model/tool loop (docs/tools.md); the final answer takes the reply options."""
-        if self.tools is None:
+        """Run the model/tool loop (docs/tools.md) and a preset's conversation turn; the final
+        answer takes the reply options."""
+        options, ask = call.options, call.ask
+        if ask is not None and ask.reset:
+            await self.conversations.reset(ask)
+            result = ServiceResult(b'"conversation reset"', "application/json", 200, None)
+            reply_options = dataclasses.replace(options, select=None)
+            return render.answer(call.op, call.transaction, result, None, reply_options)
+        if options.tools and self.tools is None:
             raise UnknownTool("no tools are configured on this bridge ([tools.<name>])")
-        options = call.options
-        offered = self.tools.offer(options.tools, route.topic.suffix)
+        offered = self.tools.offer(options.tools, route.topic.suffix) if self.tools else {}
         base = call.take_request()
         body = _json_body(base)
+        state = None
+        if ask is not None and ask.remembers:
+            state = await self.conversations.load(ask)
+            conversation.apply(body, state, ask)
         stream_topic = route.topic.stream
 
         def progress(event: dict[str, Any]) -> None:
@@ -478,31 +498,42 @@ class Dispatcher:
             result = await self.service.send(request, None)
             return result.body
 
-        ctx = CallContext(
-            key=key,
-            caller=route.topic.suffix,
-            tools=offered,
-            allow_dangerous=options.allow_dangerous,
-            dry_run=options.dry_run,
-            progress=progress,
-        )
-        loop = self.config.tool_loop
-        answer = await run_loop(
-            call.op.name, body, send, self.tools, ctx, loop.max_steps, loop.max_calls_per_step
-        )
+        if options.tools and self.tools is not None:
+            ctx = CallContext(
+                key=key,
+                caller=route.topic.suffix,
+                tools=offered,
+                allow_dangerous=options.allow_dangerous,
+                dry_run=options.dry_run,
+                progress=progress,
+            )
+            loop = self.config.tool_loop
+            answer = await run_loop(
+                call.op.name, body, send, self.tools, ctx, loop.max_steps, loop.max_calls_per_step
+            )
+        else:
+            answer = await send(body)
+        if ask is not None and ask.remembers:
+            answered = _json_object(answer)
+            await self.conversations.save(ask, conversation.advance(state, answered, ask))
         result = ServiceResult(self.redactor.data(answer), "application/json", 200, None)
         return render.answer(call.op, call.transaction, result, None, options)
 
 
 def _json_body(request: HttpRequest) -> dict[str, Any]:
     """The JSON object body of a built request (a loop request always has one)."""
+    return _json_object(request.json_body or b"{}")
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    """`data` as a JSON object; UpstreamBadResponse when it is not one."""
     try:
-        body = loads(request.json_body or b"{}")
+        value = loads(data)
     except ValueError:
-        raise UpstreamBadResponse("request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise UpstreamBadResponse("request body is not a JSON object")
-    return body
+        raise UpstreamBadResponse("not a JSON answer") from None
+    if not isinstance(value, dict):
+        raise UpstreamBadResponse("not a JSON object")
+    return value
 
 
 class _Slot:

@@ -27,6 +27,7 @@ from bridge.mqtt.watch import TopicWatcher
 from bridge.pipeline.dispatch import Dispatcher
 from bridge.pipeline.model import JournalLike
 from bridge.pipeline.stats import Stats
+from bridge.presets.book import preset_problems
 from bridge.realtime.manager import RealtimeManager
 from bridge.realtime.websocket import AiohttpWebSockets
 from bridge.redact import Redactor
@@ -225,6 +226,7 @@ class Bridge:
         """The tool runner of `[tools]` (None when none are declared) and its topic reader."""
         cfg = self.config
         tools, problems = build_tools(cfg)
+        problems += preset_problems(cfg)
         if problems:
             raise StartupError("invalid [tools]: " + "; ".join(problems))
         if not tools:
@@ -262,7 +264,11 @@ class Bridge:
             on_connected=self._on_connected,
             log=self.log,
             protocol=protocol,
-            extra_subscriptions=self.role.subscriptions() + self._realtime_subscriptions(),
+            extra_subscriptions=[
+                *self.role.subscriptions(),
+                *self._realtime_subscriptions(),
+                *([(self.topics.ask_subscription, 1)] if cfg.presets else []),
+            ],
             # amqtt keeps no such leftovers, and its UNSUBSCRIBE handling is not worth a risk.
             unsubscribe=[] if cfg.mqtt.embedded else self._stale_subscriptions(),
             before_first_subscribe=self._take_over_dormant if self.dormant_from else None,

@@ -43,6 +43,7 @@ def protected_filters(config: BridgeConfig) -> list[str]:
     return [
         f"{prefix}/request/#",
         f"{prefix}/ask/#",
+        f"{prefix}/answer/#",
         f"{prefix}/response/#",
         f"{prefix}/stream/#",
         f"{prefix}/bridge/#",
@@ -100,8 +101,10 @@ def build_tools(config: BridgeConfig) -> tuple[dict[str, Tool], list[str]]:
 
 
 def check_tools(config: BridgeConfig) -> BridgeConfig:
-    """`config` when its `[tools]` are usable; raise ConfigError (exit 78) listing the problems."""
-    problems = build_tools(config)[1]
+    """`config` when its `[tools]` and `[presets]` are usable; raise ConfigError (exit 78)."""
+    from bridge.presets.book import preset_problems
+
+    problems = build_tools(config)[1] + preset_problems(config)
     if problems:
         raise ConfigError(problems)
     return config

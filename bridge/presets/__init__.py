@@ -1,0 +1,1 @@
+"""Presets a device calls with plain text, and conversations that remember (docs/tools.md)."""
