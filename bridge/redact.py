@@ -3,8 +3,8 @@
 A secret is hidden in each form a service host or a transformation could show it in: as it is,
 JSON-escaped (`\\/`, or every character as `\\uXXXX`), percent-encoded (path and query forms,
 either hex case) and base64 (each of the three alignments, standard and URL-safe alphabets). A
-value that ends with the start of a secret, or starts with its end (a cut), loses that piece too
-when it is at least `MIN_PIECE` characters long.
+cut piece of a secret (its first or its last `MIN_PIECE` or more characters) is hidden too,
+wherever it stands.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ REDACTED = "**********"
 MIN_SECRET = 4
 """Shorter values are not treated as secrets (they would redact ordinary text)."""
 MIN_PIECE = 8
-"""A cut piece of a secret this long, at either end of a value, is redacted too."""
+"""A piece this long of a secret's start or end counts as a leak and is redacted too (shorter
+pieces, like `sk-proj`, are ordinary text in answers)."""
 
 
 def secret_forms(secret: str) -> set[str]:
@@ -60,7 +61,8 @@ class Redactor:
         self._forms = sorted(forms, key=len, reverse=True)
         self._bytes = [form.encode("utf-8") for form in self._forms]
         self._cut = [s for s in self.secrets if len(s) > MIN_PIECE]
-        """Secrets whose cut pieces are looked for at the ends of a value."""
+        """Secrets whose cut pieces (their start or end, MIN_PIECE characters or more) are
+        looked for."""
         self._cut_bytes = [s.encode("utf-8") for s in self._cut]
         self.reach = max((len(form) for form in self._forms), default=1) - 1
         """Characters of earlier text that a form overlapping later text can start in."""
@@ -100,7 +102,7 @@ class Redactor:
             if form in value:
                 value = value.replace(form, REDACTED)
         for secret in self._cut:
-            value = _cut_ends(value, secret, REDACTED)
+            value = _cut_pieces(value, secret, REDACTED)
         return value
 
     def data(self, value: bytes) -> bytes:
@@ -109,7 +111,7 @@ class Redactor:
             if form in value:
                 value = value.replace(form, _REDACTED_BYTES)
         for secret_bytes in self._cut_bytes:
-            value = _cut_ends(value, secret_bytes, _REDACTED_BYTES)
+            value = _cut_pieces(value, secret_bytes, _REDACTED_BYTES)
         return value
 
     def any(self, value: Any) -> Any:
@@ -194,27 +196,39 @@ _MAX_PLACES = 256
 that does not cannot grow it without bound)."""
 
 
-def _cut_ends(value: AnyStr, secret: AnyStr, mask: AnyStr) -> AnyStr:
-    """`value` with a cut piece of `secret` (MIN_PIECE characters or more) at either end
-    replaced by `mask`: a value starting with the secret's end, or ending with its start.
+def _cut_pieces(value: AnyStr, secret: AnyStr, mask: AnyStr) -> AnyStr:
+    """`value` with every cut piece of `secret` replaced by `mask`: a run of MIN_PIECE or more
+    characters that is the secret's start, or its end, wherever it stands (at a value's end, or
+    inside a JSON document or a sentence).
 
-    A few `find`s over at most len(secret) characters at each end, whatever the value's size;
-    `value` is copied only on a hit.
+    Two `find`s over `value` when nothing is there; `value` is copied only on a hit.
     """
-    size, reach = len(value), len(secret) - 1
-    last = secret[-MIN_PIECE:]
-    at = value.find(last, 0, reach)
+    first, last = secret[:MIN_PIECE], secret[-MIN_PIECE:]
+    spans: list[tuple[int, int]] = []
+    size, length = len(value), len(secret)
+    at = value.find(first)
     while at != -1:
         end = at + MIN_PIECE
-        if secret.endswith(value[:end]):
-            value = mask + value[end:]
-            size = len(value)
-            break
-        at = value.find(last, at + 1, reach)
-    first = secret[:MIN_PIECE]
-    at = value.find(first, max(size - reach, 0))
+        while end < size and end - at < length and value[end] == secret[end - at]:
+            end += 1
+        spans.append((at, end))
+        at = value.find(first, end)
+    at = value.find(last)
     while at != -1:
-        if secret.startswith(value[at:]):
-            return value[:at] + mask
-        at = value.find(first, at + 1)
-    return value
+        begin, known = at, length - MIN_PIECE
+        while begin > 0 and known > 0 and value[begin - 1] == secret[known - 1]:
+            begin, known = begin - 1, known - 1
+        spans.append((begin, at + MIN_PIECE))
+        at = value.find(last, at + MIN_PIECE)
+    if not spans:
+        return value
+    pieces, done = [], 0
+    for begin, end in sorted(spans):
+        if end <= done:
+            continue
+        if begin > done:
+            pieces.append(value[done:begin])
+        pieces.append(mask)
+        done = end
+    pieces.append(value[done:])
+    return value[:0].join(pieces)

@@ -185,3 +185,21 @@ def _streamed_text(payloads: list[bytes]) -> str:
         elif not isinstance(message, dict):
             text.append(payload.decode())
     return "".join(text)
+
+
+def test_a_key_cut_by_the_service_host_reaches_neither_stats_nor_log(
+    echoing: BridgeThread, standin: Standin, client: TestClient
+) -> None:
+    message = f"Incorrect API key provided: {KEY}. Your key starts {KEY[:14]}"
+    standin.script("GET", "/models", Reply(status=401, json={"error": {"message": message}}))
+    client.subscribe(f"{client.prefix}/#")
+    reply = client.request("listModels", {})
+    assert reply["error"]["code"] == "upstream_error"
+    stats = client.wait_for_one(
+        f"{client.prefix}/bridge/+/stats",
+        timeout=10,
+        where=lambda m: json.loads(m.payload)["errors_total"] >= 1,
+    )
+    assert "Incorrect API key provided: **********" in stats.payload.decode()
+    everything = b"\n".join(m.payload for m in client.messages(f"{client.prefix}/#"))
+    assert leaked(everything) == []  # the error reply too; the log is checked by the fixture
