@@ -6,6 +6,7 @@ credential, and are held as `SecretStr` so that printing a config never shows th
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import socket
@@ -268,8 +269,8 @@ class JournalConfig(_Section):
     scope: Literal["off", "jobs", "answers"] = "answers"
     """`answers`: every upstream answer; `jobs`: job-creating operations and waited jobs only."""
     path: str = ""
-    """Empty: `$STATE_DIRECTORY/journal.sqlite3` under systemd, else
-    `$XDG_STATE_HOME/openai-mqtt-bridge/journal.sqlite3` (`~/.local/state/...`)."""
+    """Empty: `$STATE_DIRECTORY/journal.sqlite3` under systemd, else one file per config file in
+    `$XDG_STATE_HOME/openai-mqtt-bridge/` (`default_journal_path`)."""
     max_bytes: Annotated[int, Field(ge=64 * 1024)] = 64 * 1024 * 1024
     max_age: Annotated[float, Field(gt=0)] = 86400.0
     """Seconds an entry answers a redelivered request; cover `[mqtt] session_expiry`."""
@@ -641,7 +642,7 @@ def load_config(
 
     journal_update: dict[str, Any] = {}
     if not config.journal.path:
-        journal_update["path"] = str(default_journal_path(env))
+        journal_update["path"] = str(default_journal_path(env, path))
     return config.model_copy(
         update={
             "service": config.service.model_copy(update=service_update),
@@ -651,11 +652,16 @@ def load_config(
     )
 
 
-def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
+def default_journal_path(
+    environ: Mapping[str, str] | None = None, source: str | os.PathLike[str] | None = None
+) -> Path:
     """Where the journal lives when `[journal] path` is empty.
 
-    systemd's `StateDirectory=` sets `$STATE_DIRECTORY`; elsewhere `$XDG_STATE_HOME` or
-    `~/.local/state` (the XDG default), each with an `openai-mqtt-bridge` folder.
+    systemd's `StateDirectory=` sets `$STATE_DIRECTORY` (one per unit): `journal.sqlite3` there.
+    Elsewhere `$XDG_STATE_HOME` or `~/.local/state` (the XDG default), in an `openai-mqtt-bridge`
+    folder, one file per configuration: `journal-<config file's name>-<8 hex of its absolute
+    path>.sqlite3` (for the built-in defaults, of the working directory), so two clones or two
+    config files never share a journal.
     """
     env = os.environ if environ is None else environ
     state = env.get("STATE_DIRECTORY", "").split(":")[0]
@@ -663,4 +669,10 @@ def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
         return Path(state) / JOURNAL_FILE_NAME
     xdg = env.get("XDG_STATE_HOME", "")
     base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".local" / "state"
-    return base / STATE_SUBDIR / JOURNAL_FILE_NAME
+    if source is not None:
+        origin = Path(source).absolute()
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in origin.stem)[:40]
+    else:
+        origin, name = Path.cwd(), "defaults"
+    tag = hashlib.sha256(str(origin).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return base / STATE_SUBDIR / f"journal-{name}-{tag}.sqlite3"

@@ -42,7 +42,11 @@ from bridge.topics import Topics
 
 def test_defaults_match_the_documented_example(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "bridge.toml"
-    assert load_config(example, environ={}) == load_config(None, environ={})
+    from_file, built_in = load_config(example, environ={}), load_config(None, environ={})
+    # The journal's default file is per config (issue 23): the one thing that differs.
+    assert from_file.journal.path != built_in.journal.path
+    same = {"journal": built_in.journal}
+    assert from_file.model_copy(update=same) == built_in
     defaults = BridgeConfig()
     assert defaults.service.api_base == "https://api.openai.com/v1"
     assert defaults.limits.max_concurrency == 256

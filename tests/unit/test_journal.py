@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -261,13 +262,19 @@ def test_scope_off_opens_nothing(tmp_path: Path) -> None:
     assert log.events("info") == ["journal off"]
 
 
-def test_default_path_follows_systemd_then_xdg() -> None:
+def test_default_path_follows_systemd_then_xdg_one_per_config() -> None:
     assert default_path({"STATE_DIRECTORY": "/var/lib/omb"}) == Path("/var/lib/omb/journal.sqlite3")
     assert default_path({"STATE_DIRECTORY": "/a:/b"}) == Path("/a/journal.sqlite3")
-    assert default_path({"XDG_STATE_HOME": "/x"}) == Path("/x/openai-mqtt-bridge/journal.sqlite3")
-    assert default_path({"HOME": "/home/pi"}) == Path(
-        "/home/pi/.local/state/openai-mqtt-bridge/journal.sqlite3"
-    )
+    xdg = {"XDG_STATE_HOME": "/x"}
+    one = default_path(xdg, "/home/pi/clone-1/config/bridge.toml")
+    assert one.parent == Path("/x/openai-mqtt-bridge")
+    assert re.fullmatch(r"journal-bridge-[0-9a-f]{8}\.sqlite3", one.name)
+    # Two clones (or two config files) never share a journal; one config keeps its own.
+    assert default_path(xdg, "/home/pi/clone-2/config/bridge.toml") != one
+    assert default_path(xdg, "/home/pi/clone-1/config/bridge.toml") == one
+    home = default_path({"HOME": "/home/pi"}, "/etc/openai-mqtt-bridge/bridge.toml")
+    assert home.parent == Path("/home/pi/.local/state/openai-mqtt-bridge")
+    assert default_path(xdg).name.startswith("journal-defaults-")
 
 
 def test_size_bound_keeps_jobs_still_being_waited_on(tmp_path: Path) -> None:
