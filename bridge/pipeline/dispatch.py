@@ -484,6 +484,8 @@ class Dispatcher:
         if ask is not None and ask.remembers:
             state = await self.conversations.load(ask)
             conversation.apply(body, state, ask)
+            if self.journal is not None:
+                key = conversation.turn_key(ask, state)
         stream_topic = route.topic.stream
 
         def progress(event: dict[str, Any]) -> None:

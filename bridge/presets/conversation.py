@@ -12,6 +12,7 @@ server-side state (Ollama, llama.cpp). A conversation ends after `max_turns` tur
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ class ConversationStore:
         """Forget the conversation."""
         if self.journal is not None:
             await self.journal.record_answer(turn.key, turn.label, RESET_STATE)
+
+
+def turn_key(turn: AskTurn, state: dict[str, Any] | None) -> bytes:
+    """The journal key of this turn's tool loop: the same for a redelivery of the question (the
+    state is saved only after the answer), another for the same text asked as a later turn."""
+    digest = hashlib.blake2b(b"turn\0" + turn.key, digest_size=16)
+    where = (state or {}).get("turns", 0), (state or {}).get("updated", 0)
+    digest.update(dumps([*where, turn.question]))
+    return digest.digest()
 
 
 def _server_side(turn: AskTurn) -> bool:

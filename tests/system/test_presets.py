@@ -19,6 +19,7 @@ from support.house import House
 from support.mqtt_client import TestClient
 from support.small_device import PubSubClientLike
 from support.standin import RecordedRequest, Reply, Standin
+from test_journal_pg import pg_url, postgres  # noqa: F401  (a private PostgreSQL database)
 from test_tools_loop import chat_answer, chat_call, tools_toml
 
 
@@ -197,3 +198,38 @@ def test_a_responses_conversation_chains_previous_response_id(
     assert [b.get("previous_response_id") for b in bodies[1:]] == ["resp_1", "resp_2"]
     assert bodies[2]["input"] == "third" and bodies[2]["instructions"] == "Be brief."
     assert json.loads(json.dumps(bodies[0]))["store"] is True
+
+
+def test_a_conversation_is_shared_by_a_share_group_on_postgresql(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    client: TestClient,
+    request: pytest.FixtureRequest,
+) -> None:
+    url = request.getfixturevalue("pg_url")
+    standin.script("POST", "/chat/completions", echo_history)
+    members = []
+    for name in ("alpha", "beta"):
+        folder = tmp_path / name
+        folder.mkdir()
+        path, env = make_config(
+            folder,
+            broker_port=mosquitto.port,
+            api_base=standin.url,
+            prefix=topic_prefix,
+            mqtt={"shared_group": "house", "instance": name, "client_id": f"omb-{name}"},
+            extra={"journal": {"url": url}},
+        )
+        path.write_text(path.read_text(encoding="utf-8") + presets_toml(topic_prefix))
+        members.append(BridgeThread.from_file(path, env).start())
+    try:
+        answers = [ask(client, "chat", "desk", q) for q in ("one", "two", "three", "four")]
+    finally:
+        for member in members:
+            member.stop()
+    assert answers == ["one", "one | two", "one | two | three", "one | two | three | four"]
+    # Mosquitto hands a $share group's messages round: both bridges answered turns.
+    ask_topic = f"{topic_prefix}/ask/chat/desk"
+    assert all(ask_topic in member.log_text() for member in members)
