@@ -291,6 +291,31 @@ def test_multipart_upload_reaches_the_api_part_for_part(
     assert seen.parts == parts
 
 
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        ({"purpose\r\nX-Injected: 1": "x"}, "invalid_parameter"),  # a form field's name
+        ({"bad\x00name": "x"}, "invalid_parameter"),
+        ({"file": {"base64": b64(JSONL), "filename": "a\r\nX-Injected: 1.jsonl"}}, "invalid_file"),
+        ({"file": {"base64": b64(JSONL), "filename": "a\x7f.jsonl"}}, "invalid_file"),
+    ],
+    ids=["name-crlf", "name-nul", "filename-crlf", "filename-del"],
+)
+def test_control_characters_in_a_form_are_the_devices_mistake(
+    bridge: BridgeThread,
+    client: TestClient,
+    standin: Standin,
+    extra: dict[str, Any],
+    code: str,
+) -> None:
+    payload = {"purpose": "fine-tune", "file": {"base64": b64(JSONL), "filename": "a.jsonl"}}
+    reply = client.request("createFile", {**payload, **extra})
+    error = reply["error"]
+    assert (reply["status"], error["code"], error["retryable"]) == ("error", code, False), reply
+    assert standin.requests == []  # refused before anything was sent
+    assert "Traceback" not in bridge.log_text()
+
+
 # --- binary and text answers --------------------------------------------------------------------
 
 BINARY_CALLS: list[tuple[str, dict[str, Any], str, str, str]] = [
