@@ -59,11 +59,12 @@ class Redactor:
         for secret in self.secrets:
             forms |= secret_forms(secret)
         self._forms = sorted(forms, key=len, reverse=True)
-        self._bytes = [form.encode("utf-8") for form in self._forms]
         self._cut = [s for s in self.secrets if len(s) > MIN_PIECE]
         """Secrets whose cut pieces (their start or end, MIN_PIECE characters or more) are
-        looked for."""
+        looked for; a whole one is such a piece, so their raw form needs no scan of its own."""
         self._cut_bytes = [s.encode("utf-8") for s in self._cut]
+        self._scanned = [form for form in self._forms if form not in self._cut]
+        self._bytes = [form.encode("utf-8") for form in self._scanned]
         self.reach = max((len(form) for form in self._forms), default=1) - 1
         """Characters of earlier text that a form overlapping later text can start in."""
         marks = {f[:MIN_PIECE] for f in self._forms} | {s[-MIN_PIECE:] for s in self._cut}
@@ -98,7 +99,7 @@ class Redactor:
 
     def text(self, value: str) -> str:
         """`value` with every secret replaced."""
-        for form in self._forms:
+        for form in self._scanned:
             if form in value:
                 value = value.replace(form, REDACTED)
         for secret in self._cut:
