@@ -93,6 +93,8 @@ class Bridge:
         )
         self.transport: MqttTransport | None = None
         self.dispatcher: Dispatcher | None = None
+        self.tool_runner: ToolRunner | None = None
+        """Runs `[tools]` calls (`offer`, `execute`): for other front ends, e.g. realtime."""
         self.realtime: RealtimeManager | None = None
         """Realtime sessions; only a bridge that is no member of a shared group serves them
         (a session's messages must all reach one process)."""
@@ -182,6 +184,7 @@ class Bridge:
             self.transport = transport = self._make_transport(mqtt_cfg, protocol)
             stack.push_async_callback(transport.close)
             runner, watcher = self._tool_runner(mqtt_cfg, transport, journal)
+            self.tool_runner = runner
             self.dispatcher = Dispatcher(
                 config=cfg,
                 table=self.table,
@@ -314,10 +317,10 @@ class Bridge:
         """Request filters an earlier configuration may have left in our persistent session:
         the plain one in a group, the workers' group in plain mode. Both left in place would
         bring each request twice."""
-        request_filter = self.topics.request_filter
+        filters = [self.topics.request_filter, self.topics.ask_filter]  # requests, preset questions
         if self.config.mqtt.shared_group:
-            return [request_filter]
-        return [f"$share/{workers.default_group(self.config)}/{request_filter}"]
+            return filters
+        return [f"$share/{workers.default_group(self.config)}/{f}" for f in filters]
 
     async def _connected(self, transport: MqttTransport) -> bool:
         """Connect, unless `stop()` comes first; whether connected."""
