@@ -83,6 +83,16 @@ def echo_history(record: RecordedRequest) -> Reply:
     return Reply(json=chat_answer({"role": "assistant", "content": " | ".join(users)}))
 
 
+def script_light_off(standin: Standin, final: str) -> None:
+    """The model switches the kitchen light off, then answers `final`."""
+    standin.script(
+        "POST",
+        "/chat/completions",
+        Reply(json=chat_call(("c1", "kitchen_light", {"state": "OFF"}))),
+        Reply(json=chat_answer({"role": "assistant", "content": final})),
+    )
+
+
 def test_a_311_client_turns_off_the_light_with_plain_text(
     preset_bridge: BridgeThread,
     house: House,
@@ -90,12 +100,7 @@ def test_a_311_client_turns_off_the_light_with_plain_text(
     standin: Standin,
     topic_prefix: str,
 ) -> None:
-    standin.script(
-        "POST",
-        "/chat/completions",
-        Reply(json=chat_call(("c1", "kitchen_light", {"state": "OFF"}))),
-        Reply(json=chat_answer({"role": "assistant", "content": "The kitchen light is off."})),
-    )
+    script_light_off(standin, "The kitchen light is off.")
     with TestClient.for_broker(mosquitto, prefix=topic_prefix, protocol=MQTTv311) as device:
         assert ask(device, "house", "kitchen", "turn off the light") == "The kitchen light is off."
     assert house.payloads(f"{house.z2m('kitchen_light')}/set") == [b'{"state":"OFF"}']
@@ -113,12 +118,7 @@ def test_a_256_byte_pubsubclient_asks_in_two_lines(
     standin: Standin,
     topic_prefix: str,
 ) -> None:
-    standin.script(
-        "POST",
-        "/chat/completions",
-        Reply(json=chat_call(("c1", "kitchen_light", {"state": "OFF"}))),
-        Reply(json=chat_answer({"role": "assistant", "content": "Off. " + "x" * 500})),
-    )
+    script_light_off(standin, "Off. " + "x" * 500)
     device = PubSubClientLike("127.0.0.1", mosquitto.port, "pubsub-preset")
     answer_topic = f"{topic_prefix}/answer/house/kitchen"
     try:
