@@ -109,8 +109,12 @@ class SqliteStore:
         self.pruned = 0
         try:
             # Answers may hold anything a device asked: only this user reads them, whatever the
-            # umask (SQLite gives its -wal and -shm files the database file's mode).
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # umask (SQLite gives its -wal and -shm files the database file's mode). Every
+            # folder made on the way is 0700 too: one left 0777 by umask 0 would let anyone
+            # swap the journal's folder.
+            for folder in reversed([path.parent, *path.parent.parents]):
+                if not folder.is_dir():
+                    folder.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise JournalUnavailable(
                 f"cannot create the state directory {str(path.parent)!r}: {exc.strerror}"
@@ -122,6 +126,8 @@ class SqliteStore:
         try:
             if not path.exists():
                 os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            elif path.stat().st_mode & 0o077 and path.stat().st_uid == os.geteuid():
+                path.chmod(0o600)  # made by an older version, or by hand
         except OSError as exc:
             raise JournalUnavailable(
                 f"cannot create journal {str(path)!r}: {exc.strerror}"

@@ -56,19 +56,23 @@ def test_a_form_field_name_with_control_characters_is_a_validation_error(name: s
         encode_form(op, {"file": "aGVsbG8=", name: "assistants"})
 
 
+def _open_journal(path: Path) -> Journal | None:
+    return Journal.open(
+        path,
+        scope="answers",
+        max_bytes=1 << 20,
+        max_age=60.0,
+        max_answer_bytes=1024,
+        synchronous="full",
+        log=RecordingLog(),
+    )
+
+
 async def test_the_journal_is_private_whatever_the_umask(tmp_path: Path) -> None:
     folder = tmp_path / "state" / "omb"
     old = os.umask(0)
     try:
-        journal = Journal.open(
-            folder / "journal.sqlite3",
-            scope="answers",
-            max_bytes=1 << 20,
-            max_age=60.0,
-            max_answer_bytes=1024,
-            synchronous="full",
-            log=RecordingLog(),
-        )
+        journal = _open_journal(folder / "journal.sqlite3")
         assert journal is not None
         assert await journal.record_answer(b"k" * 32, "a/b", b'{"ok": 1}')
         files = sorted(folder.iterdir())
@@ -78,6 +82,7 @@ async def test_the_journal_is_private_whatever_the_umask(tmp_path: Path) -> None
             "journal.sqlite3-wal",
         ]
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700  # made on the way
         for path in files:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
         await journal.close()
@@ -137,3 +142,14 @@ def test_the_api_base_password_is_read_from_the_authority_alone_and_decoded() ->
     )
     assert at_in_path.secrets() == []
     assert at_in_path.redacted()["service"]["api_base"] == "https://gw.example/v1/@x:y"
+
+
+async def test_a_journal_left_readable_by_others_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    journal = _open_journal(path)
+    assert journal is not None
+    assert await journal.record_answer(b"k" * 32, "a/b", b'{"ok": 1}')
+    await journal.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
