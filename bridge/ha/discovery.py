@@ -8,6 +8,7 @@ prefix and the instance name, so they stay the same across restarts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -164,12 +165,18 @@ def error_text(error: dict[str, Any] | None) -> str | None:
     return text if len(text) <= STATE_MAX else text[: STATE_MAX - 1] + "…"
 
 
+@functools.lru_cache(maxsize=4)
+def _redactor(secrets: tuple[str, ...]) -> Redactor:
+    """One redactor per set of secrets: their forms are computed once, not per publish."""
+    return Redactor(list(secrets))
+
+
 def stats_payload(
     stats: Stats, secrets: Sequence[str] = (), broker_warnings: Sequence[str] = ()
 ) -> bytes:
     """The `<prefix>/bridge/<instance>/stats` document, with every secret redacted; the
     promises the broker weakens under `broker_warnings` when there are any."""
-    error = Redactor(list(secrets)).any(stats.last_error)
+    error = _redactor(tuple(secrets)).any(stats.last_error)
     document: dict[str, Any] = {
         "requests_total": stats.requests_total,
         "errors_total": stats.errors_total,
