@@ -1,4 +1,5 @@
-"""Command line: `run` (default), `check-config`, `methods`, `describe`, `call`, `--version`."""
+"""Command line: `run` (default), `check-config`, `methods`, `describe`, `call`, `realtime`,
+`--version`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from bridge.cli.call import CALL_EXIT_CODES, cmd_call
 from bridge.cli.common import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_USAGE, find_config
 from bridge.cli.info import cmd_check_config, cmd_describe, cmd_methods
 from bridge.cli.run import cmd_run, cmd_worker
+from bridge.cli.voice import cmd_realtime
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,check-config,methods,describe,call}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{run,check-config,methods,describe,call,realtime}"
+    )
     sub.add_parser("run", parents=[common], help="run the bridge (the default)")
     # One of `[runtime] workers`, started by the supervisor (bridge/runtime/supervisor.py); not for
     # users.
@@ -65,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to wait for the reply (default: %(default)g)",
     )
     call.add_argument("--suffix", default="", help="topic suffix (default: a fresh id)")
+    voice = sub.add_parser(
+        "realtime",
+        parents=[common],
+        help="speak a WAV file to the Realtime API through the bridge, save the spoken answer",
+        description="Stream a 16-bit mono 24 kHz WAV file to a realtime session over MQTT, ask "
+        "for a response and write its audio to a WAV file; its transcript goes to stdout.",
+    )
+    voice.add_argument("wav_in", help="the question: 16-bit mono 24 kHz WAV")
+    voice.add_argument("-o", "--output", default="answer.wav", help="the answer (WAV)")
+    voice.add_argument("--model", default="", help="default: the bridge's [realtime] model")
+    voice.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    voice.add_argument(
+        "--fast", action="store_true", help="send the audio at once, not in real time"
+    )
     reply = call.add_argument_group("reply options (the request's _bridge key)")
     reply.add_argument("--select", help="JMESPath expression picking the part of the answer")
     reply.add_argument("--format", choices=("json", "plain", "raw"), dest="reply_format")
@@ -105,6 +123,16 @@ def _dispatch(argv: Sequence[str] | None) -> int:
             args.file,
             reply_flags,
             args.output,
+        )
+    if command == "realtime":
+        return cmd_realtime(
+            path,
+            how,
+            args.wav_in,
+            args.output,
+            model=args.model,
+            timeout=args.timeout,
+            pace=not args.fast,
         )
     return EX_USAGE
 

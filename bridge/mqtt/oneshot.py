@@ -111,3 +111,68 @@ def request_reply(
         client.disconnect()
         client.loop_stop()
     return outcome
+
+
+def subscribed_exchange(
+    config: MqttConfig,
+    *,
+    host: str,
+    subscriptions: Sequence[str],
+    start: Callable[[Callable[[str, bytes], None]], None],
+    feed: Callable[[str, bytes], T | None],
+    timeout: float,
+) -> T | None:
+    """Subscribe, then run `start(publish)` on a thread of its own (it may block and publish at
+    QoS 1, each publish waited for), handing every message to `feed` until it returns a result
+    or `timeout` passes; the result or None.
+
+    Raises BrokerUnreachable when the broker cannot be reached or refuses the connection.
+    """
+    result: list[T] = []
+    done = threading.Event()
+    ready = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            refused.append(f"broker refused the connection: {reason}")
+            ready.set()
+            done.set()
+            return
+        client.subscribe([(topic, 1) for topic in subscriptions])
+
+    def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
+        ready.set()
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        if not done.is_set():
+            got = feed(msg.topic, bytes(msg.payload))
+            if got is not None:
+                result.append(got)
+                done.set()
+
+    client, _ = new_client(
+        config, protocol=MQTTProtocolVersion.MQTTv311, client_id="", persistent=False
+    )
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+
+    def publish(topic: str, payload: bytes) -> None:
+        client.publish(topic, payload, qos=1).wait_for_publish(timeout)
+
+    try:
+        client.connect(host, config.port, keepalive=30)
+    except OSError as exc:
+        raise BrokerUnreachable(connection_cause(exc)) from None
+    client.loop_start()
+    try:
+        if ready.wait(timeout) and not refused:
+            threading.Thread(target=start, args=(publish,), daemon=True).start()
+            done.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if refused:
+        raise BrokerUnreachable(refused[0])
+    return result[0] if result else None

@@ -14,7 +14,7 @@ KINDS = ("realtime", "realtimeTranscription", "responsesWebSocket")
 VERBS = ("open", "event", "audio", "close")
 """What a device publishes under `<prefix>/request/<kind>/<session>/`."""
 
-OUTPUTS = ("state", "event", "audio", "text", "error")
+OUTPUTS = ("state", "event", "audio", "text", "error", "done")
 """What the bridge publishes under `<prefix>/response/<kind>/<session>/`."""
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -56,6 +56,18 @@ TEXT_DELTAS = frozenset(
     }
 )
 """Server events whose `delta` goes out as plain UTF-8 on the text topic."""
+
+DONE_EVENTS = frozenset(
+    {
+        "response.done",
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+        "conversation.item.input_audio_transcription.completed",
+    }
+)
+"""Server events that end an answer: their type goes out as text on the done topic, so a device
+that takes no JSON events still knows when to stop listening."""
 
 BYTES_PER_SECOND = {"pcm16": 48_000, "g711_ulaw": 8_000, "g711_alaw": 8_000}
 """Input audio rate per format (PCM16 at 24 kHz mono, G.711 at 8 kHz), for the audio limit."""

@@ -215,6 +215,8 @@ class Session:
                 self._publish("audio", piece, qos=self.limits.audio_qos)
         elif kind in model.TEXT_DELTAS and "text" in wants and isinstance(event.get("delta"), str):
             self._publish("text", self._redactor.text(event["delta"]).encode("utf-8"))
+        if kind in model.DONE_EVENTS and "done" in wants:
+            self._publish("done", kind.encode("utf-8"))
         if kind == "error" and "error" in wants:
             upstream = self._redactor.any(event.get("error"))
             self._error("upstream_error", "the service host reported an error", upstream)

@@ -7,9 +7,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import socket
+import struct
 import threading
+import time
+import wave
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 import jsonschema
@@ -50,18 +55,25 @@ class Connection:
     audio: bytearray = field(default_factory=bytearray)
     """Every `input_audio_buffer.append`'s audio, in arrival order."""
     closed_by_client: bool = False
+    arrivals: list[tuple[float, bytes]] = field(default_factory=list)
+    """`echo` behaviour: (perf_counter, first 8 audio bytes) of each append as it arrived."""
+    echoed: list[tuple[float, bytes]] = field(default_factory=list)
+    """`echo` behaviour: (perf_counter, first 8 bytes) of each delta just before it was sent."""
 
 
 class RealtimeStandin:
     """The server in its own thread; `behaviour` decides what it does after a `response.create`:
     `answer` (echo the audio, a transcript, a function call), `close` (close with 1011),
-    `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event)."""
+    `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event).
+    `echo` (for bench/realtime.py) answers each append at once with its audio as a delta and
+    records both moments; `validate = False` skips the schema check (its cost is the stand-in's)."""
 
     host = "127.0.0.1"
 
     def __init__(self) -> None:
         self.port = 0
         self.behaviour = "answer"
+        self.validate = True
         self.connections: list[Connection] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -160,7 +172,9 @@ class RealtimeStandin:
     ) -> bool:
         """Record and answer one client event; False when the behaviour ends the connection."""
         event = json.loads(text)
-        errors = list(self._validators[path].iter_errors(event))
+        if self.behaviour == "echo" and event.get("type") == "input_audio_buffer.append":
+            return await self._echo(ws, conn, event)
+        errors = list(self._validators[path].iter_errors(event)) if self.validate else []
         conn.events.append(event)
         if errors:
             conn.invalid.append(f"{event.get('type')}: {errors[0].message[:300]}")
@@ -194,6 +208,16 @@ class RealtimeStandin:
             await self._responses_answer(ws)
         else:
             await self._realtime_answer(ws, bytes(conn.audio))
+        return True
+
+    async def _echo(self, ws: web.WebSocketResponse, conn: Connection, event: Any) -> bool:
+        audio = base64.b64decode(event["audio"])
+        conn.arrivals.append((time.perf_counter(), audio[:8]))
+        conn.echoed.append((time.perf_counter(), audio[:8]))
+        await ws.send_str(
+            '{"type":"response.output_audio.delta","event_id":"e","response_id":"r",'
+            '"item_id":"i","output_index":0,"content_index":0,"delta":"' + event["audio"] + '"}'
+        )
         return True
 
     async def _realtime_answer(self, ws: web.WebSocketResponse, audio: bytes) -> None:
@@ -255,3 +279,23 @@ class RealtimeStandin:
                 }
             )
         await ws.send_json({"type": "response.completed", "sequence_number": 3, "response": {}})
+
+
+def wav_file(path: Path, seconds: float, pitch: float = 440.0) -> Path:
+    """A 24 kHz mono PCM16 WAV file of a tone."""
+    frames = b"".join(
+        struct.pack("<h", int(12000 * math.sin(2 * math.pi * pitch * n / 24000)))
+        for n in range(int(24000 * seconds))
+    )
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(24000)
+        out.writeframes(frames)
+    return path
+
+
+def pcm_of(path: Path) -> bytes:
+    """The PCM frames of a WAV file."""
+    with wave.open(str(path), "rb") as wav:
+        return wav.readframes(wav.getnframes())

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import struct
-import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,7 @@ import pytest
 from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
 from support.broker import MosquittoBroker
 from support.mqtt_client import Received, TestClient
-from support.realtime_standin import RealtimeStandin
+from support.realtime_standin import RealtimeStandin, pcm_of, wav_file
 
 StartBridge = Callable[..., Any]
 CHUNK = 960
@@ -25,26 +22,6 @@ def upstream() -> Iterator[RealtimeStandin]:
     """A fresh realtime stand-in."""
     with RealtimeStandin() as server:
         yield server
-
-
-def wav_file(path: Path, seconds: float, pitch: float = 440.0) -> Path:
-    """A 24 kHz mono PCM16 WAV file of a tone."""
-    frames = b"".join(
-        struct.pack("<h", int(12000 * math.sin(2 * math.pi * pitch * n / 24000)))
-        for n in range(int(24000 * seconds))
-    )
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(24000)
-        out.writeframes(frames)
-    return path
-
-
-def pcm_of(path: Path) -> bytes:
-    """The PCM frames of a WAV file."""
-    with wave.open(str(path), "rb") as wav:
-        return wav.readframes(wav.getnframes())
 
 
 class Device:
@@ -373,3 +350,30 @@ def test_sigterm_and_kill_9_then_restart_publish_closed(
     with late:
         late.subscribe(f"{device.out}/state")
         assert late.wait_for_one(f"{device.out}/state").json()["reason"] == "bridge_restarted"
+
+
+def test_a_broker_restart_keeps_the_session_and_its_order(
+    start_bridge: StartBridge,
+    own_mosquitto: MosquittoBroker,
+    topic_prefix: str,
+    upstream: RealtimeStandin,
+    tmp_path: Path,
+) -> None:
+    start_bridge(api_base=upstream.url, broker_port=own_mosquitto.port)
+    pcm = pcm_of(wav_file(tmp_path / "q.wav", 0.4))
+    with TestClient.for_broker(own_mosquitto, prefix=topic_prefix) as client:
+        device = Device(client, topic_prefix, "steady")
+        device.open(outputs=["audio", "state", "error"])
+        device.state("open")
+        device.stream(pcm[: len(pcm) // 2])
+        upstream.wait_for(lambda conns: len(conns[0].audio) == len(pcm) // 2)
+        own_mosquitto.restart()
+        client.wait_connected(connects=2)
+        mark = client.mark()
+        device.stream(pcm[len(pcm) // 2 :])
+        device.event({"type": "response.create"})
+        client.wait_for(f"{device.out}/audio", n=len(pcm) // 4800, after=mark)
+        assert bytes(upstream.connections[0].audio) == pcm
+        audio = client.messages(f"{device.out}/audio", after=mark)
+        assert b"".join(m.payload for m in audio) == pcm
+        assert len(upstream.connections) == 1
