@@ -49,11 +49,6 @@ class RealtimeManager:
         self.serving = serving
         """False: every realtime message is answered `realtime_unavailable` (see the daemon)."""
 
-    @property
-    def state_filter(self) -> str:
-        """Retained states of this prefix's sessions (read once at start, see `restarted`)."""
-        return f"{self.prefix}/response/+/+/state"
-
     def takes(self, topic: str) -> bool:
         """Whether `topic` is a realtime request topic or one of its sessions' states."""
         if not topic.startswith(f"{self.prefix}/"):

@@ -28,6 +28,7 @@ from bridge.pipeline.dispatch import Dispatcher
 from bridge.pipeline.model import JournalLike
 from bridge.pipeline.stats import Stats
 from bridge.presets.book import preset_problems
+from bridge.realtime import model as realtime_model
 from bridge.realtime.manager import RealtimeManager
 from bridge.realtime.websocket import AiohttpWebSockets
 from bridge.redact import Redactor
@@ -294,7 +295,8 @@ class Bridge:
         """The retained session states, read at each connect to close what a crash left open."""
         if not self._serves_realtime():
             return []
-        return [(f"{self.config.mqtt.topic_prefix}/response/+/+/state", 1)]
+        prefix = self.config.mqtt.topic_prefix
+        return [(f"{prefix}/response/{kind}/+/state", 1) for kind in realtime_model.KINDS]
 
     async def _take_over_dormant(self) -> None:
         """Drain and end the sessions of workers that no longer run, before subscribing."""
