@@ -99,11 +99,7 @@ def request_reply(
     )
     client.on_connect = on_connect
     client.on_message = on_message
-    try:
-        client.connect(host, config.port, keepalive=30)
-    except OSError as exc:
-        raise BrokerUnreachable(connection_cause(exc)) from None
-    client.loop_start()
+    _start(client, host, config.port)
     try:
         if online.wait(min(presence_wait, timeout)) and outcome.refused is None:
             done.wait(timeout)
@@ -161,11 +157,7 @@ def subscribed_exchange(
     def publish(topic: str, payload: bytes) -> None:
         client.publish(topic, payload, qos=1).wait_for_publish(timeout)
 
-    try:
-        client.connect(host, config.port, keepalive=30)
-    except OSError as exc:
-        raise BrokerUnreachable(connection_cause(exc)) from None
-    client.loop_start()
+    _start(client, host, config.port)
     try:
         if ready.wait(timeout) and not refused:
             threading.Thread(target=start, args=(publish,), daemon=True).start()
@@ -176,3 +168,12 @@ def subscribed_exchange(
     if refused:
         raise BrokerUnreachable(refused[0])
     return result[0] if result else None
+
+
+def _start(client: Any, host: str, port: int) -> None:
+    """Connect and start paho's network thread; BrokerUnreachable when the broker is not there."""
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise BrokerUnreachable(connection_cause(exc)) from None
+    client.loop_start()
