@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from bridge.cli.common import config_note, load, print_problems
 from bridge.config import BridgeConfig, load_config
 from bridge.errors import EX_CONFIG, ConfigError
+
+if TYPE_CHECKING:
+    from bridge.pipeline.model import Observed
+    from bridge.runtime.supervisor import Supervisor
 
 
 def cmd_run(path: str | None, how: str = "--config") -> int:
@@ -42,7 +48,9 @@ def cmd_run(path: str | None, how: str = "--config") -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             if count > 1:
-                return runner.run(Supervisor(config, count, config_source=path).run())
+                console = supervisor_console if config.console.enabled else None
+                supervisor = Supervisor(config, count, config_source=path, console=console)
+                return runner.run(supervisor.run())
             return runner.run(Bridge(config, config_source=path).run())
     except StartupError as exc:
         log.error(str(exc))
@@ -113,3 +121,22 @@ def event_loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventL
     except ImportError:
         return None, "asyncio"
     return uvloop.new_event_loop, "uvloop"
+
+
+async def supervisor_console(
+    supervisor: Supervisor, stack: contextlib.AsyncExitStack
+) -> Callable[[Observed], None]:
+    """The web console of a supervisor: the summed counters, and what every worker answers."""
+    from bridge.methods.catalog import default_table
+    from bridge.runtime.console_source import BridgeSource, start_console
+
+    source = BridgeSource(
+        supervisor.config,
+        supervisor.config_source,
+        default_table(),
+        supervisor.totals.total,
+        lambda: supervisor.transport,
+        workers=supervisor.count,
+    )
+    console = await start_console(source, supervisor.log, stack)
+    return console.observe

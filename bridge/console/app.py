@@ -86,6 +86,7 @@ class Console:
             seen.request_size,
             seen.reply,
             seen.reply_type,
+            seen.reply_size,
         )
         waiting = self._pending.pop(seen.suffix, None)
         if waiting is not None and not waiting.done():

@@ -118,9 +118,11 @@ class RequestLog:
         bytes_in: int,
         reply: bytes,
         reply_type: str | None,
+        reply_size: int | None = None,
     ) -> None:
         """Append one answered request: on the request path, so only the fields as given (the
-        reply cut to the preview's size); redaction and previews wait for a page to ask."""
+        reply cut to the preview's size); redaction and previews wait for a page to ask.
+        `reply_size`: the whole reply's size when `reply` is only its start (a worker's)."""
         self._records.append(
             RequestRecord(
                 next(self._seq),
@@ -134,7 +136,7 @@ class RequestLog:
                 request_head,
                 bytes_in,
                 reply[:PREVIEW_BYTES],
-                len(reply),
+                len(reply) if reply_size is None else reply_size,
                 reply_type,
             )
         )

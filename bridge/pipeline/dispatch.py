@@ -305,7 +305,7 @@ class Dispatcher:
                 Observed(
                     outcome.method,
                     route.topic.suffix,
-                    outcome.transaction,
+                    None if outcome.transaction is MISSING else outcome.transaction,
                     outcome.error.code if outcome.error is not None else None,
                     outcome.http_status,
                     elapsed_ms,

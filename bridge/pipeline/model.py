@@ -70,6 +70,7 @@ class Observed:
     method: str
     suffix: str
     transaction: Any
+    """The request's `transaction`, None when it had none."""
     code: str | None
     """The error code of an error reply, None for a success."""
     http_status: int | None
@@ -78,5 +79,7 @@ class Observed:
     """The request payload's first bytes, as the device sent them."""
     request_size: int
     reply: bytes
-    """The reply payload as published (redacted)."""
+    """The reply payload as published (redacted), or its first bytes (`reply_size` says all)."""
     reply_type: str | None
+    reply_size: int | None = None
+    """The whole reply's size when `reply` holds only its first bytes."""

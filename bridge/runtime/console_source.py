@@ -1,7 +1,11 @@
-"""What the web console shows of a running bridge (bridge/console/app.py's ConsoleSource)."""
+"""What the web console shows of a running bridge or supervisor, and how it is started.
+
+Imported only when the console is on: it loads aiohttp's web server.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -14,14 +18,18 @@ import yarl
 
 from bridge import __version__
 from bridge.config import ENV_PREFIX, BridgeConfig
+from bridge.console.app import Console
 from bridge.messages import StatusTransport
 from bridge.methods.describe import describe, example_payload
 from bridge.methods.model import MethodTable
 from bridge.pipeline.stats import Stats
+from bridge.redact import Redactor
 from bridge.runtime import startup
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from structlog.typing import FilteringBoundLogger
 
 
 class BridgeSource:
@@ -34,6 +42,7 @@ class BridgeSource:
         table: MethodTable,
         stats: Callable[[], Stats | None],
         transport: Callable[[], StatusTransport | None],
+        workers: int = 1,
     ) -> None:
         self.config = config
         self.config_source = config_source
@@ -42,6 +51,7 @@ class BridgeSource:
         self._stats = stats
         self._transport = transport
         self._started = time.time()
+        self.workers = workers
 
     def status(self) -> dict[str, Any]:
         """State, broker, service host (no credentials), versions, uptime, counters, journal."""
@@ -64,7 +74,7 @@ class BridgeSource:
             "version": __version__,
             "python": platform.python_version(),
             "uptime_s": round(time.time() - self._started),
-            "workers": 1,
+            "workers": self.workers,
             "methods": len(self.table),
             "journal": journal,
             "counters": asdict(stats) if stats is not None else {},
@@ -103,3 +113,14 @@ class BridgeSource:
         if transport is None:
             raise ConnectionError("not connected to the broker")
         return transport.publish(topic, payload, qos=1)
+
+
+async def start_console(
+    source: BridgeSource, log: FilteringBoundLogger, stack: contextlib.AsyncExitStack
+) -> Console:
+    """Serve the console for `source` until `stack` closes."""
+    config = source.config
+    console = Console(config.console, source, Redactor(config.secrets()), log)
+    await console.start()
+    stack.push_async_callback(console.close)
+    return console

@@ -19,11 +19,11 @@ from bridge.ha.status import OFFLINE, StatusPublisher
 from bridge.messages import InboundMessage, StatusTransport
 from bridge.pipeline.model import Observed
 from bridge.pipeline.stats import Stats
-from bridge.redact import Redactor
 from bridge.runtime import startup
 from bridge.runtime.logs import stop_when_log_gone
 from bridge.runtime.signals import stop_on_signals
 from bridge.runtime.systemd import notify, watchdog_interval
+from bridge.workers import protocol as workers
 from bridge.workers.link import WorkerLink
 
 if TYPE_CHECKING:
@@ -122,8 +122,7 @@ class Standalone:
         cfg = self.bridge.config
         if cfg.console.enabled:
             # Imported here: aiohttp's web server (and the MIME table it loads) only when used.
-            from bridge.console.app import Console
-            from bridge.runtime.console_source import BridgeSource
+            from bridge.runtime.console_source import BridgeSource, start_console
 
             bridge = self.bridge
             source = BridgeSource(
@@ -133,9 +132,7 @@ class Standalone:
                 lambda: bridge.stats() if bridge.dispatching else None,
                 lambda: self.transport,
             )
-            console = Console(cfg.console, source, Redactor(cfg.secrets()), bridge.log)
-            await console.start()
-            stack.push_async_callback(console.close)
+            console = await start_console(source, bridge.log, stack)
             self.console, self.observer = console, console.observe
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -189,7 +186,10 @@ class Worker:
         self.link = link
         self.will: tuple[str, bytes] | None = None
         self.final_state: tuple[str, bytes] | None = None
-        self.observer: Callable[[Observed], None] | None = None
+        # The supervisor's console shows what the workers answer.
+        self.observer: Callable[[Observed], None] | None = (
+            self._report_request if bridge.config.console.enabled else None
+        )
 
     def starting(self) -> None:
         """Nothing: the supervisor said it."""
@@ -207,6 +207,9 @@ class Worker:
                 await follow
 
         stack.push_async_callback(stop_following)
+
+    def _report_request(self, seen: Observed) -> None:
+        self.link.send_line(workers.request_line(seen))
 
     async def _close(self) -> None:
         await self.link.close(self.bridge.stats() if self.bridge.dispatching else Stats())

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bridge import __version__
@@ -28,6 +29,7 @@ from bridge.ha.status import OFFLINE, ONLINE, StatusPublisher
 from bridge.messages import InboundMessage
 from bridge.methods.catalog import default_table
 from bridge.mqtt.client import MqttTransport
+from bridge.pipeline.model import Observed
 from bridge.runtime import process, startup
 from bridge.runtime.logs import get_logger, stop_when_log_gone
 from bridge.runtime.signals import stop_on_signals
@@ -52,6 +54,12 @@ class _Worker:
     started_at: float = 0.0
 
 
+ConsoleStarter = Callable[
+    ["Supervisor", contextlib.AsyncExitStack], Awaitable[Callable[[Observed], None]]
+]
+"""Serves the console for a supervisor until the stack closes; what to tell of each request."""
+
+
 class Supervisor:
     """Runs `count` workers for `config`; `run()` returns the process exit code."""
 
@@ -62,11 +70,16 @@ class Supervisor:
         *,
         config_source: str | None = None,
         python: str = sys.executable,
+        console: ConsoleStarter | None = None,
     ) -> None:
         self.config = config
         self.count = count
         self.config_source = config_source
         self.python = python
+        self.console = console
+        """Starts the web console with the summed view (given by the command line when the
+        console is on: this module itself never loads aiohttp)."""
+        self.observe_request: Callable[[Observed], None] | None = None
         self.log = get_logger(instance=config.mqtt.instance_name, role="supervisor")
         self.topics = Topics(config.mqtt.topic_prefix, config.mqtt.instance_name)
         self.totals = workers.StatsTotals()
@@ -130,6 +143,8 @@ class Supervisor:
             stack.push_async_callback(transport.close)
             stack.push_async_callback(self._final_state)  # every way out leaves `offline`
             stack.push_async_callback(self._reap_workers)  # ... and no worker running
+            if self.console is not None:
+                self.observe_request = await self.console(self, stack)
             try:
                 await self._serve(transport)
             except* Exception as failure:  # noqa: BLE001  (any bug: stop, never hang)
@@ -263,6 +278,11 @@ class Supervisor:
                 return
             if not line:
                 return
+            if self.observe_request is not None and line.startswith(b'{"event":"request"'):
+                seen = workers.parse_request(line)
+                if seen is not None:
+                    self.observe_request(seen)
+                continue
             parsed = workers.parse_report(line)
             if parsed is None:
                 continue

@@ -27,10 +27,13 @@ class WorkerLink:
 
     def send(self, event: str, stats: Stats | None = None) -> None:
         """Queue one report line; a supervisor that went away is not an error here."""
+        self.send_line(workers.report_line(event, stats))
+
+    def send_line(self, line: bytes) -> None:
+        """Queue one prepared report line (e.g. an answered request for the console)."""
         writer = self._writer
-        if writer is None or writer.is_closing():
-            return
-        writer.write(workers.report_line(event, stats))
+        if writer is not None and not writer.is_closing():
+            writer.write(line)
 
     async def heartbeat(self, stats: Stats) -> None:
         """Report `stats` every HEARTBEAT_SECONDS (the supervisor's sign of life)."""

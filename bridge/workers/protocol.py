@@ -8,6 +8,7 @@ per line.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 from bridge.config import BridgeConfig
 from bridge.jsoncodec import dumps, loads
+from bridge.pipeline.model import Observed
 from bridge.pipeline.stats import Stats
 
 AUTO_MAX = 8
@@ -216,3 +218,50 @@ class StatsTotals:
             if s.last_error is not None and entry.error_at > latest_error:
                 latest_error, out.last_error = entry.error_at, s.last_error
         return out
+
+
+REQUEST_EVENT = "request"
+"""A worker's answered request, for the supervisor's web console."""
+_OBSERVED_BYTES = 4096
+
+
+def request_line(seen: Observed) -> bytes:
+    """One `request` report: an answered request, its payloads cut to 4 KiB (base64)."""
+    body = {
+        "event": REQUEST_EVENT,
+        "method": seen.method,
+        "suffix": seen.suffix,
+        "transaction": seen.transaction,
+        "code": seen.code,
+        "http_status": seen.http_status,
+        "duration_ms": seen.duration_ms,
+        "request_head": base64.b64encode(seen.request_head[:_OBSERVED_BYTES]).decode(),
+        "request_size": seen.request_size,
+        "reply": base64.b64encode(seen.reply[:_OBSERVED_BYTES]).decode(),
+        "reply_size": len(seen.reply),
+        "reply_type": seen.reply_type,
+    }
+    return dumps(body) + b"\n"
+
+
+def parse_request(line: bytes) -> Observed | None:
+    """A `request` report as the Observed it carries, or None when it is not one."""
+    try:
+        body = loads(line)
+        if not isinstance(body, dict) or body.get("event") != REQUEST_EVENT:
+            return None
+        return Observed(
+            str(body["method"]),
+            str(body["suffix"]),
+            body.get("transaction"),
+            body.get("code"),
+            body.get("http_status"),
+            float(body["duration_ms"]),
+            base64.b64decode(body["request_head"]),
+            int(body["request_size"]),
+            base64.b64decode(body["reply"]),
+            body.get("reply_type"),
+            int(body["reply_size"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None

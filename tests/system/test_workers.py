@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -586,3 +587,72 @@ def test_switching_workers_off_on_off_runs_every_request_exactly_once(
     )
     assert replies == Counter(range(70))
     assert len(standin.requests) == 70
+
+
+def _console_get(port: int, path: str) -> Any:
+    """GET one of the console's JSON answers over real HTTP."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Host": f"127.0.0.1:{port}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_the_supervisor_serves_the_console_with_the_summed_view(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    standin: Standin,
+    client: TestClient,
+    topic_prefix: str,
+    processes: list[BridgeProcess],
+) -> None:
+    port = free_port()
+    path, key_env = make_config(
+        tmp_path,
+        broker_port=mosquitto.port,
+        api_base=standin.url,
+        prefix=topic_prefix,
+        mqtt={"instance": "pool"},
+        extra={"runtime": {"workers": 2}, "console": {"enabled": True, "port": port}},
+    )
+    proc = BridgeProcess(path, key_env, tmp_path / "bridge.log")
+    processes.append(proc)
+    proc.start()
+    total = 12
+    _publish(client, 0, total)
+    client.subscribe(f"{topic_prefix}/response/#")
+    client.wait_for(f"{topic_prefix}/response/#", total, timeout=30)
+    shares = _handled_by(proc)
+    assert set(shares) == {1, 2}  # both workers answered some
+    rows = _await(
+        lambda: (r := _console_get(port, "/api/requests")["requests"]) and len(r) == total and r,
+        15,
+        "every worker's requests in the console's live list",
+    )
+    assert sorted(r["transaction"] for r in rows) == list(range(total))
+    status = _await(
+        lambda: (
+            (s := _console_get(port, "/api/status"))["counters"].get("requests_total") == total
+            and s
+        ),
+        15,
+        "the summed counters",
+    )
+    assert status["workers"] == 2 and status["state"] == "online"
+    assert TEST_API_KEY not in json.dumps(status)
+    # The try page's request goes through the broker to a worker; its answer comes back here.
+    try_request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/try",
+        data=json.dumps({"method": "createModeration", "payload": {"input": "x"}}).encode(),
+        headers={
+            "Host": f"127.0.0.1:{port}",
+            "Origin": f"http://127.0.0.1:{port}",
+            "X-OMB-Console": "1",
+            "Content-Type": "application/json",
+        },
+        method="POST",
+    )
+    with urllib.request.urlopen(try_request, timeout=30) as response:
+        tried = json.loads(response.read())
+    assert tried["code"] is None and tried["topic"].endswith("/createModeration/console-1")
+    assert json.loads(tried["reply"]["text"])["status"] == "ok"
