@@ -158,6 +158,9 @@ class RealtimeManager:
         self.log.info("realtime session opening", kind=key[0], session=key[1])
         try:
             reason = await session.run(self.connector, url, headers)
+        except Exception:
+            self.log.exception("realtime session failed", kind=key[0], session=key[1])
+            reason = "internal_error"
         finally:
             self.sessions.pop(key, None)
         self.log.info(

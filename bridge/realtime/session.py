@@ -140,6 +140,9 @@ class Session:
                 await self._pump(upstream)
         except UpstreamClosed as exc:
             self.end(exc.reason, exc.detail)
+        except Exception as exc:  # a bug: the device still gets its `closed`, the log the cause
+            self.end("internal_error", type(exc).__name__)
+            raise
         finally:
             if upstream is not None:
                 with contextlib.suppress(Exception):
@@ -277,5 +280,5 @@ class Session:
     def _settled(self, future: asyncio.Future[None], size: int) -> None:
         self._pending.discard(future)
         self._pending_bytes -= size
-        if not future.cancelled():
-            future.exception()  # read: a failed publish is the session's end, not a warning
+        if not future.cancelled() and future.exception() is not None:
+            self.end("device_too_slow", "the broker does not take the session's output")

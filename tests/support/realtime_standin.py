@@ -64,7 +64,8 @@ class Connection:
 class RealtimeStandin:
     """The server in its own thread; `behaviour` decides what it does after a `response.create`:
     `answer` (echo the audio, a transcript, a function call), `close` (close with 1011),
-    `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event).
+    `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event), `leak`
+    (a text delta carrying the key it was sent), `hold` (the answer waits for `release()`).
     `echo` (for bench/realtime.py) answers each append at once with its audio as a delta and
     records both moments; `validate = False` skips the schema check (its cost is the stand-in's)."""
 
@@ -74,6 +75,10 @@ class RealtimeStandin:
         self.port = 0
         self.behaviour = "answer"
         self.validate = True
+        self.hold: asyncio.Event | None = None
+        """`hold` behaviour: set by `release()`; the answer waits for it."""
+        self.held = threading.Event()
+        """Set when a `response.create` is being held."""
         self.connections: list[Connection] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -109,6 +114,11 @@ class RealtimeStandin:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def release(self) -> None:
+        """Let a held answer go (`hold` behaviour)."""
+        assert self._loop is not None and self.hold is not None
+        self._loop.call_soon_threadsafe(self.hold.set)
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
         """Wait until `predicate(self.connections)` holds (checked on every change)."""
@@ -201,6 +211,25 @@ class RealtimeStandin:
             assert self._stopping is not None
             await self._stopping.wait()
             return False
+        if self.behaviour == "hold":
+            self.hold = asyncio.Event()
+            self.held.set()
+            await self.hold.wait()
+        if self.behaviour == "leak":
+            key = conn.headers.get("Authorization", "").removeprefix("Bearer ")
+            await ws.send_json(
+                {
+                    "type": "response.output_text.delta",
+                    "event_id": "evt_l",
+                    "response_id": "r",
+                    "item_id": "i",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": f"my key is {key}",
+                }
+            )
+            await ws.send_json({"type": "response.done", "event_id": "evt_d", "response": {}})
+            return True
         if self.behaviour == "garbage":
             await ws.send_str("this is not JSON {")
             return True

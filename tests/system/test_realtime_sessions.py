@@ -176,6 +176,40 @@ def test_garbage_from_upstream_is_an_error_and_the_session_lives(
     assert device.state("closed")["reason"] == "client_close"
 
 
+def test_the_key_echoed_by_upstream_is_masked_on_every_topic(
+    start_bridge: StartBridge, client: TestClient, topic_prefix: str, upstream: RealtimeStandin
+) -> None:
+    start_bridge(api_base=upstream.url)
+    upstream.behaviour = "leak"
+    device = Device(client, topic_prefix, "leaky")
+    device.open()
+    device.state("open")
+    device.event({"type": "response.create"})
+    assert device.client.wait_for_one(f"{device.out}/done").text() == "response.done"
+    assert device.received("text")[0].text() == "my key is **********"
+    for message in client.messages(f"{topic_prefix}/#"):
+        assert TEST_API_KEY.encode() not in message.payload
+
+
+def test_an_event_upstream_refuses_comes_back_as_an_error_and_a_refused_connect_closes(
+    start_bridge: StartBridge, client: TestClient, topic_prefix: str, upstream: RealtimeStandin
+) -> None:
+    start_bridge(api_base=upstream.url)
+    device = Device(client, topic_prefix, "picky")
+    device.open()
+    device.state("open")
+    device.event({"type": "response.create", "response": "not an object"})
+    refused = device.error("upstream_error")
+    assert refused["upstream"]["type"] == "invalid_request_error"
+    assert upstream.connections[0].invalid[0].startswith("response.create:")
+
+    start_bridge(api_base="http://127.0.0.1:9/v1", prefix=f"{topic_prefix}-down")
+    down = Device(client, f"{topic_prefix}-down", "nowhere")
+    down.open()
+    closed = down.state("closed")
+    assert closed["reason"] == "connect_failed" and "refused" in closed["detail"]
+
+
 @pytest.mark.parametrize(
     ("limits", "reason"),
     [({"idle_timeout": 0.5}, "idle"), ({"max_session_seconds": 0.7}, "max_duration")],
@@ -377,3 +411,33 @@ def test_a_broker_restart_keeps_the_session_and_its_order(
         audio = client.messages(f"{device.out}/audio", after=mark)
         assert b"".join(m.payload for m in audio) == pcm
         assert len(upstream.connections) == 1
+
+
+def test_output_the_broker_does_not_take_is_bounded_then_the_session_closes(
+    start_bridge: StartBridge,
+    own_mosquitto: MosquittoBroker,
+    topic_prefix: str,
+    upstream: RealtimeStandin,
+    tmp_path: Path,
+) -> None:
+    start_bridge(
+        api_base=upstream.url,
+        broker_port=own_mosquitto.port,
+        extra={"realtime": {"max_pending_bytes": 65536}},
+    )
+    pcm = pcm_of(wav_file(tmp_path / "long.wav", 2.0))
+    upstream.behaviour = "hold"
+    with TestClient.for_broker(own_mosquitto, prefix=topic_prefix) as client:
+        device = Device(client, topic_prefix, "far")
+        device.open(outputs=["audio", "state"])
+        device.state("open")
+        device.stream(pcm)
+        device.event({"type": "response.create"})
+        assert upstream.held.wait(10)
+        own_mosquitto.stop()
+        upstream.release()  # 96 KB of answer while the bridge has no broker
+        upstream.wait_for(lambda conns: conns[0].closed_by_client)
+        own_mosquitto.start()
+        client.wait_connected(connects=2)
+        closed = device.state("closed")
+        assert closed["reason"] == "device_too_slow"
