@@ -1,8 +1,9 @@
 """Secret redaction: every configured secret becomes `**********` in text, bytes and values.
 
 A secret is hidden in each form a service host or a transformation could show it in: as it is,
-JSON-escaped (`\\/`, or every character as `\\uXXXX`), percent-encoded (path and query forms,
-either hex case) and base64 (each of the three alignments, standard and URL-safe alphabets). A
+JSON-escaped (`\\/`, or every character as `\\uXXXX`; each form also as it stands inside a JSON
+string), percent-encoded (query, path and encodeURIComponent forms, either hex case) and base64
+(each of the three alignments, standard and URL-safe alphabets). A
 cut piece of a secret (its first or its last `MIN_PIECE` or more characters) is hidden too,
 wherever it stands.
 """
@@ -31,8 +32,9 @@ def secret_forms(secret: str) -> set[str]:
         "".join(f"\\u{ord(c):04x}" for c in secret),
         "".join(f"\\u{ord(c):04X}" for c in secret),
     }
-    for encoded in (quote(secret, safe=""), quote_plus(secret, safe="")):
-        forms |= {encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded)}
+    for safe in _URL_SAFE_SETS:
+        for encoded in (quote(secret, safe=safe), quote_plus(secret, safe=safe)):
+            forms |= {encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded)}
     raw = secret.encode("utf-8")
     for pad in range(3):
         # The characters that depend on the secret's bytes alone at this alignment.
@@ -41,7 +43,14 @@ def secret_forms(secret: str) -> set[str]:
         core = encoded_bytes[start:end].decode("ascii")
         if len(core) >= MIN_PIECE:
             forms |= {core, core.replace("+", "-").replace("/", "_")}
+    # Each form once more as it stands inside a JSON string (a `\\u` form shown as text).
+    forms |= {json.dumps(form)[1:-1] for form in forms}
     return {form for form in forms if len(form) >= MIN_SECRET}
+
+
+_URL_SAFE_SETS = ("", "/", "!'()*")
+"""What URL encoders leave as is besides letters, digits and `-._~`: nothing (a query value),
+`/` (a path, Python's default), `!'()*` (JavaScript's encodeURIComponent)."""
 
 
 class Redactor:

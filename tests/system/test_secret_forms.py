@@ -21,7 +21,9 @@ from support.mqtt_client import TestClient
 from support.standin import RecordedRequest, Reply, Standin
 
 TOKEN = "gw-token-0b7d3e19aa"
-SECRETS = (TEST_API_KEY, TOKEN)
+SIGNATURE = "sig/Tok+en=9c4e1b7a2f=="
+"""A query-string style secret: `/`, `+` and `=` each encode differently by form."""
+SECRETS = (TEST_API_KEY, TOKEN, SIGNATURE)
 
 
 def forms(secret: str) -> dict[str, str]:
@@ -32,7 +34,9 @@ def forms(secret: str) -> dict[str, str]:
         "json-escaped": json.dumps(secret).replace("/", "\\/")[1:-1],
         "unicode-escaped": "".join(f"\\u{ord(c):04x}" for c in secret),
         "percent": quote(secret, safe=""),
+        "percent-path": quote(secret),  # `/` kept
         "percent-plus": quote_plus(secret),
+        "percent-plus-all": quote_plus(secret, safe=""),
         "base64": base64.b64encode(raw).decode(),
         "base64+1": base64.b64encode(b"x" + raw).decode(),
         "base64+2": base64.urlsafe_b64encode(b"xy" + raw).decode(),
@@ -40,25 +44,31 @@ def forms(secret: str) -> dict[str, str]:
 
 
 def leaked(text: bytes) -> list[str]:
-    """Which secret pieces (8 characters of a secret, or a whole form) `text` holds."""
+    """Which secret pieces `text` holds: 8 characters of a secret, or 12 from the inside of one
+    of its other forms (a base64 form's first and last characters depend on its neighbours)."""
     found = []
     for secret in SECRETS:
         for i in range(len(secret) - 7):
             if secret[i : i + 8].encode() in text:
                 found.append(f"{secret[:4]}... piece {i}")
                 break
+        for name, form in forms(secret).items():
+            inside = form[4:-4]
+            if any(inside[i : i + 12].encode() in text for i in range(len(inside) - 11)):
+                found.append(f"{secret[:4]}... {name}")
     return found
 
 
 def echo(request: RecordedRequest) -> Reply:
     """An answer that shows every credential of `request` in every form."""
-    shown = {}
+    shown, escaped = {}, []
     for name, value in request.headers.items():
-        if TEST_API_KEY in value or TOKEN in value:
-            secret = TEST_API_KEY if TEST_API_KEY in value else TOKEN
+        for secret in (s for s in SECRETS if s in value):
             shown.update({f"{name}-{form}": text for form, text in forms(secret).items()})
+            # And as JSON's own \u escapes in the body (a JSON reader gets the secret itself).
+            escaped.append(f'"{name}-json-escapes": "{forms(secret)["unicode-escaped"]}"')
     body = json.dumps({"object": "list", "data": [], "echo": shown})
-    # The raw \u form must stay escaped in the body itself, not be decoded by the JSON encoder.
+    body = body[:-1] + "".join(f", {pair}" for pair in escaped) + "}"
     return Reply(body=body.encode(), content_type="application/json")
 
 
@@ -78,7 +88,7 @@ def echoing(start_bridge: StartBridge, standin: Standin) -> Iterator[BridgeThrea
         ),
     )
     bridge = start_bridge(
-        service={"extra_headers": {"X-Gateway-Token": TOKEN}},
+        service={"extra_headers": {"X-Gateway-Token": TOKEN, "X-Gateway-Signature": SIGNATURE}},
         extra={"homeassistant": {"stats_interval": 1}},
     )
     yield bridge
