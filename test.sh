@@ -20,6 +20,14 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   # The package starts a system cluster on 5432; the tests start their own on free ports.
 fi
 
+if [ ! -x /usr/sbin/rabbitmq-server ]; then
+  echo "installing rabbitmq-server (Debian package) for the exact-topic-retain broker tests" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rabbitmq-server >/dev/null
+  # The package starts a system node on 5672; the tests start a node of their own on free ports.
+fi
+
 if ! command -v npm >/dev/null 2>&1; then
   echo "installing nodejs and npm (Debian packages) for the aedes broker tests" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
