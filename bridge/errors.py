@@ -445,6 +445,13 @@ class NoAudio(RealtimeError):
     code = "no_audio"
 
 
+class AudioBudgetExhausted(RealtimeError):
+    """The bridge's `[realtime] audio_budget_seconds` per window are used up."""
+
+    code = "audio_budget_exhausted"
+    retryable = True
+
+
 class RealtimeUnavailable(RealtimeError):
     """This bridge serves no realtime sessions: `[realtime] enabled` is off, or it is one
     process of a shared-subscription group (a session must stay on one process)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
@@ -46,6 +47,10 @@ class RealtimeManager:
         self.sessions: dict[tuple[str, str], Session] = {}
         self._tasks: set[asyncio.Task[str]] = set()
         self.accepting = True
+        self._clock = time.monotonic
+        self._budget_start = self._clock()
+        self._budget_used = 0.0
+        """Seconds of input audio in the current budget window, over all sessions."""
         self.serving = serving
         """False: every realtime message is answered `realtime_unavailable` (see the daemon)."""
 
@@ -103,11 +108,29 @@ class RealtimeManager:
             if parsed.verb == "close":
                 session.end("client_close", "closed by the device")
             elif parsed.verb == "audio":
+                self._spend_audio(session, len(message.payload))
                 session.audio(message.payload)
             else:
                 session.forward(self._client_event(parsed.kind, message.payload))
         except (errors.RealtimeError, BadJson, NotAnObject) as exc:
             session.reject(exc)
+
+    def _spend_audio(self, session: Session, size: int) -> None:
+        """Count input audio against the bridge's budget per window; raises AudioBudgetExhausted."""
+        budget = self.limits.audio_budget_seconds
+        if budget <= 0:
+            return
+        now = self._clock()
+        if now - self._budget_start >= self.limits.audio_budget_window:
+            self._budget_start, self._budget_used = now, 0.0
+        seconds = size / model.BYTES_PER_SECOND[session.options.audio_format]
+        if self._budget_used + seconds > budget:
+            left = self._budget_start + self.limits.audio_budget_window - now
+            raise errors.AudioBudgetExhausted(
+                f"this bridge's {budget:g} s of input audio per "
+                f"{self.limits.audio_budget_window:g} s are used up; more in {left:.0f} s"
+            )
+        self._budget_used += seconds
 
     def _client_event(self, kind: str, payload: bytes) -> str:
         """The payload as text once it is a JSON object naming one of the kind's client events."""

@@ -263,6 +263,26 @@ def test_limits_each_have_their_code(
     busy.client.wait_for(f"{busy.out}/event")  # the session still answers
 
 
+def test_the_bridges_audio_budget_covers_all_sessions(
+    start_bridge: StartBridge, client: TestClient, topic_prefix: str, upstream: RealtimeStandin
+) -> None:
+    start_bridge(api_base=upstream.url, extra={"realtime": {"audio_budget_seconds": 0.06}})
+    first, second = Device(client, topic_prefix, "first"), Device(client, topic_prefix, "second")
+    first.open()
+    second.open()
+    first.state("open"), second.state("open")
+    first.audio(b"\1" * 1920)  # 40 ms of PCM16
+    upstream.wait_for(lambda conns: sum(len(c.audio) for c in conns) == 1920)
+    second.audio(b"\2" * 1920)
+    refused = second.error("audio_budget_exhausted")
+    assert refused["retryable"] is True and "0.06 s of input audio" in refused["message"]
+    second.event({"type": "input_audio_buffer.clear"})
+    upstream.wait_for(
+        lambda conns: any(e["type"] == "input_audio_buffer.clear" for c in conns for e in c.events)
+    )
+    assert sorted(len(c.audio) for c in upstream.connections) == [0, 1920]
+
+
 def test_hostile_input_gets_clear_errors_and_the_bridge_lives(
     start_bridge: StartBridge, client: TestClient, topic_prefix: str, upstream: RealtimeStandin
 ) -> None:
