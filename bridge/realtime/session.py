@@ -16,7 +16,7 @@ from bridge.config import RealtimeConfig
 from bridge.errors import BridgeError
 from bridge.messages import PublishFailed, StreamPublisher
 from bridge.realtime import model
-from bridge.redact import Redactor
+from bridge.redact import Redactor, StreamScrubber
 
 
 class UpstreamClosed(Exception):
@@ -68,6 +68,9 @@ class Session:
         self._topics = {o: model.output_topic(prefix, kind, name, o) for o in model.OUTPUTS}
         self._publisher = publisher
         self._redactor = redactor
+        self._text_scrubber = StreamScrubber(redactor)
+        self._event_scrubber = StreamScrubber(redactor)
+        """Deltas read on from the earlier ones: a key split over deltas is masked too."""
         self._instance = instance
         self._clock = clock
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
@@ -217,14 +220,18 @@ class Session:
             for piece in model.chunks(audio, self.options.chunk_bytes):
                 self._publish("audio", piece, qos=self.limits.audio_qos)
         elif kind in model.TEXT_DELTAS and "text" in wants and isinstance(event.get("delta"), str):
-            self._publish("text", self._redactor.text(event["delta"]).encode("utf-8"))
+            delta = self._text_scrubber.any(event["delta"], (kind,))
+            self._publish("text", delta.encode("utf-8"))
         if kind in model.DONE_EVENTS and "done" in wants:
             self._publish("done", kind.encode("utf-8"))
         if kind == "error" and "error" in wants:
             upstream = self._redactor.any(event.get("error"))
             self._error("upstream_error", "the service host reported an error", upstream)
         if "event" in wants:
-            self._publish("event", self._redactor.data(text.encode("utf-8")))
+            scrubbed = self._event_scrubber.any(event, (kind,))
+            # The frame as upstream sent it, unless scrubbing changed it.
+            payload = text if scrubbed == event else json.dumps(scrubbed)
+            self._publish("event", self._redactor.data(payload.encode("utf-8")))
 
     def _error(
         self, code: str, message: str, upstream: Any = None, *, retryable: bool = False

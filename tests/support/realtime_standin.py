@@ -65,7 +65,8 @@ class RealtimeStandin:
     """The server in its own thread; `behaviour` decides what it does after a `response.create`:
     `answer` (echo the audio, a transcript, a function call), `close` (close with 1011),
     `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event), `leak`
-    (a text delta carrying the key it was sent), `hold` (the answer waits for `release()`).
+    (a text delta carrying the key it was sent; `leak-split`: over five deltas), `hold` (the
+    answer waits for `release()`).
     `echo` (for bench/realtime.py) answers each append at once with its audio as a delta and
     records both moments; `validate = False` skips the schema check (its cost is the stand-in's)."""
 
@@ -215,19 +216,23 @@ class RealtimeStandin:
             self.hold = asyncio.Event()
             self.held.set()
             await self.hold.wait()
-        if self.behaviour == "leak":
+        if self.behaviour in ("leak", "leak-split"):
             key = conn.headers.get("Authorization", "").removeprefix("Bearer ")
-            await ws.send_json(
-                {
-                    "type": "response.output_text.delta",
-                    "event_id": "evt_l",
-                    "response_id": "r",
-                    "item_id": "i",
-                    "output_index": 0,
-                    "content_index": 0,
-                    "delta": f"my key is {key}",
-                }
-            )
+            pieces = [f"my key is {key}"]
+            if self.behaviour == "leak-split":  # a middle piece: neither its start nor its end
+                pieces = ["my key is ", key[:5], key[5:17], key[17:], " ok"]
+            for piece in pieces:
+                await ws.send_json(
+                    {
+                        "type": "response.output_text.delta",
+                        "event_id": "evt_l",
+                        "response_id": "r",
+                        "item_id": "i",
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": piece,
+                    }
+                )
             await ws.send_json({"type": "response.done", "event_id": "evt_d", "response": {}})
             return True
         if self.behaviour == "garbage":
