@@ -28,6 +28,14 @@ if [ ! -x /usr/sbin/rabbitmq-server ]; then
   # The package starts a system node on 5672; the tests start a node of their own on free ports.
 fi
 
+if [ ! -x /usr/sbin/ejabberdctl ]; then
+  echo "installing ejabberd (Debian package) for the broker-grants tests" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ejabberd >/dev/null
+  # The package starts a system server; the tests run a node of their own on free ports.
+fi
+
 if ! command -v npm >/dev/null 2>&1; then
   echo "installing nodejs and npm (Debian packages) for the aedes broker tests" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

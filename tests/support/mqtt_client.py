@@ -125,6 +125,8 @@ class TestClient:
         session_expiry: int | None = None,
         receive_maximum: int | None = None,
         timeout: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         if protocol not in (MQTTv5, MQTTv311):
             raise ValueError(f"protocol must be MQTTv5 or MQTTv311, not {protocol!r}")
@@ -155,6 +157,8 @@ class TestClient:
             protocol=MQTTProtocolVersion(protocol),
             clean_session=None if v5 else clean,
         )
+        if username is not None:
+            self._client.username_pw_set(username, password)
         # paho annotates ints but sleeps on floats; a restarted test broker is back in ms.
         self._client.reconnect_delay_set(min_delay=0.1, max_delay=1.0)  # type: ignore[arg-type]
         self._client.on_socket_open = self._on_socket_open
