@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import yarl
 
 from bridge import __version__
-from bridge.config import ENV_PREFIX, BridgeConfig
+from bridge.config import ENV_PREFIX, BridgeConfig, load_config
 from bridge.console.app import Console
+from bridge.errors import ConfigError
 from bridge.messages import StatusTransport
 from bridge.methods.describe import describe, example_payload
 from bridge.methods.model import MethodTable
@@ -81,14 +82,28 @@ class BridgeSource:
         }
 
     def config_view(self) -> dict[str, Any]:
-        """The effective config (redacted), its file, the environment's overrides, findings."""
-        overrides = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+        """The effective config (redacted), its file, each `OMB_` override with its (redacted)
+        value, and check-config's findings: the file validated again now, with its warnings."""
+        redacted = self.config.redacted()
+        overrides = []
+        for name in sorted(os.environ):
+            if not name.startswith(ENV_PREFIX) or "__" not in name:
+                continue
+            value: Any = redacted
+            for part in (p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p):
+                value = value.get(part) if isinstance(value, dict) else None
+            overrides.append({"variable": name, "value": value})
         findings = [w for w in [startup.missing_key_warning(self.config)] if w]
+        warnings: list[str] = []
+        try:
+            load_config(self.config_source, warnings=warnings)
+        except ConfigError as exc:  # the file changed since the start: say what check-config would
+            findings += [f"error: {problem}" for problem in exc.problems]
         return {
             "source": self.config_source,
             "overrides": overrides,
-            "findings": findings,
-            "config": self.config.redacted(),
+            "findings": findings + warnings,
+            "config": redacted,
         }
 
     def methods(self) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,3 +210,28 @@ def test_recording_keeps_raw_cut_fields_and_redacts_only_when_a_page_asks() -> N
     assert KEY not in json.dumps(shown)
     assert shown["request"]["size"] == 9000 and shown["request"]["truncated"] is True
     assert shown["reply"]["truncated"] is True and shown["transaction"] == "t **********"
+
+
+def test_the_config_view_shows_override_values_redacted_and_check_configs_findings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.config import load_config
+    from bridge.methods.catalog import default_table
+    from bridge.runtime.console_source import BridgeSource
+
+    path = tmp_path / "bridge.toml"
+    path.write_text(f'[service]\napi_key = "{KEY}"\n', encoding="utf-8")
+    monkeypatch.setenv("OMB_MQTT__PASSWORD", "mqtt-pass-271828")
+    monkeypatch.setenv("OMB_LIMITS__MAX_CONCURRENCY", "8")
+    config = load_config(path)
+    source = BridgeSource(config, str(path), default_table(), lambda: None, lambda: None)
+    view = source.config_view()
+    assert {"variable": "OMB_LIMITS__MAX_CONCURRENCY", "value": 8} in view["overrides"]
+    assert {"variable": "OMB_MQTT__PASSWORD", "value": "**********"} in view["overrides"]
+    assert any("api_key is set in the config file" in f for f in view["findings"])
+    shown = json.dumps(view)
+    assert KEY not in shown and "mqtt-pass-271828" not in shown
+    path.write_text("[limits]\nmax_concurency = 3\n", encoding="utf-8")  # edited since the start
+    assert any(
+        f.startswith("error: limits.max_concurency") for f in source.config_view()["findings"]
+    )

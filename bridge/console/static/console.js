@@ -152,7 +152,7 @@ $("send").addEventListener("click", async () => {
 async function loadConfig() {
   const data = await api("/api/config");
   $("config-source").textContent = "source: " + (data.source || "built-in defaults") +
-    (data.overrides.length ? " · environment: " + data.overrides.join(", ") : "");
+    (data.overrides.length ? " · environment: " + data.overrides.map((o) => o.variable + "=" + JSON.stringify(o.value)).join(", ") : "");
   const findings = $("config-findings"); findings.replaceChildren();
   for (const finding of data.findings) { const li = document.createElement("li"); li.textContent = finding; findings.append(li); }
   $("config-text").textContent = JSON.stringify(data.config, null, 2);
