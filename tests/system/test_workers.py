@@ -619,8 +619,8 @@ def test_the_supervisor_serves_the_console_with_the_summed_view(
     processes.append(proc)
     proc.start()
     total = 12
+    client.subscribe(f"{topic_prefix}/response/#")  # before publishing: no reply goes unseen
     _publish(client, 0, total)
-    client.subscribe(f"{topic_prefix}/response/#")
     client.wait_for(f"{topic_prefix}/response/#", total, timeout=30)
     shares = _handled_by(proc)
     assert set(shares) == {1, 2}  # both workers answered some
