@@ -429,7 +429,8 @@ BAD_OPTIONS: list[tuple[Any, bytes]] = [
     ({"max_bytes": 200}, b"_bridge.max_bytes applies to"),
     (
         {"wait": True, "colour": 1},
-        b"unknown option(s) 'colour'; known: chunk_bytes, format, max_bytes, select, wait",
+        b"unknown option(s) 'colour'; known: allow_dangerous, chunk_bytes, dry_run, format, "
+        b"max_bytes, select, tools, wait",
     ),
     ("plain", b"_bridge must be a JSON object, got a string"),
 ]
