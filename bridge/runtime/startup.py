@@ -46,7 +46,7 @@ def summary(config: BridgeConfig, config_source: str | None = None) -> dict[str,
     mqtt = config.mqtt
     broker = f"{mqtt.host or '127.0.0.1'}:{mqtt.port}"
     if mqtt.embedded:
-        broker += " (embedded trial broker)"
+        broker += " (no [mqtt] host: one already answering there, else the embedded trial broker)"
     elif mqtt.tls.active:
         broker += " (TLS)"
     check = "openai-mqtt-bridge check-config"
