@@ -17,12 +17,10 @@ from bridge.cli.common import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
-    config_note,
-    load,
-    print_problems,
+    load_said,
     unknown_method,
 )
-from bridge.errors import EX_CONFIG, ConfigError, InvalidParameter
+from bridge.errors import InvalidParameter
 from bridge.jsoncodec import dumps, loads
 from bridge.mqtt.oneshot import BrokerUnreachable, request_reply
 from bridge.pipeline.options import ReplyOptions
@@ -86,12 +84,10 @@ def cmd_call(
 
     `reply_flags` (select, reply_format, max_bytes, chunk_bytes) become the `_bridge` options.
     """
-    print(config_note(path, how), file=sys.stderr)
-    try:
-        config, _ = load(path)
-    except ConfigError as exc:
-        print_problems(exc, path)
-        return EX_CONFIG
+    loaded = load_said(path, how)
+    if isinstance(loaded, int):
+        return loaded
+    config, _ = loaded
     prepared = prepare(method, payload_text, files, reply_flags or {})
     if isinstance(prepared, int):
         return prepared

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 
 from bridge.config import BridgeConfig, load_config
-from bridge.errors import ConfigError
+from bridge.errors import EX_CONFIG, ConfigError
 
 EX_USAGE = 64
 EX_NOINPUT = 66
@@ -75,3 +75,14 @@ def unknown_method(name: str) -> str:
     from bridge.methods.catalog import default_table
 
     return default_table().unknown(name)
+
+
+def load_said(path: str | None, how: str) -> tuple[BridgeConfig, list[str]] | int:
+    """Say which config is used (stderr), load it: the config and its warnings, or EX_CONFIG
+    after printing every problem."""
+    print(config_note(path, how), file=sys.stderr)
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print_problems(exc, path)
+        return EX_CONFIG

@@ -6,18 +6,16 @@ import sys
 
 import orjson
 
-from bridge.cli.common import EX_USAGE, config_note, load, print_problems, unknown_method
+from bridge.cli.common import EX_USAGE, load, load_said, print_problems, unknown_method
 from bridge.errors import EX_CONFIG, ConfigError
 
 
 def cmd_check_config(path: str | None, how: str = "--config") -> int:
     """Validate the config; print the effective (redacted) config or every problem."""
-    print(config_note(path, how), file=sys.stderr)
-    try:
-        config, warnings = load(path)
-    except ConfigError as exc:
-        print_problems(exc, path)
-        return EX_CONFIG
+    loaded = load_said(path, how)
+    if isinstance(loaded, int):
+        return loaded
+    config, warnings = loaded
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(orjson.dumps(config.redacted(), option=orjson.OPT_INDENT_2).decode())

@@ -12,8 +12,11 @@ import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.cli.common import EX_TEMPFAIL, EX_UNAVAILABLE, config_note, load, print_problems
-from bridge.errors import EX_CONFIG, ConfigError
+from bridge.cli.common import (
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    load_said,
+)
 from bridge.mqtt.oneshot import BrokerUnreachable, subscribed_exchange
 
 RATE = 24_000
@@ -54,12 +57,10 @@ def cmd_realtime(
 ) -> int:
     """Stream `wav_in`, ask for a response, write its audio to `wav_out`, print its text;
     0 when an answer came, 1 on an error or a session closed early."""
-    print(config_note(path, how), file=sys.stderr)
-    try:
-        config, _ = load(path)
-    except ConfigError as exc:
-        print_problems(exc, path)
-        return EX_CONFIG
+    loaded = load_said(path, how)
+    if isinstance(loaded, int):
+        return loaded
+    config, _ = loaded
     try:
         pcm = read_pcm(wav_in)
     except (OSError, ValueError, EOFError, wave.Error) as exc:
