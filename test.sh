@@ -54,6 +54,12 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
+# umqtt.simple (micropython-lib, MIT) from PyPI, unpacked into the ignored .cache/: the MicroPython
+# example is run with its own code (pip cannot install this sdist: it has no setup.py).
+if [ ! -f .cache/umqtt/umqtt/simple.py ]; then
+  python3 tests/support/fetch_umqtt.py .cache/umqtt
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

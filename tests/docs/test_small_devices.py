@@ -29,6 +29,7 @@ from support.small_device import (
     PubSubClientLike,
     micropython_json,
     packet_size,
+    real_umqtt_simple,
     umqtt_simple_module,
 )
 from support.standin import Reply, Standin
@@ -507,3 +508,49 @@ def test_micropython_example_asks_a_non_ascii_question(
         )
     assert out.getvalue() == "Fine below 32 °C.\n"
     assert fresh.standin.last.json()["messages"] == [{"role": "user", "content": question}]
+
+
+def run_micropython(
+    fresh: Env, monkeypatch: pytest.MonkeyPatch, code: str, reply: str, question: str
+) -> str:
+    """Run MicroPython code with umqtt.simple's own code (fetched by test.sh) on CPython
+    sockets and MicroPython's json; what it printed."""
+    for name, module in real_umqtt_simple(
+        {BROKER_NAME: (fresh.broker.host, fresh.broker.port)}
+    ).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    code = re.sub(r'print\(ask\(".*"\)\)', f"print(ask({question!r}))", code)
+    fresh.standin.script("POST", "/chat/completions", chat_reply(reply))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(
+            compile(code.removeprefix("import json\n"), "small-devices.md", "exec"),
+            {"__name__": "__main__", "json": micropython_json()},
+        )
+    return out.getvalue()
+
+
+NON_ASCII = "Is 30 °C too warm for basil? Ünd what about 35 °C in the sun, über mittags?"
+
+
+def test_the_micropython_example_runs_on_umqtt_simples_own_code(
+    fresh: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real umqtt.simple sizes a PUBLISH with len(): the example's bytes keep it whole."""
+    printed = run_micropython(fresh, monkeypatch, MICROPYTHON_CODE, "Fine below 32 °C.", NON_ASCII)
+    assert printed == "Fine below 32 °C.\n"
+    assert fresh.standin.last.json()["messages"] == [{"role": "user", "content": NON_ASCII}]
+
+
+def test_a_str_payload_breaks_on_umqtt_simples_own_code(
+    fresh: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the example avoids: handed a str, umqtt.simple counts characters and writes UTF-8
+    bytes, so the bridge never gets the question (the packet is cut short or garbled)."""
+    old = MICROPYTHON_CODE.replace("json.dumps(request).encode()", "json.dumps(request)")
+    assert old != MICROPYTHON_CODE
+    fresh.standin.clear()
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        run_micropython(fresh, monkeypatch, old, "never asked", NON_ASCII)
+    asked = [r.json() for r in fresh.standin.requests]
+    assert {"role": "user", "content": NON_ASCII} not in [m for r in asked for m in r["messages"]]

@@ -10,13 +10,16 @@ umqtt.simple's `MQTTClient` API on CPython sockets, for running the MicroPython 
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import json
 import socket
 import struct
+import sys
 import threading
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["PubSubClientLike", "micropython_json", "packet_size", "umqtt_simple_module"]
@@ -289,3 +292,75 @@ def micropython_json() -> types.ModuleType:
     module.dumps = lambda obj: json.dumps(obj, ensure_ascii=False)  # type: ignore[attr-defined]
     module.loads = json.loads  # type: ignore[attr-defined]
     return module
+
+
+REAL_UMQTT = Path(__file__).resolve().parents[2] / ".cache" / "umqtt" / "umqtt" / "simple.py"
+"""umqtt.simple's own code, fetched by test.sh (tests/support/fetch_umqtt.py)."""
+
+
+class _StreamSocket:
+    """A CPython socket with MicroPython's stream methods, as umqtt.simple uses them: `write`
+    sends a str as its UTF-8 bytes (as MicroPython does), `read(n)` blocks for n bytes."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.settimeout(30)
+
+    def connect(self, address: tuple[str, int]) -> None:
+        self._sock.connect(address)
+
+    def write(self, data: bytes | bytearray | str, length: int | None = None) -> int:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        raw = raw if length is None else raw[:length]
+        self._sock.sendall(raw)
+        return len(raw)
+
+    def read(self, size: int) -> bytes:
+        chunks = b""
+        while len(chunks) < size:
+            chunk = self._sock.recv(size - len(chunks))
+            if not chunk:
+                break
+            chunks += chunk
+        return chunks
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+        if flag:
+            self._sock.settimeout(30)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def real_umqtt_simple(servers: dict[str, tuple[str, int]]) -> dict[str, types.ModuleType]:
+    """The modules to put in sys.modules so that umqtt.simple's own code runs on CPython:
+    `umqtt`, `umqtt.simple` and the MicroPython modules it imports (usocket reaching
+    `servers[name]` for a broker `name`)."""
+    if not REAL_UMQTT.is_file():
+        raise FileNotFoundError(f"{REAL_UMQTT} is missing: ./test.sh fetches it")
+    usocket = types.ModuleType("usocket")
+    usocket.socket = _StreamSocket  # type: ignore[attr-defined]
+
+    def getaddrinfo(host: str, port: int) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", servers[host])]
+
+    usocket.getaddrinfo = getaddrinfo  # type: ignore[attr-defined]
+    ubinascii = types.ModuleType("ubinascii")
+    ubinascii.hexlify = binascii.hexlify  # type: ignore[attr-defined]
+    modules = {"usocket": usocket, "ustruct": struct, "ubinascii": ubinascii}
+    simple = types.ModuleType("umqtt.simple")
+    simple.__file__ = str(REAL_UMQTT)
+    previous = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        exec(compile(REAL_UMQTT.read_text(), str(REAL_UMQTT), "exec"), simple.__dict__)
+    finally:
+        for name, module in previous.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    package = types.ModuleType("umqtt")
+    package.simple = simple  # type: ignore[attr-defined]
+    return {"umqtt": package, "umqtt.simple": simple}
