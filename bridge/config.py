@@ -360,7 +360,7 @@ class RealtimeConfig(_Section):
     """Input audio one session may send (by its format's byte rate); then `audio_limit`."""
     audio_budget_seconds: Annotated[float, Field(ge=0)] = 0.0
     """Input audio all sessions of this bridge may send per `audio_budget_window`; past it each
-    audio message is refused `audio_budget_exhausted`; 0: no budget."""
+    audio message is refused `audio_budget_spent`; 0: no budget."""
     audio_budget_window: Annotated[float, Field(gt=0)] = 3600.0
     max_events_per_second: Annotated[float, Field(gt=0)] = 100.0
     """Device messages per second on one session (bursts up to as many); more: `rate_limited`."""

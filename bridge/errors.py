@@ -448,7 +448,7 @@ class NoAudio(RealtimeError):
 class AudioBudgetExhausted(RealtimeError):
     """The bridge's `[realtime] audio_budget_seconds` per window are used up."""
 
-    code = "audio_budget_exhausted"
+    code = "audio_budget_spent"
     retryable = True
 
 

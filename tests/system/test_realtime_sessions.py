@@ -288,7 +288,7 @@ def test_the_bridges_audio_budget_covers_all_sessions(
     first.audio(b"\1" * 1920)  # 40 ms of PCM16
     upstream.wait_for(lambda conns: sum(len(c.audio) for c in conns) == 1920)
     second.audio(b"\2" * 1920)
-    refused = second.error("audio_budget_exhausted")
+    refused = second.error("audio_budget_spent")
     assert refused["retryable"] is True and "0.06 s of input audio" in refused["message"]
     second.event({"type": "input_audio_buffer.clear"})
     upstream.wait_for(
