@@ -223,8 +223,10 @@ class Worker:
 
     def serving(self, group: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         """Report `ready`; send the counters every second (the supervisor's sign of life)."""
-        self.link.send("ready")
+        # Logged before it is reported: the supervisor's `ready` then always follows every
+        # worker's own line in the log.
         self.bridge.log.info("worker ready", pid=os.getpid())
+        self.link.send("ready")
         return [group.create_task(self.link.heartbeat(self.bridge.stats()))]
 
     def take(self, message: InboundMessage) -> bool:
