@@ -111,7 +111,11 @@ class RealtimeManager:
                 self._spend_audio(session, len(message.payload))
                 session.audio(message.payload)
             else:
-                session.forward(self._client_event(parsed.kind, message.payload))
+                text, event = self._client_event(parsed.kind, message.payload)
+                if event["type"] in ("session.update", "transcription_session.update"):
+                    # A format declared mid-session counts from here on (limits, chunk_bytes).
+                    session.options = session.options.declaring(event.get("session"))
+                session.forward(text)
         except (errors.RealtimeError, BadJson, NotAnObject) as exc:
             session.reject(exc)
 
@@ -132,8 +136,9 @@ class RealtimeManager:
             )
         self._budget_used += seconds
 
-    def _client_event(self, kind: str, payload: bytes) -> str:
-        """The payload as text once it is a JSON object naming one of the kind's client events."""
+    def _client_event(self, kind: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+        """The payload as text and parsed, once it is a JSON object naming one of the kind's
+        client events."""
         try:
             text = payload.decode("utf-8")
             event = json.loads(text)
@@ -145,7 +150,7 @@ class RealtimeManager:
             raise errors.UnknownEvent(
                 f"{str(event.get('type'))[:80]!r} is not a {kind} client event"
             )
-        return text
+        return text, event
 
     def _open(self, parsed: model.RealtimeTopic, payload: bytes) -> None:
         try:

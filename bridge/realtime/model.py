@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.errors import BadOpen, BadSessionName
@@ -69,8 +69,40 @@ DONE_EVENTS = frozenset(
 """Server events that end an answer: their type goes out as text on the done topic, so a device
 that takes no JSON events still knows when to stop listening."""
 
-BYTES_PER_SECOND = {"pcm16": 48_000, "g711_ulaw": 8_000, "g711_alaw": 8_000}
-"""Input audio rate per format (PCM16 at 24 kHz mono, G.711 at 8 kHz), for the audio limit."""
+BYTES_PER_SECOND = {
+    "pcm16": 48_000,
+    "g711_ulaw": 8_000,
+    "g711_alaw": 8_000,
+    "audio/pcm": 48_000,
+    "audio/pcmu": 8_000,
+    "audio/pcma": 8_000,
+}
+"""Audio byte rate per format name (PCM16 at 24 kHz mono, G.711 at 8 kHz, 1 byte a sample): the
+spec's format types (`audio/pcm`, `audio/pcmu`, `audio/pcma`) and the older names."""
+
+SAMPLE_BYTES = {name: 2 if rate == 48_000 else 1 for name, rate in BYTES_PER_SECOND.items()}
+"""Bytes per sample: a `chunk_bytes` piece never splits one."""
+
+
+def declared_formats(session: Any) -> tuple[str | None, str | None]:
+    """The input and output audio formats a session configuration declares (None: not said).
+
+    The spec's `audio.input.format.type` / `audio.output.format.type`, or the older
+    `input_audio_format` / `output_audio_format` strings; an unknown name counts as not said
+    (the service host answers it).
+    """
+    if not isinstance(session, dict):
+        return None, None
+    found: list[str | None] = []
+    for side in ("input", "output"):
+        name: Any = session.get(f"{side}_audio_format")
+        audio = session.get("audio")
+        if isinstance(audio, dict) and isinstance(audio.get(side), dict):
+            fmt = audio[side].get("format")
+            if isinstance(fmt, dict):
+                name = fmt.get("type")
+        found.append(name if isinstance(name, str) and name in BYTES_PER_SECOND else None)
+    return found[0], found[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +164,33 @@ class OpenOptions:
     outputs: frozenset[str] = field(default_factory=lambda: frozenset(OUTPUTS))
     """Which outputs the device wants (state always goes out)."""
     audio_format: str = "pcm16"
+    """The input audio's format (what the audio limit and budget count with)."""
+    output_format: str = "pcm16"
+    """The output audio's format (what `chunk_bytes` pieces are aligned to)."""
+    chunk_request: int = 0
+    """`chunk_bytes` as the device asked."""
     chunk_bytes: int = 0
-    """Largest audio payload published at once; 0: each delta as one message."""
+    """Largest audio payload published at once, whole samples of `output_format`; 0: each delta
+    as one message."""
+
+    def declaring(self, session: Any) -> OpenOptions:
+        """These options once `session` (a session configuration) is in force."""
+        inp, out = declared_formats(session)
+        inp, out = inp or self.audio_format, out or self.output_format
+        if (inp, out) == (self.audio_format, self.output_format):
+            return self
+        return replace(
+            self,
+            audio_format=inp,
+            output_format=out,
+            chunk_bytes=aligned(self.chunk_request, out),
+        )
+
+
+def aligned(chunk: int, audio_format: str) -> int:
+    """`chunk` bytes rounded down to whole samples of `audio_format` (0 stays 0)."""
+    width = SAMPLE_BYTES[audio_format]
+    return max(width, chunk - chunk % width) if chunk else 0
 
 
 def parse_open(payload: Any, default_model: str) -> OpenOptions:
@@ -154,9 +211,13 @@ def parse_open(payload: Any, default_model: str) -> OpenOptions:
     outputs = payload.get("outputs", list(OUTPUTS))
     if not isinstance(outputs, list) or not all(o in OUTPUTS for o in outputs):
         raise BadOpen(f"outputs must be a list of {', '.join(OUTPUTS)}")
-    audio_format = payload.get("audio_format", "pcm16")
-    if audio_format not in BYTES_PER_SECOND:
+    declared_in, declared_out = declared_formats(session)
+    audio_format = payload.get("audio_format", declared_in or "pcm16")
+    if not isinstance(audio_format, str) or audio_format not in BYTES_PER_SECOND:
         raise BadOpen(f"audio_format must be one of {', '.join(BYTES_PER_SECOND)}")
+    if declared_in is not None and BYTES_PER_SECOND[declared_in] != BYTES_PER_SECOND[audio_format]:
+        raise BadOpen(f"audio_format {audio_format} differs from the session's {declared_in}")
+    output_format = declared_out or audio_format
     chunk = payload.get("chunk_bytes", 0)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk <= 1 << 20:
         raise BadOpen("chunk_bytes must be an integer from 0 to 1048576")
@@ -165,7 +226,9 @@ def parse_open(payload: Any, default_model: str) -> OpenOptions:
         session=session,
         outputs=frozenset(outputs) | {"state"},
         audio_format=audio_format,
-        chunk_bytes=chunk,
+        output_format=output_format,
+        chunk_request=chunk,
+        chunk_bytes=aligned(chunk, output_format),
     )
 
 

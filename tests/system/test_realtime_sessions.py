@@ -142,6 +142,48 @@ def test_two_sessions_at_once_never_mix(
     assert sorted(bytes(c.audio) for c in upstream.connections) == sorted([low, high])
 
 
+ULAW = {"format": {"type": "audio/pcmu"}}
+PCMU = {"type": "realtime", "audio": {"input": ULAW, "output": ULAW}}
+
+
+@pytest.mark.parametrize("declared", ["at open", "by session.update"])
+def test_g711_pcmu_goes_both_ways_byte_exact_and_counts_at_8_khz(
+    start_bridge: StartBridge,
+    client: TestClient,
+    topic_prefix: str,
+    upstream: RealtimeStandin,
+    declared: str,
+) -> None:
+    """Audio in the format the session declares: 1 byte a sample, 8000 a second, in pieces of
+    exactly `chunk_bytes` (no PCM16 sample alignment)."""
+    start_bridge(api_base=upstream.url, extra={"realtime": {"audio_budget_seconds": 1.05}})
+    ulaw = bytes((n * 37 + n // 7) % 256 for n in range(8000))  # 1 s of G.711 u-law
+    device = Device(client, topic_prefix, f"ulaw-{declared[:2]}")
+    if declared == "at open":
+        device.open(session=PCMU, chunk_bytes=333, outputs=["audio", "error", "done"])
+    else:
+        device.open(chunk_bytes=333, outputs=["audio", "error", "done"])
+        device.event({"type": "session.update", "session": PCMU})
+    device.state("open")
+    for at in range(0, len(ulaw), 160):  # 20 ms each
+        device.audio(ulaw[at : at + 160])
+    # 0.1 s more at 8 kHz passes the 1.05 s budget (at PCM16's rate all of it is 0.18 s).
+    device.audio(b"\xff" * 800)
+    assert "1.05 s of input audio" in device.error("audio_budget_spent")["message"]
+    device.event({"type": "input_audio_buffer.commit"})
+    device.event({"type": "response.create"})
+    assert device.client.wait_for_one(f"{device.out}/done").text() == "response.done"
+
+    conn = upstream.connections[0]
+    assert conn.invalid == []
+    updates = [e for e in conn.events if e["type"] == "session.update"]
+    assert updates[0]["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert bytes(conn.audio) == ulaw
+    pieces = [m.payload for m in device.received("audio")]
+    assert b"".join(pieces) == ulaw
+    assert max(map(len, pieces)) == 333
+
+
 @pytest.mark.parametrize(
     ("behaviour", "reason"), [("close", "upstream_closed"), ("stall", "upstream_lost")]
 )

@@ -51,6 +51,32 @@ def test_open_options_are_checked() -> None:
             model.parse_open(bad, "m")
 
 
+def test_the_sessions_declared_audio_format_decides_rates_and_chunks() -> None:
+    pcmu = {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}
+    opts = model.parse_open({"session": pcmu, "chunk_bytes": 333}, "m")
+    assert (opts.audio_format, opts.output_format, opts.chunk_bytes) == (
+        "audio/pcmu",
+        "audio/pcmu",
+        333,
+    )
+    assert model.BYTES_PER_SECOND[opts.audio_format] == 8_000
+    # PCM16 pieces keep whole samples: 333 -> 332 bytes.
+    out_pcm = {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}}}}
+    assert opts.declaring(out_pcm).chunk_bytes == 332
+    assert opts.declaring(out_pcm).audio_format == "audio/pcmu"
+    assert model.parse_open({"chunk_bytes": 1}, "m").chunk_bytes == 2
+    legacy = model.parse_open({"session": {"input_audio_format": "g711_alaw"}}, "m")
+    assert (legacy.audio_format, legacy.output_format) == ("g711_alaw", "g711_alaw")
+    assert model.declared_formats({"audio": {"input": {"format": {"type": "video"}}}}) == (
+        None,
+        None,
+    )
+    assert opts.declaring(None) is opts
+    with pytest.raises(BadOpen, match="differs from the session's audio/pcmu"):
+        model.parse_open({"session": pcmu, "audio_format": "pcm16"}, "m")
+    assert model.parse_open({"session": pcmu, "audio_format": "g711_ulaw"}, "m").chunk_bytes == 0
+
+
 def test_chunks_cut_in_order_and_keep_every_byte() -> None:
     data = bytes(range(256)) * 5
     assert b"".join(model.chunks(data, 333)) == data
