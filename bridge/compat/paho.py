@@ -366,6 +366,91 @@ def _install_lean_reason_codes(on: bool) -> None:
     ReasonCode.__init__ = _lean_reason_init if on else PAHO_REASON_INIT  # type: ignore[method-assign]
 
 
+# --- read_buffer ----------------------------------------------------------------------------------
+
+READ_SIZE = 64 * 1024
+"""What one `recv` of a buffered client asks the socket for (at least)."""
+
+
+class ReadBuffer:
+    """paho's reads of one client's socket served from one `recv` per readiness of the socket.
+
+    paho reads a packet with three or more `recv` calls (its command byte, each byte of its
+    remaining length, the rest) and one more that fails once the socket is empty; this takes what
+    the socket holds at once and hands paho the pieces. A plain socket that gave less than asked
+    is empty: further reads raise BlockingIOError without a system call until `arm()` (call it
+    when the event loop says the socket is readable: its polling is level-triggered). A TLS
+    socket (anything but a plain socket) may hold data no poll sees: it is read until it says it
+    is empty, as paho does.
+    """
+
+    __slots__ = ("_data", "_may_read", "_plain", "_pos", "_recv")
+
+    def __init__(self, recv: Callable[[int], bytes]) -> None:
+        self._recv = recv
+        self._data = b""
+        self._pos = 0
+        self._may_read = True
+        self._plain = False
+
+    def reset(self, sock: Any) -> None:
+        """Forget what was read from an earlier socket; `sock` is the client's new one."""
+        self._data, self._pos, self._may_read = b"", 0, True
+        self._plain = type(sock) is socket.socket
+
+    def arm(self) -> None:
+        """The socket is readable: the next read that finds the buffer empty may `recv`."""
+        self._may_read = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes read from the socket wait for paho."""
+        return self._pos < len(self._data)
+
+    def recv(self, bufsize: int) -> bytes:
+        """paho's `_sock_recv(bufsize)`: at most `bufsize` bytes, b"" at the end of the stream."""
+        data, pos = self._data, self._pos
+        if pos >= len(data):
+            if not self._may_read:
+                raise BlockingIOError
+            size = max(bufsize, READ_SIZE)
+            chunk = self._recv(size)
+            if self._plain and len(chunk) < size:
+                self._may_read = False
+            if len(chunk) <= bufsize:
+                return chunk
+            self._data, self._pos = chunk, bufsize
+            return chunk[:bufsize]
+        end = pos + bufsize
+        if end >= len(data):
+            self._data, self._pos = b"", 0
+            return data[pos:] if pos else data
+        self._pos = end
+        return data[pos:end]
+
+
+def _check_read_buffer() -> bool:
+    # paho 2.x reads the socket only through `_sock_recv(bufsize)`, from `_packet_read`.
+    recv = getattr(paho.Client, "_sock_recv", None)
+    if not callable(recv) or tuple(inspect.signature(recv).parameters) != ("self", "bufsize"):
+        return False
+    readers = [
+        name
+        for name, member in vars(paho.Client).items()
+        if inspect.isfunction(member) and "_sock_recv" in member.__code__.co_names
+    ]
+    return readers == ["_packet_read"]
+
+
+def read_buffer(client: paho.Client) -> ReadBuffer | None:
+    """Serve `client`'s socket reads from a ReadBuffer (None without the shim: paho reads)."""
+    if not SHIMS["read_buffer"].active:
+        return None
+    buffer = ReadBuffer(client._sock_recv)  # noqa: SLF001  (checked at start-up)
+    client._sock_recv = buffer.recv  # type: ignore[method-assign]  # noqa: SLF001
+    return buffer
+
+
 register(
     Shim("publish_decoder", "paho-mqtt", "2.2.0", _check_decoder, _install_decoder),
     Shim("out_packet_view", "paho-mqtt", "2.2.0", _check_out_packet),
@@ -374,6 +459,7 @@ register(
     Shim("sock_close", "paho-mqtt", "2.2.0", _check_sock_close),
     Shim("tls_tracking", "paho-mqtt", "2.2.0", _check_tls_tracking),
     Shim("lean_matcher", "paho-mqtt", "2.2.0", _check_lean_matcher),
+    Shim("read_buffer", "paho-mqtt", "2.2.0", _check_read_buffer),
     Shim("lean_properties", "paho-mqtt", "2.2.0", _check_lean_properties, _install_lean_properties),
     Shim(
         "lean_reason_codes",

@@ -161,6 +161,8 @@ class MqttTransport:
         self.grants = BrokerGrants(self.protocol_label)
         """What the broker granted in its last CONNACK."""
         self._misc_task: asyncio.Task[None] | None = None
+        self._reads: compat.ReadBuffer | None = None
+        self._flush_pending = False
         self._ever_connected = False
         self._tls_context: ssl.SSLContext | None = None
         self.supervisor = ReconnectLogic(
@@ -196,6 +198,7 @@ class MqttTransport:
         )
         client.connect_timeout = 10.0
         compat.lean_filter_matcher(client)
+        self._reads = compat.read_buffer(client)
         client.max_queued_messages_set(10_000)
         client.max_inflight_messages_set(20)  # MQTT 5 brokers announce their own in CONNACK
         if self.will is not None:
@@ -225,11 +228,24 @@ class MqttTransport:
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._in_loop(self._loop.add_reader, sock, self._read, client)
+        self._in_loop(self._watch_socket, client, sock)
+
+    def _watch_socket(self, client: paho.Client, sock: Any) -> None:
+        if self._reads is not None:
+            self._reads.reset(sock)
+        self._loop.add_reader(sock, self._read, client)
 
     def _read(self, client: paho.Client) -> None:
         try:
+            reads = self._reads
+            if reads is None:
+                client.loop_read()
+                return
+            reads.arm()
             client.loop_read()
+            # paho stops after as many packets as it has messages in flight; the rest is read.
+            while reads.pending and client.socket() is not None:
+                client.loop_read()
         except Exception as exc:
             self.log.debug("mqtt read failed", error=repr(exc), exc_info=True)
             self._connection_lost()
@@ -250,7 +266,21 @@ class MqttTransport:
             self._loop.remove_writer(sock)
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._loop.add_writer, sock, self._write, client)
+        # On the loop thread the queued packets go out once the callbacks now ready have run
+        # (everything they queue in one go); the socket is polled for writing only when it is
+        # full, instead of an add_writer and a remove_writer around every packet.
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self._loop.add_writer, sock, self._write, client)
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush, client)
+
+    def _flush(self, client: paho.Client) -> None:
+        self._flush_pending = False
+        self._write(client)
+        sock = client.socket()
+        if sock is not None and client.want_write():
+            self._loop.add_writer(sock, self._write, client)
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._in_loop(self._remove_writer, sock)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import select
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -212,3 +213,84 @@ def test_lean_reason_codes_equal_pahos_own(installed: bool) -> None:
         assert ReasonCode(PacketTypes.PUBACK, identifier=16).getName() == "No matching subscribers"
     with pytest.raises(KeyError):
         ReasonCode(PacketTypes.PUBACK, "No such reason")
+
+
+def publish_packet(topic: bytes, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 QoS 0 PUBLISH (remaining length under 128)."""
+    body = len(topic).to_bytes(2, "big") + topic + payload
+    return bytes([0x30, len(body)]) + body
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_read_buffer_hands_paho_every_packet_of_one_recv(installed: bool) -> None:
+    if not installed:
+        shims.uninstall()
+    c = client()
+    got: list[tuple[str, bytes | bytearray]] = []
+    c.on_message = lambda _c, _u, m: got.append((m.topic, m.payload))
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    c._sock = left  # noqa: SLF001  (a connected socket without a broker)
+    calls: list[int] = []
+    paho_recv = c._sock_recv  # noqa: SLF001
+
+    def counting(size: int) -> bytes:
+        calls.append(size)
+        return paho_recv(size)
+
+    c._sock_recv = counting  # type: ignore[method-assign,assignment]  # noqa: SLF001
+    reads = compat.read_buffer(c)
+    assert (reads is not None) is installed
+    packets = [publish_packet(f"t/{n}".encode(), b"x" * n) for n in range(3)]
+    right.sendall(b"".join(packets))
+
+    def readable() -> None:
+        if reads is None:  # paho reads one packet at a time while the socket has more
+            while select.select([left], [], [], 0)[0]:
+                c.loop_read()
+            return
+        reads.arm()
+        c.loop_read()
+        while reads.pending:
+            c.loop_read()
+
+    if reads is not None:
+        reads.reset(left)
+    readable()
+    assert got == [("t/0", b""), ("t/1", b"x"), ("t/2", b"xx")]
+    if installed:  # one recv for three packets; the socket is empty: no more until it is readable
+        assert calls == [compat.READ_SIZE]
+        c.loop_read()
+        assert calls == [compat.READ_SIZE]
+    else:  # paho: the command byte, the length byte, the rest, for each
+        assert len(calls) == 9
+    right.sendall(packets[1][:3])  # a packet in two parts
+    readable()
+    right.sendall(packets[1][3:])
+    readable()
+    assert got[-1] == ("t/1", b"x")
+    left.close()
+    right.close()
+
+
+def test_read_buffer_reads_tls_until_empty_and_passes_large_reads_through() -> None:
+    served = [b"ab", b"x" * 70_000, b""]
+
+    def recv(size: int) -> bytes:
+        if not served:
+            raise BlockingIOError
+        return served.pop(0)[:size]
+
+    reads = compat.ReadBuffer(recv)
+    reads.reset(object())  # not a plain socket (TLS): a short read is no proof it is empty
+    assert (reads.recv(1), reads.recv(5)) == (b"a", b"b")
+    assert len(reads.recv(100_000)) == 70_000  # larger than a buffer: as the socket gives it
+    assert not reads.pending
+    assert reads.recv(1) == b""  # the end of the stream
+    with pytest.raises(BlockingIOError):
+        reads.recv(1)
+    served[:] = [b"left over"]
+    reads.recv(4)
+    assert reads.pending
+    reads.reset(object())  # a new connection: nothing of the old one
+    assert not reads.pending
