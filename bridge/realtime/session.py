@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import json
 import time
@@ -73,8 +74,11 @@ class Session:
         """Deltas read on from the earlier ones: a key split over deltas is masked too."""
         self._instance = instance
         self._clock = clock
-        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
-        """Client events in arrival order; None asks the sender to close."""
+        self._outbox: collections.deque[str] = collections.deque()
+        """Client events in arrival order, for the sender."""
+        self._wake: asyncio.Future[None] | None = None
+        """The sender's wait for `_outbox` to fill (a future of the loop: no asyncio.Queue, whose
+        every get asks for the running loop, a getpid() system call on Python 3.11)."""
         self._ended = asyncio.Event()
         self.reason = ""
         self.detail = ""
@@ -101,7 +105,10 @@ class Session:
 
     def forward(self, event_text: str) -> None:
         """Queue one client event (already checked) for upstream, in order."""
-        self._outbox.put_nowait(event_text)
+        self._outbox.append(event_text)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def audio(self, data: bytes) -> None:
         """Queue raw audio as `input_audio_buffer.append`; ends the session past the audio limit."""
@@ -167,12 +174,14 @@ class Session:
                 task.cancel()
 
     async def _send_loop(self, upstream: Upstream) -> None:
+        loop = asyncio.get_running_loop()
+        outbox = self._outbox
         try:
             while True:
-                text = await self._outbox.get()
-                if text is None:
-                    return
-                await upstream.send(text)
+                while outbox:
+                    await upstream.send(outbox.popleft())
+                self._wake = loop.create_future()
+                await self._wake
         except UpstreamClosed as exc:
             self.end(exc.reason, exc.detail)
 
