@@ -11,8 +11,16 @@ is at `warning`, so the journal is the only writer. Settings, alternated over `-
 - answers (full): every answer committed with an fsync per commit (power-loss-safe);
 - answers (normal): every answer committed without fsync (crash-safe; the default since issue 27).
 
+Bytes are read two ways: `write_bytes` (what reaches the block layer: page-cache pages the
+process dirtied, 4 KiB each, counted when first dirtied) and `wchar` (every byte the process
+passed to write(2)/writev(2), sockets included: the table shows it over the `off` run's, i.e.
+what the journal added). A run should be long enough for the WAL's checkpoints (every 4 MiB) to
+fall inside it several times: 2,000 requests or more. `--chat-bytes` makes the stand-in's chat
+answer about that size (0: its short 580-byte reply); the table names the reply's size.
+
     .venv/bin/python bench/journal.py                 # C = 1 and 16, 2,000 requests, 3 rounds
     .venv/bin/python bench/journal.py --count 500 --reps 1
+    .venv/bin/python bench/journal.py --levels 1 --chat-bytes 1000 --src DIR   # another bridge/
 """
 
 from __future__ import annotations
@@ -43,13 +51,46 @@ SETTINGS: dict[str, dict[str, str]] = {
 }
 
 
-def write_bytes(pid: int) -> int:
-    """Bytes the process caused to be written to storage so far."""
+def proc_io(pid: int) -> tuple[int, int]:
+    """(write_bytes, wchar) of the process so far: bytes it caused to reach storage, bytes it
+    passed to write calls."""
+    fields = {}
     with open(f"/proc/{pid}/io") as fh:
         for line in fh:
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    raise RuntimeError("no write_bytes in /proc/<pid>/io")
+            name, _, value = line.partition(":")
+            fields[name] = int(value)
+    return fields["write_bytes"], fields["wchar"]
+
+
+def reply_size(mqtt_port: int, tag: str) -> int:
+    """The size of the reply payload the bridge publishes for the bench's chat request."""
+    import threading
+
+    got: list[int] = []
+    done = threading.Event()
+    client = make_client(f"journal-bench-size-{tag}")
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        got.append(len(message.payload))
+        done.set()
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", mqtt_port)
+    client.subscribe(f"openai/response/createChatCompletion/{tag}/#", qos=1)
+    client.loop_start()
+    try:
+        body = {
+            "transaction": 1,
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        client.publish(f"openai/request/createChatCompletion/{tag}/1", json.dumps(body), qos=1)
+        if not done.wait(20):
+            raise SystemExit("no reply to the size probe")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -109,13 +150,20 @@ def bridge_config(workdir: Path, name: str, mqtt_port: int, api_port: int) -> Pa
 
 
 def run_one(
-    workdir: Path, name: str, mqtt_port: int, api_port: int, count: int, concurrency: int, tag: str
+    workdir: Path,
+    name: str,
+    mqtt_port: int,
+    api_port: int,
+    count: int,
+    concurrency: int,
+    tag: str,
+    src: Path = ROOT,
 ) -> dict[str, Any]:
     """Start a bridge with setting `name`, load it, return CPU and bytes per request."""
     shutil.rmtree(workdir / name, ignore_errors=True)
     config = bridge_config(workdir, name, mqtt_port, api_port)
     log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed below
-    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(src)}
     bridge = subprocess.Popen(
         [PY, "-m", "bridge", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
     )
@@ -128,7 +176,8 @@ def run_one(
             check=True,
         )
         assert json.loads(warm.stdout)["lost"] == 0, warm.stdout
-        written = write_bytes(bridge.pid)
+        size = reply_size(mqtt_port, tag + "s")
+        written, wchar = proc_io(bridge.pid)
         out = subprocess.run(
             [
                 *load[:-1],
@@ -143,7 +192,8 @@ def run_one(
             capture_output=True,
             check=True,
         )
-        written = write_bytes(bridge.pid) - written
+        after = proc_io(bridge.pid)
+        written, wchar = after[0] - written, after[1] - wchar
         result = json.loads(out.stdout)
         if result["lost"] or result["errors"]:
             raise SystemExit(f"{name}: {result['lost']} lost, {result['errors']} errors")
@@ -154,6 +204,8 @@ def run_one(
             "throughput_rps": result["throughput_rps"],
             "cpu_us_per_request": round(1e6 * result["processes"]["bridge"]["cpu_s"] / replies, 1),
             "bytes_written_per_request": round(written / count),
+            "wchar_per_request": round(wchar / count),
+            "reply_bytes": size,
         }
     finally:
         bridge.send_signal(signal.SIGTERM)
@@ -167,17 +219,26 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--levels", default="1,16")
+    parser.add_argument("--chat-bytes", type=int, default=0, help="chat answer of about N bytes")
+    parser.add_argument("--src", type=Path, default=ROOT, help="the folder holding bridge/")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="which, comma-separated")
     args = parser.parse_args()
+    settings = args.settings.split(",")
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     workdir = Path(tempfile.mkdtemp(prefix="omb-journal-bench-"))
     mqtt_port, api_port = free_port(), free_port()
+    upstream = [PY, str(HERE / "upstream.py"), "--listen", f"{api_port}:0"]
     (workdir / "mosquitto.conf").write_text(
         f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
         "max_queued_messages 100000\nmax_inflight_messages 1000\npersistence false\n"
     )
     services = [
-        subprocess.Popen([mosquitto, "-c", str(workdir / "mosquitto.conf")]),
-        subprocess.Popen([PY, str(HERE / "upstream.py"), "--listen", f"{api_port}:0"]),
+        subprocess.Popen(
+            [mosquitto, "-c", str(workdir / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen([*upstream, "--chat-bytes", str(args.chat_bytes)]),
     ]
     rows: list[dict[str, Any]] = []
     try:
@@ -185,9 +246,11 @@ def main() -> None:
         wait_port(api_port)
         for concurrency in (int(c) for c in args.levels.split(",")):
             for rep in range(args.reps):
-                for name in SETTINGS:
+                for name in settings:
                     tag = f"{name}-{concurrency}-{rep}"
-                    row = run_one(workdir, name, mqtt_port, api_port, args.count, concurrency, tag)
+                    row = run_one(
+                        workdir, name, mqtt_port, api_port, args.count, concurrency, tag, args.src
+                    )
                     print(json.dumps(row), file=sys.stderr)
                     rows.append(row)
     finally:
@@ -196,17 +259,22 @@ def main() -> None:
             proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     print(
-        "| setting | C | req/s | bridge CPU µs/request | bytes written/request |\n"
-        "|---|---:|---:|---:|---:|"
+        "| setting | C | reply bytes | req/s | bridge CPU µs/request | write_bytes/request "
+        "| wchar/request over off |\n|---|---:|---:|---:|---:|---:|---:|"
     )
     for concurrency in sorted({r["concurrency"] for r in rows}):
-        for name in SETTINGS:
-            mine = [r for r in rows if r["setting"] == name and r["concurrency"] == concurrency]
+        mine = [r for r in rows if r["concurrency"] == concurrency]
+        base = [r["wchar_per_request"] for r in mine if r["setting"] == "off"]
+        off = statistics.median(base) if base else 0
+        for name in settings:
+            its = [r for r in mine if r["setting"] == name]
             print(
                 f"| {name} | {concurrency} "
-                f"| {statistics.median(r['throughput_rps'] for r in mine):,.0f} "
-                f"| {statistics.median(r['cpu_us_per_request'] for r in mine):,.0f} "
-                f"| {statistics.median(r['bytes_written_per_request'] for r in mine):,.0f} |"
+                f"| {statistics.median(r['reply_bytes'] for r in its):,.0f} "
+                f"| {statistics.median(r['throughput_rps'] for r in its):,.0f} "
+                f"| {statistics.median(r['cpu_us_per_request'] for r in its):,.0f} "
+                f"| {statistics.median(r['bytes_written_per_request'] for r in its):,.0f} "
+                f"| {statistics.median(r['wchar_per_request'] for r in its) - off:,.0f} |"
             )
 
 

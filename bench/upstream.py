@@ -25,11 +25,42 @@ from aiohttp.web_server import Server
 from common import CHAT_COMPLETION
 
 CHAT_BODY = json.dumps(CHAT_COMPLETION, separators=(",", ":")).encode()
+SENTENCES = (
+    "The living room light is on and set to 80 percent brightness.",
+    "The temperature in the bedroom is 21.5 degrees Celsius, within your comfort range.",
+    "Tomorrow will be mostly cloudy with a chance of light rain in the afternoon.",
+    "Your next calendar event is a call with Anna at 3 pm.",
+    "The washing machine finished its cycle twelve minutes ago.",
+    "I could not find a device called garage heater; did you mean the garage fan?",
+    "The front door is locked and the alarm is armed in away mode.",
+    "Energy use today is 7.4 kWh, about 12 percent lower than yesterday.",
+    "Traffic on the A9 is heavy near the airport exit; expect a delay of about 15 minutes.",
+    "The recipe needs two eggs, 200 g of flour, a pinch of salt and 300 ml of milk.",
+    "Remember to take the recycling bin out tonight; collection is early on Tuesday.",
+    "I have added oat milk, tomatoes and coffee beans to your shopping list.",
+)
+
+
+def chat_body(size: int) -> bytes:
+    """The canned chat.completion, its content made of distinct sentences to about `size` bytes
+    (0: the short canned answer)."""
+    if not size:
+        return CHAT_BODY
+    answer = json.loads(CHAT_BODY)
+    content = answer["choices"][0]["message"]["content"]
+    for sentence in SENTENCES:
+        if len(json.dumps(answer, separators=(",", ":"))) + len(sentence) >= size:
+            break
+        content += " " + sentence
+        answer["choices"][0]["message"]["content"] = content
+    return json.dumps(answer, separators=(",", ":")).encode()
+
+
 JSON_HEADERS = {"Content-Type": "application/json", "x-request-id": "req_bench"}
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def make_handler(delay_s: float, speech: bytes) -> Handler:
+def make_handler(delay_s: float, speech: bytes, chat: bytes = CHAT_BODY) -> Handler:
     """The request handler for one listener."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -38,7 +69,7 @@ def make_handler(delay_s: float, speech: bytes) -> Handler:
             await request.read()
             if delay_s:
                 await asyncio.sleep(delay_s)
-            return web.Response(body=CHAT_BODY, headers=JSON_HEADERS)
+            return web.Response(body=chat, headers=JSON_HEADERS)
         if path.endswith("/audio/speech"):
             await request.read()
             return web.Response(body=speech, content_type="audio/mpeg")
@@ -59,14 +90,15 @@ def make_handler(delay_s: float, speech: bytes) -> Handler:
     return handle
 
 
-async def serve(listens: list[tuple[int, float]], speech_bytes: int) -> None:
+async def serve(listens: list[tuple[int, float]], speech_bytes: int, chat_bytes: int = 0) -> None:
     """Open every listener, announce the ports, serve until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     speech = os.urandom(speech_bytes) if speech_bytes else b""
+    chat = chat_body(chat_bytes)
     servers = []
     ports = []
     for port, delay_ms in listens:
-        server = Server(make_handler(delay_ms / 1000, speech), access_log=None)
+        server = Server(make_handler(delay_ms / 1000, speech, chat), access_log=None)
         listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
         servers.append(listener)
         ports.append(listener.sockets[0].getsockname()[1])
@@ -81,13 +113,14 @@ async def serve(listens: list[tuple[int, float]], speech_bytes: int) -> None:
 
 
 def main() -> None:
-    """Parse `--listen port:delay_ms` (repeatable) and `--speech-bytes`, then serve."""
+    """Parse `--listen port:delay_ms` (repeatable), `--speech-bytes`, `--chat-bytes`; serve."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", action="append", default=[], help="port:delay_ms")
     parser.add_argument("--speech-bytes", type=int, default=0)
+    parser.add_argument("--chat-bytes", type=int, default=0, help="chat answer of about N bytes")
     args = parser.parse_args()
     listens = [(int(p), float(d)) for p, d in (item.split(":") for item in args.listen)]
-    asyncio.run(serve(listens or [(0, 0.0)], args.speech_bytes))
+    asyncio.run(serve(listens or [(0, 0.0)], args.speech_bytes, args.chat_bytes))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,7 @@ def test_a_foreign_database_is_not_taken_over(tmp_path: Path) -> None:
 # Opens a journal in the state directory argv[1] and prints what the bridge would say.
 _OPEN_IN_CHILD = """
 import sys
+import zlib
 from pathlib import Path
 from bridge.journal.sqlite import Journal
 reasons = []
@@ -389,3 +391,52 @@ async def test_unfinished_starts_are_counted_durably_and_settled(tmp_path: Path)
     assert entry is not None and entry.answer == b"{}"
     await again.close()
     assert await again.begin_attempt(key(2), "r") is None  # closed: not journaled
+
+
+def test_a_new_journal_packs_answers_with_the_preset_dictionary(tmp_path: Path) -> None:
+    chat = (
+        b'{"status":"ok","method":"createChatCompletion","transaction":7,"data":{"id":'
+        b'"chatcmpl-AXkq9Lz3bT0mWcE2RjYf8hUoNpQs1","object":"chat.completion","created":'
+        b'1733400000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":'
+        b'"assistant","content":"The front door is locked and the alarm is armed in away mode.",'
+        b'"refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":'
+        b'{"prompt_tokens":31,"completion_tokens":14,"total_tokens":45,"prompt_tokens_details":'
+        b'{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,'
+        b'"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},'
+        b'"service_tier":"default","system_fingerprint":"fp_0ba0d124f1"}}'
+    )
+    path = tmp_path / "journal.sqlite3"
+    store = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)
+    store.begin()
+    store.put_answer(key(1), "t", chat)
+    store.commit()
+    assert store.get(key(1)).answer == chat  # type: ignore[union-attr]
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        packed, size = db.execute("SELECT packed, length(answer) FROM entries").fetchone()
+    assert packed == 2 and size < len(zlib.compress(chat, 1)) * 2 // 3  # plain zlib: a third more
+    again = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)  # read back after a restart
+    assert again.get(key(1)).answer == chat  # type: ignore[union-attr]
+    again.close()
+
+
+def test_a_schema_3_journal_keeps_plain_zlib_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    store = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 3")  # as the bridge before schema 4 left it
+    old = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)
+    old.begin()
+    old.put_answer(key(1), "t", b'{"a": "' + b"b" * 300 + b'"}')
+    old.commit()
+    assert old.get(key(1)).answer == b'{"a": "' + b"b" * 300 + b'"}'  # type: ignore[union-attr]
+    old.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT packed FROM entries").fetchone()[0] == 1  # readable by 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        db.execute("PRAGMA user_version = 5")
+    log = RecordingLog()
+    assert open_journal(path, log) is None
+    assert "written by a newer bridge (schema 5)" in log.lines[-1][2]["reason"]
