@@ -12,13 +12,16 @@ from structlog.typing import FilteringBoundLogger
 
 from bridge import errors
 from bridge.config import BridgeConfig
-from bridge.errors import BadJson, BridgeError, MethodNotAllowed, NotAnObject
+from bridge.errors import BadJson, BadOpen, BridgeError, MethodNotAllowed, NotAnObject, UnknownTool
 from bridge.messages import InboundMessage, Publisher
 from bridge.pipeline.access import AccessRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.realtime import model
 from bridge.realtime.session import Connector, Session
+from bridge.realtime.tools import SessionTools, session_key
 from bridge.redact import Redactor
+from bridge.tools.config import Tool
+from bridge.tools.runner import CallContext, ToolRunner
 
 
 class RealtimeManager:
@@ -33,6 +36,7 @@ class RealtimeManager:
         log: FilteringBoundLogger,
         redactor: Redactor | None = None,
         serving: bool = True,
+        tools: ToolRunner | None = None,
     ) -> None:
         self.config = config
         self.limits = config.realtime
@@ -53,6 +57,8 @@ class RealtimeManager:
         """Seconds of input audio in the current budget window, over all sessions."""
         self.serving = serving
         """False: every realtime message is answered `realtime_unavailable` (see the daemon)."""
+        self.tools = tools
+        """Runs the calls of the tools a session's open names (None: no tools configured)."""
 
     def takes(self, topic: str) -> bool:
         """Whether `topic` is a realtime request topic or one of its sessions' states."""
@@ -115,6 +121,8 @@ class RealtimeManager:
                 if event["type"] in ("session.update", "transcription_session.update"):
                     # A format declared mid-session counts from here on (limits, chunk_bytes).
                     session.options = session.options.declaring(event.get("session"))
+                if session.tools is not None:
+                    text = session.tools.client_event(text, event)
                 session.forward(text)
         except (errors.RealtimeError, BadJson, NotAnObject) as exc:
             session.reject(exc)
@@ -162,6 +170,7 @@ class RealtimeManager:
             raise errors.TooManySessions(
                 f"{self.limits.max_sessions} sessions are open on this bridge: try later"
             )
+        offered = self._offer(parsed, options)
         session = Session(
             prefix=self.prefix,
             kind=parsed.kind,
@@ -172,6 +181,22 @@ class RealtimeManager:
             redactor=self.redactor,
             instance=self.instance,
         )
+        if offered and self.tools is not None:
+            context = CallContext(
+                key=session_key(parsed.kind, parsed.session),
+                caller=parsed.session,
+                tools=offered,
+                allow_dangerous=options.allow_dangerous,
+                dry_run=options.dry_run,
+            )
+            session.tools = SessionTools(
+                self.tools,
+                context,
+                self.config.tool_loop,
+                send=session.forward,
+                note=session.note,
+                refuse=session.reject,
+            )
         key = (parsed.kind, parsed.session)
         self.sessions[key] = session
         url = model.upstream_url(self.config.service.api_base, parsed.kind, options.model)
@@ -179,6 +204,16 @@ class RealtimeManager:
         task = asyncio.get_running_loop().create_task(self._run(key, session, url, headers))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _offer(self, parsed: model.RealtimeTopic, options: model.OpenOptions) -> dict[str, Tool]:
+        """The tools an open names, checked as a request's (`unknown_tool`, `tool_not_allowed`)."""
+        if not options.tools:
+            return {}
+        if parsed.kind != "realtime":
+            raise BadOpen("tools apply to realtime sessions (the model's function calls)")
+        if self.tools is None:
+            raise UnknownTool("no tools are configured on this bridge ([tools.<name>])")
+        return self.tools.offer(options.tools, parsed.session)
 
     async def _run(
         self, key: tuple[str, str], session: Session, url: str, headers: dict[str, str]

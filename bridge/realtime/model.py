@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.errors import BadOpen, BadSessionName
+from bridge.pipeline.options import MAX_TOOLS
 
 KINDS = ("realtime", "realtimeTranscription", "responsesWebSocket")
 """The method-like level naming a session's kind; `[access]` rules match these names."""
@@ -172,6 +173,12 @@ class OpenOptions:
     chunk_bytes: int = 0
     """Largest audio payload published at once, whole samples of `output_format`; 0: each delta
     as one message."""
+    tools: tuple[str, ...] = ()
+    """`[tools.<name>]` the model may call; the bridge runs those calls (`realtime` only)."""
+    allow_dangerous: frozenset[str] = frozenset()
+    """Tools marked `dangerous` this session allows."""
+    dry_run: bool = False
+    """The session's tool calls publish nothing: each says what it would have sent."""
 
     def declaring(self, session: Any) -> OpenOptions:
         """These options once `session` (a session configuration) is in force."""
@@ -199,7 +206,7 @@ def parse_open(payload: Any, default_model: str) -> OpenOptions:
         payload = {}
     if not isinstance(payload, dict):
         raise BadOpen("an open payload is empty or a JSON object")
-    unknown = set(payload) - {"model", "session", "outputs", "audio_format", "chunk_bytes"}
+    unknown = set(payload) - OPEN_OPTIONS
     if unknown:
         raise BadOpen(f"unknown open options: {', '.join(sorted(unknown))}")
     model = payload.get("model", default_model)
@@ -221,6 +228,13 @@ def parse_open(payload: Any, default_model: str) -> OpenOptions:
     chunk = payload.get("chunk_bytes", 0)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk <= 1 << 20:
         raise BadOpen("chunk_bytes must be an integer from 0 to 1048576")
+    tools = _tool_names(payload, "tools")
+    allow_dangerous = _tool_names(payload, "allow_dangerous")
+    dry_run = payload.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadOpen("dry_run must be true or false")
+    if (allow_dangerous or dry_run) and not tools:
+        raise BadOpen("allow_dangerous and dry_run apply to the tools the open names in tools")
     return OpenOptions(
         model=model,
         session=session,
@@ -229,7 +243,36 @@ def parse_open(payload: Any, default_model: str) -> OpenOptions:
         output_format=output_format,
         chunk_request=chunk,
         chunk_bytes=aligned(chunk, output_format),
+        tools=tools,
+        allow_dangerous=frozenset(allow_dangerous),
+        dry_run=dry_run,
     )
+
+
+OPEN_OPTIONS = frozenset(
+    {
+        "model",
+        "session",
+        "outputs",
+        "audio_format",
+        "chunk_bytes",
+        "tools",
+        "allow_dangerous",
+        "dry_run",
+    }
+)
+
+
+def _tool_names(payload: dict[str, Any], option: str) -> tuple[str, ...]:
+    """A list of tool names (strings, repeats dropped, at most MAX_TOOLS); raises BadOpen."""
+    value = payload.get(option)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise BadOpen(f"{option} must be a list of tool names")
+    if len(value) > MAX_TOOLS:
+        raise BadOpen(f"{option} may name at most {MAX_TOOLS} tools")
+    return tuple(dict.fromkeys(value))
 
 
 def chunks(data: bytes, size: int) -> list[bytes]:

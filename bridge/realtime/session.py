@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge import errors
 from bridge.config import RealtimeConfig
@@ -18,6 +18,9 @@ from bridge.errors import BridgeError
 from bridge.messages import PublishFailed, StreamPublisher
 from bridge.realtime import model
 from bridge.redact import Redactor, StreamScrubber
+
+if TYPE_CHECKING:
+    from bridge.realtime.tools import SessionTools
 
 
 class UpstreamClosed(Exception):
@@ -89,6 +92,8 @@ class Session:
         self._allowance_at = self.started
         self._pending: set[asyncio.Future[None]] = set()
         self._pending_bytes = 0
+        self.tools: SessionTools | None = None
+        """The tools its open named, run by the bridge (bridge/realtime/tools.py)."""
 
     # --- from the device ------------------------------------------------------------------------
 
@@ -138,15 +143,16 @@ class Session:
             upstream = await connector.connect(url, headers)
             if not self._ended.is_set():
                 self._state("open")
-                if self.options.session is not None:
+                session = self.options.session
+                if self.tools is not None:
+                    session = self.tools.session(session)
+                if session is not None:
                     update = (
                         "transcription_session.update"
                         if self.kind == "realtimeTranscription"
                         else "session.update"
                     )
-                    await upstream.send(
-                        json.dumps({"type": update, "session": self.options.session})
-                    )
+                    await upstream.send(json.dumps({"type": update, "session": session}))
                 await self._pump(upstream)
         except UpstreamClosed as exc:
             self.end(exc.reason, exc.detail)
@@ -154,6 +160,8 @@ class Session:
             self.end("internal_error", type(exc).__name__)
             raise
         finally:
+            if self.tools is not None:
+                await self.tools.close()
             if upstream is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(upstream.close(), 2.0)
@@ -241,6 +249,13 @@ class Session:
             # The frame as upstream sent it, unless scrubbing changed it.
             payload = text if scrubbed == event else json.dumps(scrubbed)
             self._publish("event", self._redactor.data(payload.encode("utf-8")))
+        if self.tools is not None:
+            self.tools.server_event(event)
+
+    def note(self, event: dict[str, Any]) -> None:
+        """Publish an event of the bridge's own (a tool call, its result) on the event topic."""
+        if "event" in self.options.outputs:
+            self._publish("event", self._redactor.data(json.dumps(event).encode("utf-8")))
 
     def _error(
         self, code: str, message: str, upstream: Any = None, *, retryable: bool = False

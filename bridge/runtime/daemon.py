@@ -206,6 +206,7 @@ class Bridge:
                 connector=sockets,
                 log=self.log,
                 serving=self._serves_realtime(),
+                tools=runner,
             )
             # Closed before the final state: each session publishes `closed` (`shutdown`).
             stack.push_async_callback(self.realtime.close_all)

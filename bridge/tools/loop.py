@@ -56,7 +56,7 @@ async def run_loop(
     for step in range(max_steps):
         answer_bytes = await _step(send, body, runner, ctx, step)
         answer = _object(answer_bytes)
-        calls = _chat_calls(answer) if chat else _response_calls(answer)
+        calls = _chat_calls(answer) if chat else response_calls(answer)
         if not calls:
             return answer_bytes
         calls = calls[:max_calls_per_step]
@@ -128,7 +128,7 @@ def _chat_calls(answer: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _response_calls(answer: dict[str, Any]) -> list[tuple[str, str, str]]:
+def response_calls(answer: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(call id, function name, arguments) of a response's `function_call` output items."""
     out = []
     for item in answer.get("output") or []:

@@ -104,12 +104,12 @@ class ToolRunner:
 
     async def execute(self, ctx: CallContext, call_id: str, name: str, arguments: str) -> str:
         """Run one call; the returned JSON text (a result or an error) goes back to the model."""
-        key = _call_key(ctx.key, call_id)
+        key = call_key(ctx.key, call_id)
         if key is not None and self.journal is not None:
             entry = await self.journal.lookup(key)
             if entry is not None and entry.answer is not None:
                 if entry.answer == PENDING:
-                    return _error_output(
+                    return error_output(
                         "tool_outcome_unknown",
                         "this call was started before a restart and is not repeated",
                     )
@@ -125,7 +125,7 @@ class ToolRunner:
             output = await self._act(ctx, tool, args, key, record)
         except ToolError as exc:
             record["refused"] = exc.code
-            output = _error_output(exc.code, exc.message)
+            output = error_output(exc.code, exc.message)
         output = self.redactor.text(output)
         if len(output.encode()) > self.max_output_bytes:
             output = output.encode()[: self.max_output_bytes].decode(errors="ignore")
@@ -213,7 +213,7 @@ class ToolRunner:
             try:
                 await publish()
             except PublishFailed as exc:
-                return _error_output("tool_publish_failed", str(exc))
+                return error_output("tool_publish_failed", str(exc))
             return json.dumps({"ok": True, "published": {"topic": topic}})
         reply_topic = fill_text(config.reply_topic, args)
         if self.reader is None:
@@ -266,7 +266,8 @@ class ToolRunner:
             self.log.warning("tool audit not published", tool=record["tool"])
 
 
-def _call_key(request_key: bytes | None, call_id: str) -> bytes | None:
+def call_key(request_key: bytes | None, call_id: str) -> bytes | None:
+    """The journal key of call `call_id` of a request's (or a realtime session's) loop."""
     if request_key is None:
         return None
     return hashlib.sha256(request_key + b"\0tool\0" + call_id.encode()).digest()[: len(request_key)]
@@ -279,5 +280,6 @@ def step_key(request_key: bytes | None, step: int) -> bytes | None:
     return hashlib.sha256(request_key + b"\0step\0%d" % step).digest()[: len(request_key)]
 
 
-def _error_output(code: str, message: str) -> str:
+def error_output(code: str, message: str) -> str:
+    """A refusal or failure as the model gets it: `{"ok": false, "error": {code, message}}`."""
     return json.dumps({"ok": False, "error": {"code": code, "message": message}})

@@ -9,14 +9,16 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from bridge.config import BridgeConfig, load_config
 from bridge.runtime import logs
 from bridge.runtime.daemon import Bridge
 from support.broker import free_port
+
+T = TypeVar("T")
 
 TEST_API_KEY = "sk-test-SECRET-4f7c2a9e8b1d"
 TEST_MQTT_PASSWORD = "mqtt-PASSWORD-93e1c0ffee"
@@ -186,6 +188,11 @@ class BridgeThread:
             return fn(*args)
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+
+    def wait(self, coroutine: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Run `coroutine` on the bridge's loop and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """Graceful stop (like SIGTERM); returns the exit code."""

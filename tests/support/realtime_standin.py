@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import math
 import socket
@@ -29,8 +30,20 @@ CLIENT_SCHEMA = {
     "/v1/realtime": ["RealtimeClientEvent", "RealtimeClientEventTranscriptionSessionUpdate"],
     "/v1/responses": ["ResponsesClientEvent"],
 }
+SERVER_SCHEMA = "RealtimeServerEvent"
+"""What every realtime server event the stand-in sends is checked against (before sending)."""
 AUDIO_DELTA_BYTES = 4800
 """The stand-in's answer audio goes out in deltas of this many bytes (100 ms of PCM16)."""
+
+
+def _server_validators() -> dict[str, jsonschema.protocols.Validator]:
+    """A validator per event type of SERVER_SCHEMA's variants (its discriminator is `type`)."""
+    schemas = document(LATEST)["components"]["schemas"]
+    validators = {}
+    for variant in schemas[SERVER_SCHEMA]["anyOf"]:
+        name = variant["$ref"].rpartition("/")[2]
+        validators[schemas[name]["properties"]["type"]["enum"][0]] = _validator([name])
+    return validators
 
 
 def _validator(names: list[str]) -> jsonschema.protocols.Validator:
@@ -59,11 +72,19 @@ class Connection:
     """`echo` behaviour: (perf_counter, first 8 audio bytes) of each append as it arrived."""
     echoed: list[tuple[float, bytes]] = field(default_factory=list)
     """`echo` behaviour: (perf_counter, first 8 bytes) of each delta just before it was sent."""
+    sent_invalid: list[str] = field(default_factory=list)
+    """Realtime server events of the stand-in's own that failed the spec's schema."""
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    """`function_call_output` items received since the last answer."""
+    responses: int = 0
+    """Responses answered on this connection (their ids are resp_1, resp_2, ...)."""
 
 
 class RealtimeStandin:
     """The server in its own thread; `behaviour` decides what it does after a `response.create`:
-    `answer` (echo the audio, a transcript, a function call), `close` (close with 1011),
+    `answer` (echo the audio, a transcript, a call of `function_call`; after
+    `function_call_output` items, a transcript quoting them), `calls` (a new call every time,
+    outputs or not), `close` (close with 1011),
     `stall` (stop reading and answering pings), `garbage` (a frame that is no JSON event), `leak`
     (a text delta carrying the key it was sent; `leak-split`: over five deltas), `hold` (the
     answer waits for `release()`).
@@ -76,6 +97,8 @@ class RealtimeStandin:
         self.port = 0
         self.behaviour = "answer"
         self.validate = True
+        self.function_call = ("lights_on", '{"room":"kitchen"}')
+        """The (name, arguments) of the function the model calls in its answer."""
         self.hold: asyncio.Event | None = None
         """`hold` behaviour: set by `release()`; the answer waits for it."""
         self.held = threading.Event()
@@ -87,6 +110,7 @@ class RealtimeStandin:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._validators = {path: _validator(names) for path, names in CLIENT_SCHEMA.items()}
+        self._server_validators = _server_validators()
 
     @property
     def url(self) -> str:
@@ -156,7 +180,17 @@ class RealtimeStandin:
         with self._cond:
             self.connections.append(conn)
             self._cond.notify_all()
-        await ws.send_json({"type": "session.created", "event_id": "evt_0", "session": {}})
+        session = {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": "sess_1",
+            "model": request.query.get("model", "gpt-realtime"),
+        }
+        created = {"type": "session.created", "event_id": "evt_0", "session": session}
+        if request.path == "/v1/realtime":
+            await self._send(ws, conn, created)
+        else:
+            await ws.send_json(created)
         assert self._stopping is not None
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -170,7 +204,11 @@ class RealtimeStandin:
                 if msg.type is not web.WSMsgType.TEXT:
                     conn.closed_by_client = msg.type in (web.WSMsgType.CLOSE, web.WSMsgType.CLOSED)
                     break
-                if not await self._event(ws, conn, request.path, msg.data):
+                try:
+                    if not await self._event(ws, conn, request.path, msg.data):
+                        break
+                except ConnectionResetError:  # the bridge closed while an answer went out
+                    conn.closed_by_client = True
                     break
         finally:
             stopping.cancel()
@@ -202,6 +240,9 @@ class RealtimeStandin:
             )
         if event.get("type") == "input_audio_buffer.append" and not errors:
             conn.audio += base64.b64decode(event["audio"])
+        item = event.get("item") if event.get("type") == "conversation.item.create" else None
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            conn.outputs.append(item)
         self._changed()
         if event.get("type") != "response.create":
             return True
@@ -240,9 +281,23 @@ class RealtimeStandin:
             return True
         if path == "/v1/responses":
             await self._responses_answer(ws)
+        elif conn.outputs and self.behaviour != "calls":
+            await self._realtime_final(ws, conn)
         else:
-            await self._realtime_answer(ws, bytes(conn.audio))
+            await self._realtime_answer(ws, conn)
         return True
+
+    async def _send(self, ws: web.WebSocketResponse, conn: Connection, event: Any) -> None:
+        """Send one realtime server event, checked against the spec's schema first."""
+        if self.validate:
+            validator = self._server_validators.get(event["type"])
+            if validator is None:
+                conn.sent_invalid.append(f"{event['type']}: not a {SERVER_SCHEMA} type")
+            else:
+                errors = list(validator.iter_errors(event))
+                if errors:
+                    conn.sent_invalid.append(f"{event['type']}: {errors[0].message[:300]}")
+        await ws.send_json(event)
 
     async def _echo(self, ws: web.WebSocketResponse, conn: Connection, event: Any) -> bool:
         audio = base64.b64decode(event["audio"])
@@ -254,10 +309,20 @@ class RealtimeStandin:
         )
         return True
 
-    async def _realtime_answer(self, ws: web.WebSocketResponse, audio: bytes) -> None:
-        ids = {"response_id": "resp_1", "item_id": "item_1", "output_index": 0, "content_index": 0}
-        await ws.send_json({"type": "response.created", "event_id": "evt_1", "response": {}})
-        await ws.send_json(
+    async def _realtime_answer(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        audio = bytes(conn.audio)
+        conn.responses += 1
+        n_resp = conn.responses
+        response_id = f"resp_{n_resp}"
+        ids = {
+            "response_id": response_id,
+            "item_id": "item_1",
+            "output_index": 0,
+            "content_index": 0,
+        }
+        send = functools.partial(self._send, ws, conn)
+        await send({"type": "response.created", "event_id": "evt_1", "response": {}})
+        await send(
             {
                 "type": "conversation.item.input_audio_transcription.delta",
                 "event_id": "evt_2",
@@ -268,7 +333,7 @@ class RealtimeStandin:
         )
         for n, at in enumerate(range(0, len(audio), AUDIO_DELTA_BYTES)):
             piece = base64.b64encode(audio[at : at + AUDIO_DELTA_BYTES]).decode()
-            await ws.send_json(
+            await send(
                 {
                     "type": "response.output_audio.delta",
                     "event_id": f"evt_a{n}",
@@ -277,7 +342,7 @@ class RealtimeStandin:
                 }
             )
         for n, word in enumerate(("echo ", "of ", "your ", "audio")):
-            await ws.send_json(
+            await send(
                 {
                     "type": "response.output_audio_transcript.delta",
                     "event_id": f"evt_t{n}",
@@ -285,19 +350,67 @@ class RealtimeStandin:
                     "delta": word,
                 }
             )
-        await ws.send_json(
+        name, arguments = self.function_call
+        call = {
+            "id": f"item_f{n_resp}",
+            "object": "realtime.item",
+            "type": "function_call",
+            "status": "completed",
+            "call_id": f"call_{n_resp}",
+            "name": name,
+            "arguments": arguments,
+        }
+        await send(
             {
                 "type": "response.function_call_arguments.done",
                 "event_id": "evt_f",
-                "response_id": "resp_1",
-                "item_id": "item_2",
+                "response_id": response_id,
+                "item_id": call["id"],
                 "output_index": 1,
-                "call_id": "call_1",
-                "name": "lights_on",
-                "arguments": '{"room":"kitchen"}',
+                "call_id": call["call_id"],
+                "name": name,
+                "arguments": arguments,
             }
         )
-        await ws.send_json({"type": "response.done", "event_id": "evt_d", "response": {}})
+        await send(
+            {
+                "type": "response.output_item.done",
+                "event_id": "evt_fi",
+                "response_id": response_id,
+                "output_index": 1,
+                "item": call,
+            }
+        )
+        await send(_response_done(response_id, [call]))
+
+    async def _realtime_final(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        """The answer after function outputs: a transcript quoting each output, no calls."""
+        conn.responses += 1
+        response_id = f"resp_{conn.responses}"
+        text = " ".join(f"{o['call_id']} said {o['output']}" for o in conn.outputs)
+        conn.outputs.clear()
+        send = functools.partial(self._send, ws, conn)
+        await send({"type": "response.created", "event_id": "evt_1", "response": {}})
+        await send(
+            {
+                "type": "response.output_audio_transcript.delta",
+                "event_id": "evt_t0",
+                "response_id": response_id,
+                "item_id": "item_m",
+                "output_index": 0,
+                "content_index": 0,
+                "delta": text,
+            }
+        )
+        message = {
+            "id": "item_m",
+            "object": "realtime.item",
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_audio", "transcript": text}],
+        }
+        await send(_response_done(response_id, [message]))
 
     async def _responses_answer(self, ws: web.WebSocketResponse) -> None:
         await ws.send_json({"type": "response.created", "sequence_number": 0, "response": {}})
@@ -313,6 +426,17 @@ class RealtimeStandin:
                 }
             )
         await ws.send_json({"type": "response.completed", "sequence_number": 3, "response": {}})
+
+
+def _response_done(response_id: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+    """A `response.done` event with its response's output items (no audio, as the spec says)."""
+    response = {
+        "object": "realtime.response",
+        "id": response_id,
+        "status": "completed",
+        "output": output,
+    }
+    return {"type": "response.done", "event_id": f"evt_d_{response_id}", "response": response}
 
 
 def wav_file(path: Path, seconds: float, pitch: float = 440.0) -> Path:

@@ -87,7 +87,7 @@ def test_wav_in_20ms_chunks_arrives_byte_exact_and_the_answer_comes_back_byte_ex
     conn = upstream.connections[0]
     assert conn.path == "/v1/realtime" and conn.query == {"model": "gpt-realtime"}
     assert conn.headers["Authorization"] == f"Bearer {TEST_API_KEY}"
-    assert conn.invalid == []
+    assert conn.invalid == [] and conn.sent_invalid == []
     assert bytes(conn.audio) == pcm
     types = [e["type"] for e in conn.events]
     assert types[0] == "session.update"
@@ -102,7 +102,11 @@ def test_wav_in_20ms_chunks_arrives_byte_exact_and_the_answer_comes_back_byte_ex
     events = [m.json()["type"] for m in device.received("event")]
     assert events[0] == "session.created"
     assert events.index("response.created") < events.index("response.output_audio.delta")
-    assert events[-2:] == ["response.function_call_arguments.done", "response.done"]
+    assert events[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.done",
+    ]
     deltas = [
         m.json()["event_id"] for m in device.received("event") if "_a" in m.json()["event_id"]
     ]

@@ -36,6 +36,10 @@ def test_open_options_are_checked() -> None:
     opts = model.parse_open({"outputs": ["audio"], "chunk_bytes": 320}, "gpt-realtime")
     assert opts.model == "gpt-realtime" and opts.outputs == {"audio", "state"}
     assert opts.chunk_bytes == 320
+    opts = model.parse_open(
+        {"tools": ["a", "b", "a"], "allow_dangerous": ["b"], "dry_run": True}, "m"
+    )
+    assert opts.tools == ("a", "b") and opts.allow_dangerous == {"b"} and opts.dry_run
     bad: Any
     for bad in (
         [],
@@ -46,6 +50,12 @@ def test_open_options_are_checked() -> None:
         {"chunk_bytes": True},
         {"audio_format": "mp3"},
         {"session": "x"},
+        {"tools": "kitchen_light"},
+        {"tools": ["a", 1]},
+        {"tools": [f"t{n}" for n in range(33)]},
+        {"dry_run": True},
+        {"allow_dangerous": ["front_door"]},
+        {"tools": ["a"], "dry_run": "yes"},
     ):
         with pytest.raises(BadOpen):
             model.parse_open(bad, "m")
