@@ -277,8 +277,9 @@ class JournalConfig(_Section):
     max_answer_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
     """Larger answers are not journaled (a crash before their reply buys them again)."""
     synchronous: Literal["normal", "full"] = "normal"
-    """`normal`: survives a crash of the bridge (kill -9, OOM); `full`: fsync every commit
-    (survives power loss too, at about twice the bytes written)."""
+    """`normal`: survives a crash of the bridge (kill -9, OOM), small writes appended to a tail
+    file and given to SQLite in batches; `full`: every write committed to SQLite and fsynced
+    (survives power loss too, at several times the bytes written)."""
     poison_after: Annotated[int, Field(ge=1, le=100)] = 2
     """A request whose upstream call was started this many times without the bridge ever
     answering it (each start ended by a crash, a kill or a power loss) is answered

@@ -8,8 +8,11 @@ created again.
 
 All SQLite work runs on one worker thread that owns the connection: the event loop only hands
 over work and awaits its result, and writes queued meanwhile are committed together (one WAL
-append and one fsync for all of them). A journal that cannot be opened or written to is
-reported and then skipped: the bridge answers without it and never refuses to run.
+append and one fsync for all of them). With `synchronous = "normal"` small writes (starts,
+answers up to 4 KiB packed, settles) are appended to a tail file instead and reach SQLite in
+batches (bridge/journal/tail.py): a commit per request wrote several whole pages. A journal that
+cannot be opened or written to is reported and then skipped: the bridge answers without it and
+never refuses to run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
+import errno
 import os
 import queue
 import sqlite3
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from bridge.journal import tail as tails
+from bridge.journal.tail import Pending, Slot, TailFile
 from bridge.jsoncodec import dumps, loads
 from bridge.pipeline.model import JournalEntry, Scope
 
@@ -136,6 +143,8 @@ class SqliteStore:
         self.path = path
         self.max_bytes = max_bytes
         self.max_age = max_age
+        self.synchronous = synchronous
+        self._raised = False
         self._clock = clock
         self._last_age_prune = 0.0
         self.pruned = 0
@@ -196,6 +205,10 @@ class SqliteStore:
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"WAL mode refused (got {mode})")
         db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        # Debian's SQLite zeroes every freed page (SECURE_DELETE): each answer aged out was then
+        # written twice more (WAL, checkpoint). FAST zeroes only pages written anyway; freed
+        # answers stay in free pages of this private file until those are reused.
+        db.execute("PRAGMA secure_delete = FAST")
         # The WAL file is truncated back to this size after each checkpoint.
         db.execute(f"PRAGMA journal_size_limit = {min(self.max_bytes, 4 << 20)}")
         db.executescript(_SCHEMA)
@@ -210,9 +223,29 @@ class SqliteStore:
         db.execute(f"PRAGMA user_version = {version}")
         self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
         db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_BYTES // self._page_size}")
+        self._pragmas = [
+            "PRAGMA busy_timeout = 5000",
+            f"PRAGMA synchronous = {synchronous.upper()}",
+            "PRAGMA secure_delete = FAST",
+            f"PRAGMA journal_size_limit = {min(self.max_bytes, 4 << 20)}",
+            f"PRAGMA wal_autocheckpoint = {_WAL_BYTES // self._page_size}",
+        ]
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {str(check)[:200]}")
+
+    def twin(self) -> SqliteStore:
+        """A second connection to this journal, set up alike (for another thread's writes)."""
+        twin = copy.copy(self)
+        twin.reconnect()
+        return twin
+
+    def reconnect(self) -> None:
+        """A connection of this store's own (a copy's shares the original's), set up alike."""
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._raised = False
+        for pragma in self._pragmas:
+            self._db.execute(pragma)
 
     # --- reads and writes ---------------------------------------------------------------------
 
@@ -238,9 +271,51 @@ class SqliteStore:
             packed = zlib.compress(answer, _PACK_LEVEL)
         return (packed, self.packing) if len(packed) < len(answer) else (answer, 0)
 
-    def begin(self) -> None:
-        """Start one write transaction for a batch of puts."""
+    def begin(self, durable: bool = False) -> None:
+        """Start one write transaction for a batch of puts; `durable`: its commit is fsynced
+        whatever `synchronous` says (the tail file is emptied after it)."""
+        if durable and self.synchronous != "full":
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._raised = True
         self._db.execute("BEGIN IMMEDIATE")
+
+    def now(self) -> float:
+        """The store's wall clock."""
+        return self._clock()
+
+    def attempts(self, key: bytes) -> int:
+        """`key`'s unsettled starts as committed."""
+        row = self._db.execute("SELECT attempts FROM entries WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def put_packed(
+        self,
+        key: bytes,
+        reply_topic: str,
+        stored: bytes,
+        packed: int,
+        content_type: str | None,
+        created: float,
+    ) -> None:
+        """Record an answer already packed (`pack`), first seen at `created`."""
+        self._db.execute(
+            "INSERT INTO entries (key, created, reply_topic, answer, content_type, packed) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, "
+            "reply_topic = excluded.reply_topic, content_type = excluded.content_type, "
+            "packed = excluded.packed",
+            (key, created, reply_topic, stored, content_type, packed),
+        )
+
+    def set_attempts(self, key: bytes, reply_topic: str, count: int, created: float) -> None:
+        """Set `key`'s unsettled starts to `count` (replaying the tail: a count, not a step)."""
+        if count:
+            self._db.execute(
+                "INSERT INTO entries (key, created, reply_topic, attempts) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET attempts = excluded.attempts",
+                (key, created, reply_topic, count),
+            )
+        else:
+            self.put_settled(key)
 
     def put_answer(
         self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
@@ -280,12 +355,23 @@ class SqliteStore:
     def commit(self) -> None:
         """Keep the data within its bounds, then make the batch durable (per `synchronous`)."""
         self.prune()
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        finally:
+            self._lower()
+
+    def _lower(self) -> None:
+        """Back to `synchronous` after a durable batch."""
+        if self._raised:
+            self._raised = False
+            self._db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
 
     def rollback(self) -> None:
         """Drop a failed batch."""
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            self._lower()
 
     def prune(self, force: bool = False) -> int:
         """Drop entries older than `max_age`, then the oldest until the data fits `max_bytes`."""
@@ -379,6 +465,28 @@ def _deliver(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_result(value)
 
 
+def _to_sqlite(store: SqliteStore, data: bytes) -> None:
+    """Write the records of a tail file into `store`, inside its open transaction.
+
+    Each record says where a key stands (an answer, a count of starts), not a step from where it
+    was: written twice, after a crash between the commit and emptying the file, they say the same.
+    """
+    for key, pending in tails.replay(data).items():
+        record = tails.record_at(data, pending.answer_at) if pending.answer_at is not None else None
+        if record is not None:
+            answer = tails.decode_answer(key, record[2])
+            store.put_packed(
+                key,
+                answer.reply_topic,
+                answer.stored,
+                answer.packed,
+                answer.content_type,
+                pending.created,
+            )
+        if pending.attempts is not None:
+            store.set_attempts(key, pending.reply_topic, pending.attempts, pending.created)
+
+
 class Journal:
     """The journal as the bridge uses it: awaitable reads and group-committed writes."""
 
@@ -390,8 +498,25 @@ class Journal:
         max_answer_bytes: int,
         log: FilteringBoundLogger,
         recent: frozenset[bytes] = frozenset(),
+        slot: Slot | None = None,
     ) -> None:
         self.store = store
+        self.slot = slot
+        """This process's tail files with `synchronous = "normal"` (bridge/journal/tail.py)."""
+        self.tail: TailFile | None = None
+        """The tail file being appended to (opened at the first write)."""
+        self._pending: dict[bytes, Pending] = {}
+        """What `tail` holds per key."""
+        self._sealed: TailFile | None = None
+        """A full tail file whose records a thread of its own is handing to SQLite."""
+        self._sealed_pending: dict[bytes, Pending] = {}
+        self._handover: threading.Thread | None = None
+        self._handed = False
+        """Whether the last hand-over committed."""
+        self._retry_at = 0
+        """Size of `tail` at which a failed hand-over is tried again."""
+        self._twin: SqliteStore | None = None
+        """The hand-over thread's own connection."""
         self.scope = scope
         self.max_answer_bytes = max_answer_bytes
         self.recent: frozenset[bytes] | None = recent
@@ -437,6 +562,29 @@ class Journal:
                 consequence="a request redelivered after a crash calls the API again",
             )
             return None
+        slot = None
+        if synchronous == "normal":
+            try:
+                slot, orphans = Slot.claim(path)
+                if orphans:  # left by processes that died: SQLite gets them before anything
+                    store.begin(durable=True)
+                    for orphan in orphans:
+                        _to_sqlite(store, orphan.read_bytes())
+                    store.commit()
+                    for orphan in orphans:
+                        orphan.unlink()
+                slot.release_others()
+            except (OSError, sqlite3.Error) as exc:
+                store.rollback()
+                if slot is not None:
+                    slot.close()
+                store.close()
+                log.error(
+                    "journal unavailable; running without it",
+                    reason=f"cannot use the tail files of journal {str(path)!r}: {exc}",
+                    consequence="a request redelivered after a crash calls the API again",
+                )
+                return None
         stats = store.stats()
         recent = store.recent_keys(time.time() - recent_seconds) if recent_seconds > 0 else None
         log.info(
@@ -452,6 +600,7 @@ class Journal:
             max_answer_bytes=max_answer_bytes,
             log=log,
             recent=recent if recent is not None else frozenset(),
+            slot=slot,
         )
 
     # --- the API -----------------------------------------------------------------------------
@@ -540,32 +689,54 @@ class Journal:
         stop = None
         for work in batch:
             if work.kind == "get":
-                results.append((work, self._read(self.store.get, work.args[0])))
+                results.append((work, self._read(self._get, work.args[0])))
             elif work.kind == "stats":
-                results.append((work, self._read(self.store.stats)))
+                results.append((work, self._read(self._stats)))
             elif work.kind == "stop":
                 stop = work
         if stop is not None:
             if self._settles:
                 self._write([])
+            if self.slot is not None:
+                if self._commit_tails():
+                    self.slot.close()
+                else:  # kept for the next start
+                    for tail in (self._sealed, self.tail):
+                        if tail is not None:
+                            tail.close()
+            if self._twin is not None:
+                self._twin.close()
             self.store.close()
             results.append((stop, None))
         _settle(results)
         return stop is not None
 
     def _write(self, writes: list[_Work]) -> list[tuple[_Work, Any]]:
-        """One transaction for `writes`; each one's result (True, or a count), or its failure
-        value (False, None for a count) when the transaction failed."""
+        """One transaction for `writes` (or one append to the tail file); each one's result (True,
+        or a count), or its failure value (False, None for a count) when it failed."""
         store = self.store
         results: list[tuple[_Work, Any]] = []
         settles = [self._settles.popleft() for _ in range(len(self._settles))]
         try:
+            packed = {
+                id(work): store.pack(work.args[2]) for work in writes if work.kind == "answer"
+            }
+            if self.slot is not None and all(  # anything else goes to SQLite at once
+                work.kind == "attempt"
+                or (work.kind == "answer" and len(packed[id(work)][0]) <= tails.MAX_ANSWER)
+                for work in writes
+            ):
+                return self._append(writes, settles, packed)
+            self._reap(wait=True)
             store.begin()
+            tails_in = self._tails_to(store)  # in order: the tails' records first
             for settled in settles:  # before the writes: a new start of the key counts anew
                 store.put_settled(settled)
             for work in writes:
                 if work.kind == "answer":
-                    store.put_answer(*work.args)
+                    key, topic, _, content_type = work.args
+                    stored, how = packed[id(work)]
+                    store.put_packed(key, topic, stored, how, content_type, store.now())
                     results.append((work, True))
                 elif work.kind == "job":
                     store.put_job(*work.args)
@@ -573,13 +744,185 @@ class Journal:
                 else:
                     results.append((work, store.put_attempt(*work.args)))
             store.commit()
-        except sqlite3.Error as exc:
+            if tails_in:
+                self._drop_tails()
+        except (sqlite3.Error, OSError) as exc:
             store.rollback()
             self.failed_writes += len(writes)
             self._report(exc, len(writes))
             return [(work, None if work.kind == "attempt" else False) for work in writes]
         self.commits += 1
         return results
+
+    def _append(
+        self, writes: list[_Work], settles: list[bytes], packed: dict[int, tuple[bytes, int]]
+    ) -> list[tuple[_Work, Any]]:
+        """`writes` and `settles` as records appended to the tail file (one write call); once it
+        holds `tails.LIMIT` bytes a thread of its own hands it to SQLite while a new one fills."""
+        store, slot, now = self.store, self.slot, self.store.now()
+        assert slot is not None
+        self._reap()
+        staged: dict[bytes, Pending] = {}
+        chunks: list[bytes] = []
+        at = self.tail.size if self.tail is not None else 0
+        results: list[tuple[_Work, Any]] = []
+
+        def entry(key: bytes, topic: str) -> Pending:
+            if key not in staged:
+                known = self._pending.get(key)
+                staged[key] = (
+                    Pending(known.created, known.reply_topic, known.answer_at, known.attempts)
+                    if known is not None
+                    else Pending(now, topic)
+                )
+            return staged[key]
+
+        def starts(key: bytes) -> int:
+            for source in (staged, self._pending, self._sealed_pending):
+                known = source.get(key)
+                if known is not None and known.attempts is not None:
+                    return known.attempts
+            return store.attempts(key)
+
+        def add(record: bytes) -> int:
+            nonlocal at
+            chunks.append(record)
+            at += len(record)
+            return at - len(record)
+
+        for key in settles:  # before the writes: a new start of the key counts anew
+            if starts(key):
+                add(tails.settle_record(key))
+                entry(key, "").attempts = 0
+        for work in writes:
+            key, topic = work.args[0], work.args[1]
+            if work.kind == "answer":
+                stored, how = packed[id(work)]
+                offset = add(tails.answer_record(key, topic, now, stored, how, work.args[3]))
+                pending = entry(key, topic)
+                pending.answer_at = offset
+            else:
+                count = starts(key) + 1
+                add(tails.start_record(key, topic, now, count))
+                pending = entry(key, topic)
+                pending.attempts = count
+            if not pending.reply_topic:  # known so far only from a settle
+                pending.reply_topic, pending.created = topic, now
+            results.append((work, True if work.kind == "answer" else pending.attempts))
+        if chunks:
+            if self.tail is None:
+                self.tail = slot.open(sync=False)
+            self.tail.append(b"".join(chunks))
+            self._pending.update(staged)
+        self.commits += 1
+        if self.tail is not None and self.tail.size >= tails.LIMIT and self._handover is None:
+            if self._sealed is None:
+                self._sealed, self._sealed_pending = self.tail, self._pending
+                self.tail, self._pending = None, {}
+                self._start_handover()
+            elif self.tail.size >= self._retry_at:  # the last hand-over failed: again
+                self._start_handover()
+        return results
+
+    def _start_handover(self) -> None:
+        """Hand the sealed tail file to SQLite on a thread of its own."""
+        self._handover = threading.Thread(
+            target=self._hand_over, args=(self._sealed,), name="journal-tail", daemon=True
+        )
+        self._handover.start()
+
+    def _hand_over(self, sealed: TailFile) -> None:
+        """On the hand-over thread: one fsynced transaction with the sealed file's records."""
+        self._handed = False
+        try:
+            if self._twin is None:
+                self._twin = self.store.twin()
+            self._twin.begin(durable=True)
+            _to_sqlite(self._twin, sealed.read())
+            self._twin.commit()
+            self._handed = True
+        except sqlite3.Error as exc:  # kept: tried again once the next tail grew a quarter
+            if self._twin is not None:
+                self._twin.rollback()
+            self.log.warning("journal tail not yet in SQLite", error=str(exc)[:200])
+
+    def _reap(self, wait: bool = False) -> None:
+        """Once the hand-over thread is done: drop the sealed file it committed."""
+        handover = self._handover
+        if handover is None or (handover.is_alive() and not wait):
+            return
+        handover.join()
+        self._handover = None
+        if self._handed and self._sealed is not None:
+            self._sealed.remove()
+            self._sealed, self._sealed_pending = None, {}
+        elif self._sealed is not None:
+            self._retry_at = (self.tail.size if self.tail is not None else 0) + tails.LIMIT // 4
+
+    def _tails_to(self, store: SqliteStore) -> bool:
+        """Write the tail files' records into `store`'s open transaction (oldest first);
+        whether there were any."""
+        found = False
+        for tail in (self._sealed, self.tail):
+            if tail is not None and tail.size:
+                _to_sqlite(store, tail.read())
+                found = True
+        return found
+
+    def _drop_tails(self) -> None:
+        """Remove the tail files whose records SQLite now has."""
+        for tail in (self._sealed, self.tail):
+            if tail is not None:
+                tail.remove()
+        self._sealed = self.tail = None
+        self._sealed_pending, self._pending = {}, {}
+
+    def _commit_tails(self) -> bool:
+        """Every tail record into SQLite now (one fsynced transaction); whether that worked."""
+        self._reap(wait=True)
+        if self._sealed is None and self.tail is None:
+            return True
+        try:
+            self.store.begin(durable=True)
+            self._tails_to(self.store)
+            self.store.commit()
+        except sqlite3.Error as exc:
+            self.store.rollback()
+            self.log.warning("journal tail not yet in SQLite", error=str(exc)[:200])
+            return False
+        self._drop_tails()
+        return True
+
+    def _get(self, key: bytes) -> JournalEntry | None:
+        """`key`'s entry: SQLite's, with a newer answer from a tail file (ours or a peer's)."""
+        entry = self.store.get(key)
+        if self.slot is None:
+            return entry
+        answer = None
+        for pending, tail in ((self._pending, self.tail), (self._sealed_pending, self._sealed)):
+            known = pending.get(key)
+            if tail is not None and known is not None and known.answer_at is not None:
+                record = tail.read_at(known.answer_at)
+                if record is not None and record[0] == tails.ANSWER:
+                    answer = tails.decode_answer(key, record[2])
+                    break
+        if answer is None and (entry is None or entry.answer is None):
+            answer = tails.peer_answer(self.store.path, self.slot.n, key)
+        if answer is None or answer.created < self.store.now() - self.store.max_age:
+            return entry
+        return JournalEntry(
+            key,
+            entry.created if entry is not None else answer.created,
+            answer.reply_topic,
+            unpack(answer.stored, answer.packed),
+            answer.content_type,
+            entry.job if entry is not None else None,
+        )
+
+    def _stats(self) -> JournalStats:
+        """Counts and size once the tails' records are in SQLite."""
+        self._commit_tails()
+        return self.store.stats()
 
     def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -588,13 +931,15 @@ class Journal:
             self.log.warning("journal read failed", error=str(exc)[:200])
             return None
 
-    def _report(self, exc: sqlite3.Error, count: int) -> None:
+    def _report(self, exc: sqlite3.Error | OSError, count: int) -> None:
         # The first failure and then every 100th: a full disk must not flood the log.
         if (
             self.failed_writes - count == 0
             or self.failed_writes // 100 != (self.failed_writes - count) // 100
         ):
-            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+            full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()) or (
+                isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            )
             self.log.error(
                 "journal write failed; answering without it",
                 error=str(exc)[:200],

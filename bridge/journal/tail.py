@@ -1,0 +1,288 @@
+"""The journal's tail: its latest writes appended to a plain file, handed to SQLite in batches.
+
+At one request at a time every SQLite commit writes whole pages to the WAL (a start: one or two,
+an answer: three or more) and a checkpoint writes them once more, so a 1 KB chat answer cost
+about four times its size. Appended here instead, a start costs about 60 bytes and an answer its
+packed size; SQLite gets them all in one transaction once the file holds `LIMIT` bytes (and at
+close), where many answers share the pages they touch (docs/reliability.md#what-it-costs).
+
+A write() is in the operating system's hands when it returns, so a record survives kill -9 like a
+WAL commit with `synchronous = NORMAL`. Every record carries a CRC: a power cut's torn tail is
+dropped at the first bad record, never misread. Each process appends to a file of its own, held
+with an exclusive `flock`; a file nobody holds was left by a process that died, and the next
+journal to open is the one to hand its records to SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+LIMIT = 1 << 20
+"""Bytes in a tail file before its records go to SQLite: about 1,900 chat answers of 1 KB."""
+MAX_ANSWER = 4096
+"""Packed answers larger than this go to SQLite at once: their pages are mostly full anyway."""
+_SLOTS = 64
+"""Tail slots looked for next to a journal (one per process sharing it)."""
+
+_HEAD = struct.Struct("<IIB")  # CRC-32 of the rest, length of the body, kind
+_KEY = struct.Struct("<H")
+_START = struct.Struct("<dI")  # created, starts not settled (this one included)
+_ANSWER = struct.Struct("<dBHH")  # created, packed, topic length, content type length
+START, SETTLE, ANSWER = 1, 2, 3
+_NO_TYPE = 0xFFFF
+
+
+@dataclass(slots=True)
+class Pending:
+    """What the tail says about one key: its latest answer and its count of unsettled starts."""
+
+    created: float
+    reply_topic: str
+    answer_at: int | None = None
+    """Offset of the key's latest ANSWER record in the tail file, None when it has none."""
+    attempts: int | None = None
+    """Starts not settled, when the tail has a START or SETTLE for the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One ANSWER record, decoded."""
+
+    key: bytes
+    created: float
+    reply_topic: str
+    stored: bytes
+    packed: int
+    content_type: str | None
+
+
+def _record(kind: int, key: bytes, body: bytes) -> bytes:
+    rest = bytes((kind,)) + _KEY.pack(len(key)) + key + body
+    return _HEAD.pack(zlib.crc32(rest), len(rest) - 1, kind) + rest[1:]
+
+
+def start_record(key: bytes, reply_topic: str, created: float, count: int) -> bytes:
+    """A START: `key`'s call starts, `count` starts unsettled with it."""
+    return _record(START, key, _START.pack(created, count) + reply_topic.encode())
+
+
+def settle_record(key: bytes) -> bytes:
+    """A SETTLE: `key`'s request was answered, its starts no longer count."""
+    return _record(SETTLE, key, b"")
+
+
+def answer_record(
+    key: bytes,
+    reply_topic: str,
+    created: float,
+    stored: bytes,
+    packed: int,
+    content_type: str | None,
+) -> bytes:
+    """An ANSWER: the reply `key`'s request got, as the journal stores it."""
+    topic = reply_topic.encode()
+    ctype = content_type.encode() if content_type is not None else b""
+    head = _ANSWER.pack(
+        created, packed, len(topic), len(ctype) if content_type is not None else _NO_TYPE
+    )
+    return _record(ANSWER, key, head + topic + ctype + stored)
+
+
+def record_at(data: bytes, at: int) -> tuple[int, bytes, bytes, int] | None:
+    """(kind, key, body, end) of the record at offset `at` of `data`; None when it is torn."""
+    if at + _HEAD.size > len(data):
+        return None
+    crc, length, kind = _HEAD.unpack_from(data, at)
+    end = at + _HEAD.size + length
+    if end > len(data) or zlib.crc32(memoryview(data)[at + 8 : end]) != crc:
+        return None
+    (size,) = _KEY.unpack_from(data, at + _HEAD.size)
+    start = at + _HEAD.size + _KEY.size
+    return kind, data[start : start + size], data[start + size : end], end
+
+
+def records(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """(offset, kind, key, body) of each whole record in `data`, up to the first torn one."""
+    at = 0
+    while (record := record_at(data, at)) is not None:
+        kind, key, body, end = record
+        yield at, kind, key, body
+        at = end
+
+
+def decode_answer(key: bytes, body: bytes) -> Answer:
+    """The ANSWER record `body` of `key`."""
+    created, packed, topic_len, type_len = _ANSWER.unpack_from(body)
+    at = _ANSWER.size
+    topic = body[at : at + topic_len].decode()
+    at += topic_len
+    ctype = None if type_len == _NO_TYPE else body[at : at + type_len].decode()
+    at += 0 if type_len == _NO_TYPE else type_len
+    return Answer(key, created, topic, body[at:], packed, ctype)
+
+
+def replay(data: bytes) -> dict[bytes, Pending]:
+    """What the records in `data` say per key, the later record winning."""
+    pending: dict[bytes, Pending] = {}
+    for at, kind, key, body in records(data):
+        entry = pending.get(key)
+        if kind == START:
+            created, count = _START.unpack_from(body)
+            if entry is None:
+                entry = pending[key] = Pending(created, body[_START.size :].decode())
+            entry.attempts = count
+        elif kind == SETTLE:
+            if entry is None:
+                entry = pending[key] = Pending(0.0, "")
+            entry.attempts = 0
+        elif kind == ANSWER:
+            answer = decode_answer(key, body)
+            if entry is None:
+                entry = pending[key] = Pending(answer.created, answer.reply_topic)
+            elif not entry.reply_topic:  # a SETTLE came first
+                entry.created, entry.reply_topic = answer.created, answer.reply_topic
+            entry.answer_at = at
+    return pending
+
+
+class Slot:
+    """This process's claim on the tail files next to a journal: `<journal>-tail<n>`, held
+    with an exclusive `flock`, owns the data files `<journal>-tail<n>.<seq>`."""
+
+    def __init__(self, journal: Path, n: int, fd: int) -> None:
+        self.journal = journal
+        self.n = n
+        self._fd = fd
+        self.seq = 0
+        self._others: list[tuple[Path, int]] = []
+        """Slots of dead processes, held until their files are in SQLite."""
+
+    @classmethod
+    def claim(cls, journal: Path) -> tuple[Slot, list[Path]]:
+        """A free slot, and the data files of every slot nobody holds (left by processes that
+        died, ours among them), oldest first: their records must go to SQLite before any other.
+        The slots of those files stay claimed until `release_others`."""
+        mine: Slot | None = None
+        orphans: list[Path] = []
+        for n in range(_SLOTS):
+            lock = journal.with_name(f"{journal.name}-tail{n}")
+            files = _data_files(journal, n)
+            if mine is not None and not lock.exists() and not files:
+                continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a live process sharing the journal
+                os.close(fd)
+                continue
+            orphans.extend(path for _, path in files)
+            if mine is None:
+                mine = cls(journal, n, fd)
+                mine.seq = files[-1][0] + 1 if files else 0
+            else:
+                mine._others.append((lock, fd))
+        if mine is None:
+            raise OSError(f"all {_SLOTS} tail slots next to {journal} are held")
+        return mine, orphans
+
+    def release_others(self) -> None:
+        """Give up the dead processes' slots (their files are in SQLite and removed)."""
+        for lock, fd in self._others:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
+        self._others.clear()
+
+    def open(self, sync: bool) -> TailFile:
+        """A new, empty data file of this slot (the next in sequence)."""
+        path = self.journal.with_name(f"{self.journal.name}-tail{self.n}.{self.seq}")
+        self.seq += 1
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+        return TailFile(path, os.open(path, flags, 0o600), sync)
+
+    def close(self) -> None:
+        """Give up the slot (its data files already removed)."""
+        lock = self.journal.with_name(f"{self.journal.name}-tail{self.n}")
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(self._fd)
+        self.release_others()
+
+
+def _data_files(journal: Path, n: int) -> list[tuple[int, Path]]:
+    """(seq, path) of slot `n`'s data files, oldest first."""
+    found = []
+    for path in journal.parent.glob(f"{journal.name}-tail{n}.*"):
+        seq = path.name.rpartition(".")[2]
+        if seq.isdigit():
+            found.append((int(seq), path))
+    return sorted(found)
+
+
+class TailFile:
+    """One data file of a slot: appended to, read back, removed once SQLite has its records."""
+
+    def __init__(self, path: Path, fd: int, sync: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self._sync = sync
+        self.size = os.fstat(fd).st_size
+
+    def append(self, data: bytes) -> int:
+        """Append `data` (whole records); the offset it starts at."""
+        at = self.size
+        written = os.write(self._fd, data)
+        if written != len(data):  # a short write: the disk is full
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, at)
+            raise OSError(errno.ENOSPC, "short write to the journal's tail file")
+        if self._sync:
+            os.fdatasync(self._fd)
+        self.size = at + written
+        return at
+
+    def read(self) -> bytes:
+        """Every byte of the file."""
+        return os.pread(self._fd, self.size, 0)
+
+    def read_at(self, at: int) -> tuple[int, bytes, bytes] | None:
+        """(kind, key, body) of the record at offset `at`."""
+        head = os.pread(self._fd, _HEAD.size, at)
+        if len(head) < _HEAD.size:
+            return None
+        record = record_at(head + os.pread(self._fd, _HEAD.unpack(head)[1], at + _HEAD.size), 0)
+        return record[:3] if record is not None else None
+
+    def remove(self) -> None:
+        """Remove the file and close it (SQLite has its records)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+
+    def close(self) -> None:
+        """Close the file, keeping it (its records are not all in SQLite)."""
+        os.close(self._fd)
+
+
+def peer_answer(journal: Path, slot: int, key: bytes) -> Answer | None:
+    """`key`'s answer in the tail files of other processes sharing `journal`, if one has it."""
+    found = None
+    for path in sorted(journal.parent.glob(f"{journal.name}-tail*.*")):
+        if path.name.startswith(f"{journal.name}-tail{slot}."):
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        for _, kind, other, body in records(data):
+            if kind == ANSWER and other == key:
+                found = decode_answer(key, body)
+    return found

@@ -1,0 +1,225 @@
+"""The journal's tail file (synchronous = "normal"): small writes appended, SQLite in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.fakes import RecordingLog
+
+from bridge.journal import tail as tails
+from bridge.journal.sqlite import Journal
+from bridge.pipeline.dedup import request_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def open_journal(path: Path, **overrides: Any) -> Journal:
+    options: dict[str, Any] = {
+        "scope": "answers",
+        "max_bytes": 1 << 20,
+        "max_age": 3600.0,
+        "max_answer_bytes": 64 * 1024,
+        "synchronous": "normal",
+        **overrides,
+    }
+    journal = Journal.open(path, log=RecordingLog(), **options)
+    assert journal is not None
+    return journal
+
+
+def key(i: int) -> bytes:
+    return request_key("openai/request/createChatCompletion", f'{{"n": {i}}}'.encode())
+
+
+def in_sqlite(path: Path) -> dict[bytes, tuple[bytes | None, int]]:
+    """Rows as a second process reads them: key -> (stored answer, unsettled starts)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT key, answer, attempts FROM entries").fetchall()
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+def tail_files(folder: Path) -> list[str]:
+    """Names of the tail files (and slot locks) in `folder`."""
+    return sorted(name for name in os.listdir(folder) if ".sqlite3-tail" in name)
+
+
+def chat(i: int) -> bytes:
+    return b'{"status":"ok","data":{"object":"chat.completion","content":"answer %d"}}' % i
+
+
+async def test_small_writes_wait_in_the_tail_file_and_reach_sqlite_at_close(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    assert await journal.begin_attempt(key(1), "r/1") == 1
+    assert await journal.record_answer(key(1), "r/1", chat(1))
+    assert await journal.settle_attempt(key(1))
+    assert await journal.begin_attempt(key(2), "r/2") == 1  # carries key 1's settle
+    assert in_sqlite(path) == {}  # nothing committed to SQLite yet: one append each
+    assert (tmp_path / "journal.sqlite3-tail0.0").stat().st_size > len(chat(1))
+    entry = await journal.lookup(key(1))
+    assert entry is not None and (entry.answer, entry.reply_topic) == (chat(1), "r/1")
+    await journal.close()
+    rows = in_sqlite(path)
+    assert rows[key(1)][1] == 0 and rows[key(1)][0] is not None  # answered and settled
+    assert rows[key(2)] == (None, 1)  # a start never finished
+    assert tail_files(tmp_path) == []
+
+
+async def test_a_full_tail_file_goes_to_sqlite_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tails, "LIMIT", 4096)
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    for i in range(60):
+        assert await journal.begin_attempt(key(i), "r") == 1
+        assert await journal.record_answer(key(i), "r", chat(i))
+        await journal.settle_attempt(key(i))
+        for j in range(0, i + 1, 7):  # found wherever it is: a tail, the one handed over, SQLite
+            entry = await journal.lookup(key(j))
+            assert entry is not None and entry.answer == chat(j)
+    journal._reap(wait=True)  # noqa: SLF001 - the hand-over thread's last batch is in
+    rows = in_sqlite(path)
+    assert 0 < len(rows) < 60, len(rows)  # the first batches are in SQLite, the latest not yet
+    assert journal.commits == 120  # one append per write, whatever went to SQLite
+    for i in range(60):
+        entry = await journal.lookup(key(i))
+        assert entry is not None and entry.answer == chat(i)
+    await journal.close()
+
+
+async def test_a_large_answer_is_committed_at_once_after_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    assert await journal.record_answer(key(1), "r", chat(1))
+    big = os.urandom(tails.MAX_ANSWER + 1)  # zlib cannot shrink it below the limit
+    assert await journal.record_answer(key(2), "r", big)
+    rows = in_sqlite(path)
+    assert set(rows) == {key(1), key(2)}  # the tail went first, in order
+    assert rows[key(2)][0] == big
+    assert tail_files(tmp_path) == ["journal.sqlite3-tail0"]  # the slot, no records
+    await journal.close()
+
+
+async def test_a_job_is_committed_at_once_and_keeps_the_tail_answer(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    job = {"operation": "createVideo", "id": "video_1", "status": "queued"}
+    assert await journal.record_job(key(1), "r", job)
+    assert key(1) in in_sqlite(path)
+    assert await journal.record_answer(key(1), "r", b"final")
+    entry = await journal.lookup(key(1))  # the job from SQLite, the answer from the tail
+    assert entry is not None and entry.job == job and entry.answer == b"final"
+    await journal.close()
+
+
+# Writes to a journal in argv[1] as the bridge would, then is killed (SIGKILL) by itself.
+_WRITE_AND_DIE = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from bridge.journal.sqlite import Journal
+from bridge.pipeline.dedup import request_key
+
+class Log:
+    def __getattr__(self, level):
+        return lambda event, **fields: None
+
+def key(i):
+    return request_key("openai/request/createChatCompletion", f'{{"n": {i}}}'.encode())
+
+async def main():
+    journal = Journal.open(Path(sys.argv[1]), log=Log(), scope="answers", max_bytes=1 << 20,
+        max_age=3600.0, max_answer_bytes=65536, synchronous="normal")
+    assert await journal.begin_attempt(key(1), "r") == 1
+    assert await journal.record_answer(key(1), "r", b'{"answer": 1}')
+    await journal.settle_attempt(key(1))  # delivered: written with the next write only
+    assert await journal.begin_attempt(key(2), "r") == 1
+    assert await journal.record_answer(key(2), "r", b'{"answer": 2}')  # not delivered yet
+    assert await journal.begin_attempt(key(3), "r") == 1  # in flight: its call was open
+    assert await journal.begin_attempt(key(4), "r") == 1
+    assert await journal.begin_attempt(key(4), "r") == 2
+    print("written", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def write_and_die(path: Path) -> None:
+    """Run _WRITE_AND_DIE on the journal at `path` in a child process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_AND_DIE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL and done.stdout == "written\n", done.stderr
+
+
+async def test_the_tail_survives_kill_9_and_is_replayed_into_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    write_and_die(path)
+    assert in_sqlite(path) == {}  # everything was in the tail file when it died
+    journal = open_journal(path)  # the next start hands the dead one's tail to SQLite
+    rows = in_sqlite(path)
+    assert set(rows) == {key(1), key(2), key(3), key(4)}
+    # Delivered: the answer is kept (a redelivery gets it again, as QoS 1 allows), no start
+    # counts. Answered but not delivered: the answer, its start still open as before the tail.
+    for i, answer in ((1, b'{"answer": 1}'), (2, b'{"answer": 2}')):
+        entry = await journal.lookup(key(i))
+        assert entry is not None and entry.answer == answer
+    assert rows[key(1)][1] == 0  # its delivered mark went with the next write
+    assert rows[key(2)][1] == 1  # no mark: the start stays open, the redelivery is answered
+    entry = await journal.lookup(key(3))
+    assert entry is None or entry.answer is None
+    assert await journal.begin_attempt(key(3), "r") == 2  # the call open at the kill counts
+    assert await journal.begin_attempt(key(4), "r") == 3  # poison counting goes on
+    await journal.close()
+
+
+async def test_a_torn_record_at_the_end_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    first = tails.answer_record(key(1), "r", 1e9, b"one", 0, None)
+    second = tails.answer_record(key(2), "r", 1e9, b"two", 0, None)
+    tail = tmp_path / "journal.sqlite3-tail0.0"  # a dead process's slot 0, its first file
+    tail.write_bytes(first + second[:-1])  # a power cut in the middle of the second
+    journal = open_journal(path, max_age=1e10)
+    entry = await journal.lookup(key(1))
+    assert entry is not None and entry.answer == b"one"
+    assert await journal.lookup(key(2)) is None
+    flipped = bytearray(first)
+    flipped[-1] ^= 1
+    assert list(tails.records(bytes(flipped))) == []  # a wrong CRC ends the file
+    await journal.close()
+
+
+async def test_two_bridges_on_one_file_see_each_others_tail(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    one, two = open_journal(path), open_journal(path)
+    assert one.slot is not None and two.slot is not None and one.slot.n != two.slot.n
+    assert await one.record_answer(key(1), "r", chat(1))
+    entry = await two.lookup(key(1))  # in one's tail file, not yet in SQLite
+    assert entry is not None and entry.answer == chat(1)
+    await one.close()
+    await two.close()
+
+
+def test_aged_out_answers_are_not_zeroed_page_by_page(tmp_path: Path) -> None:
+    # Debian builds SQLite with SECURE_DELETE: every freed page was written twice more.
+    journal = open_journal(tmp_path / "journal.sqlite3")
+    db = journal.store._db  # noqa: SLF001 - the store's own connection
+    assert db.execute("PRAGMA secure_delete").fetchone()[0] == 2  # FAST
+    asyncio.run(journal.close())
