@@ -178,6 +178,8 @@ class Bench:
     """`[runtime] workers` of a second bridge run beside the first in the instant runs."""
     nodered_cache: Path | None = None
     """Where Node-RED is installed on first use (default ~/.cache/openai-mqtt-bridge)."""
+    tls_cert: Path | None = None
+    """The upstream's certificate and key (PEM): the upstream serves https (`--tls`)."""
     nodered_facts: dict[str, Any] = field(default_factory=dict)
     """Installed versions, start, idle RSS, or why Node-RED was skipped."""
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -248,6 +250,7 @@ class Bench:
                 f"0:{SLOW_MS:g}",
                 "--speech-bytes",
                 str(self.plan.audio_bytes),
+                *(["--tls-cert", str(self.tls_cert)] if self.tls_cert else []),
             ],
         )
         line = read_line(upstream, 20.0)
@@ -258,7 +261,8 @@ class Bench:
 
     def api_base(self, slow: bool = False) -> str:
         """The service URL of the instant or the slow listener."""
-        return f"http://127.0.0.1:{self.slow_port if slow else self.instant_port}/v1"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.slow_port if slow else self.instant_port}/v1"
 
     # --- the bridge -------------------------------------------------------------------------------
 
@@ -1198,6 +1202,11 @@ def main() -> int:
         "--levels", help="comma-separated C values for the instant runs (default 1,16,128)"
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the upstream serves https with a certificate of a CA made for the run (trustme)",
+    )
+    parser.add_argument(
         "--bridge-env",
         action="append",
         default=[],
@@ -1227,7 +1236,7 @@ def main() -> int:
     logdir.mkdir()
     default_name = "quick.json" if args.quick else "latest.json"
     partial = args.bridge_src or bridge_env or args.levels or args.reps or args.no_echo
-    partial = partial or args.no_nodered or args.slow_levels or args.workers
+    partial = partial or args.no_nodered or args.slow_levels or args.workers or args.tls
     if partial or set(only) != set(SCENARIOS):
         default_name = "partial.json"
     out = args.out or RESULTS / default_name
@@ -1240,6 +1249,8 @@ def main() -> int:
         if args.slow_levels:
             bench.slow_levels = [int(c) for c in args.slow_levels.split(",")]
         bench.nodered_cache = args.nodered_dir
+        if args.tls:
+            bench.tls_cert = make_tls(Path(tmp))
         if args.profile:
             try:
                 bench.start_broker()
@@ -1274,6 +1285,7 @@ def main() -> int:
         },
         "bridge_src": str(args.bridge_src) if args.bridge_src else None,
         "bridge_env": bridge_env,
+        "tls": args.tls,
         "rows": aggregate(bench.runs),
         "runs": bench.runs,
         "bridges": bench.bridges,
@@ -1301,6 +1313,19 @@ def main() -> int:
     else:
         print(f"\nwrote {shown(out)} in {doc['wall_s']:.0f} s")
     return 0 if all("failed" not in r for r in bench.runs) else 1
+
+
+def make_tls(folder: Path) -> Path:
+    """A CA and a certificate for 127.0.0.1 (trustme); every process started from here on trusts
+    the CA alone (SSL_CERT_FILE for OpenSSL, NODE_EXTRA_CA_CERTS for Node-RED). The cert's PEM."""
+    import trustme  # the test extra; only for --tls
+
+    ca = trustme.CA()
+    ca_path, cert_path = folder / "ca.pem", folder / "upstream.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    os.environ["SSL_CERT_FILE"] = os.environ["NODE_EXTRA_CA_CERTS"] = str(ca_path)
+    return cert_path
 
 
 def profile(bench: Bench, concurrency: int, seconds: float = 10.0, native: bool = False) -> int:

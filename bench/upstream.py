@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -90,8 +91,13 @@ def make_handler(delay_s: float, speech: bytes, chat: bytes = CHAT_BODY) -> Hand
     return handle
 
 
-async def serve(listens: list[tuple[int, float]], speech_bytes: int, chat_bytes: int = 0) -> None:
-    """Open every listener, announce the ports, serve until SIGTERM/SIGINT."""
+async def serve(
+    listens: list[tuple[int, float]],
+    speech_bytes: int,
+    chat_bytes: int = 0,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Open every listener (over TLS with `tls`), announce the ports, serve until SIGTERM."""
     loop = asyncio.get_running_loop()
     speech = os.urandom(speech_bytes) if speech_bytes else b""
     chat = chat_body(chat_bytes)
@@ -99,7 +105,7 @@ async def serve(listens: list[tuple[int, float]], speech_bytes: int, chat_bytes:
     ports = []
     for port, delay_ms in listens:
         server = Server(make_handler(delay_ms / 1000, speech, chat), access_log=None)
-        listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
+        listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024, ssl=tls)
         servers.append(listener)
         ports.append(listener.sockets[0].getsockname()[1])
     stop = asyncio.Event()
@@ -118,9 +124,14 @@ def main() -> None:
     parser.add_argument("--listen", action="append", default=[], help="port:delay_ms")
     parser.add_argument("--speech-bytes", type=int, default=0)
     parser.add_argument("--chat-bytes", type=int, default=0, help="chat answer of about N bytes")
+    parser.add_argument("--tls-cert", help="PEM with the certificate chain and key: serve https")
     args = parser.parse_args()
     listens = [(int(p), float(d)) for p, d in (item.split(":") for item in args.listen)]
-    asyncio.run(serve(listens or [(0, 0.0)], args.speech_bytes, args.chat_bytes))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert)
+    asyncio.run(serve(listens or [(0, 0.0)], args.speech_bytes, args.chat_bytes, tls))
 
 
 if __name__ == "__main__":

@@ -135,8 +135,8 @@ class ServiceConfig(_Section):
     max_connections: Annotated[int, Field(ge=1)] = 256
     """At least `[limits] max_concurrency`, or requests wait for a connection."""
     lean_http: bool = True
-    """Plain JSON calls to an http:// host over the lean HTTP path (httptools); false: all
-    through aiohttp. Forms, streams, https and redirects always go through aiohttp."""
+    """Plain JSON calls (http:// or https://) over the lean HTTP path (httptools); false: all
+    through aiohttp. Forms, streams and redirects always go through aiohttp."""
 
     @field_validator("api_base")
     @classmethod

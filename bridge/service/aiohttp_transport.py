@@ -7,6 +7,7 @@ a fake transport in its place (tests/unit/test_service.py).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -39,8 +40,9 @@ class AiohttpTransport:
     user_agent = aiohttp.http.SERVER_SOFTWARE
     """What aiohttp sends as User-Agent ("Python/3.11 aiohttp/3.14.5")."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
+        self._ssl_context = ssl_context
         self._credentials = frozenset(
             {"authorization", "proxy-authorization", config.api_key_name.lower()}
             | {name.lower() for name in config.extra_headers}
@@ -54,11 +56,21 @@ class AiohttpTransport:
             sock_read=config.read_timeout,
         )
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of https connections (given, else aiohttp's verified default)."""
+        if self._ssl_context is None:
+            self._ssl_context = compat.verified_ssl_context()
+        return self._ssl_context
+
     async def start(self) -> None:
         """Open the pooled session (idempotent)."""
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=False
+                limit=self.config.max_connections,
+                ttl_dns_cache=300,
+                enable_cleanup_closed=False,
+                ssl=self.ssl_context,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -2,16 +2,18 @@
 
 aiohttp's `ClientSession.request` was a third of the bridge's CPU per request (bench/README.md);
 most calls need none of its machinery: a JSON body (or none) out, a JSON answer back, no form, no
-stream, no redirect. Those go here: an asyncio Protocol per connection, llhttp (httptools) parsing
-the response, a small keep-alive pool. Everything else (multipart forms, requests that ask for a
-stream, https, and the rest of an exchange that answers with a redirect) goes on through
-`AiohttpTransport`. The request bytes are the ones aiohttp sends (same headers, same order), the
-answer is decompressed as aiohttp does (gzip, deflate), and failures are the same TransportErrors.
+stream, no redirect. Those go here: an asyncio Protocol per connection (over TLS for an https://
+host, with aiohttp's TLS context: the same verification), llhttp (httptools) parsing the response,
+a small keep-alive pool. Everything else (multipart forms, requests that ask for a stream, and the
+rest of an exchange that answers with a redirect) goes on through `AiohttpTransport`. The request
+bytes are the ones aiohttp sends (same headers, same order), the answer is decompressed as aiohttp
+does (gzip, deflate), and failures are the same TransportErrors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -170,7 +172,7 @@ class _Answer:
 class _Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; one exchange at a time."""
 
-    def __init__(self, pool: _Pool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: _Pool, key: _Key) -> None:
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
@@ -325,17 +327,24 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
-class _Pool:
-    """Keep-alive connections per host and port, at most `limit` in use at once."""
+_Key = tuple[str, int, bool]
+"""Host, port and whether over TLS."""
 
-    def __init__(self, config: ServiceConfig, loop: asyncio.AbstractEventLoop) -> None:
+
+class _Pool:
+    """Keep-alive connections per host, port and scheme, at most `limit` in use at once."""
+
+    def __init__(
+        self, config: ServiceConfig, loop: asyncio.AbstractEventLoop, tls: ssl.SSLContext
+    ) -> None:
         self.loop = loop
+        self.tls = tls
         self.read_timeout = config.read_timeout
         self.connect_timeout = config.connect_timeout
         self.limit = asyncio.Semaphore(config.max_connections)
-        self.idle: dict[tuple[str, int], list[_Connection]] = {}
+        self.idle: dict[_Key, list[_Connection]] = {}
 
-    async def get(self, key: tuple[str, int]) -> _Connection:
+    async def get(self, key: _Key) -> _Connection:
         """An idle connection to `key` still open, else a new one (the caller holds `limit`)."""
         idle = self.idle.get(key)
         now = time.monotonic()
@@ -345,11 +354,21 @@ class _Pool:
                 conn.reused = True
                 return conn
             conn.close()
-        host, port = key
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(lambda: _Connection(self, key), host, port),
-            self.connect_timeout,
+        host, port, tls = key
+        # The handshake is part of connecting: within connect_timeout, as with aiohttp. The name
+        # checked against the certificate (and sent as SNI) is the URL's host, as aiohttp's.
+        opened = (
+            self.loop.create_connection(
+                lambda: _Connection(self, key),
+                host,
+                port,
+                ssl=self.tls,
+                server_hostname=host.rstrip("."),
+            )
+            if tls
+            else self.loop.create_connection(lambda: _Connection(self, key), host, port)
         )
+        _, conn = await asyncio.wait_for(opened, self.connect_timeout)
         return conn
 
     def put(self, conn: _Connection) -> None:
@@ -372,6 +391,10 @@ class FullTransport(HttpTransport, Protocol):
 
     user_agent: str
     """The User-Agent it sends: the lean path sends the same."""
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of its https connections: the lean path uses the same."""
 
     async def exchange(
         self,
@@ -396,7 +419,8 @@ class LeanTransport:
         """Open the fallback's session; the pool opens connections as they are needed."""
         await self.fallback.start()
         if self._pool is None:
-            self._pool = _Pool(self.config, asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            self._pool = _Pool(self.config, loop, self.fallback.ssl_context)
 
     async def close(self) -> None:
         """Close every pooled connection and the fallback's session."""
@@ -406,12 +430,12 @@ class LeanTransport:
         await self.fallback.close()
 
     def takes(self, request: HttpRequest) -> bool:
-        """Whether `request` goes the lean way (a plain http:// call without form or stream)."""
+        """Whether `request` goes the lean way (an http(s):// call without form or stream)."""
         body = request.json_body
         return (
             request.form is None
             and request.method in _LEAN_METHODS
-            and request.url.startswith("http://")
+            and request.url.startswith(("http://", "https://"))
             and (body is None or _STREAM_MARK not in body)
         )
 
@@ -424,14 +448,15 @@ class LeanTransport:
         pool = self._pool
         assert pool is not None
         url = yarl.URL(request.url, encoded=True)
-        host, port = url.raw_host or "", url.port or 80
+        tls = url.scheme == "https"
+        host, port = url.raw_host or "", url.port or (443 if tls else 80)
         head = _request_head(request, url, self._user_agent)
         deadline = pool.loop.time() + self._total
         await pool.limit.acquire()
         conn: _Connection | None = None
         try:
             for retry in (True, False):
-                conn = await pool.get((host, port))
+                conn = await pool.get((host, port, tls))
                 answer = conn.begin(head, request.json_body, deadline)
                 try:
                     while not answer.head_done:
