@@ -139,10 +139,13 @@ class Redactor:
     ) -> MutableMapping[str, Any]:
         """structlog processor: redact every value of the event."""
         if self.secrets:
-            # Values replaced in place (the keys stay); numbers and None need no look.
+            # Values replaced in place (the keys stay); numbers and None need no look, and a
+            # string without a mark (one regex search) none of `text`'s scans.
+            marked = self.marked
             for key, val in event_dict.items():
                 if type(val) is str:
-                    event_dict[key] = self.text(val)
+                    if marked(val):
+                        event_dict[key] = self.text(val)
                 elif isinstance(val, dict | list | tuple | str):
                     event_dict[key] = self.any(val)
         return event_dict
