@@ -55,8 +55,10 @@ def control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, check=True)
 
 
-def measure(bench: bench_run.Bench, src: str, instance: str) -> dict[int, float]:
-    """Instructions per request of the tree in `src`, per concurrency."""
+def measure(
+    bench: bench_run.Bench, src: str, instance: str, extra_env: dict[str, str]
+) -> dict[int, float]:
+    """Instructions per request of the tree in `src`, per concurrency (`extra_env`: overrides)."""
     config = bench.bridge_config(False, instance)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMB_")}
     env.update(
@@ -64,6 +66,7 @@ def measure(bench: bench_run.Bench, src: str, instance: str) -> dict[int, float]
         PYTHONPATH=src,
         XDG_STATE_HOME=str(bench.workdir / f"state-{instance}"),
     )
+    env.update(extra_env)
     out = bench.workdir / f"{instance}.callgrind"
     argv = [
         *("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"),
@@ -97,7 +100,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("a", help="folder holding tree A's bridge/ package")
     parser.add_argument("b", help="folder holding tree B's bridge/ package")
+    parser.add_argument(
+        "--bridge-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for both bridges, e.g. OMB_LOGGING__LEVEL=info (repeatable)",
+    )
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.bridge_env)
     work = Path(tempfile.mkdtemp(prefix="omb-callgrind-"))
     bench = bench_run.Bench(plan=bench_run.QUICK, workdir=work, logdir=work)
     bench.start_broker()
@@ -106,7 +117,8 @@ def main() -> None:
         rounds = [(("A", args.a), ("B", args.b)), (("B", args.b), ("A", args.a))]
         for round_no, order in enumerate(rounds, start=1):
             for side, src in order:
-                for concurrency, ir in measure(bench, src, f"cg{round_no}{side}").items():
+                measured = measure(bench, src, f"cg{round_no}{side}", extra_env)
+                for concurrency, ir in measured.items():
                     print(
                         f"round {round_no} {side} C={concurrency}: {ir:,.0f} instructions/request"
                     )
