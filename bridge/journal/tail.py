@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import struct
 import zlib
@@ -203,10 +204,12 @@ class Slot:
 
     def open(self, sync: bool) -> TailFile:
         """A new, empty data file of this slot (the next in sequence)."""
-        path = self.journal.with_name(f"{self.journal.name}-tail{self.n}.{self.seq}")
-        self.seq += 1
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-        return TailFile(path, os.open(path, flags, 0o600), sync)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        while True:  # never over a file with records in it
+            path = self.journal.with_name(f"{self.journal.name}-tail{self.n}.{self.seq}")
+            self.seq += 1
+            with contextlib.suppress(FileExistsError):
+                return TailFile(path, os.open(path, flags, 0o600), sync)
 
     def close(self) -> None:
         """Give up the slot (its data files already removed)."""
@@ -220,7 +223,7 @@ class Slot:
 def _data_files(journal: Path, n: int) -> list[tuple[int, Path]]:
     """(seq, path) of slot `n`'s data files, oldest first."""
     found = []
-    for path in journal.parent.glob(f"{journal.name}-tail{n}.*"):
+    for path in journal.parent.glob(f"{glob.escape(journal.name)}-tail{n}.*"):
         seq = path.name.rpartition(".")[2]
         if seq.isdigit():
             found.append((int(seq), path))
@@ -275,7 +278,7 @@ class TailFile:
 def peer_answer(journal: Path, slot: int, key: bytes) -> Answer | None:
     """`key`'s answer in the tail files of other processes sharing `journal`, if one has it."""
     found = None
-    for path in sorted(journal.parent.glob(f"{journal.name}-tail*.*")):
+    for path in sorted(journal.parent.glob(f"{glob.escape(journal.name)}-tail*.*")):
         if path.name.startswith(f"{journal.name}-tail{slot}."):
             continue
         try:

@@ -223,3 +223,12 @@ def test_aged_out_answers_are_not_zeroed_page_by_page(tmp_path: Path) -> None:
     db = journal.store._db  # noqa: SLF001 - the store's own connection
     assert db.execute("PRAGMA secure_delete").fetchone()[0] == 2  # FAST
     asyncio.run(journal.close())
+
+
+async def test_a_journal_name_with_glob_characters_finds_its_tail(tmp_path: Path) -> None:
+    path = tmp_path / "journal-[a]*.sqlite3"
+    dead = tmp_path / "journal-[a]*.sqlite3-tail0.0"  # a dead process's start of key 1
+    dead.write_bytes(tails.start_record(key(1), "r", 1e9, 1))
+    journal = open_journal(path, max_age=1e10)
+    assert await journal.begin_attempt(key(1), "r") == 2  # found and replayed, not overwritten
+    await journal.close()
