@@ -452,9 +452,15 @@ class AudioBudgetExhausted(RealtimeError):
     retryable = True
 
 
+class UseInputTopic(RealtimeError):
+    """In a group: an event, audio or close on the request topic of a session another topic
+    serves (the `input` of its state)."""
+
+    code = "use_input_topic"
+
+
 class RealtimeUnavailable(RealtimeError):
-    """This bridge serves no realtime sessions: `[realtime] enabled` is off, or it is one
-    process of a shared-subscription group (a session must stay on one process)."""
+    """This bridge serves no realtime sessions: `[realtime] enabled` is off."""
 
     code = "realtime_unavailable"
 

@@ -69,6 +69,8 @@ def cmd_realtime(
     prefix, name = config.mqtt.topic_prefix, f"cli-{uuid.uuid4().hex[:12]}"
     inp, out = f"{prefix}/request/realtime/{name}", f"{prefix}/response/realtime/{name}"
     answer = Answer()
+    where = {"input": inp}
+    """Where the session's audio and events go: the state's `input` (a group's member's topic)."""
 
     def feed(topic: str, payload: bytes) -> Answer | None:
         output = topic.rpartition("/")[2]
@@ -80,6 +82,8 @@ def cmd_realtime(
             answer.errors.append(payload.decode("utf-8", "replace"))
         elif output == "state":
             state = json.loads(payload)
+            if isinstance(state.get("input"), str):
+                where["input"] = state["input"]
             if state.get("state") == "open":
                 answer.opened.set()
             elif state.get("state") == "closed":
@@ -99,11 +103,11 @@ def cmd_realtime(
         for n, at in enumerate(range(0, len(pcm), CHUNK)):
             if pace:
                 time.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
-            publish(f"{inp}/audio", pcm[at : at + CHUNK])
-        publish(f"{inp}/event", b'{"type":"input_audio_buffer.commit"}')
-        publish(f"{inp}/event", b'{"type":"response.create"}')
+            publish(f"{where['input']}/audio", pcm[at : at + CHUNK])
+        publish(f"{where['input']}/event", b'{"type":"input_audio_buffer.commit"}')
+        publish(f"{where['input']}/event", b'{"type":"response.create"}')
         answer.answered.wait(timeout)
-        publish(f"{inp}/close", b"")
+        publish(f"{where['input']}/close", b"")
 
     host = config.mqtt.host or "127.0.0.1"
     try:

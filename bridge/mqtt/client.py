@@ -110,6 +110,7 @@ class MqttTransport:
         subscription: str | None,
         receive_maximum: int,
         will: tuple[str, bytes] | None,
+        will_retain: bool = True,
         on_message: Callable[[InboundMessage], None],
         on_connected: Callable[[], None],
         log: FilteringBoundLogger,
@@ -133,6 +134,7 @@ class MqttTransport:
         """Awaited once, after the first CONNACK and before the first SUBSCRIBE."""
         self.receive_maximum = max(1, min(receive_maximum, 65535))
         self.will = will
+        self.will_retain = will_retain
         self._on_message_cb = on_message
         self._on_connected_cb = on_connected
         self.log = log
@@ -203,7 +205,7 @@ class MqttTransport:
         client.max_inflight_messages_set(20)  # MQTT 5 brokers announce their own in CONNACK
         if self.will is not None:
             topic, payload = self.will
-            client.will_set(topic, payload, qos=1, retain=True)
+            client.will_set(topic, payload, qos=1, retain=self.will_retain)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write

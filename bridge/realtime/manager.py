@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from typing import Any
 
@@ -16,12 +17,19 @@ from bridge.errors import BadJson, BadOpen, BridgeError, MethodNotAllowed, NotAn
 from bridge.messages import InboundMessage, Publisher
 from bridge.pipeline.access import AccessRules
 from bridge.pipeline.build import RequestBuilder
+from bridge.realtime import group as grouping
 from bridge.realtime import model
 from bridge.realtime.session import Connector, Session
 from bridge.realtime.tools import SessionTools, session_key
 from bridge.redact import Redactor
 from bridge.tools.config import Tool
 from bridge.tools.runner import CallContext, ToolRunner
+
+CLOSED_DETAIL = {
+    "bridge_restarted": "the bridge stopped without closing this session; open a new one",
+    "bridge_lost": "the bridge process holding this session is gone; open a new one",
+    "shutdown": "the bridge is stopping",
+}
 
 
 class RealtimeManager:
@@ -37,6 +45,7 @@ class RealtimeManager:
         redactor: Redactor | None = None,
         serving: bool = True,
         tools: ToolRunner | None = None,
+        member: str | None = None,
     ) -> None:
         self.config = config
         self.limits = config.realtime
@@ -59,37 +68,59 @@ class RealtimeManager:
         """False: every realtime message is answered `realtime_unavailable` (see the daemon)."""
         self.tools = tools
         """Runs the calls of the tools a session's open names (None: no tools configured)."""
+        self.group = (
+            grouping.Group(self.prefix, member, self.instance) if member is not None else None
+        )
+        """This process's view of its group (None: a bridge on its own, outside any group)."""
+        self._pending: dict[
+            str, tuple[model.RealtimeTopic, model.OpenOptions, dict[str, Tool]]
+        ] = {}
+        """In a group: opens claimed by this member whose claim has not come back, by nonce."""
 
     def takes(self, topic: str) -> bool:
-        """Whether `topic` is a realtime request topic or one of its sessions' states."""
+        """Whether `topic` is a realtime request topic, one of its sessions' states, or (in a
+        group) a claim, one of this member's input topics or another bridge's liveness."""
         if not topic.startswith(f"{self.prefix}/"):
             return False
+        if self.group is not None and self.group.kind_of(topic):
+            return True
         level, _, rest = topic[len(self.prefix) + 1 :].partition("/")
         return level in ("request", "response") and rest.partition("/")[0] in model.KINDS
 
     def submit(self, message: InboundMessage) -> None:
         """Handle one realtime message (acknowledged at once: sessions are not resumable)."""
         self.publisher.ack(message)
-        if message.topic.startswith(f"{self.prefix}/response/"):
-            self._restarted(message)
+        topic = message.topic
+        what = self.group.kind_of(topic) if self.group is not None else ""
+        if what in ("claim", "instance", "worker"):
+            self._coordinate(what, message)
+            return
+        if topic.startswith(f"{self.prefix}/response/"):
+            if self.group is None:
+                self._restarted(message)
+            else:
+                self._state_seen(message)
             return
         if message.retain or not self.accepting:
             return
         try:
-            self._handle(message)
+            self._handle(message, pinned=what == "pinned")
         except errors.RealtimeError as exc:
             self._reject(message.topic, exc)
         except BridgeError as exc:
             self._reject(message.topic, exc)
 
-    def _handle(self, message: InboundMessage) -> None:
-        parsed = model.parse_topic(self.prefix, message.topic)
+    def _handle(self, message: InboundMessage, *, pinned: bool) -> None:
+        if pinned:
+            assert self.group is not None
+            parsed: model.RealtimeTopic | None = self.group.parse_pinned(message.topic)
+        else:
+            parsed = model.parse_topic(self.prefix, message.topic)
         if parsed is None:
             return
         if not self.serving:
             raise errors.RealtimeUnavailable(
-                "this bridge serves no realtime sessions ([realtime] enabled is off, or it is "
-                "one process of a group): use a bridge with workers = 1 outside any group"
+                "this bridge serves no realtime sessions ([realtime] enabled is off)"
             )
         if not self.access.allows(parsed.kind):
             raise MethodNotAllowed(f"{parsed.kind} is not allowed by this bridge's [access] rules")
@@ -101,10 +132,23 @@ class RealtimeManager:
         key = (parsed.kind, parsed.session)
         session = self.sessions.get(key)
         if parsed.verb == "open":
+            if self.group is not None:
+                self._claim(parsed, message.payload)
+                return
             if session is not None:
                 raise errors.SessionExists(f"session {parsed.session!r} is already open")
-            self._open(parsed, message.payload)
+            options = self._options(message.payload)
+            self._reserve()
+            self._start(parsed, options, self._offer(parsed, options))
             return
+        if self.group is not None and not pinned:
+            owner = self.group.owners.get(key)
+            if owner is not None:
+                where = grouping.pinned_input(self.prefix, owner.member, *key)
+                raise errors.UseInputTopic(
+                    f"session {parsed.session!r} is served by {owner.member}: publish its "
+                    f"{parsed.verb} to {where}/{parsed.verb} (the input in its state)"
+                )
         if session is None:
             raise errors.UnknownSession(
                 f"no open {parsed.kind} session {parsed.session!r}: publish to .../open first"
@@ -160,17 +204,30 @@ class RealtimeManager:
             )
         return text, event
 
-    def _open(self, parsed: model.RealtimeTopic, payload: bytes) -> None:
+    def _options(self, payload: bytes) -> model.OpenOptions:
+        """The open options in `payload`; raises BadJson or BadOpen."""
         try:
             data: Any = json.loads(payload) if payload.strip() else None
         except ValueError:
             raise BadJson("an open payload is empty or a UTF-8 JSON object") from None
-        options = model.parse_open(data, self.limits.model)
-        if len(self.sessions) >= self.limits.max_sessions:
+        return model.parse_open(data, self.limits.model)
+
+    def _reserve(self) -> None:
+        """Raise TooManySessions when no session (open or being claimed) more fits."""
+        if len(self.sessions) + len(self._pending) >= self.limits.max_sessions:
             raise errors.TooManySessions(
                 f"{self.limits.max_sessions} sessions are open on this bridge: try later"
             )
-        offered = self._offer(parsed, options)
+
+    def _start(
+        self, parsed: model.RealtimeTopic, options: model.OpenOptions, offered: dict[str, Tool]
+    ) -> None:
+        """Open the session: its upstream socket and its life, in a task of its own."""
+        key = (parsed.kind, parsed.session)
+        if self.group is None:
+            labels = {"input": grouping.classic_input(self.prefix, *key)}
+        else:
+            labels = {"member": self.group.member, "input": self.group.input_topic(*key)}
         session = Session(
             prefix=self.prefix,
             kind=parsed.kind,
@@ -180,6 +237,7 @@ class RealtimeManager:
             publisher=self.publisher,
             redactor=self.redactor,
             instance=self.instance,
+            labels=labels,
         )
         if offered and self.tools is not None:
             context = CallContext(
@@ -197,7 +255,6 @@ class RealtimeManager:
                 note=session.note,
                 refuse=session.reject,
             )
-        key = (parsed.kind, parsed.session)
         self.sessions[key] = session
         url = model.upstream_url(self.config.service.api_base, parsed.kind, options.model)
         url, headers = self.builder.websocket_request(url)
@@ -240,12 +297,18 @@ class RealtimeManager:
         """Answer on the session's error topic, or the kind's when the topic names none."""
         parsed: model.RealtimeTopic | None = None
         with contextlib.suppress(errors.RealtimeError):
-            parsed = model.parse_topic(self.prefix, topic)
+            if self.group is not None and self.group.kind_of(topic) == "pinned":
+                parsed = self.group.parse_pinned(topic)
+            else:
+                parsed = model.parse_topic(self.prefix, topic)
         body = {**exc.to_dict(), "topic": topic[:200]}
         if parsed is not None:
             target = model.output_topic(self.prefix, parsed.kind, parsed.session, "error")
         else:
-            kind = topic[len(self.prefix) + len("/request/") :].partition("/")[0]
+            head = f"{self.prefix}/request/"
+            kind = topic[len(head) :].partition("/")[0] if topic.startswith(head) else ""
+            if self.group is not None:
+                kind = self.group.kind_in(topic)
             target = model.kind_error_topic(
                 self.prefix, kind if kind in model.KINDS else "realtime"
             )
@@ -273,9 +336,142 @@ class RealtimeManager:
             **state,
             "state": "closed",
             "reason": "bridge_restarted",
-            "detail": "the bridge stopped without closing this session; open a new one",
+            "detail": CLOSED_DETAIL["bridge_restarted"],
         }
         self.publisher.publish(message.topic, json.dumps(body).encode("utf-8"), retain=True)
+
+    # --- in a group (bridge/realtime/group.py) ------------------------------------------------
+
+    def _claim(self, parsed: model.RealtimeTopic, payload: bytes) -> None:
+        """An open that reached this member: claim the name for it unless it is held."""
+        assert self.group is not None
+        key = (parsed.kind, parsed.session)
+        owner = self.group.owners.get(key)
+        if owner is not None or any(
+            (p.kind, p.session) == key for p, _, _ in self._pending.values()
+        ):
+            held = f" by {owner.member}" if owner is not None else ""
+            raise errors.SessionExists(f"session {parsed.session!r} is already open{held}")
+        options = self._options(payload)
+        self._reserve()
+        offered = self._offer(parsed, options)
+        nonce = secrets.token_hex(8)
+        self._pending[nonce] = (parsed, options, offered)
+        claim = grouping.Claim(self.group.member, self.instance, nonce=nonce)
+        self.publisher.publish(self.group.claim_topic(*key), claim.encode(), qos=1)
+
+    def _coordinate(self, what: str, message: InboundMessage) -> None:
+        """A claim, a bridge's state or a worker's last will."""
+        assert self.group is not None
+        group = self.group
+        if what == "claim":
+            key = group.parse_claim_topic(message.topic)
+            claim = grouping.Claim.decode(message.payload)
+            if key is not None and claim is not None and not message.retain:
+                self._claimed(key, claim)
+            return
+        try:
+            body = json.loads(message.payload) if message.payload else {}
+        except ValueError:
+            return
+        if not isinstance(body, dict):
+            return
+        instance = message.topic[len(self.prefix) + len("/bridge/") :].partition("/")[0]
+        if what == "instance" and instance != self.instance:
+            if body.get("state") == "offline":
+                group.dead_instances.add(instance)
+                for key, owner in group.owned_by(instance=instance):
+                    self._reap(key, owner, "bridge_lost")
+            else:
+                group.dead_instances.discard(instance)
+        elif what == "worker" and body.get("state") == "offline":
+            member = body.get("member")
+            if isinstance(member, str) and member != group.member:
+                group.dead_members.add(member)
+                for key, owner in group.owned_by(member=member):
+                    self._reap(key, owner, "bridge_lost")
+
+    def _claimed(self, key: tuple[str, str], claim: grouping.Claim) -> None:
+        """Apply one claim, in the order every member sees them."""
+        assert self.group is not None
+        group = self.group
+        owner = group.owners.get(key)
+        if claim.reap:
+            if owner is None or owner.member != claim.reap:
+                return  # already reaped, or held by a newer owner
+            del group.owners[key]
+            if claim.member == group.member and key not in self.sessions:
+                self._publish_closed(key, owner, claim.reason)
+            return
+        group.dead_members.discard(claim.member)
+        won = owner is None
+        if won:
+            group.own(key, grouping.Owner(claim.member, claim.instance))
+        if claim.member != group.member:
+            return
+        pending = self._pending.pop(claim.nonce, None)
+        if pending is None:
+            if won:  # a claim of an earlier run of this member: let it go at once
+                self._reap(key, group.owners[key], "bridge_restarted")
+            return
+        parsed, options, offered = pending
+        if not won:
+            assert owner is not None
+            self._reject(
+                f"{self.prefix}/request/{key[0]}/{key[1]}/open",
+                errors.SessionExists(f"session {key[1]!r} is already open by {owner.member}"),
+            )
+        elif not self.accepting:
+            self._reap(key, group.owners[key], "shutdown")
+        else:
+            self._start(parsed, options, offered)
+
+    def _state_seen(self, message: InboundMessage) -> None:
+        """A session's state: who holds it; a leftover of this member or a dead one is reaped."""
+        assert self.group is not None
+        group = self.group
+        parts = message.topic.split("/")
+        key = (parts[-3], parts[-2])
+        if key[0] not in model.KINDS or not model.valid_session(key[1]):
+            return
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if not isinstance(body, dict) or not isinstance(body.get("member"), str):
+            return
+        member, instance = body["member"], str(body.get("instance", ""))
+        current = group.owners.get(key)
+        if body.get("state") == "closed":
+            if current is not None and current.member == member:
+                del group.owners[key]
+            return
+        owner = grouping.Owner(member, instance, body)
+        group.own(key, owner)
+        if not message.retain:
+            group.dead_members.discard(member)
+            return
+        # A retained state read at (re)connect: its owner may be gone.
+        if member == group.member and key not in self.sessions:
+            self._reap(key, owner, "bridge_restarted")
+        elif member in group.dead_members or (
+            instance in group.dead_instances and instance != self.instance
+        ):
+            self._reap(key, owner, "bridge_lost")
+
+    def _reap(self, key: tuple[str, str], owner: grouping.Owner, reason: str) -> None:
+        """Ask the group to end a session whose owner is gone (the first such claim wins)."""
+        assert self.group is not None
+        claim = grouping.Claim(self.group.member, self.instance, reap=owner.member, reason=reason)
+        self.publisher.publish(self.group.claim_topic(*key), claim.encode(), qos=1)
+
+    def _publish_closed(self, key: tuple[str, str], owner: grouping.Owner, reason: str) -> None:
+        """Publish `closed` for a session whose owner is gone."""
+        base = owner.state or {"kind": key[0], "instance": owner.instance, "member": owner.member}
+        body = {**base, "state": "closed", "reason": reason, "detail": CLOSED_DETAIL[reason]}
+        self.log.info("realtime session closed", kind=key[0], session=key[1], reason=reason)
+        topic = model.output_topic(self.prefix, key[0], key[1], "state")
+        self.publisher.publish(topic, json.dumps(body).encode("utf-8"), retain=True)
 
     async def close_all(self) -> None:
         """Close every session with reason `shutdown` and wait for their `closed` states."""

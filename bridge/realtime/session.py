@@ -66,6 +66,7 @@ class Session:
         publisher: StreamPublisher,
         redactor: Redactor,
         instance: str,
+        labels: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kind, self.name, self.options, self.limits = kind, name, options, limits
@@ -76,6 +77,8 @@ class Session:
         self._event_scrubber = StreamScrubber(redactor)
         """Deltas read on from the earlier ones: a key split over deltas is masked too."""
         self._instance = instance
+        self._labels = labels or {}
+        """More fields of the state: `input`, and `member` in a group."""
         self._clock = clock
         self._outbox: collections.deque[str] = collections.deque()
         """Client events in arrival order, for the sender."""
@@ -276,7 +279,8 @@ class Session:
         self._error(exc.code, exc.message, retryable=exc.is_retryable)
 
     def _state(self, state: str, **extra: str) -> None:
-        body = {"state": state, "kind": self.kind, "instance": self._instance, **extra}
+        body = {"state": state, "kind": self.kind, "instance": self._instance, **self._labels}
+        body |= extra
         if self.options.model:
             body["model"] = self.options.model
         self._publish("state", json.dumps(body).encode("utf-8"), retain=True, always=True)

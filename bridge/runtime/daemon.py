@@ -28,6 +28,7 @@ from bridge.pipeline.dispatch import Dispatcher
 from bridge.pipeline.model import JournalLike
 from bridge.pipeline.stats import Stats
 from bridge.presets.book import preset_problems
+from bridge.realtime import group as realtime_group
 from bridge.realtime import model as realtime_model
 from bridge.realtime.manager import RealtimeManager
 from bridge.realtime.websocket import AiohttpWebSockets
@@ -97,8 +98,8 @@ class Bridge:
         self.tool_runner: ToolRunner | None = None
         """Runs `[tools]` calls (`offer`, `execute`): for other front ends, e.g. realtime."""
         self.realtime: RealtimeManager | None = None
-        """Realtime sessions; only a bridge that is no member of a shared group serves them
-        (a session's messages must all reach one process)."""
+        """Realtime sessions; in a group each is pinned to the process that opened it."""
+        self.worker_index = worker.index if worker is not None else None
         if dormant_from is None and worker is None and not config.mqtt.shared_group:
             dormant_from = 2
         self.dormant_from = None if config.mqtt.embedded else dormant_from
@@ -207,6 +208,7 @@ class Bridge:
                 log=self.log,
                 serving=self._serves_realtime(),
                 tools=runner,
+                member=self._realtime_member(),
             )
             # Closed before the final state: each session publishes `closed` (`shutdown`).
             stack.push_async_callback(self.realtime.close_all)
@@ -265,6 +267,8 @@ class Bridge:
             # Waited jobs stay unacknowledged for their whole wait, outside max_concurrency.
             receive_maximum=cfg.limits.max_concurrency + cfg.jobs.max_waiting,
             will=self.role.will,
+            # A worker's will only tells its group it is gone; its supervisor holds the state.
+            will_retain=isinstance(self.role, Standalone),
             on_message=self._submit,
             on_connected=self._on_connected,
             log=self.log,
@@ -285,19 +289,26 @@ class Bridge:
         )
 
     def _serves_realtime(self) -> bool:
-        """Whether this process owns realtime sessions: standing alone, outside any group."""
-        return (
-            self.config.realtime.enabled
-            and isinstance(self.role, Standalone)
-            and not self.config.mqtt.shared_group
-        )
+        """Whether this process serves realtime sessions (`[realtime] enabled`)."""
+        return self.config.realtime.enabled
+
+    def _realtime_member(self) -> str | None:
+        """This process's name in its group's realtime topics; None outside any group."""
+        if not self.config.mqtt.shared_group:
+            return None
+        return realtime_group.member_name(self.config.mqtt.instance_name, self.worker_index)
 
     def _realtime_subscriptions(self) -> list[tuple[str, int]]:
-        """The retained session states, read at each connect to close what a crash left open."""
+        """The retained session states, read at each connect to close what a crash left open;
+        in a group also the claims, this member's input topics and the others' last wills."""
         if not self._serves_realtime():
             return []
         prefix = self.config.mqtt.topic_prefix
-        return [(f"{prefix}/response/{kind}/+/state", 1) for kind in realtime_model.KINDS]
+        states = [(f"{prefix}/response/{kind}/+/state", 1) for kind in realtime_model.KINDS]
+        member = self._realtime_member()
+        if member is None:
+            return states
+        return [*states, *realtime_group.subscriptions(prefix, member)]
 
     async def _take_over_dormant(self) -> None:
         """Drain and end the sessions of workers that no longer run, before subscribing."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from bridge.ha.status import OFFLINE, StatusPublisher
 from bridge.messages import InboundMessage, StatusTransport
 from bridge.pipeline.model import Observed
 from bridge.pipeline.stats import Stats
+from bridge.realtime import group as realtime_group
 from bridge.runtime import startup
 from bridge.runtime.logs import stop_when_log_gone
 from bridge.runtime.signals import stop_on_signals
@@ -184,7 +186,18 @@ class Worker:
     def __init__(self, bridge: Bridge, link: WorkerLink) -> None:
         self.bridge = bridge
         self.link = link
-        self.will: tuple[str, bytes] | None = None
+        cfg = bridge.config.mqtt
+        # Not retained (see the daemon): the group's other members reap this worker's realtime
+        # sessions when it dies (docs/scaling.md#realtime-sessions).
+        self.will: tuple[str, bytes] | None = (
+            realtime_group.worker_will_topic(cfg.topic_prefix, cfg.instance_name, link.index),
+            json.dumps(
+                {
+                    "state": "offline",
+                    "member": realtime_group.member_name(cfg.instance_name, link.index),
+                }
+            ).encode(),
+        )
         self.final_state: tuple[str, bytes] | None = None
         # The supervisor's console shows what the workers answer.
         self.observer: Callable[[Observed], None] | None = (

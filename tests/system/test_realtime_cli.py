@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support.bridge_runner import make_config
 from support.broker import MosquittoBroker
 from support.cli import LEAKS, cli
@@ -15,11 +16,17 @@ from support.realtime_standin import RealtimeStandin, pcm_of, wav_file
 StartBridge = Callable[..., Any]
 
 
+@pytest.mark.parametrize("group", ["", "voice"])
 def test_realtime_cli_speaks_a_wav_file_and_writes_the_answer(
-    start_bridge: StartBridge, mosquitto: MosquittoBroker, topic_prefix: str, tmp_path: Path
+    start_bridge: StartBridge,
+    mosquitto: MosquittoBroker,
+    topic_prefix: str,
+    tmp_path: Path,
+    group: str,
 ) -> None:
+    """Alone or in a `$share` group (then the session's input is the member's own topic)."""
     with RealtimeStandin() as upstream:
-        start_bridge(api_base=upstream.url)
+        start_bridge(api_base=upstream.url, mqtt={"shared_group": group})
         question = wav_file(tmp_path / "question.wav", 0.5)
         config, _env = make_config(
             tmp_path, broker_port=mosquitto.port, api_base=upstream.url, prefix=topic_prefix

@@ -381,14 +381,24 @@ def test_access_rules_cover_realtime(
     assert upstream.connections == []
 
 
-def test_a_bridge_in_a_shared_group_refuses_sessions_clearly(
+def test_a_bridge_with_realtime_off_refuses_sessions_clearly(
     start_bridge: StartBridge, client: TestClient, topic_prefix: str, upstream: RealtimeStandin
 ) -> None:
-    start_bridge(api_base=upstream.url, mqtt={"shared_group": "voice"})
+    start_bridge(api_base=upstream.url, extra={"realtime": {"enabled": False}})
     device = Device(client, topic_prefix, "d")
     device.open()
-    assert "one process of a group" in device.error("realtime_unavailable")["message"]
+    assert "enabled is off" in device.error("realtime_unavailable")["message"]
     assert upstream.connections == []
+
+
+def test_a_single_bridges_state_names_its_input_topic(
+    start_bridge: StartBridge, client: TestClient, topic_prefix: str, upstream: RealtimeStandin
+) -> None:
+    start_bridge(api_base=upstream.url)
+    device = Device(client, topic_prefix, "here")
+    device.open()
+    state = device.state("open")
+    assert state["input"] == device.inp and "member" not in state
 
 
 def test_responses_websocket_mode_and_transcription_sessions(

@@ -656,16 +656,3 @@ def test_the_supervisor_serves_the_console_with_the_summed_view(
         tried = json.loads(response.read())
     assert tried["code"] is None and tried["topic"].endswith("/createModeration/console-1")
     assert json.loads(tried["reply"]["text"])["status"] == "ok"
-
-
-def test_workers_refuse_realtime_sessions_with_a_clear_error(
-    pool: BridgeProcess, client: TestClient, topic_prefix: str
-) -> None:
-    """A session must stay on one process; a `$share` group cannot promise that
-    (docs/scaling.md#realtime-sessions)."""
-    errors = f"{topic_prefix}/response/realtime/satellite/error"
-    client.subscribe(errors)
-    for _ in range(4):  # whichever worker each message reaches answers the same
-        client.publish(f"{topic_prefix}/request/realtime/satellite/open", b"")
-    refused = client.wait_for(errors, n=4)
-    assert {m.json()["code"] for m in refused} == {"realtime_unavailable"}
