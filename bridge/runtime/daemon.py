@@ -329,12 +329,17 @@ class Bridge:
 
     def _stale_subscriptions(self) -> list[str]:
         """Request filters an earlier configuration may have left in our persistent session:
-        the plain one in a group, the workers' group in plain mode. Both left in place would
-        bring each request twice."""
+        the plain one in a group, the workers' group (and a group's realtime topics) in plain
+        mode. Both left in place would bring each request twice."""
         filters = [self.topics.request_filter, self.topics.ask_filter]  # requests, preset questions
         if self.config.mqtt.shared_group:
             return filters
-        return [f"$share/{workers.default_group(self.config)}/{f}" for f in filters]
+        stale = [f"$share/{workers.default_group(self.config)}/{f}" for f in filters]
+        # A group's realtime topics (worker 1 keeps this session): claims, wills, pinned input.
+        prefix, instance = self.config.mqtt.topic_prefix, self.config.mqtt.instance_name
+        for member in (instance, realtime_group.member_name(instance, 1)):
+            stale += [f for f, _ in realtime_group.subscriptions(prefix, member) if f not in stale]
+        return stale
 
     async def _connected(self, transport: MqttTransport) -> bool:
         """Connect, unless `stop()` comes first; whether connected."""
