@@ -57,8 +57,10 @@ _PRUNE_EVERY = 60.0
 _PAGE_SIZE = 512
 """Page size of a new journal: a commit writes whole pages to the WAL, so small pages write
 less per answer (docs/reliability.md#what-it-costs; an existing file keeps its own)."""
-_WAL_BYTES = 4 << 20
-"""WAL bytes between checkpoints: rarer checkpoints copy the often-changed pages less often."""
+_WAL_BYTES = 16 << 20
+"""WAL bytes between checkpoints (at most a quarter of `max_bytes`): a checkpoint copies each
+page changed since the last once, so the rarer, the fewer copies of the often-changed pages (the
+key index's): 2,289 -> 1,832 bytes a request with the tail file against 4 MiB."""
 _PACK_LEVEL = 1
 """zlib level for stored answers: level 1 already takes a chat answer to about 60 %."""
 _ZDICT = (
@@ -222,13 +224,14 @@ class SqliteStore:
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {version}")
         self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
-        db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_BYTES // self._page_size}")
+        checkpoint = max(64, min(_WAL_BYTES, self.max_bytes // 4) // self._page_size)
+        db.execute(f"PRAGMA wal_autocheckpoint = {checkpoint}")
         self._pragmas = [
             "PRAGMA busy_timeout = 5000",
             f"PRAGMA synchronous = {synchronous.upper()}",
             "PRAGMA secure_delete = FAST",
             f"PRAGMA journal_size_limit = {min(self.max_bytes, 4 << 20)}",
-            f"PRAGMA wal_autocheckpoint = {_WAL_BYTES // self._page_size}",
+            f"PRAGMA wal_autocheckpoint = {checkpoint}",
         ]
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":

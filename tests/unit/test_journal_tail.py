@@ -232,3 +232,13 @@ async def test_a_journal_name_with_glob_characters_finds_its_tail(tmp_path: Path
     journal = open_journal(path, max_age=1e10)
     assert await journal.begin_attempt(key(1), "r") == 2  # found and replayed, not overwritten
     await journal.close()
+
+
+def test_checkpoints_are_16_mib_of_wal_apart_at_most_a_quarter_of_max_bytes(
+    tmp_path: Path,
+) -> None:
+    for max_bytes, pages in ((64 << 20, (16 << 20) // 512), (256 << 10, (64 << 10) // 512)):
+        journal = open_journal(tmp_path / f"{max_bytes}.sqlite3", max_bytes=max_bytes)
+        db = journal.store._db  # noqa: SLF001 - the store's own connection
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
+        asyncio.run(journal.close())
