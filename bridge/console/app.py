@@ -33,7 +33,7 @@ class ConsoleSource(Protocol):
 
     topic_prefix: str
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Awaitable[dict[str, Any]]:
         """State, broker, service host (no credentials), versions, uptime, counters, journal."""
 
     def config_view(self) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class Console:
         return _asset(name)
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
-        return _json(self.redactor.any(self.source.status()))
+        return _json(self.redactor.any(await self.source.status()))
 
     async def _requests(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -10,6 +10,7 @@ waited job is still resumed, never created twice.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -246,3 +247,36 @@ class PgJournal:
                 return
             # Dead rows only give their space back after a vacuum.
             await self.pool.execute("VACUUM omb_journal")
+
+
+class PgSize:
+    """A PostgreSQL journal's entries and bytes over one connection of its own (the web
+    console's status page), opened when first asked, opened again after a failure."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: Any = None
+
+    async def read(self) -> tuple[int, int] | None:
+        """(entries, bytes of the table and its indexes), None when the database cannot tell."""
+        try:
+            import asyncpg
+        except ImportError:
+            return None
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self._url, timeout=5, command_timeout=5)
+            row = await self._conn.fetchrow(
+                "SELECT count(*), pg_total_relation_size('omb_journal') FROM omb_journal"
+            )
+        except Exception:  # noqa: BLE001  (the status page says "unknown", never the error's URL)
+            await self.close()
+            return None
+        return int(row[0]), int(row[1])
+
+    async def close(self) -> None:
+        """Close the connection, if open."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)

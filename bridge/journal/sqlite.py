@@ -950,3 +950,41 @@ class Journal:
                 failed_writes=self.failed_writes,
                 consequence="these answers are bought again if the bridge crashes before replying",
             )
+
+
+def read_size(path: Path) -> tuple[int | None, int]:
+    """(entries, bytes) of the journal at `path` as another reader sees it (the web console):
+    the entries in SQLite (over a read-only connection of its own) and those only in the tail
+    files of the processes using it; the bytes of the file, its WAL and the tail files. Entries
+    are None when they cannot be read. Blocking: run it in a thread."""
+    wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+    size = sum(file.stat().st_size for file in (path, wal, shm) if file.is_file())
+    tail_keys: set[bytes] = set()
+    for file in path.parent.glob(f"{path.name}-tail*.*"):
+        try:
+            data = file.read_bytes()
+        except OSError:  # handed to SQLite and removed meanwhile
+            continue
+        size += len(data)
+        tail_keys.update(
+            key for key, p in tails.replay(data).items() if p.answer_at is not None or p.attempts
+        )
+    if not path.is_file():
+        return None, size
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error:
+        return None, size
+    try:
+        entries: int = db.execute("SELECT count(*) FROM entries").fetchone()[0]
+        keys = list(tail_keys)
+        for at in range(0, len(keys), 500):  # a key both there and in SQLite counts once
+            batch = keys[at : at + 500]
+            marks = ",".join("?" * len(batch))
+            known = db.execute(f"SELECT count(*) FROM entries WHERE key IN ({marks})", batch)
+            entries += len(batch) - int(known.fetchone()[0])
+    except sqlite3.Error:
+        return None, size
+    finally:
+        db.close()
+    return entries, size

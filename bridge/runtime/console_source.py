@@ -5,6 +5,7 @@ Imported only when the console is on: it loads aiohttp's web server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -20,17 +21,23 @@ from bridge import __version__
 from bridge.config import ENV_PREFIX, BridgeConfig, load_config
 from bridge.console.app import Console
 from bridge.errors import ConfigError
+from bridge.journal.postgres import PgSize
+from bridge.journal.sqlite import read_size
 from bridge.messages import StatusTransport
 from bridge.methods.describe import describe, example_payload
 from bridge.methods.model import MethodTable
 from bridge.pipeline.stats import Stats
 from bridge.redact import Redactor
 from bridge.runtime import startup
+from bridge.workers.protocol import worker_journal_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from structlog.typing import FilteringBoundLogger
+
+JOURNAL_EVERY = 2.0
+"""Seconds the journal's entries and size are reused before they are read again."""
 
 
 class BridgeSource:
@@ -53,19 +60,16 @@ class BridgeSource:
         self._transport = transport
         self._started = time.time()
         self.workers = workers
+        url = config.journal.url.get_secret_value()
+        self._pg = PgSize(url) if url and config.journal.scope != "off" else None
+        self._journal: tuple[float, dict[str, Any]] | None = None
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """State, broker, service host (no credentials), versions, uptime, counters, journal."""
         cfg, transport = self.config, self._transport()
         online = transport is not None and transport.connected.is_set()
         stats = self._stats()
-        journal: dict[str, Any] = {"scope": cfg.journal.scope}
-        if cfg.journal.url.get_secret_value():
-            journal["kind"] = "postgresql"
-        elif cfg.journal.path:
-            path = Path(cfg.journal.path)
-            sizes = [p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file()]
-            journal.update(kind="sqlite", path=str(path), bytes=sum(sizes))
+        journal = await self.journal()
         return {
             "state": "online" if online else "offline",
             "instance": cfg.mqtt.instance_name,
@@ -80,6 +84,31 @@ class BridgeSource:
             "journal": journal,
             "counters": asdict(stats) if stats is not None else {},
         }
+
+    async def journal(self) -> dict[str, Any]:
+        """The journal's kind, scope, entries and bytes: every worker's SQLite file summed, or
+        the PostgreSQL table the group shares (read at most every JOURNAL_EVERY seconds)."""
+        now = time.monotonic()
+        if self._journal is not None and now - self._journal[0] < JOURNAL_EVERY:
+            return self._journal[1]
+        cfg = self.config.journal
+        journal: dict[str, Any] = {"scope": cfg.scope}
+        if self._pg is not None:
+            read = await self._pg.read()
+            entries, size = read if read is not None else (None, None)
+            journal.update(kind="postgresql", entries=entries, bytes=size)
+        elif cfg.path and cfg.scope != "off":
+            paths = [Path(worker_journal_path(cfg.path, i)) for i in range(1, self.workers + 1)]
+            sizes = await asyncio.to_thread(lambda: [read_size(p) for p in paths])
+            counts = [entries for entries, _ in sizes]
+            journal.update(
+                kind="sqlite",
+                path=str(paths[0]) if len(paths) == 1 else [str(p) for p in paths],
+                entries=None if None in counts else sum(c for c in counts if c is not None),
+                bytes=sum(size for _, size in sizes),
+            )
+        self._journal = (now, journal)
+        return journal
 
     def config_view(self) -> dict[str, Any]:
         """The effective config (redacted), its file, each `OMB_` override with its (redacted)
@@ -129,6 +158,11 @@ class BridgeSource:
             raise ConnectionError("not connected to the broker")
         return transport.publish(topic, payload, qos=1)
 
+    async def close(self) -> None:
+        """Close the console's own connections (PostgreSQL)."""
+        if self._pg is not None:
+            await self._pg.close()
+
 
 async def start_console(
     source: BridgeSource, log: FilteringBoundLogger, stack: contextlib.AsyncExitStack
@@ -136,6 +170,7 @@ async def start_console(
     """Serve the console for `source` until `stack` closes."""
     config = source.config
     console = Console(config.console, source, Redactor(config.secrets()), log)
+    stack.push_async_callback(source.close)
     await console.start()
     stack.push_async_callback(console.close)
     return console

@@ -1,9 +1,9 @@
 """The web console in a real browser (Debian's Chromium, driven by Selenium) against a real bridge.
 
 The bridge runs on a real Mosquitto with the HTTP stand-in upstream; the browser loads the
-console, watches counters and the live list move while requests flow through the broker, sends
-a chat call and a file upload from the try page, and saves a screenshot of every page for the
-docs (docs/console/*.png).
+console, watches counters, the journal's entries and the live list move while requests flow
+through the broker, sends a chat call and a file upload from the try page, and saves a
+screenshot of every page for the docs (docs/console/*.png).
 """
 
 from __future__ import annotations
@@ -97,10 +97,14 @@ def test_the_console_in_a_real_browser(
     wait(browser, lambda d: text_of(d, "#state") == "online")
     counter = 'dd[data-key="requests_total"]'
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, counter))
-    before = int(text_of(browser, counter))
+    entries = 'dd[data-key="journal_entries"]'
+    wait(browser, lambda d: text_of(d, entries).isdigit())
+    before, journaled = int(text_of(browser, counter)), int(text_of(browser, entries))
     for n in range(3):
         client.request("listModels", {"transaction": n})
     wait(browser, lambda d: int(text_of(d, counter)) >= before + 3)  # moves without a reload
+    wait(browser, lambda d: int(text_of(d, entries)) >= journaled + 3)  # each answer journaled
+    assert text_of(browser, 'dd[data-key="journal_size"]').split()[0] != "0"
     browser.save_screenshot(str(SHOTS / "status.png"))
 
     browser.get(url + "#requests")

@@ -213,3 +213,36 @@ def test_one_of_three_killed_mid_job_is_replaced_and_the_job_created_once(
         for member in [*members.values(), *([replacement] if replacement else [])]:
             member.close()
             assert TEST_API_KEY not in member.log_text()
+
+
+async def test_the_consoles_status_counts_the_shared_tables_entries(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.config import BridgeConfig
+    from bridge.methods.catalog import default_table
+    from bridge.runtime.console_source import BridgeSource
+
+    monkeypatch.setattr("bridge.runtime.console_source.JOURNAL_EVERY", 0.0)
+    journal = await open_pg(pg_url, RecordingLog())
+    assert journal is not None
+    config = BridgeConfig.model_validate({"journal": {"url": pg_url}})
+    source = BridgeSource(config, None, default_table(), lambda: None, lambda: None, workers=2)
+    try:
+        shown = (await source.status())["journal"]
+        assert (shown["kind"], shown["entries"]) == ("postgresql", 0) and shown["bytes"] > 0
+        for i in range(3):
+            assert await journal.record_answer(key(i), "t", b"answer", "text/plain")
+        shown = (await source.status())["journal"]
+        assert shown["entries"] == 3  # the one table a group shares, not counted per worker
+    finally:
+        await source.close()
+        await journal.close()
+    unreachable = BridgeConfig.model_validate(
+        {"journal": {"url": "postgresql://omb:s3cret-pw@127.0.0.1:1/none"}}
+    )
+    source = BridgeSource(unreachable, None, default_table(), lambda: None, lambda: None)
+    status = await source.status()
+    assert status["journal"] == {"scope": "answers", "kind": "postgresql", "entries": None,
+                                 "bytes": None}  # fmt: skip
+    assert "s3cret-pw" not in str(status)
+    await source.close()

@@ -640,6 +640,12 @@ def test_the_supervisor_serves_the_console_with_the_summed_view(
     )
     assert status["workers"] == 2 and status["state"] == "online"
     assert TEST_API_KEY not in json.dumps(status)
+    journal = _await(  # both workers' files, each answer journaled once
+        lambda: (j := _console_get(port, "/api/status")["journal"])["entries"] == total and j,
+        15,
+        "every worker's journal entries summed",
+    )
+    assert journal["kind"] == "sqlite" and len(journal["path"]) == 2 and journal["bytes"] > 0
     # The try page's request goes through the broker to a worker; its answer comes back here.
     try_request = urllib.request.Request(
         f"http://127.0.0.1:{port}/api/try",

@@ -32,7 +32,7 @@ class Source:
         self.console: Console | None = None
         self.published: list[tuple[str, bytes]] = []
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         return {"state": "online", "service": "https://api.example/v1", "key": KEY}
 
     def config_view(self) -> dict[str, Any]:
@@ -235,3 +235,39 @@ def test_the_config_view_shows_override_values_redacted_and_check_configs_findin
     assert any(
         f.startswith("error: limits.max_concurency") for f in source.config_view()["findings"]
     )
+
+
+async def test_the_journal_shown_counts_what_waits_in_tail_files_once(tmp_path: Path) -> None:
+    from support.fakes import RecordingLog
+
+    from bridge.journal.sqlite import Journal, read_size
+    from bridge.pipeline.dedup import request_key
+
+    def key(i: int) -> bytes:
+        return request_key("home/openai/request/listModels", b"%d" % i)
+
+    def opened() -> Journal:
+        journal = Journal.open(
+            path, scope="answers", max_bytes=1 << 20, max_age=3600.0, max_answer_bytes=1 << 16,
+            synchronous="normal", log=RecordingLog(),
+        )  # fmt: skip
+        assert journal is not None
+        return journal
+
+    path = tmp_path / "journal.sqlite3"
+    assert read_size(path) == (None, 0)
+    journal = opened()
+    assert read_size(path)[0] == 0
+    for i in range(3):
+        assert await journal.begin_attempt(key(i), "r") == 1
+        assert await journal.record_answer(key(i), "r", b'{"status":"ok"}')
+        assert await journal.settle_attempt(key(i))
+    assert await journal.begin_attempt(key(3), "r") == 1  # an unfinished start is an entry too
+    entries, size = read_size(path)  # all of them in this process's tail file so far
+    assert entries == 4 and size > 0
+    await journal.close()  # the tail goes to SQLite
+    assert read_size(path)[0] == 4
+    journal = opened()
+    assert await journal.record_answer(key(0), "r", b'{"status":"ok"}')  # in both: counted once
+    assert read_size(path)[0] == 4
+    await journal.close()

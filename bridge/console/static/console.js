@@ -47,9 +47,28 @@ async function refreshStatus() {
   const status = await api("/api/status");
   const pill = $("state");
   pill.textContent = status.state; pill.className = "pill " + status.state;
-  const { counters, ...rest } = status;
-  fill($("status-list"), Object.entries(rest));
+  const { counters, journal, ...rest } = status;
+  fill($("status-list"), Object.entries(Object.assign(rest, journalRows(journal || {}))));
   fill($("counters"), Object.entries(counters || {}));
+}
+
+function size(bytes) {
+  if (bytes === null || bytes === undefined) return "unknown";
+  const units = ["bytes", "KiB", "MiB", "GiB"];
+  let value = bytes, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return (unit ? value.toFixed(1) : String(value)) + " " + units[unit];
+}
+
+// The journal as three rows: where it is, its entries, its size (every worker's summed).
+function journalRows(journal) {
+  if (!journal.kind) return { journal: "off (scope " + journal.scope + ")" };
+  const where = Array.isArray(journal.path) ? journal.path.join(", ") : journal.path;
+  return {
+    journal: journal.kind + ", scope " + journal.scope + (where ? " — " + where : ""),
+    journal_entries: journal.entries ?? "unknown",
+    journal_size: size(journal.bytes),
+  };
 }
 
 function rowMatches(record, text) {
