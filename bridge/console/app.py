@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from bridge.config import ConsoleConfig
-from bridge.console.model import Guard, RateLimit, RequestLog, preview
+from bridge.console.model import PREVIEW_BYTES, Guard, RateLimit, RequestLog, preview
 from bridge.pipeline.model import Observed
 from bridge.redact import Redactor
 
@@ -25,6 +27,13 @@ if TYPE_CHECKING:
 
 TRY_TIMEOUT = 120.0
 """Seconds the try page waits for the reply of the request it sent."""
+MAX_STREAMS = 3
+"""Streamed tries open at once (each holds an HTTP response and a subscription)."""
+MAX_STREAM_BYTES = 1 << 20
+"""Bytes of stream events one streamed try sends the page; past them events are only counted."""
+REPLY_GRACE = 5.0
+"""Seconds a streamed try waits, once the reply is answered, for it to come back through the
+broker (behind the last events): a reply the broker did not take would otherwise hold it."""
 _STATIC = ("index.html", "console.js", "console.css")
 
 
@@ -48,6 +57,11 @@ class ConsoleSource(Protocol):
     def publish(self, topic: str, payload: bytes) -> Awaitable[None]:
         """Publish a request through the broker, as a device would."""
 
+    def follow(
+        self, topics: Sequence[str], deliver: Callable[[str, bytes], None]
+    ) -> AbstractAsyncContextManager[None]:
+        """Inside, every message on `topics` goes to `deliver`, read through the broker."""
+
 
 class Console:
     """The web console of one bridge: started and closed by the bridge's exit stack."""
@@ -67,6 +81,8 @@ class Console:
         self.guard = Guard(config.host, config.port, config.token.get_secret_value())
         self.tries = RateLimit(rate=1.0, burst=5)
         self._pending: dict[str, asyncio.Future[Observed]] = {}
+        self.streaming = 0
+        """Streamed tries open now (at most MAX_STREAMS)."""
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -105,6 +121,7 @@ class Console:
         app.router.add_get("/api/methods", self._methods)
         app.router.add_get("/api/describe/{name}", self._describe)
         app.router.add_post("/api/try", self._try)
+        app.router.add_post("/api/try/stream", self._try_stream)
         return app
 
     async def start(self) -> None:
@@ -162,11 +179,8 @@ class Console:
         if refusal is not None:
             return _json({"error": refusal[1]}, status=refusal[0])
         response = await handler(request)
-        response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        if not response.prepared:  # a stream sets them itself before its first bytes
+            _harden(response)
         return response
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
@@ -211,17 +225,10 @@ class Console:
         return _json(found)
 
     async def _try(self, request: web.Request) -> web.StreamResponse:
-        if not self.tries.take():
-            return _json({"error": "too many tries: at most 5 at once, then 1 a second"}, 429)
-        try:
-            body = await request.json()
-        except ValueError:
-            return _json({"error": "the body must be JSON"}, 400)
-        method, payload = body.get("method"), body.get("payload")
-        if not isinstance(method, str) or not method or "/" in method or "+" in method:
-            return _json({"error": "method must be a method name"}, 400)
-        if not isinstance(payload, dict):
-            return _json({"error": "payload must be a JSON object"}, 400)
+        asked = await self._try_request(request)
+        if isinstance(asked, web.Response):
+            return asked
+        method, payload = asked
         suffix = f"console-{next(self._ids)}"
         waiting: asyncio.Future[Observed] = asyncio.get_running_loop().create_future()
         self._pending[suffix] = waiting
@@ -233,8 +240,152 @@ class Console:
             return _json({"error": f"no reply within {TRY_TIMEOUT:g} s", "topic": topic}, 504)
         finally:
             self._pending.pop(suffix, None)
+        return _json(self._answered(topic, seen))
+
+    async def _try_request(self, request: web.Request) -> tuple[str, dict[str, Any]] | web.Response:
+        """The method and payload a try asks for, or why it is refused (rate, shape)."""
+        if not self.tries.take():
+            return _json({"error": "too many tries: at most 5 at once, then 1 a second"}, 429)
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json({"error": "the body must be JSON"}, 400)
+        if not isinstance(body, dict):
+            return _json({"error": "the body must be a JSON object"}, 400)
+        method, payload = body.get("method"), body.get("payload")
+        if not isinstance(method, str) or not method or any(c in method for c in "/+#\x00"):
+            return _json({"error": "method must be a method name"}, 400)
+        if not isinstance(payload, dict):
+            return _json({"error": "payload must be a JSON object"}, 400)
+        return method, payload
+
+    def _answered(self, topic: str, seen: Observed) -> dict[str, Any]:
         reply = preview(seen.reply, self.redactor, seen.reply_type)
-        return _json({"topic": topic, "code": seen.code, "reply": reply})
+        return {"topic": topic, "code": seen.code, "reply": reply}
+
+    async def _try_stream(self, request: web.Request) -> web.StreamResponse:
+        """A try whose stream events reach the page as the bridge publishes them.
+
+        Server-sent events over the POST's own response (read by fetch(), so the token goes in
+        a header as for every call): `published`, one `event` per stream message (read back
+        through the broker on the stream topic), `truncated` once past MAX_STREAM_BYTES, then
+        `reply` (or `error`). Bounded: MAX_STREAMS at once, TRY_TIMEOUT in all.
+        """
+        if self.streaming >= MAX_STREAMS:
+            return _json({"error": f"at most {MAX_STREAMS} streamed tries at once"}, 429)
+        asked = await self._try_request(request)
+        if isinstance(asked, web.Response):
+            return asked
+        method, payload = asked
+        self.streaming += 1
+        try:
+            return await self._stream(request, method, payload)
+        finally:
+            self.streaming -= 1
+
+    async def _stream(
+        self, request: web.Request, method: str, payload: dict[str, Any]
+    ) -> web.StreamResponse:
+        prefix, suffix = self.source.topic_prefix, f"console-{next(self._ids)}"
+        topic = f"{prefix}/request/{method}/{suffix}"
+        stream_topic = f"{prefix}/stream/{method}/{suffix}"
+        reply_topic = f"{prefix}/response/{method}/{suffix}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TRY_TIMEOUT
+        answered: asyncio.Future[Observed] = loop.create_future()
+        events: deque[bytes] = deque()
+        arrived, reply_back = asyncio.Event(), asyncio.Event()
+        room, dropped = MAX_STREAM_BYTES, 0
+
+        def deliver(on: str, message: bytes) -> None:
+            nonlocal room, dropped
+            if on == reply_topic:
+                reply_back.set()
+            elif len(message) <= room:
+                room -= len(message)
+                events.append(message)
+            else:  # and every later one: the page never shows a stream with a hole
+                room, dropped = 0, dropped + 1
+            arrived.set()
+
+        async def drain() -> None:
+            while events:
+                await _send(response, "event", self._event(events.popleft()))
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        _harden(response)
+        self._pending[suffix] = answered
+        try:
+            async with self.source.follow([stream_topic, reply_topic], deliver):
+                await self.source.publish(topic, json.dumps(payload).encode())
+                await response.prepare(request)
+                await _send(response, "published", {"topic": topic})
+                said_dropped, grace_end = False, None
+                while True:
+                    arrived.clear()
+                    await drain()
+                    if dropped and not said_dropped:
+                        said_dropped = True
+                        await _send(response, "truncated", {"after_bytes": MAX_STREAM_BYTES})
+                    now = loop.time()
+                    if answered.done():
+                        # The reply comes back through the broker behind the last events.
+                        grace_end = grace_end or now + REPLY_GRACE
+                        if reply_back.is_set() or now >= grace_end:
+                            break
+                    if now >= deadline:
+                        await _send(
+                            response, "error", {"error": f"no reply within {TRY_TIMEOUT:g} s"}
+                        )
+                        return response
+                    waiter = asyncio.ensure_future(arrived.wait())
+                    waits: list[asyncio.Future[Any]] = [waiter]
+                    if not answered.done():
+                        waits.append(answered)
+                    try:
+                        await asyncio.wait(
+                            waits,
+                            timeout=min(deadline, grace_end or deadline) - now,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        waiter.cancel()
+                await drain()
+                result = self._answered(topic, answered.result())
+                await _send(response, "reply", {**result, "events_dropped": dropped})
+        except (OSError, TimeoutError) as exc:  # the page went away, or no broker to read
+            if not response.prepared:
+                why = f"the broker cannot be read ({type(exc).__name__})"
+                return _json({"error": why}, 503)
+        finally:
+            self._pending.pop(suffix, None)
+        return response
+
+    def _event(self, message: bytes) -> dict[str, Any]:
+        """One stream message as the page shows it: redacted, a large one cut to a preview."""
+        if len(message) <= PREVIEW_BYTES:
+            try:  # anyone allowed to publish there may have: deep nesting is only text
+                event = json.loads(message)
+                if isinstance(event, dict):
+                    return {"event": self.redactor.any(event)}
+            except (ValueError, RecursionError):
+                pass
+        return {"preview": preview(message, self.redactor, None)}
+
+
+async def _send(response: web.StreamResponse, name: str, data: Any) -> None:
+    """One server-sent event."""
+    frame = f"event: {name}\ndata: {json.dumps(data, default=str)}\n\n"
+    await response.write(frame.encode())
+
+
+def _harden(response: web.StreamResponse) -> None:
+    """The headers every answer carries: no framing, no sniffing, no caching, no referrer."""
+    response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from paho.mqtt.enums import MQTTProtocolVersion
@@ -36,6 +36,8 @@ class TopicWatcher:
         self._lock = threading.Lock()
         self._waiters: dict[str, list[tuple[bool, asyncio.Future[bytes]]]] = {}
         """Topic -> (wants the retained copy, future of the message)."""
+        self._followers: dict[str, list[Callable[[str, bytes], None]]] = {}
+        """Topic -> what each live message on it is handed to (`following`)."""
         self._subacks: dict[int, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = asyncio.Event()
@@ -71,6 +73,44 @@ class TopicWatcher:
         """Subscribe to `topic`, run `action`, return the next live message or None."""
         return await self._await(topic, seconds, False, action)
 
+    @contextlib.asynccontextmanager
+    async def following(
+        self, topics: Sequence[str], deliver: Callable[[str, bytes], None], seconds: float
+    ) -> AsyncIterator[None]:
+        """Inside, every live message on `topics` (exact names) goes to `deliver(topic, payload)`
+        on the loop, in the order received; subscribed (SUBACK) before the body runs.
+
+        Raises TimeoutError when not connected and subscribed within `seconds`.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for topic in topics:
+                self._followers.setdefault(topic, []).append(deliver)
+        try:
+            async with asyncio.timeout(seconds):
+                await self.connected.wait()
+                suback: asyncio.Future[None] = loop.create_future()
+                with self._lock:
+                    _, mid = self._client.subscribe([(topic, 1) for topic in topics])
+                    if mid is None:
+                        raise TimeoutError("not connected")
+                    self._subacks[mid] = suback
+                await suback
+            yield
+        finally:
+            with self._lock:
+                gone = []
+                for topic in topics:
+                    delivering = self._followers.get(topic, [])
+                    if deliver in delivering:
+                        delivering.remove(deliver)
+                    if not delivering and not self._waiters.get(topic):
+                        self._followers.pop(topic, None)
+                        gone.append(topic)
+                if gone:
+                    with contextlib.suppress(Exception):
+                        self._client.unsubscribe(gone)
+
     async def _await(
         self,
         topic: str,
@@ -105,6 +145,7 @@ class TopicWatcher:
                     waiting.remove(entry)
                 if not waiting:
                     self._waiters.pop(topic, None)
+                if not waiting and not self._followers.get(topic):
                     with contextlib.suppress(Exception):
                         self._client.unsubscribe(topic)
 
@@ -144,9 +185,13 @@ class TopicWatcher:
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         with self._lock:
             waiting = list(self._waiters.get(message.topic, ()))
+            following = list(self._followers.get(message.topic, ()))
         for wants_retained, future in waiting:
             if wants_retained or not message.retain:
                 self._call(_settle, future, bytes(message.payload))
+        if not message.retain:
+            for deliver in following:
+                self._call(deliver, message.topic, bytes(message.payload))
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

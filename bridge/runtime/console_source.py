@@ -10,7 +10,7 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,18 +26,19 @@ from bridge.journal.sqlite import read_size
 from bridge.messages import StatusTransport
 from bridge.methods.describe import describe, example_payload
 from bridge.methods.model import MethodTable
+from bridge.mqtt.watch import TopicWatcher
 from bridge.pipeline.stats import Stats
 from bridge.redact import Redactor
 from bridge.runtime import startup
 from bridge.workers.protocol import worker_journal_path
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from structlog.typing import FilteringBoundLogger
 
 JOURNAL_EVERY = 2.0
 """Seconds the journal's entries and size are reused before they are read again."""
+FOLLOW_TIMEOUT = 10.0
+"""Seconds the console's own broker connection may take to connect and subscribe."""
 
 
 class BridgeSource:
@@ -63,6 +64,8 @@ class BridgeSource:
         url = config.journal.url.get_secret_value()
         self._pg = PgSize(url) if url and config.journal.scope != "off" else None
         self._journal: tuple[float, dict[str, Any]] | None = None
+        self._watcher: TopicWatcher | None = None
+        self._watcher_lock = asyncio.Lock()
 
     async def status(self) -> dict[str, Any]:
         """State, broker, service host (no credentials), versions, uptime, counters, journal."""
@@ -158,8 +161,31 @@ class BridgeSource:
             raise ConnectionError("not connected to the broker")
         return transport.publish(topic, payload, qos=1)
 
+    @contextlib.asynccontextmanager
+    async def follow(
+        self, topics: Sequence[str], deliver: Callable[[str, bytes], None]
+    ) -> AsyncIterator[None]:
+        """Inside, every message on `topics` goes to `deliver`, read through the broker on the
+        console's own connection (`<client id>-console`, connected when first needed)."""
+        async with self._watcher_lock:
+            if self._watcher is None:
+                mqtt = self.config.mqtt
+                mqtt = mqtt.model_copy(update={"host": mqtt.host or "127.0.0.1"})
+                watcher = TopicWatcher(mqtt, f"{mqtt.effective_client_id}-console")
+                try:
+                    await asyncio.wait_for(watcher.start(FOLLOW_TIMEOUT), FOLLOW_TIMEOUT)
+                except BaseException:
+                    await watcher.close()
+                    raise
+                self._watcher = watcher
+        async with self._watcher.following(topics, deliver, FOLLOW_TIMEOUT):
+            yield
+
     async def close(self) -> None:
-        """Close the console's own connections (PostgreSQL)."""
+        """Close the console's own connections (broker, PostgreSQL)."""
+        if self._watcher is not None:
+            await self._watcher.close()
+            self._watcher = None
         if self._pg is not None:
             await self._pg.close()
 

@@ -22,7 +22,9 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
+    "GATE_TIMEOUT",
     "UNSET",
+    "Gate",
     "Part",
     "RecordedRequest",
     "Reply",
@@ -31,6 +33,9 @@ __all__ = [
     "Standin",
     "summarize",
 ]
+
+GATE_TIMEOUT: Final = 60.0
+"""Seconds an SSE answer waits at most on a Gate the test never opens."""
 
 
 class _Unset:
@@ -100,6 +105,34 @@ class RecordedRequest:
         ]
 
 
+class Gate:
+    """Holds an SSE answer before one of its events until the test opens it (from any thread):
+    the test sees what the client made of the events before it, then lets the rest go."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._opened = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def open(self) -> None:
+        """Let the held answer go on (again: nothing)."""
+        with self._lock:
+            self._opened = True
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # the stand-in stopped meanwhile
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self) -> None:
+        """Return once opened."""
+        event = asyncio.Event()
+        with self._lock:
+            if self._opened:
+                return
+            self._waiters.append((asyncio.get_running_loop(), event))
+        await event.wait()
+
+
 @dataclass(frozen=True)
 class Reply:
     """A programmed answer.
@@ -108,6 +141,8 @@ class Reply:
     `delay` seconds pass before anything is sent (a simulated latency).
     `sse`: a list of (event name or None, data) sent as server-sent events, `sse_delay`
     between them, then `data: [DONE]` when `sse_done` and the script did not end with it.
+    `sse_gates`: event number -> a Gate the answer waits on before sending that event
+    (at most GATE_TIMEOUT seconds, cut short when the stand-in stops).
     `cut`: close the connection mid-body (an SSE stream after its events, without the
     [DONE]; any other body after half of it, the Content-Length promising all of it).
     `hang`: never answer; the handler waits until the client goes away or the
@@ -124,6 +159,7 @@ class Reply:
     sse: Sequence[tuple[str | None, str]] | None = None
     sse_delay: float = 0.0
     sse_done: bool = True
+    sse_gates: Mapping[int, Gate] = field(default_factory=dict)
     cut: bool = False
     hang: bool = False
 
@@ -462,6 +498,16 @@ class Standin:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    async def _held(self, gate: Gate) -> None:
+        """Wait for `gate` to open, the stand-in to stop, or GATE_TIMEOUT."""
+        assert self._stopping is not None
+        waits = [asyncio.ensure_future(gate.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waits, timeout=GATE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         record, in_base = await self._record(request)
         try:
@@ -537,6 +583,8 @@ class Standin:
         for number, (event, data) in enumerate(reply.sse):
             if number:
                 await self._pause(reply.sse_delay)
+            if (gate := reply.sse_gates.get(number)) is not None:
+                await self._held(gate)
             await response.write(_sse_frame(event, data))
         if reply.cut:
             self._close_transport(request)

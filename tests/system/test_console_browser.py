@@ -2,14 +2,16 @@
 
 The bridge runs on a real Mosquitto with the HTTP stand-in upstream; the browser loads the
 console, watches counters, the journal's entries and the live list move while requests flow
-through the broker, sends a chat call and a file upload from the try page, and saves a
-screenshot of every page for the docs (docs/console/*.png).
+through the broker, sends a chat call, a streamed chat call (held by the stand-in between its
+chunks, so each delta is seen in the page before the next one is sent) and a file upload from
+the try page, and saves a screenshot of every page for the docs (docs/console/*.png).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,24 @@ from selenium.webdriver.support.ui import WebDriverWait
 from support.bridge_runner import TEST_API_KEY, BridgeThread
 from support.bridges import StartBridge
 from support.mqtt_client import TestClient
-from support.standin import Reply, Standin
+from support.standin import Gate, Reply, Standin
 
 from bridge.runtime.roles import Standalone
 
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "docs" / "console"
 CHAT = {"object": "chat.completion", "choices": [{"message": {"content": "Hello from upstream"}}]}
+DELTAS = ["Streamed ", "hello ", "from upstream"]
+
+
+def chunk(n: int, finish: bool = False) -> tuple[None, str]:
+    """Chat completion chunk `n` (a DELTAS piece, or the end with `finish`)."""
+    choice: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    if not finish:
+        choice = {"index": 0, "delta": {"content": DELTAS[n]}, "finish_reason": None}
+    data = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini", "choices": [choice]}  # fmt: skip
+    return None, json.dumps(data)
 
 
 def chromium() -> tuple[str, str]:
@@ -127,6 +140,34 @@ def test_the_console_in_a_real_browser(
     assert standin.last.json() == payload
     browser.save_screenshot(str(SHOTS / "try.png"))
 
+    # A streamed call: the stand-in holds its answer after each delta until the test has seen
+    # that delta in the page (and not the next one, nor the reply), then lets the next go.
+    gates = {1: Gate(), 2: Gate(), 3: Gate()}
+    stream = [chunk(0), chunk(1), chunk(2), chunk(0, finish=True)]
+    standin.script("POST", "/chat/completions", Reply(sse=stream, sse_gates=gates))
+    streamed = {**payload, "stream": True}
+    box.clear()
+    box.send_keys(json.dumps(streamed))
+    browser.find_element(By.ID, "send").click()
+    try:
+        for n in range(3):
+            shown = "".join(DELTAS[: n + 1])
+            wait(browser, lambda d, shown=shown: text_of(d, "#try-text") == shown)
+            assert len(browser.find_elements(By.CSS_SELECTOR, "#try-events li")) == n + 1
+            assert "streaming" in text_of(browser, "#try-reply")  # no final reply yet
+            if n == 1:
+                browser.save_screenshot(str(SHOTS / "try-stream.png"))
+            gates[n + 1].open()
+    finally:
+        for gate in gates.values():
+            gate.open()
+    wait(browser, lambda d: text_of(d, "#try-reply").startswith("{"))
+    final = json.loads(text_of(browser, "#try-reply"))
+    assert final["status"] == "ok", final
+    assert final["data"]["choices"][0]["message"]["content"] == "".join(DELTAS)
+    assert "4 events" in text_of(browser, "#try-topic")
+    assert standin.last.json() == streamed
+
     audio = bytes(range(256)) * 40 + b"\x00\xff end"
     wav = tmp_path / "hello.wav"
     wav.write_bytes(audio)
@@ -147,3 +188,31 @@ def test_the_console_in_a_real_browser(
     logs: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]
     severe = [e for e in logs if e["level"] == "SEVERE"]
     assert severe == []
+
+
+def test_a_streamed_try_obeys_access_like_any_device(
+    start_bridge: StartBridge, standin: Standin
+) -> None:
+    bridge = start_bridge(
+        extra={
+            "console": {"enabled": True, "port": 0},
+            "access": {"deny_methods": ["createChatCompletion"]},
+        }
+    )
+    role = bridge.bridge.role
+    assert isinstance(role, Standalone) and role.console is not None and role.console.url
+    origin = role.console.url.rstrip("/")
+    payload = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    request = urllib.request.Request(
+        origin + "/api/try/stream",
+        data=json.dumps({"method": "createChatCompletion", "payload": payload}).encode(),
+        headers={"Origin": origin, "X-OMB-Console": "1", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        frames = [f for f in response.read().decode().split("\n\n") if f]
+    names = [frame.split("\n")[0] for frame in frames]
+    assert names == ["event: published", "event: reply"]
+    reply = json.loads(frames[-1].split("\n")[1].removeprefix("data: "))
+    assert reply["code"] == "method_not_allowed"
+    assert standin.requests == []

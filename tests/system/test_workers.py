@@ -22,7 +22,7 @@ from support.bridge_runner import TEST_API_KEY, BridgeProcess, make_config
 from support.broker import MosquittoBroker, free_port
 from support.cli import LEAKS, cli
 from support.mqtt_client import TestClient, durable_client
-from support.standin import Standin
+from support.standin import Reply, Standin
 
 from bridge.config import BridgeConfig, load_config
 from bridge.errors import EX_CONFIG, ConfigError
@@ -662,3 +662,29 @@ def test_the_supervisor_serves_the_console_with_the_summed_view(
         tried = json.loads(response.read())
     assert tried["code"] is None and tried["topic"].endswith("/createModeration/console-1")
     assert json.loads(tried["reply"]["text"])["status"] == "ok"
+    # A streamed try: a worker publishes the events, the supervisor's console reads them back.
+    chunks = [
+        {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": c},
+         "finish_reason": None}]} for c in ("a", "b")
+    ] + [{"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {},
+          "finish_reason": "stop"}]}]  # fmt: skip
+    standin.script("POST", "/chat/completions", Reply(sse=[(None, json.dumps(c)) for c in chunks]))
+    payload = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    try_request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/try/stream",
+        data=json.dumps({"method": "createChatCompletion", "payload": payload}).encode(),
+        headers=dict(try_request.headers),
+        method="POST",
+    )
+    with urllib.request.urlopen(try_request, timeout=30) as response:
+        frames = response.read().decode().split("\n\n")
+    events = [
+        (name.removeprefix("event: "), json.loads(data.removeprefix("data: ")))
+        for name, data in (f.split("\n") for f in frames if f)
+    ]
+    assert [name for name, _ in events] == ["published", "event", "event", "event", "reply"]
+    assert [e["event"]["seq"] for name, e in events if name == "event"] == [0, 1, 2]
+    assert json.loads(events[-1][1]["reply"]["text"])["data"]["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "ab",
+    }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from pydantic import SecretStr
 from support.fakes import FakeLog
 
 from bridge.config import BridgeConfig, ConsoleConfig
-from bridge.console.app import Console
+from bridge.console.app import MAX_STREAMS, Console
 from bridge.console.model import PREVIEW_BYTES, Guard, RequestLog
 from bridge.pipeline.model import Observed
 from bridge.redact import Redactor
@@ -23,17 +24,38 @@ KEY = "sk-console-test-9f8e7d6c5b"
 TOKEN = "console-token-31415926"
 
 
+CHUNKS = ["Hel", "lo ", KEY]
+
+
 class Source:
-    """A ConsoleSource that answers every try itself, as the dispatcher's observer would."""
+    """A ConsoleSource that answers every try itself, as the dispatcher's observer would; a try
+    followed on its stream topic gets CHUNKS as chat deltas there, then its reply, as the
+    broker would hand them back. A method in `denied` is refused as [access] refuses it."""
 
     topic_prefix = "home/openai"
+    denied = frozenset({"deleteFile"})
+    broker_down = False
 
     def __init__(self) -> None:
         self.console: Console | None = None
         self.published: list[tuple[str, bytes]] = []
+        self.following: list[tuple[list[str], Callable[[str, bytes], None]]] = []
 
     async def status(self) -> dict[str, Any]:
         return {"state": "online", "service": "https://api.example/v1", "key": KEY}
+
+    @contextlib.asynccontextmanager
+    async def follow(
+        self, topics: Sequence[str], deliver: Callable[[str, bytes], None]
+    ) -> AsyncIterator[None]:
+        if self.broker_down:
+            raise TimeoutError("not connected")
+        entry = (list(topics), deliver)
+        self.following.append(entry)
+        try:
+            yield
+        finally:
+            self.following.remove(entry)
 
     def config_view(self) -> dict[str, Any]:
         return {"source": "x.toml", "overrides": [], "findings": [], "config": {"k": KEY}}
@@ -46,13 +68,23 @@ class Source:
 
     def publish(self, topic: str, payload: bytes) -> Awaitable[None]:
         self.published.append((topic, payload))
-        suffix = topic.rsplit("/", 1)[1]
+        _, _, method, suffix = topic.rsplit("/", 3)
         assert self.console is not None
-        reply = json.dumps({"status": "ok", "data": {"echo": KEY}}).encode()
-        seen = Observed(
-            "listModels", suffix, None, None, 200, 1.0, payload, len(payload), reply, None
-        )
-        asyncio.get_running_loop().call_soon(self.console.observe, seen)
+        loop = asyncio.get_running_loop()
+        code = "method_not_allowed" if method in self.denied else None
+        if code is None:
+            reply = json.dumps({"status": "ok", "data": {"echo": KEY}}).encode()
+        else:
+            reply = json.dumps({"status": "error", "error": {"code": code}}).encode()
+        for topics, deliver in self.following:
+            if code is None and json.loads(payload).get("stream"):
+                for seq, chunk in enumerate(CHUNKS):
+                    data = {"choices": [{"index": 0, "delta": {"content": chunk}}]}
+                    event = {"seq": seq, "event": None, "data": data}
+                    loop.call_soon(deliver, topics[0], json.dumps(event).encode())
+            loop.call_soon(deliver, topics[1], reply)
+        seen = Observed(method, suffix, None, code, 200, 1.0, payload, len(payload), reply, None)
+        loop.call_soon(self.console.observe, seen)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -235,6 +267,150 @@ def test_the_config_view_shows_override_values_redacted_and_check_configs_findin
     assert any(
         f.startswith("error: limits.max_concurency") for f in source.config_view()["findings"]
     )
+
+
+def events_of(body: str) -> list[tuple[str, Any]]:
+    """The server-sent events of a streamed try: (name, data)."""
+    out = []
+    for frame in body.split("\n\n"):
+        if not frame:
+            continue
+        name, data = frame.split("\n")
+        out.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+async def stream_try(
+    client: TestClient[Any, Any],
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    method: str = "createChatCompletion",
+) -> tuple[int, str]:
+    response = await client.post(
+        "/api/try/stream", json={"method": method, "payload": payload}, headers=headers
+    )
+    return response.status, await response.text()
+
+
+async def test_a_streamed_try_sends_each_event_redacted_then_the_reply(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, source = open_console
+    status, body = await stream_try(client, {"stream": True}, own(client))
+    assert status == 200
+    events = events_of(body)
+    topic = "home/openai/request/createChatCompletion/console-1"
+    assert events[0] == ("published", {"topic": topic})
+    deltas = [
+        e["event"]["data"]["choices"][0]["delta"]["content"] for n, e in events if n == "event"
+    ]
+    assert deltas == ["Hel", "lo ", "**********"]
+    assert [e["event"]["seq"] for n, e in events if n == "event"] == [0, 1, 2]
+    name, reply = events[-1]
+    assert name == "reply" and reply["code"] is None and reply["events_dropped"] == 0
+    assert KEY not in body
+    assert source.following == []  # unsubscribed
+    response = await client.post(
+        "/api/try/stream", json={"method": "x", "payload": {}}, headers=own(client)
+    )
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+
+
+async def test_a_streamed_try_of_a_denied_method_gets_its_refusal_and_no_event(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, _ = open_console
+    status, body = await stream_try(client, {"stream": True}, own(client), method="deleteFile")
+    assert status == 200
+    names = [name for name, _ in events_of(body)]
+    assert names == ["published", "reply"]
+    assert events_of(body)[-1][1]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),  # no token
+        ({"Authorization": "Bearer nope"}, 401),
+        ({"Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"}, 403),
+        ({"Authorization": f"Bearer {TOKEN}", "Origin": None}, 403),  # no Origin
+        ({"Authorization": f"Bearer {TOKEN}", "X-OMB-Console": None}, 403),  # a form's post
+        ({"Authorization": f"Bearer {TOKEN}", "Host": "rebound.example:8733"}, 421),
+    ],
+)
+async def test_a_streamed_try_refuses_whoever_the_api_refuses(
+    token_console: tuple[TestClient[Any, Any], Console, Source],
+    headers: dict[str, str | None],
+    status: int,
+) -> None:
+    client, _, source = token_console
+    sent = {**own(client), **headers}
+    got, body = await stream_try(
+        client, {"stream": True}, {k: v for k, v in sent.items() if v is not None}
+    )
+    assert got == status and "error" in json.loads(body)
+    assert source.published == [] and source.following == []
+    right = {**own(client), "Authorization": f"Bearer {TOKEN}"}
+    assert (await stream_try(client, {"stream": True}, right))[0] == 200
+
+
+async def test_streamed_tries_are_rate_limited_with_the_other_tries(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, _, source = open_console
+    statuses = []
+    for n in range(7):
+        path = "/api/try" if n % 2 else "/api/try/stream"
+        response = await client.post(
+            path, json={"method": "listModels", "payload": {}}, headers=own(client)
+        )
+        statuses.append(response.status)
+        await response.read()
+    assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
+    assert len(source.published) == 5
+
+
+async def test_streamed_tries_open_at_once_are_bounded(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, console, _ = open_console
+    console.streaming = MAX_STREAMS  # as many as allowed are still streaming
+    status, body = await stream_try(client, {"stream": True}, own(client))
+    assert status == 429 and "at once" in json.loads(body)["error"]
+    console.streaming = 0
+
+
+async def test_a_stream_past_its_bytes_is_cut_and_says_so(
+    open_console: tuple[TestClient[Any, Any], Console, Source], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _, _ = open_console
+    monkeypatch.setattr("bridge.console.app.MAX_STREAM_BYTES", 100)
+    _, body = await stream_try(client, {"stream": True}, own(client))
+    names = [name for name, _ in events_of(body)]
+    assert names == ["published", "event", "truncated", "reply"]
+    assert events_of(body)[-1][1]["events_dropped"] == 2
+
+
+def test_a_stream_message_shown_is_redacted_and_odd_ones_are_only_text() -> None:
+    console = Console(ConsoleConfig(port=0), Source(), Redactor([KEY]), FakeLog().bound)
+    event = {"seq": 0, "event": None, "data": {"text": KEY}}
+    assert console._event(json.dumps(event).encode()) == {  # noqa: SLF001
+        "event": {"seq": 0, "event": None, "data": {"text": "**********"}}
+    }
+    for odd in (b"[" * 2000 + b"]" * 2000, b"plain " + KEY.encode(), b"\xff\xfe", b"x" * 5000):
+        shown = console._event(odd)  # noqa: SLF001
+        assert set(shown) == {"preview"} and KEY not in json.dumps(shown)
+
+
+async def test_a_streamed_try_without_a_broker_to_read_is_503_and_publishes_nothing(
+    open_console: tuple[TestClient[Any, Any], Console, Source],
+) -> None:
+    client, console, source = open_console
+    source.broker_down = True
+    status, body = await stream_try(client, {"stream": True}, own(client))
+    assert status == 503 and "broker" in json.loads(body)["error"]
+    assert source.published == [] and console.streaming == 0
 
 
 async def test_the_journal_shown_counts_what_waits_in_tail_files_once(tmp_path: Path) -> None:

@@ -151,13 +151,85 @@ function readBase64(file) {
   });
 }
 
+function streams(payload) {
+  const bridge = payload._bridge || {};
+  return payload.stream === true || payload.stream_format === "sse" || Boolean(bridge.wait);
+}
+
+// The text an event adds: a chat or completion delta, a Responses or transcription delta.
+function deltaOf(message) {
+  if (typeof message.text === "string") return message.text;
+  const data = message.data;
+  if (typeof data === "string") return "";
+  if (!data || typeof data !== "object") return "";
+  const choice = Array.isArray(data.choices) ? data.choices[0] || {} : {};
+  if (choice.delta && typeof choice.delta.content === "string") return choice.delta.content;
+  if (typeof choice.text === "string") return choice.text;
+  if (typeof data.delta === "string") return data.delta;
+  return "";
+}
+
+function showEvent(item) {
+  const li = document.createElement("li");
+  if (item.event) {
+    const message = item.event;
+    const delta = deltaOf(message);
+    $("try-text").textContent += delta;
+    const name = message.event || (delta ? "delta" : "event");
+    li.textContent = `#${message.seq ?? "?"} ${name}: ` + JSON.stringify(message.data ?? message).slice(0, 300);
+  } else {
+    li.textContent = previewText(item.preview);
+  }
+  $("try-events").append(li);
+  $("try-reply").textContent = `… streaming (${$("try-events").children.length} events)`;
+}
+
+// fetch() and not EventSource: the token goes in the Authorization header, as for every call.
+async function sendStreamed(method, payload) {
+  const headers = { "Content-Type": "application/json", "X-OMB-Console": "1" };
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const response = await fetch("/api/try/stream", { method: "POST", headers, body: JSON.stringify({ method, payload }) });
+  if (response.status === 401) { showLogin(); throw new Error("token needed"); }
+  if (!response.ok) { const data = await response.json(); throw new Error(data.error || response.statusText); }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      let name = "message", data = "";
+      for (const line of frame.split("\n")) {
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      const item = JSON.parse(data);
+      if (name === "published") $("try-topic").textContent = "published on " + item.topic + " — streaming";
+      else if (name === "event") showEvent(item);
+      else if (name === "truncated") $("try-topic").textContent += ` — events past ${item.after_bytes} bytes not shown`;
+      else if (name === "error") throw new Error(item.error);
+      else if (name === "reply") {
+        $("try-topic").textContent = "published on " + item.topic + ` — ${$("try-events").children.length} events` +
+          (item.events_dropped ? ` (${item.events_dropped} more not shown)` : "") + (item.code ? " — " + item.code : "");
+        $("try-reply").textContent = previewText(item.reply);
+      }
+    }
+  }
+}
+
 $("send").addEventListener("click", async () => {
   const method = $("method-search").value.trim();
   $("try-reply").textContent = "…";
+  $("try-topic").textContent = "";
+  $("try-text").textContent = "";
+  $("try-events").replaceChildren();
   try {
     const payload = JSON.parse($("payload").value || "{}");
     const file = $("file").files[0];
     if (file) payload[$("file-field").value || "file"] = { base64: await readBase64(file), filename: file.name };
+    if (streams(payload)) { await sendStreamed(method, payload); return; }
     const result = await api("/api/try", {
       method: "POST",
       headers: { "Content-Type": "application/json", "X-OMB-Console": "1" },
