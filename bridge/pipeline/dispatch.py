@@ -383,7 +383,7 @@ class Dispatcher:
             if decision.options.wait is not None:
                 return await self._wait(route, decision, key, slot)
             if decision.options.tools or decision.ask is not None:
-                return await self._tool_loop(route, decision, key)
+                return await self._tool_loop(route, decision, key, replay=message.dup)
             return await self._execute(route, decision)
         except BridgeError as exc:
             return render.failure(decision.op.name, decision.transaction, exc, decision.options)
@@ -466,9 +466,11 @@ class Dispatcher:
             await sink.flushed()
         return outcome
 
-    async def _tool_loop(self, route: Route, call: Call, key: bytes | None) -> render.Outcome:
+    async def _tool_loop(
+        self, route: Route, call: Call, key: bytes | None, *, replay: bool
+    ) -> render.Outcome:
         """Run the model/tool loop (docs/tools.md) and a preset's conversation turn; the final
-        answer takes the reply options."""
+        answer takes the reply options; a redelivery (`replay`) replays what was journaled."""
         options, ask = call.options, call.ask
         if ask is not None and ask.reset:
             await self.conversations.reset(ask)
@@ -508,6 +510,7 @@ class Dispatcher:
                 allow_dangerous=options.allow_dangerous,
                 dry_run=options.dry_run,
                 progress=progress,
+                replay=replay,
             )
             loop = self.config.tool_loop
             answer = await run_loop(

@@ -87,7 +87,7 @@ async def _step(
     """The model's answer at `step`: journaled from an earlier run, or asked for and journaled."""
     key = step_key(ctx.key, step)
     journal = runner.journal
-    if key is not None and journal is not None:
+    if key is not None and journal is not None and ctx.replay:
         entry = await journal.lookup(key)
         if entry is not None and entry.answer is not None:
             return entry.answer

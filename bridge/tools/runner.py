@@ -70,6 +70,9 @@ class CallContext:
     dry_run: bool = False
     progress: Callable[[dict[str, Any]], None] | None = None
     """Receives each call and result (the stream topic)."""
+    replay: bool = False
+    """A redelivery (DUP) of the request: its journaled steps and calls are replayed. A fresh
+    request with the same bytes (the same question tomorrow) acts anew and records over them."""
 
 
 @dataclass(slots=True)
@@ -105,7 +108,7 @@ class ToolRunner:
     async def execute(self, ctx: CallContext, call_id: str, name: str, arguments: str) -> str:
         """Run one call; the returned JSON text (a result or an error) goes back to the model."""
         key = call_key(ctx.key, call_id)
-        if key is not None and self.journal is not None:
+        if key is not None and self.journal is not None and ctx.replay:
             entry = await self.journal.lookup(key)
             if entry is not None and entry.answer is not None:
                 if entry.answer == PENDING:

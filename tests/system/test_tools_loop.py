@@ -396,3 +396,23 @@ def test_kill_9_mid_loop_never_repeats_an_executed_call(
     assert house.payloads(set_topic) == [b'{"state":"OFF"}']
     # The first model answer came from the journal: the model was asked 3 times in all, not 4.
     assert len(standin.requests) == 3
+
+
+def test_the_same_request_again_switches_again(
+    tool_bridge: BridgeThread, house: House, client: TestClient, standin: Standin
+) -> None:
+    """Only a redelivery replays the journaled steps: the same bytes sent again (no transaction,
+    "turn off the light" tomorrow) ask the model and switch the device anew."""
+    for n in (1, 2):
+        standin.script(
+            "POST",
+            "/chat/completions",
+            Reply(json=chat_call((f"call_{n}", "kitchen_light", {"state": "OFF"}))),
+            final_from_outputs,
+        )
+        reply = ask(client, "turn off the kitchen light", ["kitchen_light"])
+        content = reply["data"]["choices"][0]["message"]["content"]
+        assert content == f'Done: {{"call_{n}": {{"ok": true, "reply": "OFF"}}}}'
+    set_topic = f"{house.z2m('kitchen_light')}/set"
+    assert house.payloads(set_topic) == [b'{"state":"OFF"}', b'{"state":"OFF"}']
+    assert len(standin.requests) == 4
