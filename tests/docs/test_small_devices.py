@@ -30,6 +30,8 @@ from support.small_device import (
     micropython_json,
     packet_size,
     real_umqtt_simple,
+    tasmota_fire,
+    tasmota_rules,
     umqtt_simple_module,
 )
 from support.standin import Reply, Standin
@@ -247,37 +249,6 @@ def test_arduino_device_drops_the_envelope_and_gets_errors_in_plain(fresh: Env) 
 
 
 # --- Tasmota --------------------------------------------------------------------------------------
-
-
-@dataclass
-class TasmotaRule:
-    trigger: str
-    command: str
-
-
-def tasmota_rules(console: str) -> list[TasmotaRule]:
-    """The `ON <trigger> DO <command> ENDON` rules of the console lines."""
-    text = " ".join(line.strip() for line in console.splitlines())
-    return [
-        TasmotaRule(trigger, command.strip())
-        for trigger, command in re.findall(r"ON (\S+) DO (.*?) ENDON", text)
-    ]
-
-
-def tasmota_fire(rules: list[TasmotaRule], trigger: str, value: str) -> list[str]:
-    """The commands the rules run when `trigger` happens with `value` (`=`, `$<`, or none)."""
-    commands = []
-    for rule in rules:
-        name, op, expected = re.fullmatch(r"(.+?)(?:(\$<|=)(.*))?", rule.trigger).groups()  # type: ignore[union-attr]
-        if name.lower() != trigger.lower():
-            continue
-        if (
-            op is None
-            or (op == "=" and value == expected)
-            or (op == "$<" and value.startswith(expected))
-        ):
-            commands.append(rule.command.replace("%value%", value))
-    return commands
 
 
 def test_tasmota_rule_switches_the_fan_on_the_plain_answer(fresh: Env) -> None:

@@ -13,16 +13,26 @@ from __future__ import annotations
 import binascii
 import contextlib
 import json
+import re
 import socket
 import struct
 import sys
 import threading
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PubSubClientLike", "micropython_json", "packet_size", "umqtt_simple_module"]
+__all__ = [
+    "PubSubClientLike",
+    "TasmotaRule",
+    "micropython_json",
+    "packet_size",
+    "tasmota_fire",
+    "tasmota_rules",
+    "umqtt_simple_module",
+]
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK, _SUBSCRIBE, _SUBACK, _DISCONNECT = (
     0x10,
@@ -364,3 +374,36 @@ def real_umqtt_simple(servers: dict[str, tuple[str, int]]) -> dict[str, types.Mo
     package = types.ModuleType("umqtt")
     package.simple = simple  # type: ignore[attr-defined]
     return {"umqtt": package, "umqtt.simple": simple}
+
+
+@dataclass
+class TasmotaRule:
+    """One `ON <trigger> DO <command> ENDON` of a Tasmota rule set."""
+
+    trigger: str
+    command: str
+
+
+def tasmota_rules(console: str) -> list[TasmotaRule]:
+    """The `ON <trigger> DO <command> ENDON` rules of the console lines."""
+    text = " ".join(line.strip() for line in console.splitlines())
+    return [
+        TasmotaRule(trigger, command.strip())
+        for trigger, command in re.findall(r"ON (\S+) DO (.*?) ENDON", text)
+    ]
+
+
+def tasmota_fire(rules: list[TasmotaRule], trigger: str, value: str) -> list[str]:
+    """The commands the rules run when `trigger` happens with `value` (`=`, `$<`, or none)."""
+    commands = []
+    for rule in rules:
+        name, op, expected = re.fullmatch(r"(.+?)(?:(\$<|=)(.*))?", rule.trigger).groups()  # type: ignore[union-attr]
+        if name.lower() != trigger.lower():
+            continue
+        if (
+            op is None
+            or (op == "=" and value == expected)
+            or (op == "$<" and value.startswith(expected))
+        ):
+            commands.append(rule.command.replace("%value%", value))
+    return commands

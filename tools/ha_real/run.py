@@ -49,11 +49,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/support imports itself as `support`, as in pytest
 
-from tests.support.bridge_runner import make_config  # noqa: E402
-from tests.support.broker import MosquittoBroker, free_port  # noqa: E402
-from tests.support.mqtt_client import TestClient  # noqa: E402
-from tests.support.standin import RecordedRequest, Reply, Standin  # noqa: E402
+from support.bridge_runner import make_config  # noqa: E402
+from support.broker import MosquittoBroker, free_port  # noqa: E402
+from support.mqtt_client import TestClient  # noqa: E402
+from support.standin import RecordedRequest, Reply, Standin  # noqa: E402
 
 EXAMPLES = REPO / "docs" / "examples" / "homeassistant"
 HERE = Path(__file__).resolve().parent
