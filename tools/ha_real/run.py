@@ -30,6 +30,7 @@ import base64
 import concurrent.futures
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -43,7 +44,7 @@ import urllib.error
 import urllib.request
 import wave
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,12 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tests/support imports itself as `support`, as in pytest
 
+import yaml  # noqa: E402
 from support.bridge_runner import make_config  # noqa: E402
 from support.broker import MosquittoBroker, free_port  # noqa: E402
-from support.mqtt_client import TestClient  # noqa: E402
+from support.doc_blocks import marked_block  # noqa: E402
+from support.firmware import HaMqttDevice  # noqa: E402
+from support.mqtt_client import MQTTv311, TestClient  # noqa: E402
 from support.standin import RecordedRequest, Reply, Standin  # noqa: E402
 
 EXAMPLES = REPO / "docs" / "examples" / "homeassistant"
@@ -81,6 +85,13 @@ MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 64  # bytes the s
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"  # what the camera "sees"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(reversed(range(256))) * 16  # the "generated" picture
 CHECKS: list[tuple[str, bool, str]] = []
+# docs/tools.md's Home Assistant MQTT light, as the page shows it: Home Assistant's YAML and the
+# bridge's tool; a fake device (tests/support/firmware.py) is the light behind both.
+LIGHT_YAML = marked_block("tools.md", "ha-light-yaml", "yaml")
+LIGHT_TOOL = marked_block("tools.md", "ha-light", "toml")
+[LIGHT] = yaml.safe_load(LIGHT_YAML)["mqtt"]["light"]
+LIGHT_ENTITY = "light.hall_light"
+CALL_IDS = itertools.count(1)
 
 
 def check(name: str, ok: bool, detail: Any = "") -> bool:
@@ -302,10 +313,31 @@ def completion(content: str) -> dict[str, Any]:
     }
 
 
+def light_step(body: dict[str, Any]) -> Reply:
+    """The model with the hall light tool: `... on`/`... off` calls it once, then says the
+    state the tool reported."""
+    outputs = [json.loads(m["content"]) for m in body["messages"] if m.get("role") == "tool"]
+    if outputs:
+        return Reply(json=completion(f"The hall light is {outputs[0].get('reply')}."))
+    state = "ON" if body["messages"][-1]["content"].endswith(" on") else "OFF"
+    call = {
+        "id": f"call_hall_{next(CALL_IDS)}",  # unique, as the API's are
+        "type": "function",
+        "function": {"name": "hall_light", "arguments": json.dumps({"state": state})},
+    }
+    answer = completion("")
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    answer["choices"][0]["message"].update(content=None, tool_calls=[call])
+    return Reply(json=answer)
+
+
 def chat_answer(record: RecordedRequest) -> Reply:
     """Answers `echo: <last user text>`; a question `slow <n>: ...` waits n tenths of a second,
-    `fail` gets an API error, a request with a response_format gets the comfort JSON."""
+    `fail` gets an API error, a request with a response_format gets the comfort JSON, one with
+    tools goes to the hall light's model."""
     body = record.json()
+    if body.get("tools"):
+        return light_step(body)
     if body.get("response_format"):
         return Reply(json=completion(json.dumps({"score": 7, "reason": "Mild and dry."})))
     content = body["messages"][-1]["content"]
@@ -348,6 +380,7 @@ def bridge_process(workdir: Path, broker_port: int, api: str) -> Iterator[Callab
             "logging": {"level": "info"},
         },
     )
+    path.write_text(path.read_text(encoding="utf-8") + "\n" + LIGHT_TOOL, encoding="utf-8")
     env = dict(os.environ, **env)
     procs: list[subprocess.Popen[bytes]] = []
     log = open(workdir / "bridge.log", "ab")  # noqa: SIM115
@@ -391,6 +424,7 @@ def run_checks(
     broker: MosquittoBroker,
     restart_bridge: Callable[[], None],
     race: int,
+    light: HaMqttDevice,
 ) -> None:
     # --- the device
     discovered = until(
@@ -659,6 +693,8 @@ def run_checks(
             hog.kill()
             hog.wait()
 
+    check_recipe_light(ha, broker, light)
+
     # --- stats right after a bridge restart
     requests = "sensor.openai_mqtt_bridge_ha_real_requests"
     restarted = time.monotonic()
@@ -686,6 +722,46 @@ def run_checks(
         not bad,
         "\n".join(bad[:10]),
     )
+
+
+def check_recipe_light(ha: HomeAssistant, broker: MosquittoBroker, light: HaMqttDevice) -> None:
+    """docs/tools.md's tool switches docs/tools.md's Home Assistant MQTT light once, and Home
+    Assistant's entity follows; Home Assistant's own switch sends the same bytes."""
+
+    def state() -> str | None:
+        return (ha.state(LIGHT_ENTITY) or {}).get("state")
+
+    command = LIGHT["command_topic"]
+    shown = until(lambda: state() == "off", 30)
+    check("recipe light: the entity shows the device's retained OFF", shown, state())
+    request = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hall light on"}],
+        "_bridge": {
+            "tools": ["hall_light"],
+            "select": "choices[0].message.content",
+            "format": "plain",
+        },
+    }
+    reply_topic = "openai/response/createChatCompletion/hall/panel"
+    with TestClient.for_broker(broker, protocol=MQTTv311) as panel:
+        panel.subscribe(reply_topic)
+        panel.publish("openai/request/createChatCompletion/hall/panel", request, qos=1)
+        answer = panel.wait_for(reply_topic, timeout=60)[0].text()
+    check("recipe light: the model's answer", answer == "The hall light is ON.", answer)
+    sent = light.commands(command)
+    check("recipe light: the tool published ON once on the command topic", sent == [b"ON"], sent)
+    on = until(lambda: state() == "on", 10, step=0.05)
+    check("recipe light: Home Assistant's entity is on (REST /api/states)", on, state())
+    ha.call("light", "turn_off", {"entity_id": LIGHT_ENTITY}, response=False)
+    ha.call("light", "turn_on", {"entity_id": LIGHT_ENTITY}, response=False)
+    own = light.wait_commands(command, 3)[1:]
+    check(
+        "recipe light: Home Assistant's own turn_off/turn_on send OFF/ON, the tool's payloads",
+        own == [b"OFF", b"ON"] and own[1] == sent[0],
+        own,
+    )
+    check("recipe light: and the entity follows the device", until(lambda: state() == "on", 10))
 
 
 def _number(text: str | None) -> float:
@@ -794,6 +870,7 @@ def configure(config: Path, media: Path, port: int, *, packages: bool) -> None:
             text = example.read_text().replace("/media/", f"{media}/")
             (folder / example.name).write_text(text)
         (folder / "ha_real_test.yaml").write_text(TEST_PACKAGE)
+        (folder / "ha_real_recipe_light.yaml").write_text(LIGHT_YAML)
         components = config / "custom_components"
         shutil.copytree(HERE / "custom_components", components, dirs_exist_ok=True)
         shutil.copytree(REPO / "custom_components", components, dirs_exist_ok=True)
@@ -827,8 +904,18 @@ def main() -> int:
         with (
             MosquittoBroker(work / "mosquitto", extra_config=["set_tcp_nodelay true"]) as broker,
             Standin() as standin,
+            ExitStack() as stack,
         ):
             serve(standin)
+            light = HaMqttDevice(
+                broker.host,
+                broker.port,
+                LIGHT["command_topic"],
+                LIGHT["state_topic"],
+                {b"ON": b"ON", b"OFF": b"OFF"},  # Home Assistant's default payloads and states
+                b"OFF",
+            ).start()
+            stack.callback(light.stop)
             with bridge_process(work, broker.port, standin.url) as restart_bridge:
                 configure(config, media, port, packages=False)
                 t = time.monotonic()
@@ -850,7 +937,7 @@ def main() -> int:
                     60,
                 )
                 check("example scripts and reply sensor loaded", bool(ready))
-                run_checks(ha, standin, media, broker, restart_bridge, args.race)
+                run_checks(ha, standin, media, broker, restart_bridge, args.race, light)
     finally:
         ha.stop()
         if args.keep:
