@@ -8,8 +8,7 @@ The conventions are the projects' own:
   with the device option `retain: true`;
 - Tasmota: `cmnd/<topic>/POWER` takes `ON`/`OFF`/`TOGGLE`/`1`/`0`/`2` in any case (empty: a
   query) and answers `{"POWER":"ON"}` on `stat/<topic>/RESULT`, then `ON` on `stat/<topic>/POWER`
-  (retained only with `PowerRetain 1`); `tele/<topic>/STATE` each telemetry period (retained only
-  with `StateRetain 1`); `tele/<topic>/LWT` `Online`, retained;
+  (retained only with `PowerRetain 1`); `tele/<topic>/LWT` `Online`, retained;
 - a device behind a Home Assistant `mqtt` light or lock (default schema): `ON`/`OFF` or
   `LOCK`/`UNLOCK` on the command topic, the state `ON`/`OFF` or `LOCKED`/`UNLOCKED` on the state
   topic, retained as Home Assistant's docs recommend.
@@ -157,10 +156,9 @@ class TasmotaPlug(Firmware):
         power: str = "OFF",
         *,
         power_retain: bool = False,
-        state_retain: bool = False,
     ) -> None:
         self.topic, self.power = topic, power
-        self.power_retain, self.state_retain = power_retain, state_retain
+        self.power_retain = power_retain
         super().__init__(host, port, f"tasmota-{topic}", [f"cmnd/{topic}/#"])
 
     def initial(self) -> list[tuple[str, bytes, bool]]:
@@ -168,21 +166,6 @@ class TasmotaPlug(Firmware):
         if self.power_retain:
             out.append((f"stat/{self.topic}/POWER", self.power.encode(), True))
         return out
-
-    def tele(self) -> None:
-        """Publish `tele/<topic>/STATE` as the telemetry period does, and wait for the PUBACK."""
-        state = {
-            "Time": "2026-12-06T17:00:00",
-            "Uptime": "0T00:10:11",
-            "UptimeSec": 611,
-            "POWER": self.power,
-            "Wifi": {"AP": 1, "SSId": "house", "RSSI": 44, "Signal": -78},
-        }
-        data = json.dumps(state, separators=(",", ":")).encode()
-        info = self._client.publish(
-            f"tele/{self.topic}/STATE", data, qos=1, retain=self.state_retain
-        )
-        info.wait_for_publish(10)
 
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, bytes, bool]]:
         command = topic.rsplit("/", 1)[1]
