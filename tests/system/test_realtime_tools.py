@@ -253,3 +253,28 @@ def test_a_model_that_keeps_calling_stops_at_max_steps_in_a_dry_run(
         assert result["dry_run"] is True and result["payload"] == '{"state":"OFF"}'
     assert house.payloads(f"{house.z2m('kitchen_light')}/set") == []
     assert conn.invalid == [] and conn.sent_invalid == []
+
+
+def test_the_rate_limit_holds_across_a_sessions_calls(
+    tool_bridge: BridgeThread,
+    house: House,
+    client: TestClient,
+    topic_prefix: str,
+    upstream: RealtimeStandin,
+) -> None:
+    # garage: rate_limit = 1 per hour; the model calls it in each of three responses.
+    upstream.behaviour = "calls"
+    upstream.function_call = ("garage", '{"state":"ON"}')
+    device = Device(client, topic_prefix, "garage-panel")
+    device.open(tools=["garage"])
+    device.state("open")
+    device.event({"type": "response.create"})
+    device.error("tool_loop_limit")
+    upstream.wait_for(lambda conns: len(outputs(conns[0])) == 3)
+    results = [json.loads(o["output"]) for o in outputs(upstream.connections[0])]
+    assert results[0] == {
+        "ok": True,
+        "published": {"topic": f"{house.root}/tasmota/cmnd/garage/POWER"},
+    }
+    assert [r["error"]["code"] for r in results[1:]] == ["tool_rate_limited", "tool_rate_limited"]
+    assert house.payloads(f"{house.root}/tasmota/cmnd/garage/POWER") == [b"ON"]
