@@ -952,23 +952,77 @@ class Journal:
             )
 
 
-def read_size(path: Path) -> tuple[int | None, int]:
+@dataclass(slots=True)
+class _TailRead:
+    ino: int
+    head: bytes
+    """The file's first bytes: a file made anew under the same name and inode differs there."""
+    offset: int
+    """Where the last whole record read ends."""
+    keys: dict[bytes, list[Any]]
+    """Key -> [has an answer, starts not settled (None: not said)]."""
+
+
+class TailKeys:
+    """The keys the tail files next to a journal hold entries for, as another process reads
+    them (the web console): a tail file only grows until it is handed over and removed, so each
+    read parses only the records appended since the last one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[Path, _TailRead] = {}
+
+    def read(self, journal: Path) -> tuple[set[bytes], int]:
+        """(keys with an entry, bytes) of the tail files next to `journal` now. Blocking."""
+        with self._lock:
+            keys: set[bytes] = set()
+            size = 0
+            seen = set()
+            for file in journal.parent.glob(f"{journal.name}-tail*.*"):
+                try:
+                    read = self._grown(file)
+                except OSError:  # handed to SQLite and removed meanwhile
+                    continue
+                seen.add(file)
+                size += read.offset
+                keys.update(k for k, (answer, starts) in read.keys.items() if answer or starts)
+            for gone in set(self._files) - seen:
+                del self._files[gone]
+            return keys, size
+
+    def _grown(self, file: Path) -> _TailRead:
+        with file.open("rb") as f:
+            stat = os.fstat(f.fileno())
+            head = f.read(16)
+            read = self._files.get(file)
+            if read is None or (read.ino, read.head) != (stat.st_ino, head[: len(read.head)]):
+                read = self._files[file] = _TailRead(stat.st_ino, head, 0, {})
+            elif len(read.head) < len(head):
+                read.head = head
+            f.seek(read.offset)
+            data = f.read()
+        end = 0
+        while (record := tails.record_at(data, end)) is not None:
+            end = record[3]
+        for key, pending in tails.replay(data[:end]).items():
+            state = read.keys.setdefault(key, [False, None])
+            state[0] = state[0] or pending.answer_at is not None
+            if pending.attempts is not None:
+                state[1] = pending.attempts
+        read.offset += end
+        return read
+
+
+def read_size(path: Path, tail_keys: TailKeys | None = None) -> tuple[int | None, int]:
     """(entries, bytes) of the journal at `path` as another reader sees it (the web console):
     the entries in SQLite (over a read-only connection of its own) and those only in the tail
-    files of the processes using it; the bytes of the file, its WAL and the tail files. Entries
-    are None when they cannot be read. Blocking: run it in a thread."""
+    files of the processes using it (read on by `tail_keys` when given); the bytes of the file,
+    its WAL and the tail files. Entries are None when they cannot be read. Blocking: run it in
+    a thread."""
     wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
     size = sum(file.stat().st_size for file in (path, wal, shm) if file.is_file())
-    tail_keys: set[bytes] = set()
-    for file in path.parent.glob(f"{path.name}-tail*.*"):
-        try:
-            data = file.read_bytes()
-        except OSError:  # handed to SQLite and removed meanwhile
-            continue
-        size += len(data)
-        tail_keys.update(
-            key for key, p in tails.replay(data).items() if p.answer_at is not None or p.attempts
-        )
+    in_tails, tail_bytes = (tail_keys or TailKeys()).read(path)
+    size += tail_bytes
     if not path.is_file():
         return None, size
     try:
@@ -977,7 +1031,7 @@ def read_size(path: Path) -> tuple[int | None, int]:
         return None, size
     try:
         entries: int = db.execute("SELECT count(*) FROM entries").fetchone()[0]
-        keys = list(tail_keys)
+        keys = list(in_tails)
         for at in range(0, len(keys), 500):  # a key both there and in SQLite counts once
             batch = keys[at : at + 500]
             marks = ",".join("?" * len(batch))

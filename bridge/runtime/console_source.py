@@ -22,7 +22,7 @@ from bridge.config import ENV_PREFIX, BridgeConfig, load_config
 from bridge.console.app import Console
 from bridge.errors import ConfigError
 from bridge.journal.postgres import PgSize
-from bridge.journal.sqlite import read_size
+from bridge.journal.sqlite import TailKeys, read_size
 from bridge.messages import StatusTransport
 from bridge.methods.describe import describe, example_payload
 from bridge.methods.model import MethodTable
@@ -64,6 +64,7 @@ class BridgeSource:
         url = config.journal.url.get_secret_value()
         self._pg = PgSize(url) if url and config.journal.scope != "off" else None
         self._journal: tuple[float, dict[str, Any]] | None = None
+        self._tails = TailKeys()
         self._watcher: TopicWatcher | None = None
         self._watcher_lock = asyncio.Lock()
 
@@ -102,7 +103,8 @@ class BridgeSource:
             journal.update(kind="postgresql", entries=entries, bytes=size)
         elif cfg.path and cfg.scope != "off":
             paths = [Path(worker_journal_path(cfg.path, i)) for i in range(1, self.workers + 1)]
-            sizes = await asyncio.to_thread(lambda: [read_size(p) for p in paths])
+            tails = self._tails
+            sizes = await asyncio.to_thread(lambda: [read_size(p, tails) for p in paths])
             counts = [entries for entries, _ in sizes]
             journal.update(
                 kind="sqlite",

@@ -413,10 +413,17 @@ async def test_a_streamed_try_without_a_broker_to_read_is_503_and_publishes_noth
     assert source.published == [] and console.streaming == 0
 
 
+def append_to_tail(folder: Path, data: bytes) -> None:
+    """Append `data` to the one tail file in `folder`, as a write still under way would."""
+    (tail,) = folder.glob("journal.sqlite3-tail*.*")
+    with tail.open("ab") as file:
+        file.write(data)
+
+
 async def test_the_journal_shown_counts_what_waits_in_tail_files_once(tmp_path: Path) -> None:
     from support.fakes import RecordingLog
 
-    from bridge.journal.sqlite import Journal, read_size
+    from bridge.journal.sqlite import Journal, TailKeys, read_size
     from bridge.pipeline.dedup import request_key
 
     def key(i: int) -> bytes:
@@ -431,19 +438,24 @@ async def test_the_journal_shown_counts_what_waits_in_tail_files_once(tmp_path: 
         return journal
 
     path = tmp_path / "journal.sqlite3"
-    assert read_size(path) == (None, 0)
+    kept = TailKeys()  # read on from where it stopped, as the console's status does
+    assert read_size(path) == (None, 0) == read_size(path, kept)
     journal = opened()
-    assert read_size(path)[0] == 0
+    assert read_size(path)[0] == 0 == read_size(path, kept)[0]
     for i in range(3):
         assert await journal.begin_attempt(key(i), "r") == 1
+        assert read_size(path, kept)[0] == i + 1  # a start is an entry already
         assert await journal.record_answer(key(i), "r", b'{"status":"ok"}')
         assert await journal.settle_attempt(key(i))
     assert await journal.begin_attempt(key(3), "r") == 1  # an unfinished start is an entry too
     entries, size = read_size(path)  # all of them in this process's tail file so far
-    assert entries == 4 and size > 0
-    await journal.close()  # the tail goes to SQLite
-    assert read_size(path)[0] == 4
-    journal = opened()
+    assert entries == 4 and size > 0 and read_size(path, kept) == (entries, size)
+    append_to_tail(tmp_path, b"\x01\x02\x03")  # half a record: not counted, not skipped
+    assert read_size(path, kept) == (4, size) == read_size(path)
+    await journal.close()  # the tail goes to SQLite and is removed
+    assert read_size(path)[0] == 4 == read_size(path, kept)[0]
+    journal = opened()  # a new tail file, maybe under the same name
     assert await journal.record_answer(key(0), "r", b'{"status":"ok"}')  # in both: counted once
-    assert read_size(path)[0] == 4
+    assert await journal.record_answer(key(9), "r", b'{"status":"ok"}')
+    assert read_size(path)[0] == 5 == read_size(path, kept)[0]
     await journal.close()
