@@ -7,6 +7,7 @@ import contextlib
 import json as jsonlib
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -247,8 +248,10 @@ class Standin:
 
     host = "127.0.0.1"
 
-    def __init__(self, base: str = "/v1") -> None:
+    def __init__(self, base: str = "/v1", tls: ssl.SSLContext | None = None) -> None:
         self.base = base.rstrip("/")
+        self.tls = tls
+        """Serve https with this context (None: plain http)."""
         self.port = 0
         self._cond = threading.Condition()
         self._requests: list[RecordedRequest] = []
@@ -266,8 +269,8 @@ class Standin:
     # ----------------------------------------------------------------- lifecycle
     @property
     def origin(self) -> str:
-        """`http://127.0.0.1:<port>`."""
-        return f"http://{self.host}:{self.port}"
+        """`http://127.0.0.1:<port>` (`https://` with `tls`)."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -319,7 +322,7 @@ class Standin:
             try:
                 sock.bind((self.host, 0))
                 self.port = sock.getsockname()[1]
-                site = web.SockSite(runner, sock)
+                site = web.SockSite(runner, sock, ssl_context=self.tls)
                 await site.start()
             except BaseException:
                 sock.close()
