@@ -19,6 +19,7 @@ from aiohttp import web
 
 from bridge.config import ConsoleConfig
 from bridge.console.model import PREVIEW_BYTES, Guard, RateLimit, RequestLog, preview
+from bridge.messages import PublishFailed
 from bridge.pipeline.model import Observed
 from bridge.redact import Redactor
 
@@ -229,7 +230,7 @@ class Console:
         if isinstance(asked, web.Response):
             return asked
         method, payload = asked
-        suffix = f"console-{next(self._ids)}"
+        suffix = f"console/{next(self._ids)}"
         waiting: asyncio.Future[Observed] = asyncio.get_running_loop().create_future()
         self._pending[suffix] = waiting
         topic = f"{self.source.topic_prefix}/request/{method}/{suffix}"
@@ -238,6 +239,8 @@ class Console:
             seen = await asyncio.wait_for(waiting, TRY_TIMEOUT)
         except TimeoutError:
             return _json({"error": f"no reply within {TRY_TIMEOUT:g} s", "topic": topic}, 504)
+        except (PublishFailed, ConnectionError) as exc:
+            return _refused(topic, exc)
         finally:
             self._pending.pop(suffix, None)
         return _json(self._answered(topic, seen))
@@ -286,7 +289,7 @@ class Console:
     async def _stream(
         self, request: web.Request, method: str, payload: dict[str, Any]
     ) -> web.StreamResponse:
-        prefix, suffix = self.source.topic_prefix, f"console-{next(self._ids)}"
+        prefix, suffix = self.source.topic_prefix, f"console/{next(self._ids)}"
         topic = f"{prefix}/request/{method}/{suffix}"
         stream_topic = f"{prefix}/stream/{method}/{suffix}"
         reply_topic = f"{prefix}/response/{method}/{suffix}"
@@ -353,6 +356,8 @@ class Console:
                 await drain()
                 result = self._answered(topic, answered.result())
                 await _send(response, "reply", {**result, "events_dropped": dropped})
+        except PublishFailed as exc:  # raised before the response is prepared
+            return _refused(topic, exc)
         except (OSError, TimeoutError) as exc:  # the page went away, or no broker to read
             if not response.prepared:
                 why = f"the broker cannot be read ({type(exc).__name__})"
@@ -371,6 +376,18 @@ class Console:
             except (ValueError, RecursionError):
                 pass
         return {"preview": preview(message, self.redactor, None)}
+
+
+def _refused(topic: str, exc: Exception) -> web.Response:
+    """A try the broker did not take (an ACL, or no connection): 502 with the reason."""
+    return _json(
+        {
+            "error": f"the broker did not take the try on {topic}: {exc} (a broker ACL must let "
+            "the bridge's user write <prefix>/request/+/console/#: docs/security.md)",
+            "topic": topic,
+        },
+        502,
+    )
 
 
 async def _send(response: web.StreamResponse, name: str, data: Any) -> None:

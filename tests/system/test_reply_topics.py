@@ -7,15 +7,18 @@ devices `kitchen` and `hall` are confined to their suffixes as the ACL says.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.bridge_runner import TEST_MQTT_PASSWORD, BridgeThread, make_config
-from support.broker import MosquittoBroker
+from support.broker import MosquittoBroker, free_port
 from support.mqtt_client import TestClient
 from support.standin import Reply, Standin
 
@@ -161,3 +164,74 @@ def test_the_documented_acl_lets_each_bridge_user_write_only_where_its_replies_b
         for topic in ("edge/response/createChatCompletion/kitchen", "edge/bridge/test/state"):
             assert refused(main, topic), topic
         assert not refused(main, "homeassistant/device/openai_bridge/config")
+
+
+def test_the_consoles_try_page_works_under_the_documented_acl(
+    tmp_path: Path, acl_broker: MosquittoBroker, standin: Standin
+) -> None:
+    """The ACL lets the bridge's user publish a try on `console/<n>` and read its answer back."""
+    port = free_port()
+    path, env = make_config(
+        tmp_path,
+        broker_port=acl_broker.port,
+        api_base=standin.url,
+        prefix="openai",
+        mqtt={"username": "bridge"},
+        extra={"console": {"enabled": True, "port": port}},
+    )
+    env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
+    standin.set_default(Reply(json={"object": "list", "data": []}))
+    origin = f"http://127.0.0.1:{port}"
+    with BridgeThread.from_file(path, env):
+        request = urllib.request.Request(
+            origin + "/api/try",
+            data=json.dumps({"method": "listModels", "payload": {}}).encode(),
+            headers={
+                "Host": f"127.0.0.1:{port}",
+                "Origin": origin,
+                "X-OMB-Console": "1",
+                "Content-Type": "application/json",
+            },
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            tried = json.loads(response.read())
+    assert tried["code"] is None and tried["topic"] == "openai/request/listModels/console/1"
+    assert json.loads(tried["reply"]["text"])["status"] == "ok"
+    assert len(standin.requests) == 1
+
+
+def test_a_try_the_broker_refuses_is_a_clear_502(
+    tmp_path: Path, acl_broker: MosquittoBroker, standin: Standin
+) -> None:
+    """bridge-edge's ACL has no console lines: the try is refused by the broker, said plainly."""
+    port = free_port()
+    path, env = make_config(
+        tmp_path,
+        broker_port=acl_broker.port,
+        api_base=standin.url,
+        prefix="edge",
+        mqtt={"username": "bridge-edge"},
+        extra={"console": {"enabled": True, "port": port}},
+    )
+    env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
+    origin = f"http://127.0.0.1:{port}"
+    with BridgeThread.from_file(path, env):
+        request = urllib.request.Request(
+            origin + "/api/try",
+            data=json.dumps({"method": "listModels", "payload": {}}).encode(),
+            headers={
+                "Host": f"127.0.0.1:{port}",
+                "Origin": origin,
+                "X-OMB-Console": "1",
+                "Content-Type": "application/json",
+            },
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        body = json.loads(refused.value.read())
+    assert refused.value.code == 502
+    assert "did not take the try on edge/request/listModels/console/1" in body["error"]
+    assert "request/+/console/#" in body["error"]
+    assert standin.requests == []

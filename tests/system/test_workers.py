@@ -660,7 +660,7 @@ def test_the_supervisor_serves_the_console_with_the_summed_view(
     )
     with urllib.request.urlopen(try_request, timeout=30) as response:
         tried = json.loads(response.read())
-    assert tried["code"] is None and tried["topic"].endswith("/createModeration/console-1")
+    assert tried["code"] is None and tried["topic"].endswith("/createModeration/console/1")
     assert json.loads(tried["reply"]["text"])["status"] == "ok"
     # A streamed try: a worker publishes the events, the supervisor's console reads them back.
     chunks = [

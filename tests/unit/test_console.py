@@ -68,7 +68,7 @@ class Source:
 
     def publish(self, topic: str, payload: bytes) -> Awaitable[None]:
         self.published.append((topic, payload))
-        _, _, method, suffix = topic.rsplit("/", 3)
+        method, suffix = topic.split("/request/", 1)[1].split("/", 1)
         assert self.console is not None
         loop = asyncio.get_running_loop()
         code = "method_not_allowed" if method in self.denied else None
@@ -151,7 +151,7 @@ async def test_try_publishes_through_the_source_and_shows_the_reply_redacted(
     )
     assert response.status == 200
     result = await response.json()
-    assert result["topic"] == "home/openai/request/listModels/console-1"
+    assert result["topic"] == "home/openai/request/listModels/console/1"
     assert source.published == [(result["topic"], b'{"a": 1}')]
     assert KEY not in json.dumps(result) and "**********" in result["reply"]["text"]
 
@@ -299,7 +299,7 @@ async def test_a_streamed_try_sends_each_event_redacted_then_the_reply(
     status, body = await stream_try(client, {"stream": True}, own(client))
     assert status == 200
     events = events_of(body)
-    topic = "home/openai/request/createChatCompletion/console-1"
+    topic = "home/openai/request/createChatCompletion/console/1"
     assert events[0] == ("published", {"topic": topic})
     deltas = [
         e["event"]["data"]["choices"][0]["delta"]["content"] for n, e in events if n == "event"
