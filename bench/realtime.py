@@ -106,10 +106,10 @@ def devices_main(args: argparse.Namespace) -> None:
     print("streaming", flush=True)
     ticks = int(args.seconds / TICK)
     start = time.perf_counter() + 0.05
-    # Devices are independent: session i sends at i/n of each tick, not all at once.
-    schedule = sorted(
-        (start + k * TICK + i * TICK / n, i, k) for k in range(ticks) for i in range(n)
-    )
+    # Devices are independent: session i sends at i/n of each tick, not all at once (unless
+    # --aligned: every session at the start of each tick, a burst of n chunks).
+    spread = 0.0 if args.aligned else TICK / n
+    schedule = sorted((start + k * TICK + i * spread, i, k) for k in range(ticks) for i in range(n))
     for due, i, k in schedule:
         pump(due)
         head = i.to_bytes(2, "big") + k.to_bytes(6, "big")
@@ -259,6 +259,7 @@ def one_run(
             str(sessions),
             "--seconds",
             str(args.seconds),
+            *(["--aligned"] if args.aligned else []),
             cpu=args.harness_cpu,
         )
         assert devices.stdout is not None
@@ -382,6 +383,7 @@ def main() -> None:
     dev.add_argument("--prefix", required=True)
     dev.add_argument("--sessions", type=int, required=True)
     dev.add_argument("--seconds", type=float, required=True)
+    dev.add_argument("--aligned", action="store_true")
     far = sub.add_parser("far")
     far.add_argument("--mode", choices=("ws", "mqtt"), required=True)
     far.add_argument("--port", type=int, required=True)
@@ -391,6 +393,9 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,20")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--aligned", action="store_true", help="every session sends at the start of each tick"
+    )
     parser.add_argument("--audio-qos", type=int, choices=(0, 1), default=1)
     parser.add_argument("--profile", default="", help="py-spy the bridge runs into this folder")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second")
