@@ -14,7 +14,11 @@ or more CPUs the bridge is pinned to one and everything else to another (`--brid
 The bridge's added latency per hop is the bridge run's percentile minus the baseline's. Times
 are CLOCK_MONOTONIC (`time.perf_counter`), shared by the processes of one machine.
 
-    .venv/bin/python bench/realtime.py --sessions 1,20 --seconds 10 --reps 3
+    .venv/bin/python bench/realtime.py --sessions 1,20 --seconds 10 --reps 3 [--fifo 10]
+
+`--fifo N` runs every bench process under SCHED_FIFO (root), so that the other work of a shared
+host does not preempt them; `merge A.json B.json ...` prints one table of several runs
+(bench/README.md#realtime-audio-issue-24).
 """
 
 from __future__ import annotations
