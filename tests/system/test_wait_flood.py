@@ -55,8 +55,11 @@ def test_a_flood_of_waits_is_refused_beyond_its_bounds_and_others_are_still_serv
         codes = Counter(m.json()["error"]["code"] for m in refused)
         assert codes == {"too_many_waits": FLOOD - 6}
         assert all(m.json()["error"]["retryable"] is True for m in refused)
-        # Six jobs created (the pool), none for the other 54 requests.
-        assert len([r for r in standin.requests if r.method == "POST"]) == 6
+        # Six jobs created (the pool), none for the other 54 requests. The refusals can all be
+        # out before the six creations reach the stand-in (one read hands the bridge every
+        # request at once), so wait for those; the next polls come 5 s later.
+        posts = [r for r in standin.wait_for_requests(6) if r.method == "POST"]
+        assert len(posts) == 6
         bounds = Counter("max_waiting_per_caller" in m.json()["error"]["message"] for m in refused)
         assert bounds[True] == 1  # solo's third
         assert bounds[False] == FLOOD - 7  # the pool was full
