@@ -36,8 +36,25 @@ CREATE TABLE IF NOT EXISTS omb_journal (
     content_type TEXT,
     job BYTEA
 );
-ALTER TABLE omb_journal ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0
+ALTER TABLE omb_journal ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE omb_journal ADD COLUMN IF NOT EXISTS waiting BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE omb_journal ADD COLUMN IF NOT EXISTS owner TEXT;
+ALTER TABLE omb_journal ADD COLUMN IF NOT EXISTS lease DOUBLE PRECISION
 """
+_ENTRY_COLUMNS = "key, created, reply_topic, answer, content_type, job, waiting"
+
+
+def _entry(row: Any) -> JournalEntry:
+    job = loads(row["job"]) if row["job"] is not None else None
+    return JournalEntry(
+        row["key"],
+        row["created"],
+        row["reply_topic"],
+        row["answer"],
+        row["content_type"],
+        job,
+        row["waiting"],
+    )
 
 
 def shown_url(url: str) -> str:
@@ -134,19 +151,14 @@ class PgJournal:
             return None
         try:
             row = await self.pool.fetchrow(
-                "SELECT created, reply_topic, answer, content_type, job FROM omb_journal "
-                "WHERE key = $1",
-                key,
+                f"SELECT {_ENTRY_COLUMNS} FROM omb_journal WHERE key = $1", key
             )
         except Exception as exc:  # noqa: BLE001  (a journal error must never fail a request)
             self.log.warning("journal read failed", error=str(exc)[:200])
             return None
-        if row is None or row["created"] < self._clock() - self.max_age:
+        if row is None or (row["created"] < self._clock() - self.max_age and not row["waiting"]):
             return None
-        job = loads(row["job"]) if row["job"] is not None else None
-        return JournalEntry(
-            key, row["created"], row["reply_topic"], row["answer"], row["content_type"], job
-        )
+        return _entry(row)
 
     async def record_answer(
         self, key: bytes, reply_topic: str, answer: bytes, content_type: str | None = None
@@ -166,15 +178,86 @@ class PgJournal:
             content_type,
         )
 
-    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
-        """Commit a waited job's state; False when not journaled."""
+    async def record_job(
+        self,
+        key: bytes,
+        reply_topic: str,
+        job: Mapping[str, Any],
+        owner: str | None = None,
+        lease_until: float = 0.0,
+    ) -> bool:
+        """Commit a waited job's state; False when not journaled. With `owner`, the entry becomes
+        a detached wait held by `owner` until `lease_until` (wall clock)."""
         return await self._write(
-            "INSERT INTO omb_journal (key, created, reply_topic, job) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (key) DO UPDATE SET job = EXCLUDED.job, answer = NULL",
+            "INSERT INTO omb_journal (key, created, reply_topic, job, waiting, owner, lease) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key) DO UPDATE SET "
+            "job = EXCLUDED.job, answer = NULL, waiting = omb_journal.waiting OR EXCLUDED.waiting, "
+            "owner = coalesce(EXCLUDED.owner, omb_journal.owner), "
+            "lease = coalesce(EXCLUDED.lease, omb_journal.lease)",
             key,
             self._clock(),
             reply_topic,
             dumps(dict(job)),
+            owner is not None,
+            owner,
+            lease_until if owner is not None else None,
+        )
+
+    async def claim_waits(
+        self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
+    ) -> list[JournalEntry]:
+        """Take the detached waits (only `key`'s when given) that nobody holds, `owner` holds,
+        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken.
+
+        Rows another member is taking at the same moment are skipped (`SKIP LOCKED`), and the
+        condition is checked again on the row as committed: each wait goes to one member.
+        """
+        if self._closed:
+            return []
+        try:
+            rows = await self.pool.fetch(
+                "UPDATE omb_journal SET owner = $1, lease = $2 WHERE id IN (SELECT id FROM "
+                "omb_journal WHERE waiting AND (owner IS NULL OR owner = $1 OR lease < $3) "
+                "AND ($4::bytea IS NULL OR key = $4) "
+                "ORDER BY owner IS NOT DISTINCT FROM $1 DESC, id LIMIT $5 "
+                "FOR UPDATE SKIP LOCKED) "
+                "AND waiting AND (owner IS NULL OR owner = $1 OR lease < $3) "
+                f"RETURNING {_ENTRY_COLUMNS}",
+                owner,
+                lease_until,
+                self._clock(),
+                key,
+                limit,
+            )
+        except Exception as exc:  # noqa: BLE001  (a journal error must never fail a request)
+            self.log.warning("journal write failed", error=str(exc)[:200])
+            return []
+        return [_entry(row) for row in rows]
+
+    async def renew_waits(self, owner: str, lease_until: float) -> frozenset[bytes] | None:
+        """Extend `owner`'s leases; the keys it still holds (None on a journal error)."""
+        if self._closed:
+            return None
+        try:
+            rows = await self.pool.fetch(
+                "UPDATE omb_journal SET lease = $1 WHERE owner = $2 AND waiting RETURNING key",
+                lease_until,
+                owner,
+            )
+        except Exception as exc:  # noqa: BLE001  (a journal error must never fail a request)
+            self.log.warning("journal write failed", error=str(exc)[:200])
+            return None
+        return frozenset(bytes(row["key"]) for row in rows)
+
+    async def end_wait(self, key: bytes, owner: str, *, delivered: bool) -> bool:
+        """Mark `key`'s detached wait answered (`delivered`), or only give it up for another
+        member or a later scan to finish."""
+        return await self._write(
+            "UPDATE omb_journal SET owner = NULL, lease = NULL, waiting = $1 "
+            "WHERE key = $2 AND owner = $3",
+            not delivered,
+            key,
+            owner,
         )
 
     async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
@@ -232,7 +315,8 @@ class PgJournal:
     async def _prune(self) -> None:
         """Drop entries older than `max_age`, then the oldest while the table exceeds max_bytes."""
         await self.pool.execute(
-            "DELETE FROM omb_journal WHERE created < $1", self._clock() - self.max_age
+            "DELETE FROM omb_journal WHERE created < $1 AND NOT waiting",
+            self._clock() - self.max_age,
         )
         for _ in range(8):
             size = await self.pool.fetchval("SELECT pg_total_relation_size('omb_journal')")
@@ -240,7 +324,7 @@ class PgJournal:
                 return
             deleted = await self.pool.execute(
                 "DELETE FROM omb_journal WHERE id IN (SELECT id FROM omb_journal "
-                "WHERE answer IS NOT NULL OR job IS NULL ORDER BY id "
+                "WHERE (answer IS NOT NULL OR job IS NULL) AND NOT waiting ORDER BY id "
                 "LIMIT greatest(1, (SELECT count(*) FROM omb_journal) / 8))"
             )
             if deleted.endswith(" 0"):

@@ -46,12 +46,16 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 4
 """2 added `packed` (the answer stored zlib-compressed), 3 `attempts` (starts of a request's
 call that never finished), 4 answers packed with `_ZDICT` (`packed` = 2). An older file gets
-the columns of schema 3 and keeps plain zlib, as it keeps its page size; a new file is 4."""
+the columns of schema 3 and keeps plain zlib, as it keeps its page size; a new file is 4. The
+columns of detached waits (`waiting`, `owner`, `lease`) are added to any file that lacks them,
+whatever its version: a bridge of the same schema without them still reads and writes it."""
 APPLICATION_ID = 0x4F4D424A  # "OMBJ": a file that is not ours is refused, not overwritten
 _BATCH = 256
 """Most queued operations handled per commit."""
-_WRITES = frozenset({"answer", "job", "attempt"})
+_WRITES = frozenset({"answer", "job", "attempt", "claim", "renew", "end"})
 """Operations committed together in one transaction per batch."""
+_FAILED: dict[str, Any] = {"attempt": None, "claim": [], "renew": None}
+"""What a write whose transaction failed returns, by kind (others: False)."""
 _PRUNE_EVERY = 60.0
 """Seconds between age prunings (size is checked on every commit)."""
 _PAGE_SIZE = 512
@@ -123,11 +127,20 @@ CREATE TABLE IF NOT EXISTS entries (
     content_type TEXT,
     job BLOB,
     packed INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease REAL
 );
 """
 _ADD_PACKED = "ALTER TABLE entries ADD COLUMN packed INTEGER NOT NULL DEFAULT 0"
 _ADD_ATTEMPTS = "ALTER TABLE entries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"
+_ADD_WAITS = {
+    "waiting": "ALTER TABLE entries ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
+    "owner": "ALTER TABLE entries ADD COLUMN owner TEXT",
+    "lease": "ALTER TABLE entries ADD COLUMN lease REAL",
+}
+_ENTRY_COLUMNS = "key, created, reply_topic, answer, content_type, job, packed, waiting"
 
 
 class SqliteStore:
@@ -221,6 +234,10 @@ class SqliteStore:
         version = max(version, 3) if tables else SCHEMA_VERSION
         self.packing = 2 if version >= 4 else 1
         """How new answers are packed: 2 (zlib with `_ZDICT`) in a journal of schema 4."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+        for column, statement in _ADD_WAITS.items():
+            if column not in columns:
+                db.execute(statement)
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {version}")
         self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
@@ -253,17 +270,12 @@ class SqliteStore:
     # --- reads and writes ---------------------------------------------------------------------
 
     def get(self, key: bytes) -> JournalEntry | None:
-        """The entry for `key` unless older than `max_age`."""
-        row = self._db.execute(
-            "SELECT created, reply_topic, answer, content_type, job, packed FROM entries "
-            "WHERE key = ?",
-            (key,),
-        ).fetchone()
-        if row is None or row[0] < self._clock() - self.max_age:
+        """The entry for `key` unless older than `max_age` (a detached wait whatever its age)."""
+        row = self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,))
+        entry = _entry(row.fetchone())
+        if entry is None or (entry.created < self._clock() - self.max_age and not entry.waiting):
             return None
-        job = loads(row[4]) if row[4] is not None else None
-        answer = unpack(row[2], row[5]) if row[2] is not None else None
-        return JournalEntry(key, row[0], row[1], answer, row[3], job)
+        return entry
 
     def pack(self, answer: bytes) -> tuple[bytes, int]:
         """`answer` as stored and its `packed` value: compressed when that is smaller."""
@@ -333,14 +345,66 @@ class SqliteStore:
             (key, self._clock(), reply_topic, stored, content_type, is_packed),
         )
 
-    def put_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> None:
-        """Record (or update) the waited job for `key`; inside `begin()`/`commit()`."""
+    def put_job(
+        self,
+        key: bytes,
+        reply_topic: str,
+        job: Mapping[str, Any],
+        owner: str | None = None,
+        lease_until: float = 0.0,
+    ) -> None:
+        """Record (or update) the waited job for `key`, with `owner` as a detached wait it
+        holds until `lease_until`; inside `begin()`/`commit()`."""
+        waiting = 1 if owner is not None else 0
+        lease = lease_until if owner is not None else None
         self._db.execute(
-            "INSERT INTO entries (key, created, reply_topic, job) VALUES (?, ?, ?, ?) "
+            "INSERT INTO entries (key, created, reply_topic, job, waiting, owner, lease) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
             # A job started anew for this key (its earlier answer too old to reuse) replaces it.
-            "ON CONFLICT (key) DO UPDATE SET job = excluded.job, answer = NULL, packed = 0",
-            (key, self._clock(), reply_topic, dumps(dict(job))),
+            "ON CONFLICT (key) DO UPDATE SET job = excluded.job, answer = NULL, packed = 0, "
+            "waiting = max(waiting, excluded.waiting), owner = coalesce(excluded.owner, owner), "
+            "lease = coalesce(excluded.lease, lease)",
+            (key, self._clock(), reply_topic, dumps(dict(job)), waiting, owner, lease),
         )
+
+    def claim(
+        self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
+    ) -> list[JournalEntry]:
+        """Take the detached waits free to take (see `Journal.claim_waits`); those taken."""
+        rows = self._db.execute(
+            f"UPDATE entries SET owner = ?, lease = ? WHERE id IN (SELECT id FROM entries "
+            "WHERE waiting = 1 AND (owner IS NULL OR owner = ? OR lease < ?) "
+            "AND (? IS NULL OR key = ?) ORDER BY owner IS ? DESC, id LIMIT ?) "
+            f"RETURNING {_ENTRY_COLUMNS}",
+            (
+                owner,
+                lease_until,
+                owner,
+                self._clock(),
+                key,
+                key,
+                owner,
+                -1 if limit is None else limit,
+            ),
+        ).fetchall()
+        return [entry for entry in map(_entry, rows) if entry is not None]
+
+    def renew(self, owner: str, lease_until: float) -> frozenset[bytes]:
+        """Extend `owner`'s leases; the keys of the waits it still holds."""
+        rows = self._db.execute(
+            "UPDATE entries SET lease = ? WHERE owner = ? AND waiting = 1 RETURNING key",
+            (lease_until, owner),
+        ).fetchall()
+        return frozenset(row[0] for row in rows)
+
+    def end(self, key: bytes, owner: str, delivered: bool) -> bool:
+        """Mark `key`'s wait answered, or give it up; whether `owner` still held it."""
+        cur = self._db.execute(
+            "UPDATE entries SET owner = NULL, lease = NULL, waiting = ? "
+            "WHERE key = ? AND owner = ?",
+            (0 if delivered else 1, key, owner),
+        )
+        return cur.rowcount > 0
 
     def put_attempt(self, key: bytes, reply_topic: str) -> int:
         """Count one more start of `key`'s upstream call; the count, this one included."""
@@ -383,8 +447,10 @@ class SqliteStore:
         if force or now - self._last_age_prune >= _PRUNE_EVERY:
             self._last_age_prune = now
             # `created` grows with `id`: the scan stops at the first entry young enough.
+            # A detached wait is kept until answered: its request is acknowledged, so nothing
+            # else would ever answer it.
             cur = self._db.execute(
-                "DELETE FROM entries WHERE id < coalesce("
+                "DELETE FROM entries WHERE waiting = 0 AND id < coalesce("
                 "(SELECT id FROM entries WHERE created >= ? ORDER BY id LIMIT 1), "
                 "(SELECT max(id) + 1 FROM entries))",
                 (now - self.max_age,),
@@ -398,7 +464,7 @@ class SqliteStore:
             count = self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
             cur = self._db.execute(
                 "DELETE FROM entries WHERE id IN (SELECT id FROM entries "
-                "WHERE answer IS NOT NULL OR job IS NULL ORDER BY id LIMIT ?)",
+                "WHERE (answer IS NOT NULL OR job IS NULL) AND waiting = 0 ORDER BY id LIMIT ?)",
                 (max(1, count // 8),),
             )
             if not cur.rowcount:
@@ -440,12 +506,23 @@ class SqliteStore:
         self._db.close()
 
 
+def _entry(row: Any) -> JournalEntry | None:
+    """The entry in a row of `_ENTRY_COLUMNS` (None for no row)."""
+    if row is None:
+        return None
+    key, created, reply_topic, answer, content_type, job, packed, waiting = row
+    if answer is not None:
+        answer = unpack(answer, packed)
+    job = loads(job) if job is not None else None
+    return JournalEntry(key, created, reply_topic, answer, content_type, job, bool(waiting))
+
+
 # --- the asynchronous front --------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Work:
-    kind: Literal["get", "answer", "job", "attempt", "stats", "stop"]
+    kind: Literal["get", "answer", "job", "attempt", "claim", "renew", "end", "stats", "stop"]
     args: tuple[Any, ...]
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None
@@ -622,9 +699,38 @@ class Journal:
         ok: bool = await self._submit("answer", key, reply_topic, answer, content_type)
         return ok
 
-    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
-        """Commit a waited job's state (id, operation, status); False when not journaled."""
-        ok: bool = await self._submit("job", key, reply_topic, dict(job))
+    async def record_job(
+        self,
+        key: bytes,
+        reply_topic: str,
+        job: Mapping[str, Any],
+        owner: str | None = None,
+        lease_until: float = 0.0,
+    ) -> bool:
+        """Commit a waited job's state (id, operation, status); False when not journaled. With
+        `owner`, the entry becomes a detached wait held by `owner` until `lease_until`."""
+        ok: bool = await self._submit("job", key, reply_topic, dict(job), owner, lease_until)
+        return ok
+
+    async def claim_waits(
+        self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
+    ) -> list[JournalEntry]:
+        """Take the detached waits (only `key`'s when given) that nobody holds, `owner` holds,
+        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken."""
+        taken: list[JournalEntry] | None = await self._submit(
+            "claim", owner, lease_until, key, limit
+        )
+        return taken or []
+
+    async def renew_waits(self, owner: str, lease_until: float) -> frozenset[bytes] | None:
+        """Extend `owner`'s leases; the keys it still holds (None on a journal error)."""
+        held: frozenset[bytes] | None = await self._submit("renew", owner, lease_until)
+        return held
+
+    async def end_wait(self, key: bytes, owner: str, *, delivered: bool) -> bool:
+        """Mark `key`'s detached wait answered (`delivered`), or only give it up for another
+        process or a later scan to finish."""
+        ok: bool = await self._submit("end", key, owner, delivered)
         return ok
 
     async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
@@ -665,7 +771,7 @@ class Journal:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed and not force:
-            future.set_result(False if kind in ("answer", "job") else None)
+            future.set_result(False if kind in ("answer", "job", "end") else None)
             return future
         self._queue.put(_Work(kind, args, future, loop))  # type: ignore[arg-type]
         return future
@@ -744,6 +850,12 @@ class Journal:
                 elif work.kind == "job":
                     store.put_job(*work.args)
                     results.append((work, True))
+                elif work.kind == "claim":
+                    results.append((work, store.claim(*work.args)))
+                elif work.kind == "renew":
+                    results.append((work, store.renew(*work.args)))
+                elif work.kind == "end":
+                    results.append((work, store.end(*work.args)))
                 else:
                     results.append((work, store.put_attempt(*work.args)))
             store.commit()
@@ -753,7 +865,7 @@ class Journal:
             store.rollback()
             self.failed_writes += len(writes)
             self._report(exc, len(writes))
-            return [(work, None if work.kind == "attempt" else False) for work in writes]
+            return [(work, _FAILED.get(work.kind, False)) for work in writes]
         self.commits += 1
         return results
 

@@ -30,6 +30,8 @@ class JournalEntry:
     """The reply's MQTT 5 Content Type (plain and raw formats), None for the JSON envelope."""
     job: dict[str, Any] | None
     """A waited job: at least `operation` and `id`, once the job was created."""
+    waiting: bool = False
+    """A detached wait (its request acknowledged) whose reply is not out yet."""
 
 
 class JournalLike(Protocol):
@@ -49,8 +51,29 @@ class JournalLike(Protocol):
     ) -> bool:
         """Commit an answer before its reply goes out; False when it was not journaled."""
 
-    async def record_job(self, key: bytes, reply_topic: str, job: Mapping[str, Any]) -> bool:
-        """Commit a waited job's state; False when not journaled."""
+    async def record_job(
+        self,
+        key: bytes,
+        reply_topic: str,
+        job: Mapping[str, Any],
+        owner: str | None = None,
+        lease_until: float = 0.0,
+    ) -> bool:
+        """Commit a waited job's state; False when not journaled. With `owner`, the entry becomes
+        a detached wait held by `owner` until `lease_until` (wall clock)."""
+
+    async def claim_waits(
+        self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
+    ) -> list[JournalEntry]:
+        """Take the detached waits (only `key`'s when given) that nobody holds, `owner` holds,
+        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken."""
+
+    async def renew_waits(self, owner: str, lease_until: float) -> frozenset[bytes] | None:
+        """Extend `owner`'s leases; the keys it still holds (None on a journal error)."""
+
+    async def end_wait(self, key: bytes, owner: str, *, delivered: bool) -> bool:
+        """Mark `key`'s detached wait answered (`delivered`), or only give it up for another
+        process or a later scan to finish."""
 
     async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
         """Commit one more start of `key`'s upstream call before it is made; the number of

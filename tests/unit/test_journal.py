@@ -367,7 +367,9 @@ def test_a_version_1_journal_is_upgraded_and_its_answers_still_read(tmp_path: Pa
         assert db.execute("PRAGMA page_size").fetchone()[0] == 4096  # an old file keeps it
     store.begin()
     assert store.put_attempt(key(1), "openai/response/x") == 1  # schema 3's column, added
+    store.put_job(key(3), "t", {"operation": "createVideo", "id": "v"}, "me", 1e13)  # waits' too
     store.commit()
+    assert [e.key for e in store.claim("me", 2e13)] == [key(3)]
     store.close()
 
 
