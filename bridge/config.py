@@ -302,6 +302,9 @@ class JobsConfig(_Section):
     poll_min: Annotated[float, Field(gt=0)] = 1.0
     """First polling interval (s); it grows by half each poll up to `poll_max`."""
     poll_max: Annotated[float, Field(gt=0)] = 30.0
+    claim_lease: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """Seconds a process holds a detached wait without renewing it (renewed every third of
+    it): a wait whose holder died is taken by another process sharing the journal after this."""
 
 
 class ToolConfig(_Section):

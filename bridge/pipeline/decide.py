@@ -81,6 +81,8 @@ class Call:
     """The request's `_bridge` reply options."""
     ask: AskTurn | None = None
     """A preset question (`<prefix>/ask/...`): its conversation, or a reset."""
+    raw_options: Any = None
+    """The `_bridge` value as sent (a detached wait journals it, and parses it again on resume)."""
 
     def take_request(self) -> HttpRequest:
         """The HTTP request, dropping this call's reference to it."""
@@ -230,7 +232,7 @@ class Decider:
             self.log.exception("unexpected failure", topic=message.topic)
             error = InternalError(f"internal error: {type(exc).__name__}")
             return Rejection(method, transaction, error, options)
-        return Call(op, request, transaction, stream_topic, options, ask)
+        return Call(op, request, transaction, stream_topic, options, ask, raw_options)
 
     def _ask(self, message: InboundMessage, route: Route) -> tuple[AskTurn, dict[str, Any]]:
         """The turn and request parameters of a plain-text question to a preset."""

@@ -1,8 +1,10 @@
 """The deliver stage: redact, check the size, publish, acknowledge, remember, count and log.
 
 A request is acknowledged only after its reply was published and the broker took it (PUBACK),
-so a request whose reply never went out is redelivered. A chunked raw reply (`_bridge`
-`chunk_bytes`) publishes its chunks on `<reply topic>/<n>` first and its end message last.
+so a request whose reply never went out is redelivered. A detached wait's reply has no request
+left to acknowledge (it was acknowledged once its job was journaled): it is only published. A
+chunked raw reply (`_bridge` `chunk_bytes`) publishes its chunks on `<reply topic>/<n>` first
+and its end message last.
 """
 
 from __future__ import annotations
@@ -85,6 +87,30 @@ class Deliverer:
         self, message: InboundMessage, route: Route, outcome: render.Outcome, key: bytes | None
     ) -> render.Outcome:
         """Publish `outcome` (an error reply instead when too large), ack, remember it; as sent."""
+        outcome, _ = await self._deliver(message, route, outcome, key)
+        return outcome
+
+    async def deliver_detached(
+        self, route: Route, outcome: render.Outcome, key: bytes
+    ) -> tuple[render.Outcome, bool | None]:
+        """Publish a detached wait's reply as `deliver` does, without a request to acknowledge;
+        the outcome as sent, and True when published, False when the broker refused it (it
+        would refuse again), None when it could not go out now."""
+        return await self._deliver(None, route, outcome, key)
+
+    async def publish_journaled(
+        self, route: Route, payload: bytes, content_type: str | None
+    ) -> bool | None:
+        """Publish a reply journaled before a crash cut its delivery short (as `_publish`)."""
+        return await self._publish(route, payload, content_type)
+
+    async def _deliver(
+        self,
+        message: InboundMessage | None,
+        route: Route,
+        outcome: render.Outcome,
+        key: bytes | None,
+    ) -> tuple[render.Outcome, bool | None]:
         payload = self.redactor.data(outcome.payload)
         largest = max((len(chunk) for chunk in outcome.chunks), default=0)
         last_chunk = chunk_topic(route.reply_topic, max(len(outcome.chunks) - 1, 0))
@@ -98,15 +124,19 @@ class Deliverer:
         if key is not None and outcome.error is None and not chunked:
             # Committed before the reply goes out: from here on a crash is answered from disk.
             await self._journal(key, route, outcome.method, payload, outcome.content_type)
-        sent = await self._send_chunks(message, route, outcome) if chunked else True
+        sent: bool | None = await self._send_chunks(message, route, outcome) if chunked else True
         outcome.chunks = ()  # published: drop them
-        sent = sent and await self._send(message, route, payload, outcome.content_type)
+        if sent:
+            sent = await self._publish(route, payload, outcome.content_type)
+            if message is not None and sent is not None:
+                # Refused by the broker (e.g. an ACL): redelivery would fail the same way.
+                self.publisher.ack(message)
         error = outcome.error
         # A chunked reply is not remembered (the cache keeps one message per request): a
         # redelivered chunked request is answered by calling the service host again.
         if sent and key is not None and (error is None or not error.is_retryable) and not chunked:
             self.cache.put(key, route.reply_topic, payload, outcome.content_type)
-        return outcome
+        return outcome, sent
 
     async def _journal(
         self, key: bytes, route: Route, method: str, payload: bytes, content_type: str | None
@@ -117,7 +147,11 @@ class Deliverer:
         await journal.record_answer(key, route.reply_topic, payload, content_type)
 
     def account(
-        self, message: InboundMessage, route: Route, outcome: render.Outcome, elapsed_ms: float
+        self,
+        message: InboundMessage | None,
+        route: Route,
+        outcome: render.Outcome,
+        elapsed_ms: float,
     ) -> None:
         """Count the answered request and write its one log line."""
         error = outcome.error
@@ -134,7 +168,7 @@ class Deliverer:
             "request_id": outcome.request_id,
             "attempts": outcome.attempts or None,
             "duration_ms": elapsed_ms,
-            "dup": message.dup or None,
+            "dup": (message is not None and message.dup) or None,
             "message": error.message[:_LOG_MESSAGE_LIMIT] if error else None,
         }
         # An error is worth a look: a warning, with what the reply told the device.
@@ -142,8 +176,8 @@ class Deliverer:
         log("request", **{k: v for k, v in fields.items() if v is not None})
 
     async def _send_chunks(
-        self, message: InboundMessage, route: Route, outcome: render.Outcome
-    ) -> bool:
+        self, message: InboundMessage | None, route: Route, outcome: render.Outcome
+    ) -> bool | None:
         """Publish the chunks of a raw reply in order, wait for their PUBACKs; False on failure."""
         pending: list[asyncio.Future[None]] = []
         try:
@@ -166,7 +200,9 @@ class Deliverer:
                     future.exception()  # retrieved: the first failure is the one reported
             topic = chunk_topic(route.reply_topic, 0)
             self.log.error("reply not published", topic=topic[:200], error=str(exc)[:300])
-            if not exc.retry_later:
+            if exc.retry_later:
+                return None
+            if message is not None:
                 self.publisher.ack(message)
             return False
         return True
@@ -179,6 +215,17 @@ class Deliverer:
         content_type: str | None = None,
     ) -> bool:
         """Publish the reply, wait for PUBACK, then ack the request; False when not published."""
+        sent = await self._publish(route, payload, content_type)
+        if sent is not None:
+            # Refused by the broker (e.g. an ACL): redelivery would fail the same way.
+            self.publisher.ack(message)
+        return bool(sent)
+
+    async def _publish(
+        self, route: Route, payload: bytes, content_type: str | None = None
+    ) -> bool | None:
+        """Publish the reply and wait for PUBACK: True, False when the broker refused it, None
+        when it could not go out now (a local, passing failure)."""
         topic = route.reply_topic
         try:
             await self.publisher.publish(
@@ -186,9 +233,5 @@ class Deliverer:
             )
         except PublishFailed as exc:
             self.log.error("reply not published", topic=topic[:200], error=str(exc)[:300])
-            if not exc.retry_later:
-                # The broker refused this reply (e.g. an ACL): redelivery would fail the same way.
-                self.publisher.ack(message)
-            return False
-        self.publisher.ack(message)
+            return None if exc.retry_later else False
         return True

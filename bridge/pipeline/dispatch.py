@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import BridgeConfig
@@ -39,18 +40,19 @@ from bridge.errors import (
 from bridge.jsoncodec import dumps, loads
 from bridge.messages import InboundMessage, Publisher, PublishFailed
 from bridge.methods.jobs import job_kind
-from bridge.methods.model import MethodTable
+from bridge.methods.model import MethodTable, Operation
 from bridge.pipeline import render
 from bridge.pipeline.access import AccessRules, ReplyTopicRules
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Decider, Rejection, Route
 from bridge.pipeline.dedup import ReplyCache
 from bridge.pipeline.deliver import Deliverer
-from bridge.pipeline.model import MISSING, JournalLike, Observed
+from bridge.pipeline.model import MISSING, JournalEntry, JournalLike, Observed
+from bridge.pipeline.options import ReplyOptions, parse_options
 from bridge.pipeline.recall import Recall, Recalled
 from bridge.pipeline.sink import TopicStreamSink
 from bridge.pipeline.stats import Stats
-from bridge.pipeline.waiting import JobWaiter
+from bridge.pipeline.waiting import JobState, JobWaiter, WaitRecord
 from bridge.presets import conversation
 from bridge.presets.book import PresetBook
 from bridge.redact import Redactor
@@ -86,8 +88,11 @@ class Dispatcher:
         wall_clock: Callable[[], float] = time.time,
         observer: Callable[[Observed], None] | None = None,
         tools: ToolRunner | None = None,
+        owner: str | None = None,
     ) -> None:
         self.config = config
+        self.owner = owner or config.mqtt.effective_client_id
+        """Who holds this process's detached waits in the journal (stable across restarts)."""
         self.observer = observer
         """Told of every answered request (the web console), None when nobody looks."""
         self.tools = tools
@@ -144,6 +149,13 @@ class Dispatcher:
         """Waits being followed, by caller (the request topic's first suffix level)."""
         self._tracked_waits: set[asyncio.Task[Any]] = set()
         """Waits whose job id is journaled: stopped at once on shutdown, resumed after it."""
+        self._detached: dict[bytes, _Detached] = {}
+        """Detached waits this process follows (their requests acknowledged), by request key."""
+        self._lease_task: asyncio.Task[None] | None = None
+        self._online = asyncio.Event()
+        """Set once connected: resumed waits are claimed (and counted) before the first request
+        comes, and publish only from then on."""
+        self._wall = wall_clock
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._running: dict[bytes, asyncio.Event] = {}
@@ -204,10 +216,12 @@ class Dispatcher:
         the next start resumes polling them); a job may run for hours.
         """
         self.accepting = False
-        if self._tracked_waits:
-            self.log.info("job waits stopped; resumed after restart", jobs=len(self._tracked_waits))
+        stopped = len(self._tracked_waits) + len(self._detached)
+        if stopped:
+            self.log.info("job waits stopped; resumed after restart", jobs=stopped)
         for task in list(self._tracked_waits):
             task.cancel()
+        self._stop_detached()
         if not self._tasks:
             return True
         with contextlib.suppress(TimeoutError):
@@ -220,8 +234,9 @@ class Dispatcher:
         return len(self._tasks)
 
     async def cancel_all(self) -> None:
-        """Cancel unfinished requests (left unacked, so the broker redelivers them)."""
-        tasks = list(self._tasks)
+        """Cancel unfinished requests (left unacked, so the broker redelivers them) and the
+        detached waits (left in the journal for the next start)."""
+        tasks = list(self._tasks) + self._stop_detached()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -286,7 +301,8 @@ class Dispatcher:
             running = self._running[key] = asyncio.Event()
         try:
             outcome = await self._outcome(message, route, decision, key, slot)
-            outcome = await self.deliverer.deliver(message, route, outcome, key)
+            if outcome is not None:
+                outcome = await self.deliverer.deliver(message, route, outcome, key)
         except asyncio.CancelledError:
             # Stopped by a shutdown, not killed by the request: that start does not count.
             if counted is not None and key is not None and self.journal is not None:
@@ -298,6 +314,8 @@ class Dispatcher:
                 running.set()
         if counted is not None and key is not None and self.journal is not None:
             await self.journal.settle_attempt(key)
+        if outcome is None:
+            return  # a detached wait: its request is acknowledged, its reply comes later
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
         if self.observer is not None:
@@ -373,15 +391,16 @@ class Dispatcher:
         decision: Call | Rejection,
         key: bytes | None,
         slot: _Slot,
-    ) -> render.Outcome:
-        """Execute (or follow the job of) a call; any failure becomes the request's error reply."""
+    ) -> render.Outcome | None:
+        """Execute (or follow the job of) a call; any failure becomes the request's error reply.
+        None: the call became a detached wait (its request acknowledged, its reply comes later)."""
         if isinstance(decision, Rejection):
             return render.failure(
                 decision.method, decision.transaction, decision.error, decision.options
             )
         try:
             if decision.options.wait is not None:
-                return await self._wait(route, decision, key, slot)
+                return await self._wait(message, route, decision, key, slot)
             if decision.options.tools or decision.ask is not None:
                 return await self._tool_loop(route, decision, key, replay=message.dup)
             return await self._execute(route, decision)
@@ -393,17 +412,25 @@ class Dispatcher:
             return render.failure(decision.op.name, decision.transaction, error, decision.options)
 
     async def _wait(
-        self, route: Route, call: Call, key: bytes | None, slot: _Slot
-    ) -> render.Outcome:
+        self, message: InboundMessage, route: Route, call: Call, key: bytes | None, slot: _Slot
+    ) -> render.Outcome | None:
         """Follow the job `call` starts in the wait pool, leaving the request slot free.
 
         The pool is bounded in total and per caller, and a wait that finds it full is refused
-        (`too_many_waits`, before the job is created) rather than queued: a queued wait would
-        hold its unacknowledged request, and enough of them would fill the broker's in-flight
-        window and stop every other request. A resumed wait (its job already journaled) was
-        admitted before the restart and is followed whatever the counts.
+        (`too_many_waits`, before the job is created) rather than queued. With the journal, the
+        request is acknowledged as soon as the job and everything its reply needs are journaled,
+        and the wait goes on detached from it (None): waits never hold the broker's in-flight
+        window, and the next start resumes them from the journal. A redelivered copy of such a
+        request joins its wait. Without the journal the wait holds its request until the reply
+        is out, so that a restart gets it again. A resumed wait was admitted before and is
+        followed whatever the counts.
         """
         slot.release()  # a job may take hours: the wait pool bounds these instead
+        journal = self.journal
+        if journal is not None and key is not None and await self._join(key):
+            self.publisher.ack(message)
+            call.take_request()  # never sent
+            return None
         task = asyncio.current_task()
         caller = route.topic.suffix.partition("/")[0]
         resumed = await self.waiter.resumable(key)
@@ -411,6 +438,8 @@ class Dispatcher:
             self._admit_wait(caller)
         self._waiting[caller] += 1
         try:
+            if resumed is None and journal is not None and key is not None:
+                return await self._detach(message, route, call, key, caller)
 
             def tracked() -> None:
                 if task is not None and self.journal is not None:
@@ -418,11 +447,231 @@ class Dispatcher:
 
             return await self.waiter.follow(call, route, key, resumed, tracked)
         finally:
-            self._waiting[caller] -= 1
-            if not self._waiting[caller]:
-                del self._waiting[caller]
+            self._count_wait(caller, -1)
             if task is not None:
                 self._tracked_waits.discard(task)
+
+    async def _detach(
+        self, message: InboundMessage, route: Route, call: Call, key: bytes, caller: str
+    ) -> render.Outcome | None:
+        """Create the job, journal it with its request's reply details, acknowledge the request
+        and go on polling in a task of its own (None); followed here when it cannot be
+        journaled."""
+        assert self.journal is not None
+        timeout = self.waiter.timeout(call.options)
+        state, result = await self.waiter.create(call)
+        state.wait = WaitRecord(
+            message.topic,
+            route.reply_topic,
+            route.correlation,
+            call.raw_options,
+            call.transaction,
+            caller,
+            self._wall() + timeout,
+        )
+        lease = self._wall() + self.config.jobs.claim_lease
+        if not await self.journal.record_job(
+            key, route.reply_topic, state.record(), self.owner, lease
+        ):
+            state.wait = None  # not journaled: this request stays unacknowledged until the end
+            deadline = self.waiter.deadline_in(timeout)
+            return await self.waiter.poll(
+                call.op, call.transaction, call.options, route, state, result, deadline, None
+            )
+        self._follow(_Detached(key, state, state.wait, call.op, call.options, route), result)
+        self.publisher.ack(message)
+        return None
+
+    async def _join(self, key: bytes) -> bool:
+        """Whether `key`'s request is a detached wait already (a redelivered copy): it is then
+        followed here (resumed if no process holds it) or by the process that holds it."""
+        if key in self._detached:
+            return True
+        assert self.journal is not None
+        entry = await self.journal.lookup(key)
+        if entry is None or not entry.waiting:
+            return False
+        lease = self._wall() + self.config.jobs.claim_lease
+        for taken in await self.journal.claim_waits(self.owner, lease, key=key):
+            await self._resume(taken)
+        return True
+
+    async def resume_waits(self) -> int:
+        """Take the detached waits in the journal that no live process follows, at start before
+        any request comes (so they count in the wait pool from the first request on); how many.
+        They go on once `online()` is called."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        lease = self._wall() + self.config.jobs.claim_lease
+        taken = await journal.claim_waits(self.owner, lease)
+        for entry in taken:
+            await self._resume(entry)
+        if taken:
+            self.log.info("job waits resumed from the journal", jobs=len(taken))
+        return len(taken)
+
+    def online(self) -> None:
+        """Connected: resumed waits may poll and publish; claims are renewed from now on."""
+        self._online.set()
+        if self.journal is not None and self._lease_task is None:
+            self._lease_task = asyncio.get_running_loop().create_task(self._keep_claims())
+
+    async def _resume(self, entry: JournalEntry) -> None:
+        """Follow a detached wait taken from the journal (not again when already followed)."""
+        assert self.journal is not None
+        if entry.key in self._detached:
+            return
+        detached = self._detached_from(entry)
+        if detached is None:
+            self.log.error(
+                "journaled job wait unusable; dropped", reason="record not written by this bridge"
+            )
+            await self.journal.end_wait(entry.key, self.owner, delivered=True)
+            return
+        self.log.info(
+            "job resumed", method=detached.op.name, job_id=detached.state.id, detached=True
+        )
+        self._follow(detached, None, entry.answer, entry.content_type)
+
+    def _detached_from(self, entry: JournalEntry) -> _Detached | None:
+        """The wait journaled in `entry`, or None when the record cannot be used."""
+        state = JobState.from_record(entry.job) if entry.job is not None else None
+        wait = state.wait if state is not None else None
+        if state is None or wait is None:
+            return None
+        op = self.decider.table.find(state.operation)
+        parsed = self.decider.topics.parse(wait.request_topic)
+        if op is None or job_kind(op.name) is None or parsed is None:
+            return None
+        try:
+            options = parse_options(wait.options, self.config.limits.max_select_steps)
+        except BridgeError:
+            return None
+        if options.wait is None:
+            return None
+        route = Route(parsed, wait.reply_topic, wait.correlation)
+        return _Detached(entry.key, state, wait, op, options, route)
+
+    def _follow(
+        self,
+        detached: _Detached,
+        result: ServiceResult | None,
+        answer: bytes | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Run a detached wait in a task of its own, counted in the wait pool."""
+        loop = self._loop or asyncio.get_running_loop()
+        detached.task = loop.create_task(self._run_detached(detached, result, answer, content_type))
+        self._detached[detached.key] = detached
+        self._count_wait(detached.wait.caller, 1)
+
+    async def _run_detached(
+        self,
+        detached: _Detached,
+        result: ServiceResult | None,
+        answer: bytes | None,
+        content_type: str | None,
+    ) -> None:
+        """Poll a detached wait to its end, publish its reply, then mark it answered.
+
+        Cancelled (a shutdown, or the claim lost to another process) it stays in the journal
+        for whoever resumes it.
+        """
+        await self._online.wait()
+        started = self._clock()
+        wait, route = detached.wait, detached.route
+        assert self.journal is not None
+        try:
+            outcome: render.Outcome | None = None
+            if answer is not None:
+                # Journaled before a crash cut its delivery short: published from the journal.
+                sent = await self.deliverer.publish_journaled(route, answer, content_type)
+            else:
+                outcome = await self._detached_outcome(detached, result)
+                outcome, sent = await self.deliverer.deliver_detached(route, outcome, detached.key)
+            detached.ending = True
+            # Not published now (no broker): given up, so the next claim round publishes it.
+            await self.journal.end_wait(detached.key, self.owner, delivered=sent is not None)
+            if outcome is not None:
+                elapsed_ms = round((self._clock() - started) * 1000, 2)
+                self.deliverer.account(None, route, outcome, elapsed_ms)
+        except Exception:  # a bug must not end the process; the journal keeps the wait
+            self.log.exception("job wait failed", job_id=detached.state.id)
+        finally:
+            if self._detached.get(detached.key) is detached:
+                del self._detached[detached.key]
+                self._count_wait(wait.caller, -1)
+
+    async def _detached_outcome(
+        self, detached: _Detached, result: ServiceResult | None
+    ) -> render.Outcome:
+        """The detached wait's reply: the job's end, or its error (`job_timeout` once the
+        journaled deadline passed, also while the bridge was down)."""
+        wait, op, options = detached.wait, detached.op, detached.options
+        deadline = self.waiter.deadline_in(wait.deadline - self._wall())
+        try:
+            return await self.waiter.poll(
+                op,
+                wait.transaction,
+                options,
+                detached.route,
+                detached.state,
+                result,
+                deadline,
+                detached.key,
+            )
+        except BridgeError as exc:
+            return render.failure(op.name, wait.transaction, exc, options)
+        except Exception as exc:  # the wait still gets its one reply
+            self.log.exception("unexpected failure", topic=wait.request_topic[:200])
+            error = InternalError(f"internal error: {type(exc).__name__}")
+            return render.failure(op.name, wait.transaction, error, options)
+
+    async def _keep_claims(self) -> None:
+        """Renew this process's claims on its detached waits every third of the lease; stop a
+        wait whose claim another process took (this one stalled past its lease), and take the
+        waits whose holder's lease ran out (a process that died), as far as the pool allows."""
+        journal = self.journal
+        assert journal is not None
+        lease_s = self.config.jobs.claim_lease
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            held = await journal.renew_waits(self.owner, self._wall() + lease_s)
+            if held is None:
+                continue  # a journal error: keep following, try again next round
+            for key, detached in list(self._detached.items()):
+                if key not in held and not detached.ending and detached.task is not None:
+                    self.log.warning(
+                        "job wait taken over by another process; stopped here",
+                        job_id=detached.state.id,
+                    )
+                    detached.task.cancel()
+                    del self._detached[key]
+                    self._count_wait(detached.wait.caller, -1)
+            free = self.config.jobs.max_waiting - sum(self._waiting.values())
+            if free > 0:
+                lease = self._wall() + lease_s
+                for entry in await journal.claim_waits(self.owner, lease, limit=free):
+                    await self._resume(entry)
+
+    def _stop_detached(self) -> list[asyncio.Task[Any]]:
+        """Cancel the detached waits and the claim renewal (their journal entries stay); the
+        tasks to await."""
+        tasks: list[asyncio.Task[Any]] = [
+            d.task for d in self._detached.values() if d.task is not None
+        ]
+        if self._lease_task is not None:
+            tasks.append(self._lease_task)
+            self._lease_task = None
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def _count_wait(self, caller: str, change: int) -> None:
+        self._waiting[caller] += change
+        if self._waiting[caller] <= 0:
+            del self._waiting[caller]
 
     def _admit_wait(self, caller: str) -> None:
         """Raise TooManyWaits when the wait pool, or this caller's share of it, is full."""
@@ -539,6 +788,21 @@ def _json_object(data: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UpstreamBadResponse("not a JSON object")
     return value
+
+
+@dataclass(slots=True)
+class _Detached:
+    """A detached wait this process follows."""
+
+    key: bytes
+    state: JobState
+    wait: WaitRecord
+    op: Operation
+    options: ReplyOptions
+    route: Route
+    task: asyncio.Task[None] | None = None
+    ending: bool = False
+    """Its reply is out (or given up): no longer stopped when its claim is gone."""
 
 
 class _Slot:

@@ -11,6 +11,7 @@ error for a failed, cancelled or expired job, or `job_timeout` when the wait's t
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ from bridge.errors import BridgeError, JobFailed, JobTimeout, UpstreamBadRespons
 from bridge.jsoncodec import dumps, loads
 from bridge.messages import StreamPublisher
 from bridge.methods.jobs import JobKind, job_kind
-from bridge.methods.model import MethodTable
+from bridge.methods.model import MethodTable, Operation
 from bridge.pipeline import render
 from bridge.pipeline.build import RequestBuilder
 from bridge.pipeline.decide import Call, Route
-from bridge.pipeline.model import JournalEntry, JournalLike
+from bridge.pipeline.model import MISSING, JournalEntry, JournalLike
+from bridge.pipeline.options import ReplyOptions
 from bridge.redact import Redactor
 from bridge.service.client import ServiceClient, ServiceResult
 
@@ -33,6 +35,67 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 PROGRESS_EVENT = "job.progress"
+
+
+@dataclass(slots=True)
+class WaitRecord:
+    """What a detached wait needs to finish without its request message (journaled with the job)."""
+
+    request_topic: str
+    reply_topic: str
+    correlation: bytes | None
+    options: Any
+    """The request's `_bridge` value as it was sent (parsed again on resume)."""
+    transaction: Any
+    """The request's `transaction`, MISSING when it had none."""
+    caller: str
+    """The request topic's first suffix level (the per-caller bound)."""
+    deadline: float
+    """Wall-clock time (Unix seconds) at which the wait ends with `job_timeout`."""
+
+    def record(self) -> dict[str, Any]:
+        """The journal's copy (JSON)."""
+        record: dict[str, Any] = {
+            "request_topic": self.request_topic,
+            "reply_topic": self.reply_topic,
+            "correlation": None
+            if self.correlation is None
+            else base64.b64encode(self.correlation).decode("ascii"),
+            "options": self.options,
+            "caller": self.caller,
+            "deadline": self.deadline,
+        }
+        if self.transaction is not MISSING:
+            record["transaction"] = self.transaction
+        return record
+
+    @classmethod
+    def from_record(cls, record: Any) -> WaitRecord | None:
+        """The wait in a journal record, or None when the record is not one we wrote."""
+        if not isinstance(record, dict):
+            return None
+        fields = (record.get("request_topic"), record.get("reply_topic"), record.get("caller"))
+        correlation, deadline = record.get("correlation"), record.get("deadline")
+        if not (
+            all(isinstance(field, str) for field in fields)
+            and (correlation is None or isinstance(correlation, str))
+            and isinstance(deadline, int | float)
+            and not isinstance(deadline, bool)
+        ):
+            return None
+        try:
+            data = None if correlation is None else base64.b64decode(correlation, validate=True)
+        except ValueError:
+            return None
+        return cls(
+            record["request_topic"],
+            record["reply_topic"],
+            data,
+            record.get("options"),
+            record.get("transaction", MISSING),
+            record["caller"],
+            float(deadline),
+        )
 
 
 @dataclass(slots=True)
@@ -47,10 +110,21 @@ class JobState:
     progress: int | None = None
     seq: int = 0
     """The `seq` of the next progress message (a resumed wait goes on counting)."""
+    wait: WaitRecord | None = None
+    """A detached wait's request (None: the wait holds its request message)."""
 
     def record(self) -> dict[str, Any]:
         """The journal's copy (enough to resume polling and the progress count)."""
-        return {"operation": self.operation, "id": self.id, "params": self.params, "seq": self.seq}
+        record: dict[str, Any] = {
+            "operation": self.operation,
+            "id": self.id,
+            "params": self.params,
+            "seq": self.seq,
+            "status": self.status,
+        }
+        if self.wait is not None:
+            record["wait"] = self.wait.record()
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> JobState | None:
@@ -64,11 +138,14 @@ class JobState:
         ):
             return None
         seq = record.get("seq")
+        status = record.get("status")
         return cls(
             record["operation"],
             record["id"],
             dict(params),
+            status=status if isinstance(status, str) else None,
             seq=seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else 0,
+            wait=WaitRecord.from_record(record["wait"]) if "wait" in record else None,
         )
 
 
@@ -127,13 +204,32 @@ class JobWaiter:
         self._clock = clock
 
     async def resumable(self, key: bytes | None) -> JobState | None:
-        """The job a redelivered request already started (journaled, not answered), if any."""
+        """The job a redelivered request already started (journaled, not answered, and held by
+        its request message rather than detached), if any."""
         if key is None or self.journal is None:
             return None
         entry: JournalEntry | None = await self.journal.lookup(key)
-        if entry is None or entry.job is None or entry.answer is not None:
+        if entry is None or entry.job is None or entry.answer is not None or entry.waiting:
             return None
         return JobState.from_record(entry.job)
+
+    async def create(self, call: Call) -> tuple[JobState, ServiceResult]:
+        """Call the job-creating operation (once); the job's state and the answer."""
+        kind = job_kind(call.op.name)
+        assert kind is not None
+        result = await self.service.send(call.take_request())
+        state = self._state(call.op.name, kind, job_object(result))
+        self.log.info("job started", method=call.op.name, job_id=state.id)
+        return state, result
+
+    def deadline_in(self, seconds: float) -> float:
+        """The deadline `seconds` from now on this waiter's clock (what `poll` takes)."""
+        return self._clock() + seconds
+
+    def timeout(self, options: ReplyOptions) -> float:
+        """The wait's timeout in seconds (the request's, else `[jobs] wait_timeout`)."""
+        wait = options.wait
+        return (wait.timeout if wait is not None else None) or self.config.wait_timeout
 
     async def follow(
         self,
@@ -143,30 +239,58 @@ class JobWaiter:
         resumed: JobState | None,
         tracked: Callable[[], None] = lambda: None,
     ) -> render.Outcome:
-        """Create (or resume) the job, poll it to its end, and render the one reply."""
-        kind = job_kind(call.op.name)
-        assert kind is not None and call.options.wait is not None
-        timeout = call.options.wait.timeout or self.config.wait_timeout
+        """Create (or resume) the job, poll it to its end, and render the one reply (the wait
+        holds its request message throughout)."""
+        assert call.options.wait is not None
+        timeout = self.timeout(call.options)
         deadline = self._clock() + timeout
-        progress = _ProgressTopic(self, route, call.transaction)
         if resumed is not None:
-            state = resumed
-            self.log.info("job resumed", method=call.op.name, job_id=state.id)
+            self.log.info("job resumed", method=call.op.name, job_id=resumed.id)
             call.take_request()  # never sent again
-            result = None
             tracked()
-            progress.resume(state, key)
-        else:
-            result = await self.service.send(call.take_request())
-            state = self._state(call.op.name, kind, job_object(result))
-            journal = self.journal
-            if key is not None and journal is not None:
-                # Committed before the first poll: from here on a crash resumes, never recreates.
-                recorded = await journal.record_job(key, route.reply_topic, state.record())
-                if recorded:
-                    tracked()
-                    progress.resume(state, key)
-            self.log.info("job started", method=call.op.name, job_id=state.id)
+            return await self.poll(
+                call.op, call.transaction, call.options, route, resumed, None, deadline, key
+            )
+        state, result = await self.create(call)
+        journal = self.journal
+        journaled = False
+        if key is not None and journal is not None:
+            # Committed before the first poll: from here on a crash resumes, never recreates.
+            journaled = await journal.record_job(key, route.reply_topic, state.record())
+            if journaled:
+                tracked()
+        return await self.poll(
+            call.op,
+            call.transaction,
+            call.options,
+            route,
+            state,
+            result,
+            deadline,
+            key if journaled else None,
+        )
+
+    async def poll(
+        self,
+        op: Operation,
+        transaction: Any,
+        options: ReplyOptions,
+        route: Route,
+        state: JobState,
+        result: ServiceResult | None,
+        deadline: float,
+        key: bytes | None,
+    ) -> render.Outcome:
+        """Poll the job to its end or `deadline` (this waiter's clock) and render the reply.
+
+        `result` is the creating call's answer (None for a resumed job); with `key` the state
+        is journaled as it changes, so a resumed wait goes on counting its progress messages.
+        """
+        kind = job_kind(state.operation)
+        assert kind is not None
+        progress = _ProgressTopic(self, route, transaction)
+        progress.resume(state, key)
+        if result is not None:
             await progress.update(state, job_object(result))
         retrieve = self.table.find(kind.retrieve)
         assert retrieve is not None, kind.retrieve
@@ -179,7 +303,7 @@ class JobWaiter:
             remaining = deadline - self._clock()
             if remaining <= delay:
                 raise JobTimeout(
-                    f"job {state.id} did not end within {timeout:g} s (last status "
+                    f"job {state.id} did not end within {self.timeout(options):g} s (last status "
                     f"{state.status!r}); it goes on upstream: retrieve it with {kind.retrieve}",
                     job_id=state.id,
                     job_status=state.status,
@@ -210,7 +334,7 @@ class JobWaiter:
             )
         assert result is not None
         result.body = dumps(job)
-        return render.answer(call.op, call.transaction, result, None, call.options)
+        return render.answer(op, transaction, result, None, options)
 
     def _state(self, operation: str, kind: JobKind, job: dict[str, Any]) -> JobState:
         try:

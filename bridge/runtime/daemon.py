@@ -197,6 +197,7 @@ class Bridge:
                 journal=journal,
                 observer=self.role.observer,
                 tools=runner,
+                owner=mqtt_cfg.effective_client_id,
             )
             stack.push_async_callback(self._shutdown)
             sockets = AiohttpWebSockets(cfg.service.connect_timeout, cfg.realtime.heartbeat)
@@ -212,7 +213,10 @@ class Bridge:
             )
             # Closed before the final state: each session publishes `closed` (`shutdown`).
             stack.push_async_callback(self.realtime.close_all)
+            # Before connecting: the waits resumed count in the pool from the first request on.
+            await self.dispatcher.resume_waits()
             if await self._connected(transport):
+                self.dispatcher.online()
                 if watcher is not None:
                     await self._start_watcher(watcher)
                     stack.push_async_callback(watcher.close)
