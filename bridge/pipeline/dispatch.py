@@ -318,6 +318,12 @@ class Dispatcher:
             return  # a detached wait: its request is acknowledged, its reply comes later
         elapsed_ms = round((self._clock() - started) * 1000, 2)
         self.deliverer.account(message, route, outcome, elapsed_ms)
+        self._observe(route, outcome, elapsed_ms, head, size)
+
+    def _observe(
+        self, route: Route, outcome: render.Outcome, elapsed_ms: float, head: bytes, size: int
+    ) -> None:
+        """Tell the observer (the web console), if any, of an answered request."""
         if self.observer is not None:
             self.observer(
                 Observed(
@@ -596,6 +602,7 @@ class Dispatcher:
             if outcome is not None:
                 elapsed_ms = round((self._clock() - started) * 1000, 2)
                 self.deliverer.account(None, route, outcome, elapsed_ms)
+                self._observe(route, outcome, elapsed_ms, b"", 0)
         except Exception:  # a bug must not end the process; the journal keeps the wait
             self.log.exception("job wait failed", job_id=detached.state.id)
         finally:

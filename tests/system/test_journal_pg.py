@@ -246,3 +246,116 @@ async def test_the_consoles_status_counts_the_shared_tables_entries(
                                  "bytes": None}  # fmt: skip
     assert "s3cret-pw" not in str(status)
     await source.close()
+
+
+# --- detached waits: one member at a time ----------
+
+WAITED = {"operation": "createVideo", "id": "video_1", "params": {"video_id": "video_1"}}
+
+
+async def test_a_detached_wait_is_claimed_by_one_member_until_its_lease_runs_out(
+    pg_url: str,
+) -> None:
+    first = await open_pg(pg_url, RecordingLog())
+    second = await open_pg(pg_url, RecordingLog())
+    assert first is not None and second is not None
+    assert await first.record_job(key(1), "t", WAITED, "alpha", lease_until=1e12)
+    assert await second.claim_waits("beta", 2e12) == []  # alpha's lease holds
+    entry = await second.lookup(key(1))
+    assert entry is not None and entry.waiting  # visible to the group, held by alpha
+    assert [e.key for e in await first.claim_waits("alpha", 2e12)] == [key(1)]
+    assert await first.renew_waits("alpha", 3e12) == frozenset({key(1)})
+    assert await first.record_job(key(2), "t", WAITED, "alpha", lease_until=1.0)  # alpha died
+    assert [e.key for e in await second.claim_waits("beta", 2e12)] == [key(2)]
+    assert await first.renew_waits("alpha", 3e12) == frozenset({key(1)})  # key 2 is beta's
+    assert await second.end_wait(key(2), "beta", delivered=True)
+    assert await first.claim_waits("alpha", 2e12, key=key(2)) == []  # answered: nobody's
+    await first.close()
+    await second.close()
+
+
+async def test_members_claiming_at_once_never_take_the_same_wait(pg_url: str) -> None:
+    members = [await open_pg(pg_url, RecordingLog()) for _ in range(4)]
+    assert all(m is not None for m in members)
+    journals = [m for m in members if m is not None]
+    for i in range(40):  # their holder's lease ran out long ago
+        assert await journals[0].record_job(key(100 + i), "t", WAITED, "gone", lease_until=1.0)
+    for _ in range(3):
+        taken = await asyncio.gather(
+            *(j.claim_waits(f"m{n}", 2e12, limit=12) for n, j in enumerate(journals))
+        )
+        keys = [e.key for batch in taken for e in batch]
+        assert len(keys) == len(set(keys))  # no wait went to two members
+        if len(keys) == 40:
+            break
+    owners = await journals[0].pool.fetch("SELECT owner, count(*) FROM omb_journal GROUP BY 1")
+    assert sum(row["count"] for row in owners) == 40
+    assert all(row["owner"] != "gone" for row in owners)
+    for journal in journals:
+        await journal.close()
+
+
+def test_a_dead_members_wait_is_taken_over_by_another_once_its_lease_runs_out(
+    tmp_path: Path,
+    own_mosquitto: MosquittoBroker,
+    standin: Standin,
+    topic_prefix: str,
+    pg_url: str,
+) -> None:
+    done = threading.Event()
+    job = {"id": "video_43", "object": "video"}
+
+    def state(record: RecordedRequest) -> Reply:
+        return Reply(json={**job, "status": "completed" if done.is_set() else "in_progress"})
+
+    standin.script("POST", "/videos", Reply(json={**job, "status": "queued"}))
+    standin.script("GET", "/videos/video_43", state)
+
+    def bridge(name: str) -> BridgeProcess:
+        folder = tmp_path / name
+        folder.mkdir()
+        path, env = make_config(
+            folder,
+            broker_port=own_mosquitto.port,
+            api_base=standin.url,
+            prefix=topic_prefix,
+            mqtt={
+                "shared_group": "workers",
+                "instance": name,
+                "client_id": f"omb-{topic_prefix}-{name}",
+                "session_expiry": 600,
+            },
+            extra={
+                "journal": {"url": pg_url},
+                "jobs": {"poll_min": 0.05, "poll_max": 0.2, "claim_lease": 1.5},
+                "logging": {"level": "info"},
+            },
+        )
+        return BridgeProcess(path, env, folder / "bridge.log")
+
+    members = {n: bridge(n) for n in ("alpha", "beta")}
+    client = durable_client(own_mosquitto, topic_prefix)
+    try:
+        for member in members.values():
+            member.start()
+        client.publish(
+            client.topic("request", "createVideo", "v"),
+            {"prompt": "x", "transaction": "v", "_bridge": {"wait": True}},
+            correlation_data=b"corr-v",
+        )
+        standin.wait_for_requests(3)  # created, then polled twice by whoever took it
+        (holder,) = [n for n, m in members.items() if '"event": "job started"' in m.log_text()]
+        (other,) = set(members) - {holder}
+        members[holder].kill()  # for good: nobody restarts it
+        done.set()
+        reply = client.wait_for_one(f"{topic_prefix}/response/createVideo/v", timeout=20)
+        assert reply.correlation_data == b"corr-v"
+        assert reply.json()["data"]["status"] == "completed"
+        assert '"event": "job resumed"' in members[other].log_text()
+        assert [r.method for r in standin.requests if r.path == "/videos"] == ["POST"]
+        assert len(client.messages(f"{topic_prefix}/response/#")) == 1
+    finally:
+        client.disconnect()
+        for member in members.values():
+            member.close()
+            assert TEST_API_KEY not in member.log_text()
