@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from support.fakehttp import Clock, FakeTransport, answer
@@ -23,6 +24,15 @@ TABLE = default_table()
 TOPICS = Topics("home/openai", "test")
 TOPIC = "home/openai/request/createVideo/hall"
 PAYLOAD = b'{"prompt": "a cat", "transaction": 3, "_bridge": {"wait": {"timeout": 7200}}}'
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition` holds (at most 10,000 turns: no timing involved)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
 
 
 def open_journal(path: Path) -> Journal:
@@ -76,6 +86,7 @@ async def test_a_wait_is_acknowledged_once_journaled_and_a_redelivered_copy_join
     await asyncio.wait_for(bridge.idle.wait(), 5)
     assert publisher.acked == [1]  # acknowledged while the job runs on
     assert [r.method for r in transport.sent] == ["POST"]
+    await until(lambda: bool(publisher.published))  # the detached wait's first progress
     assert [t for t, _, _ in publisher.published] == ["home/openai/stream/createVideo/hall"]
 
     entry = await journal.lookup(request_key(TOPIC, PAYLOAD))
@@ -127,3 +138,32 @@ async def test_claims_go_to_one_owner_until_its_lease_runs_out(tmp_path: Path) -
     assert await journal.end_wait(b"k3", "b", delivered=False)  # given up: anyone takes it
     assert [e.key for e in await journal.claim_waits("c", 2e12)] == [b"k3"]
     await journal.close()
+
+
+async def test_without_a_journal_a_wait_holds_its_request_until_the_reply() -> None:
+    publisher = FakePublisher()
+    config = BridgeConfig.model_validate(
+        {
+            "service": {"api_base": "http://upstream.invalid/v1", "api_key": "sk-test-x"},
+            "jobs": {"poll_min": 3600, "poll_max": 3600},
+        }
+    )
+    queued = json.dumps({"id": "video_1", "object": "video", "status": "queued"}).encode()
+    transport, clock = FakeTransport([answer(200, queued)]), Clock()
+    service = ServiceClient(config.service, transport=transport, sleep=clock.sleep, clock=clock)
+    bridge = Dispatcher(
+        config=config,
+        table=TABLE,
+        service=service,
+        publisher=publisher,
+        topics=TOPICS,
+        log=FakeLog().bound,
+    )
+    bridge.online()
+    bridge.submit(message(TOPIC, PAYLOAD, mid=1))
+    await until(lambda: bool(publisher.published))  # created, its first progress published
+    assert [r.method for r in transport.sent] == ["POST"] and len(publisher.published) == 1
+    assert publisher.acked == []  # nothing remembers the wait but its unacknowledged request
+    assert bridge.in_flight == 1
+    await bridge.cancel_all()
+    assert publisher.acked == []  # left for redelivery
