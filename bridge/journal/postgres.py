@@ -205,15 +205,16 @@ class PgJournal:
 
     async def claim_waits(
         self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
-    ) -> list[JournalEntry]:
+    ) -> list[JournalEntry] | None:
         """Take the detached waits (only `key`'s when given) that nobody holds, `owner` holds,
-        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken.
+        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken
+        (None on a journal error).
 
         Rows another member is taking at the same moment are skipped (`SKIP LOCKED`), and the
         condition is checked again on the row as committed: each wait goes to one member.
         """
         if self._closed:
-            return []
+            return None
         try:
             rows = await self.pool.fetch(
                 "UPDATE omb_journal SET owner = $1, lease = $2 WHERE id IN (SELECT id FROM "
@@ -231,7 +232,7 @@ class PgJournal:
             )
         except Exception as exc:  # noqa: BLE001  (a journal error must never fail a request)
             self.log.warning("journal write failed", error=str(exc)[:200])
-            return []
+            return None
         return [_entry(row) for row in rows]
 
     async def renew_waits(self, owner: str, lease_until: float) -> frozenset[bytes] | None:

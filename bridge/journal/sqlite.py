@@ -54,7 +54,7 @@ _BATCH = 256
 """Most queued operations handled per commit."""
 _WRITES = frozenset({"answer", "job", "attempt", "claim", "renew", "end"})
 """Operations committed together in one transaction per batch."""
-_FAILED: dict[str, Any] = {"attempt": None, "claim": [], "renew": None}
+_FAILED: dict[str, Any] = {"attempt": None, "claim": None, "renew": None}
 """What a write whose transaction failed returns, by kind (others: False)."""
 _PRUNE_EVERY = 60.0
 """Seconds between age prunings (size is checked on every commit)."""
@@ -714,13 +714,14 @@ class Journal:
 
     async def claim_waits(
         self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
-    ) -> list[JournalEntry]:
+    ) -> list[JournalEntry] | None:
         """Take the detached waits (only `key`'s when given) that nobody holds, `owner` holds,
-        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken."""
+        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken
+        (None on a journal error)."""
         taken: list[JournalEntry] | None = await self._submit(
             "claim", owner, lease_until, key, limit
         )
-        return taken or []
+        return taken
 
     async def renew_waits(self, owner: str, lease_until: float) -> frozenset[bytes] | None:
         """Extend `owner`'s leases; the keys it still holds (None on a journal error)."""

@@ -152,6 +152,8 @@ class Dispatcher:
         self._detached: dict[bytes, _Detached] = {}
         """Detached waits this process follows (their requests acknowledged), by request key."""
         self._lease_task: asyncio.Task[None] | None = None
+        self._released = False
+        """A detached wait's reply could not go out: the next claim round takes it again."""
         self._online = asyncio.Event()
         """Set once connected: resumed waits are claimed (and counted) before the first request
         comes, and publish only from then on."""
@@ -498,7 +500,7 @@ class Dispatcher:
         if entry is None or not entry.waiting:
             return False
         lease = self._wall() + self.config.jobs.claim_lease
-        for taken in await self.journal.claim_waits(self.owner, lease, key=key):
+        for taken in await self.journal.claim_waits(self.owner, lease, key=key) or []:
             await self._resume(taken)
         return True
 
@@ -510,7 +512,7 @@ class Dispatcher:
         if journal is None:
             return 0
         lease = self._wall() + self.config.jobs.claim_lease
-        taken = await journal.claim_waits(self.owner, lease)
+        taken = await journal.claim_waits(self.owner, lease) or []
         for entry in taken:
             await self._resume(entry)
         if taken:
@@ -590,15 +592,21 @@ class Dispatcher:
         assert self.journal is not None
         try:
             outcome: render.Outcome | None = None
+            if answer is None:
+                outcome = await self._detached_outcome(detached, result)
+            if not await self._still_held(detached):
+                return  # another process took it over meanwhile: its reply, not this one
             if answer is not None:
                 # Journaled before a crash cut its delivery short: published from the journal.
                 sent = await self.deliverer.publish_journaled(route, answer, content_type)
             else:
-                outcome = await self._detached_outcome(detached, result)
+                assert outcome is not None
                 outcome, sent = await self.deliverer.deliver_detached(route, outcome, detached.key)
             detached.ending = True
             # Not published now (no broker): given up, so the next claim round publishes it.
             await self.journal.end_wait(detached.key, self.owner, delivered=sent is not None)
+            if sent is None:
+                self._released = True
             if outcome is not None:
                 elapsed_ms = round((self._clock() - started) * 1000, 2)
                 self.deliverer.account(None, route, outcome, elapsed_ms)
@@ -609,6 +617,19 @@ class Dispatcher:
             if self._detached.get(detached.key) is detached:
                 del self._detached[detached.key]
                 self._count_wait(wait.caller, -1)
+
+    async def _still_held(self, detached: _Detached) -> bool:
+        """Whether this process still holds `detached`'s claim (renewed now), so that a process
+        that stalled past its lease does not publish a second reply; a journal error: yes."""
+        assert self.journal is not None
+        lease = self._wall() + self.config.jobs.claim_lease
+        held = await self.journal.claim_waits(self.owner, lease, key=detached.key)
+        if held is None or held:
+            return True
+        self.log.warning(
+            "job wait taken over by another process; stopped here", job_id=detached.state.id
+        )
+        return False
 
     async def _detached_outcome(
         self, detached: _Detached, result: ServiceResult | None
@@ -644,7 +665,12 @@ class Dispatcher:
         lease_s = self.config.jobs.claim_lease
         while True:
             await asyncio.sleep(lease_s / 3)
-            held = await journal.renew_waits(self.owner, self._wall() + lease_s)
+            # Only when there is something to do: each is a write (a commit) on the journal.
+            held = (
+                await journal.renew_waits(self.owner, self._wall() + lease_s)
+                if self._detached
+                else frozenset()
+            )
             if held is None:
                 continue  # a journal error: keep following, try again next round
             for key, detached in list(self._detached.items()):
@@ -656,10 +682,13 @@ class Dispatcher:
                     detached.task.cancel()
                     del self._detached[key]
                     self._count_wait(detached.wait.caller, -1)
+            # Another process's waits can only be in a journal shared with it (PostgreSQL);
+            # this process's own, when a reply it gave up on (no broker) waits for a retry.
             free = self.config.jobs.max_waiting - sum(self._waiting.values())
-            if free > 0:
+            if free > 0 and (journal.recent is None or self._released):
+                self._released = False
                 lease = self._wall() + lease_s
-                for entry in await journal.claim_waits(self.owner, lease, limit=free):
+                for entry in await journal.claim_waits(self.owner, lease, limit=free) or []:
                     await self._resume(entry)
 
     def _stop_detached(self) -> list[asyncio.Task[Any]]:

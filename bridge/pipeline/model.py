@@ -64,9 +64,10 @@ class JournalLike(Protocol):
 
     async def claim_waits(
         self, owner: str, lease_until: float, key: bytes | None = None, limit: int | None = None
-    ) -> list[JournalEntry]:
+    ) -> list[JournalEntry] | None:
         """Take the detached waits (only `key`'s when given) that nobody holds, `owner` holds,
-        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken."""
+        or whose holder's lease ran out, `owner`'s own first, at most `limit`; those taken
+        (None on a journal error)."""
 
     async def renew_waits(self, owner: str, lease_until: float) -> frozenset[bytes] | None:
         """Extend `owner`'s leases; the keys it still holds (None on a journal error)."""
