@@ -13,6 +13,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,35 +167,49 @@ def test_the_documented_acl_lets_each_bridge_user_write_only_where_its_replies_b
         assert not refused(main, "homeassistant/device/openai_bridge/config")
 
 
+@contextmanager
+def console_bridge(
+    tmp_path: Path, broker: MosquittoBroker, standin: Standin, prefix: str, user: str
+) -> Iterator[int]:
+    """A bridge logged in as `user` on `prefix` with its console on; yields the console's port."""
+    port = free_port()
+    path, env = make_config(
+        tmp_path,
+        broker_port=broker.port,
+        api_base=standin.url,
+        prefix=prefix,
+        mqtt={"username": user},
+        extra={"console": {"enabled": True, "port": port}},
+    )
+    env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
+    with BridgeThread.from_file(path, env):
+        yield port
+
+
+def try_listmodels(port: int) -> urllib.request.Request:
+    """The console's try of listModels, as the page sends it (own Origin, custom header)."""
+    origin = f"http://127.0.0.1:{port}"
+    return urllib.request.Request(
+        origin + "/api/try",
+        data=json.dumps({"method": "listModels", "payload": {}}).encode(),
+        headers={
+            "Host": f"127.0.0.1:{port}",
+            "Origin": origin,
+            "X-OMB-Console": "1",
+            "Content-Type": "application/json",
+        },
+        method="POST",
+    )
+
+
 def test_the_consoles_try_page_works_under_the_documented_acl(
     tmp_path: Path, acl_broker: MosquittoBroker, standin: Standin
 ) -> None:
     """The ACL lets the bridge's user publish a try on `console/<n>` and read its answer back."""
-    port = free_port()
-    path, env = make_config(
-        tmp_path,
-        broker_port=acl_broker.port,
-        api_base=standin.url,
-        prefix="openai",
-        mqtt={"username": "bridge"},
-        extra={"console": {"enabled": True, "port": port}},
-    )
-    env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
     standin.set_default(Reply(json={"object": "list", "data": []}))
-    origin = f"http://127.0.0.1:{port}"
-    with BridgeThread.from_file(path, env):
-        request = urllib.request.Request(
-            origin + "/api/try",
-            data=json.dumps({"method": "listModels", "payload": {}}).encode(),
-            headers={
-                "Host": f"127.0.0.1:{port}",
-                "Origin": origin,
-                "X-OMB-Console": "1",
-                "Content-Type": "application/json",
-            },
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
+    with console_bridge(tmp_path, acl_broker, standin, "openai", "bridge") as port:
+        response = urllib.request.urlopen(try_listmodels(port), timeout=30)
+        with response:
             tried = json.loads(response.read())
     assert tried["code"] is None and tried["topic"] == "openai/request/listModels/console/1"
     assert json.loads(tried["reply"]["text"])["status"] == "ok"
@@ -205,31 +220,9 @@ def test_a_try_the_broker_refuses_is_a_clear_502(
     tmp_path: Path, acl_broker: MosquittoBroker, standin: Standin
 ) -> None:
     """bridge-edge's ACL has no console lines: the try is refused by the broker, said plainly."""
-    port = free_port()
-    path, env = make_config(
-        tmp_path,
-        broker_port=acl_broker.port,
-        api_base=standin.url,
-        prefix="edge",
-        mqtt={"username": "bridge-edge"},
-        extra={"console": {"enabled": True, "port": port}},
-    )
-    env["OMB_MQTT__PASSWORD"] = TEST_MQTT_PASSWORD
-    origin = f"http://127.0.0.1:{port}"
-    with BridgeThread.from_file(path, env):
-        request = urllib.request.Request(
-            origin + "/api/try",
-            data=json.dumps({"method": "listModels", "payload": {}}).encode(),
-            headers={
-                "Host": f"127.0.0.1:{port}",
-                "Origin": origin,
-                "X-OMB-Console": "1",
-                "Content-Type": "application/json",
-            },
-            method="POST",
-        )
+    with console_bridge(tmp_path, acl_broker, standin, "edge", "bridge-edge") as port:
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=30)
+            urllib.request.urlopen(try_listmodels(port), timeout=30)
         body = json.loads(refused.value.read())
     assert refused.value.code == 502
     assert "did not take the try on edge/request/listModels/console/1" in body["error"]
