@@ -41,9 +41,8 @@ class Unavailable(Exception):
 
 
 def default_cache() -> Path:
-    """~/.cache/openai-mqtt-bridge (or $XDG_CACHE_HOME/openai-mqtt-bridge)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "openai-mqtt-bridge"
+    """The repository's own ignored .cache/ (nothing outside the repository is read)."""
+    return HERE.parent.parent / ".cache"
 
 
 def _digest() -> str:

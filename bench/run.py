@@ -177,7 +177,7 @@ class Bench:
     workers: str | None = None
     """`[runtime] workers` of a second bridge run beside the first in the instant runs."""
     nodered_cache: Path | None = None
-    """Where Node-RED is installed on first use (default ~/.cache/openai-mqtt-bridge)."""
+    """Where Node-RED is installed on first use (default .cache/ in the repository)."""
     tls_cert: Path | None = None
     """The upstream's certificate and key (PEM): the upstream serves https (`--tls`)."""
     nodered_facts: dict[str, Any] = field(default_factory=dict)
@@ -1211,7 +1211,7 @@ def main() -> int:
     parser.add_argument(
         "--nodered-dir",
         type=Path,
-        help="cache folder for the Node-RED installation (default ~/.cache/openai-mqtt-bridge)",
+        help="cache folder for the Node-RED installation (default .cache/ in the repository)",
     )
     parser.add_argument(
         "--levels", help="comma-separated C values for the instant runs (default 1,16,128)"

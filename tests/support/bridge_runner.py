@@ -21,9 +21,14 @@ from support.broker import free_port
 T = TypeVar("T")
 
 TEST_API_KEY = "sk-test-SECRET-4f7c2a9e8b1d"
+"""The API key every test bridge uses; no log line or reply may ever contain it."""
 TEST_MQTT_PASSWORD = "mqtt-PASSWORD-93e1c0ffee"
 """The MQTT password tests give a bridge; like the key, it must never reach a log."""
-"""The API key every test bridge uses; no log line or reply may ever contain it."""
+TEST_HTTP_PATH = os.environ.get("BRIDGE_TEST_HTTP_PATH", "lean")
+"""The HTTP path of a test bridge whose config does not choose one: `lean` (the default) or
+`aiohttp` (`[service] lean_http = false`); .ci/run runs the system tests once on each."""
+if TEST_HTTP_PATH not in ("lean", "aiohttp"):
+    raise ValueError(f"BRIDGE_TEST_HTTP_PATH must be lean or aiohttp, not {TEST_HTTP_PATH!r}")
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -83,6 +88,7 @@ def make_config(
             "connect_timeout": 2.0,
             "read_timeout": 5.0,
             "total_timeout": 10.0,
+            "lean_http": TEST_HTTP_PATH == "lean",
             **(service or {}),
         },
         "limits": {"shutdown_grace": 5.0, **(limits or {})},
