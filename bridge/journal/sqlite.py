@@ -65,6 +65,9 @@ _WAL_BYTES = 16 << 20
 """WAL bytes between checkpoints (at most a quarter of `max_bytes`): a checkpoint copies each
 page changed since the last once, so the rarer, the fewer copies of the often-changed pages (the
 key index's): 2,289 -> 1,832 bytes a request with the tail file against 4 MiB."""
+_HANDOVER_CACHE_KIB = 512
+"""Page cache of the hand-over's connection (SQLite's default is 2,000 KiB): a tail file's
+transaction spills its pages to the WAL sooner, each still written once (bench/README.md)."""
 _PACK_LEVEL = 1
 """zlib level for stored answers: level 1 already takes a chat answer to about 60 %."""
 _ZDICT = (
@@ -254,18 +257,22 @@ class SqliteStore:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {str(check)[:200]}")
 
-    def twin(self) -> SqliteStore:
-        """A second connection to this journal, set up alike (for another thread's writes)."""
+    def twin(self, cache_kib: int | None = None) -> SqliteStore:
+        """A second connection to this journal, set up alike (for another thread's writes),
+        with a page cache of at most `cache_kib` KiB when given (else SQLite's default)."""
         twin = copy.copy(self)
-        twin.reconnect()
+        twin.reconnect(cache_kib)
         return twin
 
-    def reconnect(self) -> None:
-        """A connection of this store's own (a copy's shares the original's), set up alike."""
+    def reconnect(self, cache_kib: int | None = None) -> None:
+        """A connection of this store's own (a copy's shares the original's), set up alike, with
+        a page cache of at most `cache_kib` KiB when given."""
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._raised = False
         for pragma in self._pragmas:
             self._db.execute(pragma)
+        if cache_kib is not None:
+            self._db.execute(f"PRAGMA cache_size = -{cache_kib}")
 
     # --- reads and writes ---------------------------------------------------------------------
 
@@ -546,13 +553,23 @@ def _deliver(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 def _to_sqlite(store: SqliteStore, data: bytes) -> None:
-    """Write the records of a tail file into `store`, inside its open transaction.
+    """Write the records of a tail file's bytes into `store`, inside its open transaction.
 
     Each record says where a key stands (an answer, a count of starts), not a step from where it
     was: written twice, after a crash between the commit and emptying the file, they say the same.
     """
-    for key, pending in tails.replay(data).items():
-        record = tails.record_at(data, pending.answer_at) if pending.answer_at is not None else None
+    _pending_to_sqlite(store, tails.replay(data), lambda at: tails.record_at(data, at))
+
+
+def _pending_to_sqlite(
+    store: SqliteStore,
+    pending: dict[bytes, Pending],
+    record_at: Callable[[int], tuple[int, bytes, bytes, int] | tuple[int, bytes, bytes] | None],
+) -> None:
+    """Write where each key of `pending` stands into `store`'s open transaction, reading its
+    answer with `record_at` (an offset in the tail file its `pending` was kept for)."""
+    for key, known in pending.items():
+        record = record_at(known.answer_at) if known.answer_at is not None else None
         if record is not None:
             answer = tails.decode_answer(key, record[2])
             store.put_packed(
@@ -561,10 +578,10 @@ def _to_sqlite(store: SqliteStore, data: bytes) -> None:
                 answer.stored,
                 answer.packed,
                 answer.content_type,
-                pending.created,
+                known.created,
             )
-        if pending.attempts is not None:
-            store.set_attempts(key, pending.reply_topic, pending.attempts, pending.created)
+        if known.attempts is not None:
+            store.set_attempts(key, known.reply_topic, known.attempts, known.created)
 
 
 class Journal:
@@ -952,9 +969,9 @@ class Journal:
         self._handed = False
         try:
             if self._twin is None:
-                self._twin = self.store.twin()
+                self._twin = self.store.twin(cache_kib=_HANDOVER_CACHE_KIB)
             self._twin.begin(durable=True)
-            _to_sqlite(self._twin, sealed.read())
+            _pending_to_sqlite(self._twin, self._sealed_pending, sealed.read_at)
             self._twin.commit()
             self._handed = True
         except sqlite3.Error as exc:  # kept: tried again once the next tail grew a quarter
@@ -979,9 +996,9 @@ class Journal:
         """Write the tail files' records into `store`'s open transaction (oldest first);
         whether there were any."""
         found = False
-        for tail in (self._sealed, self.tail):
+        for tail, known in ((self._sealed, self._sealed_pending), (self.tail, self._pending)):
             if tail is not None and tail.size:
-                _to_sqlite(store, tail.read())
+                _pending_to_sqlite(store, known, tail.read_at)
                 found = True
         return found
 

@@ -139,6 +139,8 @@ def replay(data: bytes) -> dict[bytes, Pending]:
             created, count = _START.unpack_from(body)
             if entry is None:
                 entry = pending[key] = Pending(created, body[_START.size :].decode())
+            elif not entry.reply_topic:  # a SETTLE came first
+                entry.created, entry.reply_topic = created, body[_START.size :].decode()
             entry.attempts = count
         elif kind == SETTLE:
             if entry is None:

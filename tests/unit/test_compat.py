@@ -11,7 +11,10 @@ import gc
 import select
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -307,3 +310,32 @@ def test_read_buffer_reads_tls_until_empty_and_passes_large_reads_through() -> N
     assert reads.pending
     reads.reset(object())  # a new connection: nothing of the old one
     assert not reads.pending
+
+
+# A bridge command line with rich installed (the test venv has it, as the trial broker's does):
+# structlog falls back as if it were not, and the console format still writes its lines.
+_NO_RICH = """
+import importlib.util, io, sys
+assert importlib.util.find_spec("rich") is not None, "rich is not installed: nothing to show"
+import bridge.cli.main
+import structlog
+from bridge.runtime import logs
+assert structlog.dev.rich is None and sys.modules["rich"] is None
+out = io.StringIO()
+logs.configure("info", "console", [], stream=out)
+structlog.get_logger().error("request", method="listModels")
+assert "request" in out.getvalue() and "listModels" in out.getvalue(), out.getvalue()
+print("ok")
+"""
+
+
+def test_a_command_line_process_never_loads_rich() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_RICH],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert done.stdout == "ok\n", done.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -90,6 +92,8 @@ async def test_a_full_tail_file_goes_to_sqlite_in_one_transaction(
             entry = await journal.lookup(key(j))
             assert entry is not None and entry.answer == chat(j)
     journal._reap(wait=True)  # noqa: SLF001 - the hand-over thread's last batch is in
+    twin = journal._twin  # noqa: SLF001 - the hand-over's own connection
+    assert twin is not None and twin._db.execute("PRAGMA cache_size").fetchone()[0] == -512  # noqa: SLF001
     rows = in_sqlite(path)
     assert 0 < len(rows) < 60, len(rows)  # the first batches are in SQLite, the latest not yet
     assert journal.commits == 120  # one append per write, whatever went to SQLite
@@ -97,6 +101,54 @@ async def test_a_full_tail_file_goes_to_sqlite_in_one_transaction(
         entry = await journal.lookup(key(i))
         assert entry is not None and entry.answer == chat(i)
     await journal.close()
+
+
+def kept(pending: dict[bytes, tails.Pending]) -> dict[bytes, tuple[Any, ...]]:
+    """What the hand-over writes of each key: its answer's offset, its starts, and (unless the
+    key was only settled) the topic and time a new row gets."""
+    return {
+        k: (p.answer_at, p.attempts, p.reply_topic, p.created if p.reply_topic else None)
+        for k, p in pending.items()
+    }
+
+
+async def test_what_the_journal_keeps_of_its_tail_is_what_the_file_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-over writes the journal's own account of a tail file (not a second read of it):
+    after any mix of starts, answers and settles, that account equals a replay of the file, and
+    SQLite ends up with what a replay after a crash would have given it."""
+    monkeypatch.setattr(tails, "LIMIT", 2048)
+    rng = random.Random(27)
+    path = tmp_path / "kept" / "journal.sqlite3"
+    path.parent.mkdir()
+    journal = open_journal(path)
+    for step in range(400):
+        i = rng.randrange(12)
+        action = rng.choice(("start", "answer", "settle"))
+        if action == "start":
+            await journal.begin_attempt(key(i), f"r/{i}")
+        elif action == "answer":
+            assert await journal.record_answer(key(i), f"r/{i}", chat(step))
+        else:
+            await journal.settle_attempt(key(i))
+        kept_now = (journal.tail, journal._pending), (journal._sealed, journal._sealed_pending)  # noqa: SLF001
+        for tail, pending in kept_now:
+            if tail is not None:
+                assert kept(pending) == kept(tails.replay(tail.read())), step
+    journal._reap(wait=True)  # noqa: SLF001
+    files = sorted(path.parent.glob("journal.sqlite3-tail0.*"), key=lambda f: int(f.suffix[1:]))
+    copy = tmp_path / "replayed" / "journal.sqlite3"
+    copy.parent.mkdir()
+    for suffix in ("", "-wal"):  # what SQLite has committed so far
+        shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
+    for n, file in enumerate(files):  # as a process that died would leave them
+        shutil.copyfile(file, copy.parent / f"journal.sqlite3-tail0.{n}")
+    await journal.close()
+    replayed = open_journal(copy)
+    await replayed.close()
+    assert in_sqlite(path) == in_sqlite(copy)
+    assert len(in_sqlite(path)) == 12
 
 
 async def test_a_large_answer_is_committed_at_once_after_the_tail(tmp_path: Path) -> None:
