@@ -39,5 +39,6 @@ only one of the libraries loads only that one):
   is loaded once (another context costs 0.7 MiB).
 
 Beside the shims, `optional.py` keeps packages the libraries load only when installed, and the
-bridge never uses, out of a command-line process (rich, which structlog would load: 4.3 MiB).
+bridge never uses, out of a command-line process (rich, which structlog would load: 4.3 MiB;
+frozenlist's C++ build, which loads libstdc++: 1.1 MiB).
 """

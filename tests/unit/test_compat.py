@@ -313,14 +313,16 @@ def test_read_buffer_reads_tls_until_empty_and_passes_large_reads_through() -> N
 
 
 # A bridge command line with rich installed (the test venv has it, as the trial broker's does):
-# structlog falls back as if it were not, and the console format still writes its lines.
+# structlog falls back as if it were not, and the console format still writes its lines;
+# frozenlist is its pure-Python self (no libstdc++ in the process).
 _NO_RICH = """
 import importlib.util, io, sys
 assert importlib.util.find_spec("rich") is not None, "rich is not installed: nothing to show"
 import bridge.cli.main
-import structlog
+import aiohttp, frozenlist, structlog
 from bridge.runtime import logs
 assert structlog.dev.rich is None and sys.modules["rich"] is None
+assert frozenlist.NO_EXTENSIONS and "frozenlist._frozenlist" not in sys.modules
 out = io.StringIO()
 logs.configure("info", "console", [], stream=out)
 structlog.get_logger().error("request", method="listModels")
@@ -329,7 +331,7 @@ print("ok")
 """
 
 
-def test_a_command_line_process_never_loads_rich() -> None:
+def test_a_command_line_process_loads_neither_rich_nor_libstdcxx() -> None:
     done = subprocess.run(
         [sys.executable, "-c", _NO_RICH],
         capture_output=True,
