@@ -19,14 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from journal_store import Quiet  # bench/ is this script's folder, first on sys.path
+
 HERE = Path(__file__).resolve().parent
-
-
-class Quiet:
-    """A logger that drops everything."""
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **fields: None
 
 
 def peak_and_now() -> tuple[float, float]:
