@@ -960,18 +960,22 @@ class Journal:
     def _start_handover(self) -> None:
         """Hand the sealed tail file to SQLite on a thread of its own."""
         self._handover = threading.Thread(
-            target=self._hand_over, args=(self._sealed,), name="journal-tail", daemon=True
+            target=self._hand_over,
+            args=(self._sealed, self._sealed_pending),
+            name="journal-tail",
+            daemon=True,
         )
         self._handover.start()
 
-    def _hand_over(self, sealed: TailFile) -> None:
-        """On the hand-over thread: one fsynced transaction with the sealed file's records."""
+    def _hand_over(self, sealed: TailFile, known: dict[bytes, Pending]) -> None:
+        """On the hand-over thread: one fsynced transaction with what the sealed file says per
+        key (`known`, the journal's account of it)."""
         self._handed = False
         try:
             if self._twin is None:
                 self._twin = self.store.twin(cache_kib=_HANDOVER_CACHE_KIB)
             self._twin.begin(durable=True)
-            _pending_to_sqlite(self._twin, self._sealed_pending, sealed.read_at)
+            _pending_to_sqlite(self._twin, known, sealed.read_at)
             self._twin.commit()
             self._handed = True
         except sqlite3.Error as exc:  # kept: tried again once the next tail grew a quarter
