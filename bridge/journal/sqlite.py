@@ -47,8 +47,9 @@ SCHEMA_VERSION = 4
 """2 added `packed` (the answer stored zlib-compressed), 3 `attempts` (starts of a request's
 call that never finished), 4 answers packed with `_ZDICT` (`packed` = 2). An older file gets
 the columns of schema 3 and keeps plain zlib, as it keeps its page size; a new file is 4. The
-columns of detached waits (`waiting`, `owner`, `lease`) are added to any file that lacks them,
-whatever its version: a bridge of the same schema without them still reads and writes it."""
+columns of detached waits (`waiting`, `owner`, `lease`) and the table `tails` are added to any
+file that lacks them, whatever its version: a bridge of the same schema without them still reads
+and writes it."""
 APPLICATION_ID = 0x4F4D424A  # "OMBJ": a file that is not ours is refused, not overwritten
 _BATCH = 256
 """Most queued operations handled per commit."""
@@ -135,7 +136,15 @@ CREATE TABLE IF NOT EXISTS entries (
     owner TEXT,
     lease REAL
 );
+CREATE TABLE IF NOT EXISTS tails (
+    file TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    head INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+# `tails`: the tail files whose records are in SQLite (by `tails.label`, with their size and
+# `tails.head_of` then), written in the transaction that took them in: a file that a crash kept
+# from being removed is not replayed over what that transaction and later ones wrote.
 _ADD_PACKED = "ALTER TABLE entries ADD COLUMN packed INTEGER NOT NULL DEFAULT 0"
 _ADD_ATTEMPTS = "ALTER TABLE entries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"
 _ADD_WAITS = {
@@ -426,6 +435,23 @@ class SqliteStore:
         """Forget `key`'s unfinished starts: its request was answered."""
         self._db.execute("UPDATE entries SET attempts = 0 WHERE key = ? AND attempts > 0", (key,))
 
+    def absorbed_tails(self) -> dict[str, tuple[int, int]]:
+        """The tail files recorded as in SQLite: label -> (size, head)."""
+        rows = self._db.execute("SELECT file, size, head FROM tails").fetchall()
+        return {file: (size, head) for file, size, head in rows}
+
+    def add_tails(self, files: list[tuple[str, int, int]], prefix: str | None = None) -> None:
+        """Record in the open transaction that the tail files `files` (label, size, head) are in
+        SQLite; with `prefix`, first forget the files whose labels start with it (a slot's
+        earlier files, removed since)."""
+        if prefix is not None:
+            self._db.execute("DELETE FROM tails WHERE file GLOB ?", (f"{prefix}*",))
+        self._db.executemany("INSERT OR REPLACE INTO tails VALUES (?, ?, ?)", files)
+
+    def forget_tails(self, labels: list[str]) -> None:
+        """Forget the tail files `labels` (in the open transaction): they no longer exist."""
+        self._db.executemany("DELETE FROM tails WHERE file = ?", [(label,) for label in labels])
+
     def commit(self) -> None:
         """Keep the data within its bounds, then make the batch durable (per `synchronous`)."""
         self.prune()
@@ -556,9 +582,33 @@ def _to_sqlite(store: SqliteStore, data: bytes) -> None:
     """Write the records of a tail file's bytes into `store`, inside its open transaction.
 
     Each record says where a key stands (an answer, a count of starts), not a step from where it
-    was: written twice, after a crash between the commit and emptying the file, they say the same.
+    was. A file is still never written twice: the transaction that takes it in records it in
+    `tails`, and a crash before its removal leaves a file the next start skips (`_orphans_to`).
     """
     _pending_to_sqlite(store, tails.replay(data), lambda at: tails.record_at(data, at))
+
+
+def _orphans_to(store: SqliteStore, journal: Path, orphans: list[Path]) -> None:
+    """Hand the tail files of processes that died to `store` in one fsynced transaction, except
+    those it already has (`tails.taken_in`), and forget the recorded files that no longer exist
+    (so that a name used again is new); then remove the orphans."""
+    if not orphans and not store.absorbed_tails():
+        return
+    store.begin(durable=bool(orphans))
+    known = store.absorbed_tails()  # again, in the transaction: another process may have written
+    store.forget_tails(
+        [label for label in known if not journal.with_name(f"{journal.name}-{label}").exists()]
+    )
+    for orphan in orphans:
+        data = orphan.read_bytes()
+        label, head = tails.label(journal, orphan), tails.head_of(data)
+        if head is None or tails.taken_in(known, label, data):
+            continue  # nothing in it, or all of it in SQLite already
+        _to_sqlite(store, data)
+        store.add_tails([(label, len(data), head)])
+    store.commit()
+    for orphan in orphans:
+        orphan.unlink()
 
 
 def _pending_to_sqlite(
@@ -663,13 +713,8 @@ class Journal:
         if synchronous == "normal":
             try:
                 slot, orphans = Slot.claim(path)
-                if orphans:  # left by processes that died: SQLite gets them before anything
-                    store.begin(durable=True)
-                    for orphan in orphans:
-                        _to_sqlite(store, orphan.read_bytes())
-                    store.commit()
-                    for orphan in orphans:
-                        orphan.unlink()
+                # Left by processes that died: SQLite gets them before anything.
+                _orphans_to(store, path, orphans)
                 slot.release_others()
             except (OSError, sqlite3.Error) as exc:
                 store.rollback()
@@ -976,6 +1021,7 @@ class Journal:
                 self._twin = self.store.twin(cache_kib=_HANDOVER_CACHE_KIB)
             self._twin.begin(durable=True)
             _pending_to_sqlite(self._twin, known, sealed.read_at)
+            self._absorbed(self._twin, [sealed])
             self._twin.commit()
             self._handed = True
         except sqlite3.Error as exc:  # kept: tried again once the next tail grew a quarter
@@ -999,12 +1045,26 @@ class Journal:
     def _tails_to(self, store: SqliteStore) -> bool:
         """Write the tail files' records into `store`'s open transaction (oldest first);
         whether there were any."""
-        found = False
+        found = []
         for tail, known in ((self._sealed, self._sealed_pending), (self.tail, self._pending)):
             if tail is not None and tail.size:
                 _pending_to_sqlite(store, known, tail.read_at)
-                found = True
-        return found
+                found.append(tail)
+        if found:
+            self._absorbed(store, found)
+        return bool(found)
+
+    def _absorbed(self, store: SqliteStore, files: list[TailFile]) -> None:
+        """Record in `store`'s open transaction that `files` (this slot's) are in SQLite."""
+        assert self.slot is not None
+        store.add_tails(
+            [
+                (tails.label(store.path, file.path), file.size, file.head)
+                for file in files
+                if file.head is not None
+            ],
+            prefix=self.slot.prefix,  # this slot's earlier files: removed once taken in
+        )
 
     def _drop_tails(self) -> None:
         """Remove the tail files whose records SQLite now has."""
@@ -1044,7 +1104,7 @@ class Journal:
                     answer = tails.decode_answer(key, record[2])
                     break
         if answer is None and (entry is None or entry.answer is None):
-            answer = tails.peer_answer(self.store.path, self.slot.n, key)
+            answer = tails.peer_answer(self.store.path, self.slot.n, key, self.store.absorbed_tails)
         if answer is None or answer.created < self.store.now() - self.store.max_age:
             return entry
         return JournalEntry(

@@ -10,7 +10,8 @@ A write() is in the operating system's hands when it returns, so a record surviv
 WAL commit with `synchronous = NORMAL`. Every record carries a CRC: a power cut's torn tail is
 dropped at the first bad record, never misread. Each process appends to a file of its own, held
 with an exclusive `flock`; a file nobody holds was left by a process that died, and the next
-journal to open is the one to hand its records to SQLite.
+journal to open is the one to hand its records to SQLite, unless SQLite recorded that it has
+them (the process died after that commit, before removing the file).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import glob
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,12 @@ def record_at(data: bytes, at: int) -> tuple[int, bytes, bytes, int] | None:
     (size,) = _KEY.unpack_from(data, at + _HEAD.size)
     start = at + _HEAD.size + _KEY.size
     return kind, data[start : start + size], data[start + size : end], end
+
+
+def head_of(data: bytes) -> int | None:
+    """What tells a tail file from another of the same name: the CRC of its first record
+    (which holds the record's time and key), from the file's first bytes; None when too short."""
+    return int.from_bytes(data[:4], "little") if len(data) >= _HEAD.size else None
 
 
 def records(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
@@ -196,6 +203,11 @@ class Slot:
             raise OSError(f"all {_SLOTS} tail slots next to {journal} are held")
         return mine, orphans
 
+    @property
+    def prefix(self) -> str:
+        """The start of the `label` of each of this slot's data files."""
+        return f"tail{self.n}."
+
     def release_others(self) -> None:
         """Give up the dead processes' slots (their files are in SQLite and removed)."""
         for lock, fd in self._others:
@@ -222,6 +234,12 @@ class Slot:
         self.release_others()
 
 
+def label(journal: Path, path: Path) -> str:
+    """The name of the tail file at `path` relative to `journal`'s (`tail<n>.<seq>`): how the
+    journal records which files it has absorbed."""
+    return path.name[len(journal.name) + 1 :]
+
+
 def _data_files(journal: Path, n: int) -> list[tuple[int, Path]]:
     """(seq, path) of slot `n`'s data files, oldest first."""
     found = []
@@ -240,6 +258,8 @@ class TailFile:
         self._fd = fd
         self._sync = sync
         self.size = os.fstat(fd).st_size
+        self.head = head_of(os.pread(fd, _HEAD.size, 0))
+        """The file's `head_of` (None while it holds no whole record header)."""
 
     def append(self, data: bytes) -> int:
         """Append `data` (whole records); the offset it starts at."""
@@ -252,6 +272,8 @@ class TailFile:
         if self._sync:
             os.fdatasync(self._fd)
         self.size = at + written
+        if at == 0:
+            self.head = head_of(data)
         return at
 
     def read(self) -> bytes:
@@ -277,9 +299,24 @@ class TailFile:
         os.close(self._fd)
 
 
-def peer_answer(journal: Path, slot: int, key: bytes) -> Answer | None:
-    """`key`'s answer in the tail files of other processes sharing `journal`, if one has it."""
+def taken_in(absorbed: Mapping[str, tuple[int, int]], label: str, data: bytes) -> bool:
+    """Whether the tail file `label` holding `data` is one SQLite has all the records of, by
+    `absorbed` (label -> size and head when it took the file in): the same head (the same file,
+    not one made anew under its name), no more bytes (a power cut may have cut its end)."""
+    size, head = absorbed.get(label, (-1, None))
+    return head is not None and head == head_of(data) and len(data) <= size
+
+
+def peer_answer(
+    journal: Path,
+    slot: int,
+    key: bytes,
+    absorbed: Callable[[], Mapping[str, tuple[int, int]]] = dict,
+) -> Answer | None:
+    """`key`'s answer in the tail files of other processes sharing `journal`, if one has it,
+    but in none that SQLite already has (`absorbed`: see `taken_in`, asked only if one has)."""
     found = None
+    known: Mapping[str, tuple[int, int]] | None = None
     for path in sorted(journal.parent.glob(f"{glob.escape(journal.name)}-tail*.*")):
         if path.name.startswith(f"{journal.name}-tail{slot}."):
             continue
@@ -287,7 +324,13 @@ def peer_answer(journal: Path, slot: int, key: bytes) -> Answer | None:
             data = path.read_bytes()
         except OSError:
             continue
+        answer = None
         for _, kind, other, body in records(data):
             if kind == ANSWER and other == key:
-                found = decode_answer(key, body)
+                answer = decode_answer(key, body)
+        if answer is not None:
+            known = absorbed() if known is None else known
+            # A file SQLite took in just before its process died: its answer may be stale.
+            if not taken_in(known, label(journal, path), data):
+                found = answer
     return found

@@ -358,6 +358,7 @@ def test_a_version_1_journal_is_upgraded_and_its_answers_still_read(tmp_path: Pa
     old.close()
     store = SqliteStore(path, max_bytes=1 << 20, max_age=1e13)
     assert store.get(key(1)).answer == b'{"old": true}'  # type: ignore[union-attr]
+    assert store.absorbed_tails() == {}  # the table of tail files taken in, added
     store.begin()
     store.put_answer(key(2), "openai/response/y", b'{"new": "' + b"n" * 200 + b'"}')
     store.commit()

@@ -18,7 +18,7 @@ import pytest
 from support.fakes import RecordingLog
 
 from bridge.journal import tail as tails
-from bridge.journal.sqlite import Journal
+from bridge.journal.sqlite import Journal, SqliteStore
 from bridge.pipeline.dedup import request_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +180,7 @@ async def test_a_job_is_committed_at_once_and_keeps_the_tail_answer(tmp_path: Pa
 _WRITE_AND_DIE = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from bridge.journal.sqlite import Journal
+from bridge.journal.sqlite import Journal, SqliteStore
 from bridge.pipeline.dedup import request_key
 
 class Log:
@@ -239,6 +239,169 @@ async def test_the_tail_survives_kill_9_and_is_replayed_into_sqlite(tmp_path: Pa
     assert entry is None or entry.answer is None
     assert await journal.begin_attempt(key(3), "r") == 2  # the call open at the kill counts
     assert await journal.begin_attempt(key(4), "r") == 3  # poison counting goes on
+    await journal.close()
+
+
+# Writes an answer for key 1 to the tail of a journal in argv[1], then dies (SIGKILL) right after
+# a commit that took that tail in, before its file is removed: argv[2] "write" after a job for
+# key 1 went to SQLite with it, "hand-over" after the hand-over of a full tail file, once the next
+# file holds an answer for the key printed.
+_DIE_AFTER_THE_COMMIT = """
+import asyncio, os, signal, sys, threading
+from pathlib import Path
+from bridge.journal import tail as tails
+from bridge.journal.sqlite import Journal, SqliteStore
+from bridge.pipeline.dedup import request_key
+
+class Log:
+    def __getattr__(self, level):
+        return lambda event, **fields: None
+
+def key(i):
+    return request_key("openai/request/createChatCompletion", f'{{"n": {i}}}'.encode())
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+appended = threading.Event()
+hand_over = Journal._hand_over
+
+def hand_over_and_die(journal, *args):
+    hand_over(journal, *args)
+    assert journal._handed and appended.wait(30)
+    die()
+
+async def main():
+    tails.LIMIT = 4096
+    journal = Journal.open(Path(sys.argv[1]), log=Log(), scope="answers", max_bytes=1 << 20,
+        max_age=3600.0, max_answer_bytes=65536, synchronous="normal")
+    assert await journal.record_answer(key(1), "r", b'{"answer": "stale"}')
+    if sys.argv[2] == "write":
+        Journal._drop_tails = die
+        print("written", flush=True)
+        await journal.record_job(key(1), "r", {"operation": "createVideo", "id": "video_1"})
+    else:
+        Journal._hand_over = hand_over_and_die
+        n = 1
+        while journal._handover is None:
+            n += 1
+            assert await journal.record_answer(key(n), "r", b'{"answer": %d}' % n)
+        n += 1
+        assert await journal.record_answer(key(n), "r", b'{"answer": %d}' % n)  # the next file
+        print(n, flush=True)
+        appended.set()
+        journal._handover.join(30)
+    raise SystemExit("not killed")
+
+asyncio.run(main())
+"""
+
+
+def die_after_the_commit(path: Path, mode: str) -> str:
+    """Run _DIE_AFTER_THE_COMMIT on the journal at `path` in a child process; what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DIE_AFTER_THE_COMMIT, str(path), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return done.stdout
+
+
+JOB = {"operation": "createVideo", "id": "video_1"}
+
+
+async def test_a_tail_taken_in_by_a_commit_is_not_replayed_after_a_crash_before_its_removal(
+    tmp_path: Path,
+) -> None:
+    """The answer in the tail went to SQLite with the job, which replaced it; killed before the
+    tail file was removed, neither a bridge sharing the file nor the next start puts that answer
+    back over the job."""
+    path = tmp_path / "journal.sqlite3"
+    peer = open_journal(path)  # slot 0: the child takes slot 1
+    assert die_after_the_commit(path, "write") == "written\n"
+    assert tail_files(tmp_path) == [
+        "journal.sqlite3-tail0",
+        "journal.sqlite3-tail1",
+        "journal.sqlite3-tail1.0",
+    ]
+    assert in_sqlite(path)[key(1)] == (None, 0)  # the commit: the job, its answer replaced
+    entry = await peer.lookup(key(1))  # the dead one's file is read as a peer's
+    assert entry is not None and entry.job == JOB and entry.answer is None
+    await peer.close()
+    journal = open_journal(path)
+    entry = await journal.lookup(key(1))
+    assert entry is not None and entry.job == JOB and entry.answer is None
+    assert tail_files(tmp_path) == ["journal.sqlite3-tail0"]  # the file is gone all the same
+    await journal.close()
+
+
+async def test_a_handed_over_tail_is_not_replayed_over_later_writes_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Killed after the hand-over's commit, before the file handed over was removed: the next
+    start skips that file, so what another bridge wrote since stays, and replays the next file,
+    which SQLite did not have."""
+    path = tmp_path / "journal.sqlite3"
+    last = int(die_after_the_commit(path, "hand-over"))
+    assert tail_files(tmp_path) == [
+        "journal.sqlite3-tail0",
+        "journal.sqlite3-tail0.0",
+        "journal.sqlite3-tail0.1",
+    ]
+    rows = in_sqlite(path)
+    assert rows[key(1)][0] is not None and key(last) not in rows
+    other = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)  # another bridge on the file
+    other.begin()
+    other.put_job(key(1), "r", JOB)  # a job started anew for the key replaces its answer
+    other.commit()
+    other.close()
+    journal = open_journal(path)
+    entry = await journal.lookup(key(1))
+    assert entry is not None and entry.job == JOB and entry.answer is None
+    for n in (2, last - 1, last):  # handed over, and in the file that was not
+        entry = await journal.lookup(key(n))
+        assert entry is not None and entry.answer == b'{"answer": %d}' % n, n
+    assert key(last) in in_sqlite(path)
+    assert tail_files(tmp_path) == ["journal.sqlite3-tail0"]
+    await journal.close()
+
+
+def absorbed(path: Path) -> dict[str, tuple[int, int]]:
+    """The `tails` table: the tail files recorded as in SQLite."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {row[0]: (row[1], row[2]) for row in db.execute("SELECT * FROM tails")}
+
+
+async def test_a_file_of_a_name_taken_in_before_is_replayed_and_gone_files_are_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data file taken in is known by its name, head and size: one made anew under a name
+    recorded (by a bridge that does not record them) is replayed, however small; the records of
+    files removed are dropped as the slot goes on, and at the next start."""
+    monkeypatch.setattr(tails, "LIMIT", 2048)
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    for i in range(100):
+        assert await journal.begin_attempt(key(i), "r") == 1
+        journal._reap(wait=True)  # noqa: SLF001 - the hand-over's file is removed
+        assert len(absorbed(path)) <= 1  # the slot's last file only
+    await journal.close()
+    (label,) = absorbed(path)  # the slot's last file, taken in at close and removed
+    file = tmp_path / f"journal.sqlite3-{label}"
+    assert not file.exists()
+    record = tails.start_record(key(100), "r", 1e9, 1)
+    assert len(record) < absorbed(path)[label][0]
+    file.write_bytes(record)  # left by a bridge that records nothing, under the same name
+    journal = open_journal(path, max_age=1e10)
+    assert absorbed(path) == {label: (len(record), tails.head_of(record))}  # replayed
+    assert await journal.begin_attempt(key(100), "r") == 2
+    await journal.close()
+    journal = open_journal(path)
+    assert absorbed(path) == {}
     await journal.close()
 
 
