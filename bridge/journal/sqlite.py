@@ -66,6 +66,11 @@ _WAL_BYTES = 16 << 20
 """WAL bytes between checkpoints (at most a quarter of `max_bytes`): a checkpoint copies each
 page changed since the last once, so the rarer, the fewer copies of the often-changed pages (the
 key index's): 2,289 -> 1,832 bytes a request with the tail file against 4 MiB."""
+_UNSYNCED_SECONDS = 10.0
+"""A commit that takes in tail records older than this is fsynced (`synchronous = "normal"`
+commits are not) before the files are removed: else a power cut could keep the removal and lose
+the commit, and with it records a day old; younger ones are within what a power cut may lose
+anyway (docs/reliability.md#the-journal, "Durability")."""
 _HANDOVER_CACHE_KIB = 512
 """Page cache of the hand-over's connection (SQLite's default is 2,000 KiB): a tail file's
 transaction spills its pages to the WAL sooner, each still written once (bench/README.md)."""
@@ -900,7 +905,7 @@ class Journal:
             ):
                 return self._append(writes, settles, packed)
             self._reap(wait=True)
-            store.begin()
+            store.begin(durable=self._tails_older_than(store.now() - _UNSYNCED_SECONDS))
             tails_in = self._tails_to(store)  # in order: the tails' records first
             for settled in settles:  # before the writes: a new start of the key counts anew
                 store.put_settled(settled)
@@ -989,7 +994,7 @@ class Journal:
             results.append((work, True if work.kind == "answer" else pending.attempts))
         if chunks:
             if self.tail is None:
-                self.tail = slot.open(sync=False)
+                self.tail = slot.open(sync=False, opened=now)
             self.tail.append(b"".join(chunks))
             self._pending.update(staged)
         self.commits += 1
@@ -1041,6 +1046,13 @@ class Journal:
             self._sealed, self._sealed_pending = None, {}
         elif self._sealed is not None:
             self._retry_at = (self.tail.size if self.tail is not None else 0) + tails.LIMIT // 4
+
+    def _tails_older_than(self, moment: float) -> bool:
+        """Whether a tail file holds records written before `moment`."""
+        return any(
+            tail is not None and tail.size and tail.opened < moment
+            for tail in (self._sealed, self.tail)
+        )
 
     def _tails_to(self, store: SqliteStore) -> bool:
         """Write the tail files' records into `store`'s open transaction (oldest first);

@@ -216,14 +216,15 @@ class Slot:
             os.close(fd)
         self._others.clear()
 
-    def open(self, sync: bool) -> TailFile:
-        """A new, empty data file of this slot (the next in sequence)."""
+    def open(self, sync: bool, opened: float = 0.0) -> TailFile:
+        """A new, empty data file of this slot (the next in sequence), its first record written
+        at `opened` (the journal's clock)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         while True:  # never over a file with records in it
             path = self.journal.with_name(f"{self.journal.name}-tail{self.n}.{self.seq}")
             self.seq += 1
             with contextlib.suppress(FileExistsError):
-                return TailFile(path, os.open(path, flags, 0o600), sync)
+                return TailFile(path, os.open(path, flags, 0o600), sync, opened)
 
     def close(self) -> None:
         """Give up the slot (its data files already removed)."""
@@ -253,10 +254,12 @@ def _data_files(journal: Path, n: int) -> list[tuple[int, Path]]:
 class TailFile:
     """One data file of a slot: appended to, read back, removed once SQLite has its records."""
 
-    def __init__(self, path: Path, fd: int, sync: bool) -> None:
+    def __init__(self, path: Path, fd: int, sync: bool, opened: float = 0.0) -> None:
         self.path = path
         self._fd = fd
         self._sync = sync
+        self.opened = opened
+        """When its first record was written (the journal's clock): the age of its oldest."""
         self.size = os.fstat(fd).st_size
         self.head = head_of(os.pread(fd, _HEAD.size, 0))
         """The file's `head_of` (None while it holds no whole record header)."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from support.fakes import RecordingLog
 
+from bridge.journal import sqlite as sqlite_journal
 from bridge.journal import tail as tails
 from bridge.journal.sqlite import Journal, SqliteStore
 from bridge.pipeline.dedup import request_key
@@ -149,6 +150,38 @@ async def test_what_the_journal_keeps_of_its_tail_is_what_the_file_says(
     await replayed.close()
     assert in_sqlite(path) == in_sqlite(copy)
     assert len(in_sqlite(path)) == 12
+
+
+async def test_a_commit_taking_in_old_tail_records_is_fsynced_before_they_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct commit removes the tail files it took in: with records older than a power cut
+    may lose anyway, it is fsynced first, however seldom such writes come."""
+    fsynced: list[bool] = []
+    begin = SqliteStore.begin
+
+    def spy(store: SqliteStore, durable: bool = False) -> None:
+        fsynced.append(durable)
+        begin(store, durable)
+
+    monkeypatch.setattr(SqliteStore, "begin", spy)
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    clock = [1_800_000_000.0]
+    journal.store._clock = lambda: clock[0]  # noqa: SLF001
+    job = {"operation": "createVideo", "id": "video_1", "status": "queued"}
+    assert await journal.begin_attempt(key(1), "r/1") == 1  # the tail's first record
+    clock[0] += sqlite_journal._UNSYNCED_SECONDS - 1  # noqa: SLF001
+    assert await journal.record_job(key(2), "r/2", job)
+    assert fsynced == [False]  # young records: as any commit with synchronous = "normal"
+    assert await journal.begin_attempt(key(3), "r/3") == 1  # a new tail file
+    clock[0] += sqlite_journal._UNSYNCED_SECONDS + 1  # noqa: SLF001
+    assert await journal.record_job(key(4), "r/4", job)
+    assert fsynced == [False, True]
+    assert await journal.record_job(key(5), "r/5", job)  # no tail records left to take in
+    assert fsynced == [False, True, False]
+    assert set(in_sqlite(path)) == {key(1), key(2), key(3), key(4), key(5)}
+    await journal.close()
 
 
 async def test_a_large_answer_is_committed_at_once_after_the_tail(tmp_path: Path) -> None:
