@@ -854,8 +854,34 @@ class Journal:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if self._handle(batch):
-                return
+            try:
+                if self._handle(batch):
+                    return
+            except Exception as exc:  # noqa: BLE001  (a bug: this batch fails, the journal goes on)
+                if self._fail(batch, exc):
+                    return
+
+    def _fail(self, batch: list[_Work], exc: Exception) -> bool:
+        """After an unexpected error in `batch`: roll back, give each its failure value (None for
+        a read), log it; True when the batch held `stop` (the store is then closed)."""
+        self.store.rollback()
+        self.failed_writes += sum(work.kind in _WRITES for work in batch)
+        self.log.error(
+            "journal error; these requests go without it",
+            error=f"{type(exc).__name__}: {exc}"[:200],
+            consequence="their answers are bought again if the bridge crashes before replying",
+        )
+        stop = any(work.kind == "stop" for work in batch)
+        if stop:
+            with contextlib.suppress(sqlite3.Error):
+                self.store.close()
+        _settle(
+            [
+                (work, _FAILED.get(work.kind, False) if work.kind in _WRITES else None)
+                for work in batch
+            ]
+        )
+        return stop
 
     def _handle(self, batch: list[_Work]) -> bool:
         """Run one batch: reads at once, writes in one transaction; True after `stop`."""

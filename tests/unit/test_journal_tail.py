@@ -184,6 +184,33 @@ async def test_a_commit_taking_in_old_tail_records_is_fsynced_before_they_are_re
     await journal.close()
 
 
+async def test_an_unexpected_error_fails_its_batch_and_the_journal_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in one batch (not a disk error) must not end the journal's thread: every later
+    request would wait for it forever."""
+    put_job = SqliteStore.put_job
+
+    def broken(store: SqliteStore, *args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(SqliteStore, "put_job", put_job)  # once
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SqliteStore, "put_job", broken)
+    path = tmp_path / "journal.sqlite3"
+    journal = open_journal(path)
+    job = {"operation": "createVideo", "id": "video_1", "status": "queued"}
+    assert await journal.record_answer(key(1), "r", chat(1))
+    assert not await journal.record_job(key(2), "r", job)  # failed, and said so
+    assert await journal.record_job(key(3), "r", job)
+    assert await journal.record_answer(key(4), "r", chat(4))
+    for n in (1, 3):
+        assert await journal.lookup(key(n)) is not None
+    assert await journal.lookup(key(2)) is None
+    assert "journal error; these requests go without it" in journal.log.events("error")  # type: ignore[attr-defined]
+    await journal.close()
+    assert set(in_sqlite(path)) == {key(1), key(3), key(4)}
+
+
 async def test_a_large_answer_is_committed_at_once_after_the_tail(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite3"
     journal = open_journal(path)
