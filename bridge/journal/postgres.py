@@ -261,9 +261,12 @@ class PgJournal:
             owner,
         )
 
-    async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
+    async def begin_attempt(
+        self, key: bytes, reply_topic: str, *, redelivered: bool = False
+    ) -> int | None:
         """Commit one more start of `key`'s upstream call before it is made; the number of
-        starts not yet settled, this one included (None when not journaled)."""
+        starts not yet settled, this one included, whichever member counted them (None when
+        not journaled)."""
         if self._closed:
             return None
         try:

@@ -604,6 +604,7 @@ def _orphans_to(store: SqliteStore, journal: Path, orphans: list[Path]) -> None:
     store.forget_tails(
         [label for label in known if not journal.with_name(f"{journal.name}-{label}").exists()]
     )
+    replayed = []
     for orphan in orphans:
         data = orphan.read_bytes()
         label, head = tails.label(journal, orphan), tails.head_of(data)
@@ -611,9 +612,21 @@ def _orphans_to(store: SqliteStore, journal: Path, orphans: list[Path]) -> None:
             continue  # nothing in it, or all of it in SQLite already
         _to_sqlite(store, data)
         store.add_tails([(label, len(data), head)])
+        replayed.append((orphan, data))
+    _most_starts(store, journal, replayed)
     store.commit()
     for orphan in orphans:
         orphan.unlink()
+
+
+def _most_starts(store: SqliteStore, journal: Path, orphans: list[tuple[Path, bytes]]) -> None:
+    """Give each key that the tail files `orphans` (path, bytes) of several processes count
+    starts of the largest count (in `store`'s open transaction, after their records): replayed
+    one after the other, the last file's count would stand."""
+    starts, slots = tails.starts_by_slot(journal, orphans)
+    for key, count in starts.items():
+        if slots[key] > 1:
+            store.set_attempts(key, "", count, 0.0)
 
 
 def _pending_to_sqlite(
@@ -801,10 +814,14 @@ class Journal:
         ok: bool = await self._submit("end", key, owner, delivered)
         return ok
 
-    async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
+    async def begin_attempt(
+        self, key: bytes, reply_topic: str, *, redelivered: bool = False
+    ) -> int | None:
         """Commit one more start of `key`'s upstream call before it is made; the number of
-        starts not yet settled, this one included (None when not journaled)."""
-        count: int | None = await self._submit("attempt", key, reply_topic)
+        starts not yet settled, this one included (None when not journaled). A `redelivered`
+        request also counts the starts in the tail files of the other processes sharing the file
+        (one that died in its call leaves them there until the next start hands them over)."""
+        count: int | None = await self._submit("attempt", key, reply_topic, redelivered)
         return count
 
     async def settle_attempt(self, key: bytes) -> bool:
@@ -951,7 +968,13 @@ class Journal:
                 elif work.kind == "end":
                     results.append((work, store.end(*work.args)))
                 else:
-                    results.append((work, store.put_attempt(*work.args)))
+                    key, topic, redelivered = work.args
+                    peer = self._peer_starts(key) if redelivered else 0
+                    count = store.put_attempt(key, topic)
+                    if peer >= count:
+                        count = peer + 1
+                        store.set_attempts(key, topic, count, store.now())
+                    results.append((work, count))
             store.commit()
             if tails_in:
                 self._drop_tails()
@@ -1011,7 +1034,9 @@ class Journal:
                 pending = entry(key, topic)
                 pending.answer_at = offset
             else:
-                count = starts(key) + 1
+                # Peers first: a file handed over and removed meanwhile is in SQLite by then.
+                peer = self._peer_starts(key) if work.args[2] else 0
+                count = max(starts(key), peer) + 1
                 add(tails.start_record(key, topic, now, count))
                 pending = entry(key, topic)
                 pending.attempts = count
@@ -1127,6 +1152,11 @@ class Journal:
             return False
         self._drop_tails()
         return True
+
+    def _peer_starts(self, key: bytes) -> int:
+        """`key`'s starts not settled in the tail files of the other processes sharing the file."""
+        n = self.slot.n if self.slot is not None else -1
+        return tails.peer_starts(self.store.path, n, key, self.store.absorbed_tails)
 
     def _get(self, key: bytes) -> JournalEntry | None:
         """`key`'s entry: SQLite's, with a newer answer from a tail file (ours or a peer's)."""

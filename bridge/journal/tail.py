@@ -302,6 +302,63 @@ class TailFile:
         os.close(self._fd)
 
 
+def starts_by_slot(
+    journal: Path, files: list[tuple[Path, bytes]], key: bytes | None = None
+) -> tuple[dict[bytes, int], dict[bytes, int]]:
+    """(starts, slots) per key (only `key` when given) of the tail files `files` (path, bytes)
+    next to `journal`: the most starts not settled that one slot's files say (within a slot
+    the later record wins, a SETTLE saying 0), and how many slots said anything of the key."""
+    latest: dict[tuple[int, bytes], int] = {}
+    for (n, _), data in sorted((_slot_seq(journal, path), data) for path, data in files):
+        if key is not None and data.find(key) < 0:  # most files never mention it
+            continue
+        for _, kind, other, body in records(data):
+            if kind == START and (key is None or other == key):
+                latest[n, other] = _START.unpack_from(body)[1]
+            elif kind == SETTLE and (key is None or other == key):
+                latest[n, other] = 0
+    starts: dict[bytes, int] = {}
+    slots: dict[bytes, int] = {}
+    for (_, other), count in latest.items():
+        # A settle ends only its own process's starts: another's cannot be ordered against it,
+        # and one start too many is the safe side of a poison bound.
+        starts[other] = max(starts.get(other, 0), count)
+        slots[other] = slots.get(other, 0) + 1
+    return starts, slots
+
+
+def _slot_seq(journal: Path, path: Path) -> tuple[int, int]:
+    """(slot, seq) of the tail data file `path` of `journal` (-1s where a name is not one)."""
+    slot, _, seq = path.name[len(journal.name) + len("-tail") :].partition(".")
+    return (int(slot) if slot.isdigit() else -1, int(seq) if seq.isdigit() else -1)
+
+
+def peer_starts(
+    journal: Path,
+    slot: int,
+    key: bytes,
+    absorbed: Callable[[], Mapping[str, tuple[int, int]]] = dict,
+) -> int:
+    """The most starts not settled that the tail files of other processes sharing `journal`
+    (running or dead, any slot but `slot`) say `key` has, in none that SQLite already has
+    (`absorbed`: see `taken_in`, asked only if one mentions `key`); 0 when none says so."""
+    files = []
+    known: Mapping[str, tuple[int, int]] | None = None
+    for path in journal.parent.glob(f"{glob.escape(journal.name)}-tail*.*"):
+        if path.name.startswith(f"{journal.name}-tail{slot}."):
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:  # handed to SQLite and removed meanwhile
+            continue
+        if data.find(key) < 0:  # most files never mention it
+            continue
+        known = absorbed() if known is None else known
+        if not taken_in(known, label(journal, path), data):  # else SQLite has its counts
+            files.append((path, data))
+    return starts_by_slot(journal, files, key)[0].get(key, 0)
+
+
 def taken_in(absorbed: Mapping[str, tuple[int, int]], label: str, data: bytes) -> bool:
     """Whether the tail file `label` holding `data` is one SQLite has all the records of, by
     `absorbed` (label -> size and head when it took the file in): the same head (the same file,

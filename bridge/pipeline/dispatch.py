@@ -361,7 +361,7 @@ class Dispatcher:
             or (journal.scope == "jobs" and job_kind(decision.op.name) is None)
         ):
             return None
-        starts = await journal.begin_attempt(key, route.reply_topic)
+        starts = await journal.begin_attempt(key, route.reply_topic, redelivered=message.dup)
         if starts is None:
             return None
         unfinished = starts - 1

@@ -76,9 +76,12 @@ class JournalLike(Protocol):
         """Mark `key`'s detached wait answered (`delivered`), or only give it up for another
         process or a later scan to finish."""
 
-    async def begin_attempt(self, key: bytes, reply_topic: str) -> int | None:
+    async def begin_attempt(
+        self, key: bytes, reply_topic: str, *, redelivered: bool = False
+    ) -> int | None:
         """Commit one more start of `key`'s upstream call before it is made; the number of
-        starts not yet settled, this one included (None when not journaled)."""
+        starts not yet settled, this one included, those of any process sharing the journal
+        counted at least for a `redelivered` request (None when not journaled)."""
 
     async def settle_attempt(self, key: bytes) -> bool:
         """Record that `key`'s request was answered (its starts no longer count)."""

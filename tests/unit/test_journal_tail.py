@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -15,12 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.fakes import RecordingLog
+from support.fakehttp import Clock, FakeTransport
+from support.fakehttp import answer as http_answer
+from support.fakes import FakeLog, FakePublisher, RecordingLog, message
 
+from bridge.config import BridgeConfig
 from bridge.journal import sqlite as sqlite_journal
 from bridge.journal import tail as tails
 from bridge.journal.sqlite import Journal, SqliteStore
+from bridge.methods.catalog import default_table
 from bridge.pipeline.dedup import request_key
+from bridge.pipeline.dispatch import Dispatcher
+from bridge.service.client import ServiceClient
+from bridge.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -490,6 +498,142 @@ async def test_two_bridges_on_one_file_see_each_others_tail(tmp_path: Path) -> N
     assert entry is not None and entry.answer == chat(1)
     await one.close()
     await two.close()
+
+
+def counting_peer_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The keys the journal reads other processes' tail files for, from now on."""
+    asked: list[bytes] = []
+    read = tails.peer_starts
+
+    def counted(journal: Path, slot: int, key: bytes, *args: Any) -> int:
+        asked.append(key)
+        return read(journal, slot, key, *args)
+
+    monkeypatch.setattr(tails, "peer_starts", counted)
+    return asked
+
+
+async def test_a_redelivery_counts_the_starts_in_a_running_peers_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    one, two = open_journal(path), open_journal(path)
+    assert await one.begin_attempt(key(1), "r") == 1
+    assert await one.begin_attempt(key(1), "r") == 2  # in one's tail file, not yet in SQLite
+    asked = counting_peer_reads(monkeypatch)
+    assert await two.begin_attempt(key(2), "r") == 1
+    assert await two.begin_attempt(key(1), "r") == 1  # a first delivery: its own count only
+    assert asked == []  # and no peer's file read for it
+    assert await two.begin_attempt(key(1), "r", redelivered=True) == 3
+    assert asked == [key(1)]
+    await one.close()
+    await two.close()
+
+
+async def test_a_redelivery_counts_the_starts_of_a_peer_that_died_in_its_call(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    two = open_journal(path)  # running before the other one starts: it replays nothing
+    write_and_die(path)  # key 4 started twice, its slot's file left behind
+    assert in_sqlite(path) == {}
+    assert await two.begin_attempt(key(4), "r", redelivered=True) == 3
+    assert await two.begin_attempt(key(1), "r", redelivered=True) == 1  # settled there
+    await two.close()
+    assert in_sqlite(path)[key(4)][1] == 3
+
+
+async def test_a_redelivery_ignores_a_peers_file_that_sqlite_took_in(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    two = open_journal(path)
+    record = tails.start_record(key(1), "r", 1e9, 5)
+    (tmp_path / "journal.sqlite3-tail1.0").write_bytes(record)  # its process died before removal
+    head = tails.head_of(record)
+    assert head is not None
+    other = SqliteStore(path, max_bytes=1 << 20, max_age=3600.0)
+    other.begin()
+    other.add_tails([("tail1.0", len(record), head)])  # with its count since
+    other.commit()
+    other.close()
+    assert await two.begin_attempt(key(1), "r", redelivered=True) == 1  # SQLite's, not the file's
+    await two.close()
+
+
+async def test_a_redelivery_to_a_full_journal_counts_a_peers_tail(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    one, two = open_journal(path), open_journal(path, synchronous="full")
+    assert await one.begin_attempt(key(1), "r") == 1
+    assert await one.begin_attempt(key(1), "r") == 2
+    assert await two.begin_attempt(key(1), "r", redelivered=True) == 3
+    assert await two.begin_attempt(key(1), "r", redelivered=True) == 4  # SQLite's count goes on
+    await one.close()
+    await two.close()
+
+
+async def test_a_request_redelivered_from_a_peer_that_died_twice_is_refused(
+    tmp_path: Path,
+) -> None:
+    topic = "home/openai/request/createModeration/door"
+    payload = b'{"input": "answer at great length", "transaction": 7}'
+    path = tmp_path / "journal.sqlite3"
+    one, two = open_journal(path), open_journal(path)
+    for count in (1, 2):  # two calls of one bridge that died in them (its file not yet in SQLite)
+        assert await one.begin_attempt(request_key(topic, payload), "r") == count
+    config = BridgeConfig.model_validate(
+        {"service": {"api_base": "http://upstream.invalid/v1", "api_key": "sk-test-x"}}
+    )
+    transport, clock = FakeTransport([http_answer(200, b'{"results": []}')]), Clock()
+    publisher = FakePublisher()
+    bridge = Dispatcher(
+        config=config,
+        table=default_table(),
+        service=ServiceClient(config.service, transport=transport, sleep=clock.sleep, clock=clock),
+        publisher=publisher,
+        topics=Topics("home/openai", "test"),
+        log=FakeLog().bound,
+        journal=two,
+        owner="bridge-two",
+    )
+    bridge.online()
+    bridge.submit(message(topic, payload, mid=1, dup=True))
+    await asyncio.wait_for(bridge.idle.wait(), 5)
+    assert transport.sent == []  # not called a third time
+    assert publisher.acked == [1]
+    (reply_topic, reply, _), *_ = publisher.published
+    assert reply_topic == "home/openai/response/createModeration/door"
+    assert json.loads(reply)["error"]["code"] == "poison_request"
+    await bridge.cancel_all()
+    await one.close()
+    await two.close()
+
+
+async def test_replaying_several_dead_processes_tails_keeps_the_largest_count(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    start, settle = tails.start_record, tails.settle_record
+    files = {  # slot 0 is replayed first, slot 1 last
+        "tail0.0": start(key(1), "r", 1e9, 3)
+        + start(key(2), "r", 1e9, 2)
+        + settle(key(2))
+        + start(key(3), "r", 1e9, 2)
+        + start(key(4), "r", 1e9, 4),
+        "tail0.1": settle(key(4)),  # the same process, later: settled
+        "tail1.0": start(key(1), "r", 1e9, 1)
+        + start(key(3), "r", 1e9, 3)
+        + settle(key(3))
+        + start(key(4), "r", 1e9, 1)
+        + start(key(5), "r", 1e9, 1)
+        + settle(key(5))
+        + start(key(5), "r", 1e9, 1),
+    }
+    for name, data in files.items():
+        (tmp_path / f"journal.sqlite3-{name}").write_bytes(data)
+    journal = open_journal(path, max_age=1e10)
+    rows = in_sqlite(path)
+    starts = {i: rows[key(i)][1] if key(i) in rows else 0 for i in range(1, 6)}
+    assert starts == {1: 3, 2: 0, 3: 2, 4: 1, 5: 1}
+    await journal.close()
 
 
 def test_aged_out_answers_are_not_zeroed_page_by_page(tmp_path: Path) -> None:
