@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -139,6 +140,9 @@ def _dispatch(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `openai-mqtt-bridge` console script."""
+    # SIGINT interrupts every command, also when the parent ignored it (a background job of a
+    # script, and every process that job starts): `call` went on waiting for its reply.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             code = _dispatch(argv)

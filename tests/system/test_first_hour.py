@@ -176,22 +176,76 @@ def test_call_interrupted_and_timed_out_without_traceback(
         fake_bridge.subscribe(f"{topic_prefix}/request/#")
         try:
             timed_out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
-            mark = fake_bridge.mark()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "call", "listModels", "--config", str(path)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=REPO,
-                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-            )
-            fake_bridge.wait_for(f"{topic_prefix}/request/#", after=mark, timeout=20)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=20)
+            # Its own topic: the first call's request, delivered late, said nothing of this one.
+            proc = start_call("--suffix", "held", "--config", str(path))
+            try:
+                fake_bridge.wait_for(f"{topic_prefix}/request/listModels/held", timeout=20)
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=20)
+            finally:
+                proc.kill()
         finally:
             fake_bridge.publish(state, b"", retain=True)
     assert timed_out.returncode == 75 and "no reply" in timed_out.stderr
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+def start_call(*args: str, ignore_sigint: bool = False) -> subprocess.Popen[str]:
+    """`python -m bridge call listModels ARGS`; `ignore_sigint`: with SIGINT ignored, as a script
+    starts a background job (and the job starts every process), else at its default."""
+    inherited = signal.SIG_IGN if ignore_sigint else signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, inherited)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge", "call", "listModels", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("ignore_sigint", [False, True], ids=["sigint-default", "sigint-ignored"])
+@pytest.mark.parametrize("moment", ["connecting", "waiting-for-the-reply"])
+def test_ctrl_c_interrupts_call_at_once(
+    moment: str, ignore_sigint: bool, tmp_path: Path, mosquitto: MosquittoBroker, topic_prefix: str
+) -> None:
+    with (
+        socket.create_server(("127.0.0.1", 0)) as silent,  # accepts, never says CONNACK
+        TestClient.for_broker(mosquitto, prefix=topic_prefix) as fake_bridge,
+    ):
+        port = silent.getsockname()[1] if moment == "connecting" else mosquitto.port
+        path, _ = make_config(
+            tmp_path, broker_port=port, api_base="http://127.0.0.1:9/v1", prefix=topic_prefix
+        )
+        state = f"{topic_prefix}/bridge/mute/state"
+        fake_bridge.publish(state, {"state": "online"}, retain=True)
+        fake_bridge.subscribe(f"{topic_prefix}/request/#")
+        try:
+            args = ("--suffix", "held", "--config", str(path))
+            proc = start_call(*args, ignore_sigint=ignore_sigint)
+            try:
+                if moment == "connecting":
+                    silent.settimeout(20)
+                    conn, _ = silent.accept()
+                    with conn:
+                        conn.settimeout(20)
+                        assert conn.recv(1) == b"\x10"  # its CONNECT
+                        proc.send_signal(signal.SIGINT)
+                        _, err = proc.communicate(timeout=10)
+                else:
+                    fake_bridge.wait_for(f"{topic_prefix}/request/listModels/held", timeout=20)
+                    proc.send_signal(signal.SIGINT)
+                    _, err = proc.communicate(timeout=10)
+            finally:
+                proc.kill()
+        finally:
+            fake_bridge.publish(state, b"", retain=True)
+    assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), err
+    assert "Traceback" not in err
 
 
 def test_a_closed_pipe_is_no_traceback() -> None:
