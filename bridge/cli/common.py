@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from bridge.config import BridgeConfig, load_config
 from bridge.errors import EX_CONFIG, ConfigError
+
+if TYPE_CHECKING:
+    from bridge.config import BridgeConfig
 
 EX_USAGE = 64
 EX_NOINPUT = 66
@@ -46,6 +49,7 @@ def config_note(path: str | None, how: str) -> str:
 def load(path: str | None) -> tuple[BridgeConfig, list[str]]:
     """The config at `path` and its warnings; raises ConfigError (every problem, `[access]`
     patterns that match no method included)."""
+    from bridge.config import load_config
     from bridge.methods.catalog import default_table
     from bridge.pipeline.access import pattern_problems
 
