@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -170,24 +172,32 @@ def test_call_interrupted_and_timed_out_without_traceback(
     path, _ = make_config(
         tmp_path, broker_port=mosquitto.port, api_base="http://127.0.0.1:9/v1", prefix=topic_prefix
     )
-    with TestClient.for_broker(mosquitto, prefix=topic_prefix) as fake_bridge:
-        state = f"{topic_prefix}/bridge/mute/state"
-        fake_bridge.publish(state, {"state": "online"}, retain=True)
-        fake_bridge.subscribe(f"{topic_prefix}/request/#")
+    with bridge_online(mosquitto, topic_prefix) as fake_bridge:
+        timed_out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
+        # Its own topic: the first call's request, delivered late, said nothing of this one.
+        proc = start_call("--suffix", "held", "--config", str(path))
         try:
-            timed_out = cli("call", "listModels", "--timeout", "0.5", "--config", str(path))
-            # Its own topic: the first call's request, delivered late, said nothing of this one.
-            proc = start_call("--suffix", "held", "--config", str(path))
-            try:
-                fake_bridge.wait_for(f"{topic_prefix}/request/listModels/held", timeout=20)
-                proc.send_signal(signal.SIGINT)
-                _, err = proc.communicate(timeout=20)
-            finally:
-                proc.kill()
+            fake_bridge.wait_for(f"{topic_prefix}/request/listModels/held", timeout=20)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)
         finally:
-            fake_bridge.publish(state, b"", retain=True)
+            proc.kill()
     assert timed_out.returncode == 75 and "no reply" in timed_out.stderr
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+@contextlib.contextmanager
+def bridge_online(mosquitto: MosquittoBroker, prefix: str) -> Iterator[TestClient]:
+    """A client standing in for a bridge: its retained state says online (cleared after), and it
+    receives the requests under `prefix`."""
+    with TestClient.for_broker(mosquitto, prefix=prefix) as fake_bridge:
+        state = f"{prefix}/bridge/mute/state"
+        fake_bridge.publish(state, {"state": "online"}, retain=True)
+        fake_bridge.subscribe(f"{prefix}/request/#")
+        try:
+            yield fake_bridge
+        finally:
+            fake_bridge.publish(state, b"", retain=True)
 
 
 def start_call(*args: str, ignore_sigint: bool = False) -> subprocess.Popen[str]:
@@ -215,35 +225,28 @@ def test_ctrl_c_interrupts_call_at_once(
 ) -> None:
     with (
         socket.create_server(("127.0.0.1", 0)) as silent,  # accepts, never says CONNACK
-        TestClient.for_broker(mosquitto, prefix=topic_prefix) as fake_bridge,
+        bridge_online(mosquitto, topic_prefix) as fake_bridge,
     ):
         port = silent.getsockname()[1] if moment == "connecting" else mosquitto.port
         path, _ = make_config(
             tmp_path, broker_port=port, api_base="http://127.0.0.1:9/v1", prefix=topic_prefix
         )
-        state = f"{topic_prefix}/bridge/mute/state"
-        fake_bridge.publish(state, {"state": "online"}, retain=True)
-        fake_bridge.subscribe(f"{topic_prefix}/request/#")
+        proc = start_call("--suffix", "held", "--config", str(path), ignore_sigint=ignore_sigint)
         try:
-            args = ("--suffix", "held", "--config", str(path))
-            proc = start_call(*args, ignore_sigint=ignore_sigint)
-            try:
-                if moment == "connecting":
-                    silent.settimeout(20)
-                    conn, _ = silent.accept()
-                    with conn:
-                        conn.settimeout(20)
-                        assert conn.recv(1) == b"\x10"  # its CONNECT
-                        proc.send_signal(signal.SIGINT)
-                        _, err = proc.communicate(timeout=10)
-                else:
-                    fake_bridge.wait_for(f"{topic_prefix}/request/listModels/held", timeout=20)
+            if moment == "connecting":
+                silent.settimeout(20)
+                conn, _ = silent.accept()
+                with conn:
+                    conn.settimeout(20)
+                    assert conn.recv(1) == b"\x10"  # its CONNECT
                     proc.send_signal(signal.SIGINT)
                     _, err = proc.communicate(timeout=10)
-            finally:
-                proc.kill()
+            else:
+                fake_bridge.wait_for(f"{topic_prefix}/request/listModels/held", timeout=20)
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=10)
         finally:
-            fake_bridge.publish(state, b"", retain=True)
+            proc.kill()
     assert (proc.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), err
     assert "Traceback" not in err
 
