@@ -333,18 +333,14 @@ def _slot_seq(journal: Path, path: Path) -> tuple[int, int]:
     return (int(slot) if slot.isdigit() else -1, int(seq) if seq.isdigit() else -1)
 
 
-def peer_starts(
-    journal: Path,
-    slot: int,
-    key: bytes,
-    absorbed: Callable[[], Mapping[str, tuple[int, int]]] = dict,
-) -> int:
-    """The most starts not settled that the tail files of other processes sharing `journal`
-    (running or dead, any slot but `slot`) say `key` has, in none that SQLite already has
-    (`absorbed`: see `taken_in`, asked only if one mentions `key`); 0 when none says so."""
-    files = []
+def _peer_files(
+    journal: Path, slot: int, key: bytes, absorbed: Callable[[], Mapping[str, tuple[int, int]]]
+) -> Iterator[tuple[Path, bytes]]:
+    """(path, bytes) of the tail files of other processes sharing `journal` (running or dead,
+    any slot but `slot`) that mention `key`, but none that SQLite already has (`absorbed`: see
+    `taken_in`, asked only once one mentions `key`), in name order."""
     known: Mapping[str, tuple[int, int]] | None = None
-    for path in journal.parent.glob(f"{glob.escape(journal.name)}-tail*.*"):
+    for path in sorted(journal.parent.glob(f"{glob.escape(journal.name)}-tail*.*")):
         if path.name.startswith(f"{journal.name}-tail{slot}."):
             continue
         try:
@@ -354,8 +350,20 @@ def peer_starts(
         if data.find(key) < 0:  # most files never mention it
             continue
         known = absorbed() if known is None else known
-        if not taken_in(known, label(journal, path), data):  # else SQLite has its counts
-            files.append((path, data))
+        # A file SQLite took in just before its process died: what it says may be stale.
+        if not taken_in(known, label(journal, path), data):
+            yield path, data
+
+
+def peer_starts(
+    journal: Path,
+    slot: int,
+    key: bytes,
+    absorbed: Callable[[], Mapping[str, tuple[int, int]]] = dict,
+) -> int:
+    """The most starts not settled that the tail files of other processes sharing `journal`
+    say `key` has (`_peer_files`); 0 when none says so."""
+    files = list(_peer_files(journal, slot, key, absorbed))
     return starts_by_slot(journal, files, key)[0].get(key, 0)
 
 
@@ -373,24 +381,11 @@ def peer_answer(
     key: bytes,
     absorbed: Callable[[], Mapping[str, tuple[int, int]]] = dict,
 ) -> Answer | None:
-    """`key`'s answer in the tail files of other processes sharing `journal`, if one has it,
-    but in none that SQLite already has (`absorbed`: see `taken_in`, asked only if one has)."""
+    """`key`'s answer in the tail files of other processes sharing `journal` (`_peer_files`),
+    if one has it."""
     found = None
-    known: Mapping[str, tuple[int, int]] | None = None
-    for path in sorted(journal.parent.glob(f"{glob.escape(journal.name)}-tail*.*")):
-        if path.name.startswith(f"{journal.name}-tail{slot}."):
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        answer = None
+    for _, data in _peer_files(journal, slot, key, absorbed):
         for _, kind, other, body in records(data):
             if kind == ANSWER and other == key:
-                answer = decode_answer(key, body)
-        if answer is not None:
-            known = absorbed() if known is None else known
-            # A file SQLite took in just before its process died: its answer may be stale.
-            if not taken_in(known, label(journal, path), data):
-                found = answer
+                found = decode_answer(key, body)
     return found
